@@ -1,0 +1,1 @@
+# Cython binding: codecs (see ckernels/src)

@@ -1,0 +1,1 @@
+# Cython binding: kernels (see ckernels/src)

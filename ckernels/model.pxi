@@ -1,0 +1,1 @@
+# Cython binding: model (see ckernels/src)

@@ -1,0 +1,60 @@
+/* The kernel API the forward pass uses. It knows weight matrices, activations and
+ * threads; it knows nothing of transformers.
+ *
+ * Implemented in ckernels/src (threadpool.c, matmul.c, dispatch.c) over the per-ISA
+ * sources in ckernels/src/isa/. */
+#ifndef KILN_KERNELS_H
+#define KILN_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "ggml_types.h"
+
+/* ---- thread pool: persistent workers, created once per model ---- */
+typedef struct kiln_pool kiln_pool;
+
+/* n_threads >= 1 (the caller's thread is worker 0). NULL on failure. */
+kiln_pool *kiln_pool_create(int n_threads);
+void kiln_pool_free(kiln_pool *pool);
+int kiln_pool_size(const kiln_pool *pool);
+
+/* Calls fn(ctx, ith, nth) once on each of the nth = kiln_pool_size() threads and
+ * returns when all have finished. Work split by ith alone is what makes results
+ * independent of timing. */
+typedef void (*kiln_task_fn)(void *ctx, int ith, int nth);
+void kiln_pool_run(kiln_pool *pool, kiln_task_fn fn, void *ctx);
+
+/* ---- weight matrices ---- */
+/* rows = output features (ggml ne[1]), cols = input features (ne[0]); data points at
+ * rows * row_size bytes in GGUF layout (usually inside the mmap, not owned). A matrix
+ * may keep a repacked copy of its blocks for faster kernels; resident memory must stay
+ * about one copy of the weights. */
+typedef struct kiln_matrix {
+    int type;             /* enum kiln_ggml_type: F32, F16, BF16, Q4_0, Q4_1, Q8_0 */
+    int64_t rows, cols;
+    const void *data;     /* GGUF row-major blocks */
+    void *packed;         /* kernel-private layout, or NULL; owned */
+    size_t packed_size;
+} kiln_matrix;
+
+/* Returns 0, or -1 (unsupported type, cols not a multiple of 32 for a block type,
+ * out of memory). */
+int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data);
+void kiln_matrix_free(kiln_matrix *m);
+
+/* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < rows.
+ * x is (n_tokens, cols) float32, y is (n_tokens, rows) float32. Activations are
+ * quantized on the fly to Q8_0 (Q8_1 for Q4_1 weights); F32/F16/BF16 weights use
+ * float activations. Rows are split over the pool's threads; every output element is
+ * computed by exactly one thread in a fixed order, so results do not depend on the
+ * thread count. n_tokens == 1 is the token-generation (matrix x vector) path. */
+void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens, float *y);
+
+/* ---- ISA dispatch ---- */
+const char *kiln_active_isa(void);
+/* Names of the variants this CPU supports (and this build contains), best last. */
+int kiln_supported_isas(const char **names, int max_names);
+/* Force a variant; returns 0, or -1 if the CPU or build lacks it. */
+int kiln_set_isa(const char *name);
+
+#endif

@@ -1,0 +1,95 @@
+"""Build the kiln C extension (ckernels._ext).
+
+One extension holds all C code. Sources in ckernels/src/*.c are compiled once with
+baseline flags; sources in ckernels/src/isa/*.c are compiled once per ISA variant with
+that variant's flags and -DKILN_ISA=<name> (so each function gets a per-variant name),
+and the dispatcher picks a variant at run time from cpuid / getauxval. Never
+-march=native: the wheel must run on any CPU of the target architecture.
+"""
+import glob
+import os
+import platform
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join("ckernels", "src")
+
+# ISA variant -> compiler flags, per target architecture. "scalar" is the portable
+# reference and is always built.
+X86_VARIANTS = {
+    "scalar": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                   "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+}
+ARM_VARIANTS = {
+    "scalar": [],
+    "neon": ["-march=armv8.2-a+dotprod+fp16"],
+}
+
+
+def isa_variants():
+    machine = platform.machine().lower()
+    if os.environ.get("KILN_BUILD_SCALAR_ONLY"):
+        return {"scalar": []}
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        return X86_VARIANTS
+    if machine in ("aarch64", "arm64"):
+        return ARM_VARIANTS
+    return {"scalar": []}
+
+
+COMMON_FLAGS = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing",
+                "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+
+
+class build_ext_isa(build_ext):
+    """build_ext that first compiles the per-ISA sources once per variant."""
+
+    def build_extension(self, ext):
+        variants = isa_variants()
+        isa_sources = sorted(glob.glob(os.path.join(SRC, "isa", "*.c")))
+        depends = sorted(glob.glob(os.path.join(SRC, "*.h")))
+        objects = []
+        for name, flags in variants.items():
+            out_dir = os.path.join(self.build_temp, "isa_" + name)
+            objects += self.compiler.compile(
+                isa_sources,
+                output_dir=out_dir,
+                macros=[("KILN_ISA", name)],
+                include_dirs=[SRC],
+                extra_postargs=COMMON_FLAGS + flags,
+                depends=depends,
+            )
+        ext.extra_objects = objects
+        ext.define_macros = list(ext.define_macros or []) + [
+            ("KILN_HAVE_" + name.upper(), "1") for name in variants
+        ]
+        super().build_extension(ext)
+
+
+def extension():
+    sources = ["ckernels/_ext.pyx"] + sorted(glob.glob(os.path.join(SRC, "*.c")))
+    return Extension(
+        "ckernels._ext",
+        sources=sources,
+        include_dirs=[SRC, numpy.get_include()],
+        extra_compile_args=COMMON_FLAGS,
+        extra_link_args=["-pthread"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=sorted(glob.glob(os.path.join(SRC, "*.h"))
+                       + glob.glob(os.path.join(SRC, "isa", "*.c"))
+                       + glob.glob("ckernels/*.pxi")),
+    )
+
+
+setup(
+    ext_modules=cythonize([extension()], language_level=3,
+                          compiler_directives={"boundscheck": False, "wraparound": False}),
+    cmdclass={"build_ext": build_ext_isa},
+)
