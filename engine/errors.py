@@ -1,0 +1,13 @@
+"""Errors a user can cause. The CLI prints their message on one line and exits non-zero."""
+
+
+class KilnError(Exception):
+    """Base class of kiln's user-facing errors."""
+
+
+class ModelError(KilnError):
+    """The model file is not usable: unknown architecture, missing or mis-shaped tensor."""
+
+
+class ContextOverflowError(KilnError, ValueError):
+    """A prompt does not fit in the context window."""
