@@ -152,10 +152,10 @@ def _positive(name, value):
 
 
 def load_llm(args):
-    from engine import LLM
     _positive("--threads", args.threads)
     _positive("--ctx", args.ctx)
     path = resolve_model(args.model)
+    from engine import LLM      # after the cheap checks: this loads the C extension
     return LLM(path, n_ctx=args.ctx, n_threads=args.threads)
 
 
