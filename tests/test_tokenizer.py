@@ -354,6 +354,17 @@ def test_bos_follows_the_file(spm_tok, bpe_toks):
     assert smol.encode("", add_eos=True) == [smol.eos_id]
 
 
+def test_bos_default_follows_pre_tokenizer(smollm2_path):
+    """llama.cpp adds BOS for llama3-style vocabularies unless the file says otherwise."""
+    from engine.tokenizer import Tokenizer
+    md = bpe_metadata(smollm2_path, "llama-bpe")
+    del md["tokenizer.ggml.add_bos_token"]
+    tok = Tokenizer.from_metadata(md)
+    assert isinstance(tok, Tokenizer) and tok.add_bos and tok.encode("hi")[0] == tok.bos_id
+    md["tokenizer.ggml.pre"] = "qwen2"
+    assert not Tokenizer.from_metadata(md).add_bos
+
+
 def test_smollm2_facts(bpe_toks):
     tok = bpe_toks["file"]
     assert tok.n_vocab == 49152
