@@ -1,0 +1,232 @@
+"""Chat templates: turn a list of messages into the prompt text a chat model was trained on.
+
+A GGUF carries its template as Jinja source in `tokenizer.chat_template` (copied from the
+Hugging Face `tokenizer_config.json`). We render it the way `transformers` does
+(`apply_chat_template`): Jinja2 with trim_blocks/lstrip_blocks and the variables
+`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, plus the helpers
+`raise_exception` and `strftime_now`.
+
+A template is code shipped inside a downloaded file, so it runs in Jinja's
+ImmutableSandboxedEnvironment, where attribute access to Python internals (`__class__`,
+`__globals__`, ...) and mutation of lists/dicts are refused. llama-cpp-python rendered
+templates in a plain Environment and a model file could execute arbitrary code
+(CVE-2024-34359); here any such attempt raises ChatTemplateError and executes nothing.
+
+Files without a template get a built-in one, chosen like llama.cpp chooses: by looking
+for a family's marker tokens (here in the vocabulary, since there is no template text),
+and ChatML otherwise, which is llama.cpp's default.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import jinja2
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from engine.errors import KilnError
+
+
+class ChatTemplateError(KilnError):
+    """A chat template is malformed, unsafe, or refused the messages it was given."""
+
+
+# Built-in templates, written in the same Jinja dialect as the ones models ship.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Meta's Llama-2-chat format: the system prompt sits inside the first [INST] block.
+LLAMA2 = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.index0 == 0 and system_message %}"
+    "{{ bos_token + '[INST] <<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ bos_token + '[INST] ' + message['content'] | trim + ' [/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+LLAMA3 = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+BUILTIN_TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3}
+
+# Tokens that end an assistant turn, by the marker text a template uses. The first one
+# found in the template source (and the vocabulary) becomes a stop token for chat.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def detect_template(text: str) -> str | None:
+    """Name of the built-in family `text` (a template source or vocabulary dump) belongs to.
+
+    The same marker tests as llama.cpp's llm_chat_detect_template, for the three families
+    kiln ships; None when none matches.
+    """
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "<|start_header_id|>" in text and "<|end_header_id|>" in text:
+        return "llama3"
+    if "[INST]" in text:
+        return "llama2"
+    return None
+
+
+def _raise_exception(message):
+    # Templates call this to reject a conversation (e.g. roles that do not alternate).
+    raise ChatTemplateError(f"chat template rejected the messages: {message}")
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
+    # transformers' tojson: keeps non-ASCII text as is (Jinja's own escapes HTML).
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, but an unsafe attribute raises at once instead of turning
+    into an Undefined that prints as an empty string."""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise SecurityError(f"access to attribute {attribute!r} of "
+                            f"{type(obj).__name__!r} object is unsafe")
+
+
+def _make_env() -> jinja2.Environment:
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+                   autoescape=False, keep_trailing_newline=False)
+    env.filters["tojson"] = _tojson
+    env.globals = {"range": range, "dict": dict, "namespace": env.globals["namespace"],
+                   "raise_exception": _raise_exception, "strftime_now": _strftime_now}
+    return env
+
+
+def _check_messages(messages) -> list[dict]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ChatTemplateError(f"message {i} must be a dict with 'role' and 'content'")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise ChatTemplateError(f"message {i}: 'role' and 'content' must be strings")
+        out.append(dict(m))
+    return out
+
+
+class ChatTemplate:
+    """A compiled chat template and the end-of-turn markers generation stops on."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "",
+                 name: str | None = None):
+        if not isinstance(source, str) or not source.strip():
+            raise ChatTemplateError("chat template is empty")
+        self.source = source
+        self.name = name or detect_template(source) or "custom"
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        try:
+            self._template = _make_env().from_string(source)
+        except TemplateError as e:
+            raise ChatTemplateError(f"chat template does not parse: {e}") from None
+        # Strings that close an assistant turn: the family's marker if the template uses
+        # it, and the EOS text the template appends (Llama-2 style).
+        self.end_of_turn = [m for m in END_OF_TURN_MARKERS if m in source]
+        if eos_token and ("eos_token" in source or eos_token in source) \
+                and eos_token not in self.end_of_turn:
+            self.end_of_turn.append(eos_token)
+
+    def render(self, messages: Iterable[Mapping], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages`; raises ChatTemplateError, never runs Python code."""
+        messages = _check_messages(list(messages) if not isinstance(messages, Sequence) else messages)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except SecurityError as e:
+            raise ChatTemplateError(f"chat template tried an unsafe operation and was stopped: {e}") \
+                from None
+        except ChatTemplateError:
+            raise
+        except TemplateError as e:
+            raise ChatTemplateError(f"chat template failed: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def builtin(cls, name: str, bos_token: str = "", eos_token: str = "") -> "ChatTemplate":
+        if name not in BUILTIN_TEMPLATES:
+            raise ChatTemplateError(f"unknown built-in chat template {name!r} "
+                                    f"(choose from {', '.join(BUILTIN_TEMPLATES)})")
+        return cls(BUILTIN_TEMPLATES[name], bos_token, eos_token, name=name)
+
+    @classmethod
+    def from_file(cls, path, bos_token: str = "", eos_token: str = "") -> "ChatTemplate":
+        """`--chat-template`: a Jinja file, or the name of a built-in (chatml, llama2, llama3)."""
+        path = str(path)
+        if path in BUILTIN_TEMPLATES and not Path(path).exists():
+            return cls.builtin(path, bos_token, eos_token)
+        try:
+            source = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ChatTemplateError(f"chat template file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatTemplateError(f"cannot read chat template {path}: {e}") from None
+        return cls(source, bos_token, eos_token)
+
+    @classmethod
+    def for_model(cls, metadata: Mapping, tokenizer, override=None) -> "ChatTemplate":
+        """The template a model chats with: `override` (file or built-in name), else the
+        file's `tokenizer.chat_template`, else a built-in chosen from the vocabulary."""
+        bos = _special_text(tokenizer, getattr(tokenizer, "bos_id", None))
+        eos = _special_text(tokenizer, getattr(tokenizer, "eos_id", None))
+        if override is not None:
+            return cls.from_file(override, bos, eos)
+        source = metadata.get("tokenizer.chat_template")
+        if isinstance(source, str) and source.strip():
+            return cls(source, bos, eos)
+        return cls.builtin(_family_from_vocab(metadata, tokenizer), bos, eos)
+
+
+def _special_text(tokenizer, token_id) -> str:
+    if token_id is None or token_id < 0:
+        return ""
+    return tokenizer.token_text(token_id)
+
+
+def _family_from_vocab(metadata: Mapping, tokenizer) -> str:
+    """With no template text, look for a family's marker tokens in the vocabulary."""
+    markers = ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "[INST]")
+    present = []
+    n_vocab = getattr(tokenizer, "n_vocab", 0)
+    wanted = set(markers)
+    # Control tokens sit at the start or the end of a vocabulary; scanning all of it is
+    # cheap enough (one pass over ~50-150k short strings) and catches either layout.
+    for i in range(n_vocab):
+        text = tokenizer.token_text(i)
+        if text in wanted:
+            present.append(text)
+    family = detect_template(" ".join(present))
+    if family is None and metadata.get("tokenizer.ggml.model") == "llama":
+        # A SentencePiece Llama vocabulary without chat markers: Llama-2-chat.
+        family = "llama2"
+    return family or "chatml"

@@ -1,0 +1,333 @@
+"""The Python API apps embed: `LLM(path).generate(...)`, streaming, stop strings, chat.
+
+One LLM owns one model (weights + KV cache) and remembers which tokens its KV cache
+holds, so a call whose prompt starts like the previous call's context only evaluates the
+new tokens (what a chat or an app re-sending a growing prompt needs).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.errors import ContextOverflowError
+from engine.model import Model
+from engine.sampler import Sampler, SamplingParams, check_seed
+from engine.tokenizer import Tokenizer
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class Timings:
+    """Where the time of one generate() call went. `prompt_tokens_evaluated` is what the
+    model actually ran after reusing the cached prefix."""
+    prompt_tokens: int = 0
+    prompt_tokens_evaluated: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens_evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generation speed: generated tokens per second of generation time."""
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens,
+                "prompt_tokens_evaluated": self.prompt_tokens_evaluated,
+                "prompt_seconds": self.prompt_seconds,
+                "prompt_tokens_per_second": self.prompt_tokens_per_second,
+                "generated_tokens": self.generated_tokens,
+                "generation_seconds": self.generation_seconds,
+                "tokens_per_second": self.tokens_per_second}
+
+
+@dataclass
+class Completion:
+    """Result of a blocking generate(). `tokens` are the sampled ids (no prompt, no
+    end-of-generation token); when a stop string ended the text, `text` is cut before it
+    while `tokens` still holds every token that was sampled."""
+    text: str
+    tokens: list[int]
+    finish_reason: str          # "stop" (end token or stop string) | "length"
+    timings: Timings = field(default_factory=Timings)
+    prompt_tokens: list[int] = field(default_factory=list)
+
+
+class _StopMatcher:
+    """Holds back generated text that could still turn into a stop string, so a stop
+    string is never emitted, even when split across tokens."""
+
+    def __init__(self, stop):
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop)
+        for s in stop:
+            if not isinstance(s, str):
+                raise ValueError(f"stop must be a string or a list of strings, got {s!r}")
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was found)."""
+        self.pending += piece
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        keep = self._longest_stop_prefix_suffix(self.pending)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _check_max_tokens(max_tokens):
+    if max_tokens is None:
+        return None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be None (until the context is full) or an integer >= 0, "
+                         f"got {max_tokens!r}")
+    return int(max_tokens)
+
+
+class LLM:
+    """A GGUF model ready to generate text.
+
+        llm = LLM("model.gguf", n_ctx=2048, n_threads=None)   # None = physical cores
+        out = llm.generate("Once upon a time", max_tokens=64)
+        for piece in llm.generate("Once upon a time", stream=True): print(piece, end="")
+    """
+
+    def __init__(self, model_path, n_ctx: int = 2048, n_threads: int | None = None):
+        self.model = Model(str(model_path), n_ctx=n_ctx, n_threads=n_threads)
+        try:
+            self.metadata = self.model.metadata
+            self.tokenizer = Tokenizer.from_metadata(self.metadata)
+        except BaseException:
+            self.model.close()
+            raise
+        self.model_path = str(model_path)
+        self.n_ctx = self.model.n_ctx
+        self.n_vocab = self.tokenizer.n_vocab
+        # Tokens whose keys/values sit in the KV cache at positions 0..len-1.
+        self._cache_tokens: list[int] = []
+        # Every token the model has run, over the LLM's life (tests and chat assert on it).
+        self.n_tokens_evaluated = 0
+        self.last_completion: Completion | None = None
+        self._active_call = 0
+        self._closed = False
+
+    # --- lifetime ----------------------------------------------------------------------
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self._cache_tokens = []
+            self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this LLM is closed")
+
+    @property
+    def n_threads(self) -> int:
+        return self.model.n_threads
+
+    @property
+    def cached_tokens(self) -> tuple[int, ...]:
+        """The tokens whose KV cache entries are valid, in order."""
+        return tuple(self._cache_tokens)
+
+    @property
+    def last_timings(self) -> Timings | None:
+        """Timings of the last finished generate() (a stream's, once it is exhausted)."""
+        return self.last_completion.timings if self.last_completion else None
+
+    def reset(self):
+        """Forget the KV cache: the next call evaluates its whole prompt."""
+        self._cache_tokens = []
+
+    # --- tokens ------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        """Text -> token ids. add_bos None = the file's default; special=True lets text such
+        as `<|im_start|>` become its special token (off for untrusted user text)."""
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            # A completion prompt is written by the app, template and all, so special-token
+            # text in it is honoured (as llama.cpp and llama-cpp-python do).
+            ids = self.tokenize(prompt, special=True)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise TypeError(f"prompt must be a str or a list of token ids, "
+                                f"got {type(prompt).__name__}") from None
+            bad = [t for t in ids if not 0 <= t < self.n_vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                 f"(0..{self.n_vocab - 1})")
+        if not ids:
+            raise ValueError("the prompt is empty (and this model adds no BOS token)")
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(ids)} tokens but the context holds {self.n_ctx} "
+                f"(raise n_ctx, up to the model's {self._n_ctx_train()}, or shorten the prompt)")
+        return ids
+
+    def _n_ctx_train(self):
+        cfg = getattr(self.model, "config", None)
+        return getattr(cfg, "n_ctx_train", "?")
+
+    # --- evaluation --------------------------------------------------------------------
+    def _eval(self, tokens: list[int], n_past: int, logits_all: bool = False) -> np.ndarray:
+        # The model overwrites the cache from n_past on, so what we remember is cut there.
+        del self._cache_tokens[n_past:]
+        logits = self.model.eval(tokens, n_past, logits_all=logits_all)
+        self._cache_tokens.extend(tokens)
+        self.n_tokens_evaluated += len(tokens)
+        return logits
+
+    def _eval_prompt(self, ids: list[int]) -> tuple[np.ndarray, int]:
+        """Evaluate `ids` reusing the longest common prefix with the cache; returns the last
+        token's logits and how many tokens were run. The last prompt token is always run
+        again, because the cache keeps keys/values, not logits."""
+        cached = self._cache_tokens
+        n = min(len(cached), len(ids) - 1)
+        n_past = 0
+        while n_past < n and cached[n_past] == ids[n_past]:
+            n_past += 1
+        return self._eval(ids[n_past:], n_past), len(ids) - n_past
+
+    def logits(self, tokens) -> np.ndarray:
+        """Teacher-forced logits of every position: row i predicts token i+1.
+        Returns float32 (n_tokens, n_vocab)."""
+        self._check_open()
+        ids = self._prompt_ids(list(tokens))
+        self._active_call += 1
+        out = self._eval(ids, 0, logits_all=True)
+        return np.asarray(out, dtype=np.float32).reshape(len(ids), -1)
+
+    # --- generation --------------------------------------------------------------------
+    def generate(self, prompt, max_tokens: int | None = DEFAULT_MAX_TOKENS, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, seed: int | None = None, stop=None,
+                 stream: bool = False, ignore_eos: bool = False):
+        """Continue `prompt` (a str or a list of token ids).
+
+        Returns a Completion, or with stream=True an iterator of str pieces (valid UTF-8;
+        `llm.last_completion` holds the Completion once the iterator is exhausted).
+        Generation ends at an end-of-generation token (unless ignore_eos), at a stop
+        string (never part of the text), after max_tokens tokens, or when the context is
+        full (finish_reason "length"). temperature=0 is greedy.
+        """
+        self._check_open()
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty)
+        seed = check_seed(seed)
+        max_tokens = _check_max_tokens(max_tokens)
+        matcher = _StopMatcher(stop)
+        ids = self._prompt_ids(prompt)
+        self._active_call += 1
+        pieces = self._run(ids, max_tokens, Sampler(params, seed), matcher, ignore_eos,
+                           self._active_call)
+        if stream:
+            return pieces
+        text = "".join(pieces)
+        completion = self.last_completion
+        assert completion is not None and completion.text == text
+        return completion
+
+    def _run(self, ids, max_tokens, sampler, matcher, ignore_eos, call_id):
+        """The generation loop, as a generator of text pieces. The prompt is evaluated on
+        the first next(), so creating a stream costs nothing until it is read."""
+        timings = Timings(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        logits, timings.prompt_tokens_evaluated = self._eval_prompt(ids)
+        t1 = time.perf_counter()
+        timings.prompt_seconds = t1 - t0
+
+        eog = set() if ignore_eos else set(self.tokenizer.eog_ids)
+        decoder = self.tokenizer.streaming_decoder()
+        limit = self.n_ctx - len(ids)          # the context holds the prompt and the reply
+        if max_tokens is not None:
+            limit = min(limit, max_tokens)
+        tokens: list[int] = []
+        text_parts: list[str] = []
+        finish = "length"
+        stopped = False
+        penalty_n = sampler.params.penalty_last_n
+        while len(tokens) < limit:
+            if call_id != self._active_call:
+                raise RuntimeError("another call on this LLM started while this stream was "
+                                   "being read; finish or drop a stream before the next call")
+            recent = self._cache_tokens[-penalty_n:] if penalty_n else ()
+            token = sampler.sample(logits, recent)
+            if token in eog:
+                finish = "stop"
+                break
+            tokens.append(token)
+            piece, stopped = matcher.push(decoder.feed(token))
+            if piece:
+                text_parts.append(piece)
+                yield piece
+            if stopped:
+                finish = "stop"
+                break
+            if len(tokens) < limit:
+                # the last token is never run: nothing would read its logits
+                logits = self._eval([token], len(self._cache_tokens))
+        if not stopped:
+            piece, stopped = matcher.push(decoder.flush())
+            piece += "" if stopped else matcher.flush()
+            if stopped:
+                finish = "stop"
+            if piece:
+                text_parts.append(piece)
+                yield piece
+        timings.generated_tokens = len(tokens)
+        timings.generation_seconds = time.perf_counter() - t1
+        self.last_completion = Completion(text="".join(text_parts), tokens=tokens,
+                                          finish_reason=finish, timings=timings,
+                                          prompt_tokens=list(ids))
+
+    # --- chat --------------------------------------------------------------------------
+    def chat(self, messages, stream: bool = False, **kwargs):
+        """Reply to a conversation (a list of {"role", "content"} dicts) with the chat
+        template from the GGUF; the rest of the arguments are generate()'s."""
+        from engine.chat import chat_completion
+        return chat_completion(self, messages, stream=stream, **kwargs)
