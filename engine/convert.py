@@ -324,13 +324,13 @@ def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, target, embed_
     info = st.tensors[hf_name]
     shape = info.shape
     out_type, note = choose_type(name, shape, target, embed_type)
-    n_rows = shape[0] if shape else 1
+    n = shape[-1] if shape else 1
+    n_rows = info.n_elements // max(1, n)  # a vector is one row
     rows_idx = unpermute_rows(n_rows, n_head) if n_head else None
 
     def read_rows(i, j):
-        view = st.tensor(hf_name)
-        view2 = view.reshape(n_rows, -1) if view.ndim != 2 else view
-        rows = view2[rows_idx[i:j]] if rows_idx is not None else view2[i:j]
+        view = st.tensor(hf_name).reshape(n_rows, n)
+        rows = view[rows_idx[i:j]] if rows_idx is not None else view[i:j]
         if info.dtype == "BF16":
             return bf16_to_f32(rows)
         return np.asarray(rows, dtype=np.float32)
@@ -750,7 +750,7 @@ def write(plan: Plan, out, quiet: bool = False) -> dict:
                     shape = "x".join(str(d) for d in tp.shape)
                     bar.write(f"[{k + 1:{len(str(len(plan.tensors)))}d}/{len(plan.tensors)}] "
                               f"{tp.name:<{width}} {shape:>12} {tp.src_type:>5} -> "
-                              f"{tp.out_type.name:<5} rmse {rmse:.2e}")
+                              f"{tp.out_type.name:<5} rmse {rmse:.2e}", file=sys.stdout)
     return {"n_params": n_params, "tensor_bytes": total,
             "bpw": 8.0 * total / max(1, n_params)}
 

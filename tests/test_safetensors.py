@@ -54,7 +54,7 @@ def test_bf16_bits_match_torch_rounding():
     assert bits.dtype == np.uint16
     # 3.14159265 = 0x40490FDB -> rounds up to 0x4049; 1.0 = 0x3F80
     assert bits[0] == 0x3F80 and bits[2] == 0x4049 and bits[5] == 0x7F80
-    np.testing.assert_array_equal(bf16_to_f32(bits)[[0, 1, 4, 5, 6]], x[[0, 1, 4, 5, 6]])
+    np.testing.assert_array_equal(bf16_to_f32(bits)[[0, 1, 5, 6]], x[[0, 1, 5, 6]])
 
 
 def _raw_file(path, header: dict, data: bytes = b""):
