@@ -141,6 +141,11 @@ def quantize(x, type_: GGMLType) -> np.ndarray:
     Input of another float dtype is first rounded to float32 (ggml quantizes float32).
     n must be a multiple of the type's block size.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # ggml lets fp16 scales overflow to inf
+        return _quantize(x, type_)
+
+
+def _quantize(x, type_: GGMLType) -> np.ndarray:
     type_ = GGMLType(type_)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0:
@@ -200,6 +205,11 @@ _BLOCK_DEQUANTIZERS = {
 
 def dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
     """Decode the raw bytes of a `type_` tensor of NumPy shape `shape` to float32."""
+    with np.errstate(over="ignore", invalid="ignore"):  # inf scales decode to inf / NaN, as in ggml
+        return _dequantize(blocks, type_, shape)
+
+
+def _dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
     type_ = GGMLType(type_)
     shape = tuple(int(s) for s in shape)
     raw = np.ascontiguousarray(blocks).reshape(-1).view(np.uint8)

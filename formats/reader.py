@@ -152,7 +152,7 @@ def _read_value(c: _Cursor, t: VT, key: str):
         try:
             for i in range(count):
                 off += 8 + unpack(buf, off)[0]
-        except struct.error:
+        except (struct.error, OverflowError):  # a length ran far past the map
             off = c.size + 1
         if off > c.size:
             raise FormatError(f"string array {key!r} starting at offset {start}: "
@@ -270,8 +270,9 @@ def _parse(path, mm, size) -> GGUFFile:
             raise FormatError(f"tensor {name!r}: unknown ggml type id {t_id} at offset {t_at}")
         ttype = GGMLType(t_id)
         block, bsize = GGML_QUANT_SIZES[ttype]
-        if ne and ne[0] % block:
-            raise FormatError(f"tensor {name!r}: row length {ne[0]} is not a multiple of "
+        row = ne[0] if ne else 1  # ggml's ne defaults to 1 for missing dimensions
+        if row % block:
+            raise FormatError(f"tensor {name!r}: row length {row} is not a multiple of "
                               f"{ttype.name}'s block size {block}")
         o_at = c.off
         offset = c.u64(f"data offset of tensor {name!r}")
