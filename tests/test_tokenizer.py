@@ -387,6 +387,29 @@ def test_bos_default_follows_pre_tokenizer(smollm2_path):
     assert not Tokenizer.from_metadata(md).add_bos
 
 
+def test_control_looking_tokens(tmp_path):
+    """Tokens typed normal but named like control tokens are made control tokens (never taken
+    from user text; <|eot_id|> ends generation), and gpt-oss's <|channel|> is always split
+    out, as llama.cpp does; checked live when llama-cpp-python is installed."""
+    from engine.tokenizer import Tokenizer
+    extra = ["▁", "a", "<|eot_id|>", "<PRE>", "<|channel|>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + extra
+    vocab = {"tokens": tokens, "scores": [0.0] * len(tokens),
+             "token_type": [2, 3, 3] + [6] * 256 + [1] * len(extra)}
+    path = write_vocab_gguf(tmp_path / "v.gguf", spm_metadata(vocab))
+    tok = Tokenizer.from_metadata(_read_metadata(path))
+    eot, pre, channel = (tokens.index(t) for t in ("<|eot_id|>", "<PRE>", "<|channel|>"))
+    assert tok.eog_ids == {2, eot}
+    assert tok.encode("a<|eot_id|>", special=True)[-1] == eot
+    assert eot not in tok.encode("a<|eot_id|>") and pre not in tok.encode("<PRE>")
+    assert channel in tok.encode("x<|channel|>y")
+    assert tok.decode(tok.encode("<|eot_id|>", special=True)) == ""
+    if importlib.util.find_spec("llama_cpp"):
+        texts = ["a<|eot_id|>", "<PRE>a", "x<|channel|>y", "a a<|channel|><|eot_id|>"]
+        assert _mismatches(tok, _live_cases(path, texts)) == []
+        assert sorted(tok.eog_ids) == llama_eog(llama_vocab(path))
+
+
 def test_smollm2_facts(bpe_toks):
     tok = bpe_toks["file"]
     assert tok.n_vocab == 49152
@@ -461,6 +484,8 @@ def test_errors(bpe_toks, spm_fixture):
         tok.decode([tok.n_vocab])
     with pytest.raises(TypeError):
         tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="position 2"):
+        tok.encode("ab\udcffc")
 
 
 if __name__ == "__main__":
