@@ -97,6 +97,12 @@ class TurnStats:
     finish_reason: str = ""
     dropped_messages: int = 0       # old messages dropped to fit the context
 
+    @classmethod
+    def from_completion(cls, completion, dropped_messages: int = 0) -> "TurnStats":
+        t = completion.timings
+        return cls(t.prompt_tokens, t.prompt_tokens_evaluated, t.prompt_seconds, t.generated_tokens,
+                   t.generation_seconds, completion.finish_reason, dropped_messages)
+
     @property
     def prompt_tps(self) -> float:
         return self.prompt_evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
@@ -284,10 +290,7 @@ class ChatSession:
             # text; tokenize the text (the cache still covers the matching prefix).
             self._prev_reply_ids = self.llm.tokenize(reply, add_bos=False, special=False) if reply else []
         if completion is not None:
-            t = completion.timings
-            self.last_stats = TurnStats(len(ids), t.prompt_tokens_evaluated, t.prompt_seconds,
-                                        t.generated_tokens, t.generation_seconds,
-                                        completion.finish_reason, dropped)
+            self.last_stats = TurnStats.from_completion(completion, dropped)
         else:
             # Stopped early: no Completion; estimate from the clock and the cache, which
             # holds the prompt and every reply token evaluated so far.

@@ -183,16 +183,11 @@ def cmd_generate(args) -> int:
         out.flush()
     out.write("\n")
     out.flush()
-    if args.timings:
-        t = getattr(llm, "last_timings", None) or getattr(stream, "timings", None)
-        if t:
-            print(_timings_line(t), file=sys.stderr)
+    if args.timings and llm.last_completion is not None:
+        from engine.chat import TurnStats
+        from engine.repl import stats_line
+        print(stats_line(TurnStats.from_completion(llm.last_completion)), file=sys.stderr)
     return 0
-
-
-def _timings_line(t) -> str:
-    from engine.repl import stats_line
-    return stats_line(t)
 
 
 def cmd_perplexity(args) -> int:

@@ -123,7 +123,8 @@ def format_info(info: dict) -> str:
              f"name:          {info['name']}",
              f"architecture:  {info['architecture']}"]
     for name, value in info["hparams"].items():
-        lines.append(f"  {name + ':':<15}{value}")
+        shown = f"{value:g}" if isinstance(value, float) else value
+        lines.append(f"  {name + ':':<16} {shown}")
     tok = info["tokenizer"]
     lines.append(f"tokenizer:     {tok['model']} ({tok['kind']}), {tok['n_tokens']} tokens"
                  + (f", {tok['n_merges']} merges" if tok["n_merges"] is not None else "")

@@ -13,8 +13,9 @@ import struct
 
 import numpy as np
 
-from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT,
-                        GGUF_MAGIC, GGUF_SUPPORTED_VERSIONS, FormatError, GGMLType)
+from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_NUMPY_DTYPES, GGML_QUANT_SIZES,
+                        GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SUPPORTED_VERSIONS, FormatError,
+                        GGMLType)
 from .constants import GGUFValueType as VT
 from .metadata import SCALAR_DTYPES, SCALAR_FORMATS, GGUFMetadata, LazyStrings
 
@@ -22,12 +23,6 @@ from .metadata import SCALAR_DTYPES, SCALAR_FORMATS, GGUFMetadata, LazyStrings
 _LAZY_STRING_ARRAY = 64
 _INT64_MAX = 2**63 - 1
 
-# storage dtype of the element types NumPy has; other types are exposed as raw bytes
-_TENSOR_DTYPES = {
-    GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2"), GGMLType.BF16: np.dtype("<u2"),
-    GGMLType.F64: np.dtype("<f8"), GGMLType.I8: np.dtype("i1"), GGMLType.I16: np.dtype("<i2"),
-    GGMLType.I32: np.dtype("<i4"), GGMLType.I64: np.dtype("<i8"),
-}
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -152,7 +147,7 @@ def _read_value(c: _Cursor, t: VT, key: str):
         try:
             for i in range(count):
                 off += 8 + unpack(buf, off)[0]
-        except struct.error:
+        except (struct.error, OverflowError):  # a length ran far past the map
             off = c.size + 1
         if off > c.size:
             raise FormatError(f"string array {key!r} starting at offset {start}: "
@@ -270,8 +265,9 @@ def _parse(path, mm, size) -> GGUFFile:
             raise FormatError(f"tensor {name!r}: unknown ggml type id {t_id} at offset {t_at}")
         ttype = GGMLType(t_id)
         block, bsize = GGML_QUANT_SIZES[ttype]
-        if ne and ne[0] % block:
-            raise FormatError(f"tensor {name!r}: row length {ne[0]} is not a multiple of "
+        row = ne[0] if ne else 1  # ggml's ne defaults to 1 for missing dimensions
+        if row % block:
+            raise FormatError(f"tensor {name!r}: row length {row} is not a multiple of "
                               f"{ttype.name}'s block size {block}")
         o_at = c.off
         offset = c.u64(f"data offset of tensor {name!r}")
@@ -293,7 +289,7 @@ def _parse(path, mm, size) -> GGUFFile:
     for name, ttype, shape, offset, nbytes in infos:
         start = data_offset + offset
         raw = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=start) if nbytes else np.empty(0, np.uint8)
-        dt = _TENSOR_DTYPES.get(ttype)
+        dt = GGML_NUMPY_DTYPES.get(ttype)
         if dt is not None:
             data = raw.view(dt).reshape(shape)
         else:

@@ -1,18 +1,48 @@
 """What both tokenizer kinds share: special-token partitioning, BOS/EOS, decoding to bytes and
-streaming UTF-8 decoding. Subclasses supply `_encode_fragment` and `_normal_piece`."""
+streaming UTF-8 decoding. Subclasses (spm.SPMTokenizer, bpe.BPETokenizer) supply
+`_encode_fragment` and `_normal_piece`."""
 from __future__ import annotations
 
+from ..errors import ModelError
 from .vocab import (TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN,
                     TOKEN_TYPE_USER_DEFINED, Vocab)
 
 
-class BaseTokenizer:
+class Tokenizer:
+    """A GGUF file's tokenizer; build it with Tokenizer.from_metadata(metadata)."""
+
+    @staticmethod
+    def from_metadata(md) -> "Tokenizer":
+        """The tokenizer tokenizer.ggml.model names: "llama" (SentencePiece) or "gpt2"
+        (byte-level BPE with the pre-tokenizer tokenizer.ggml.pre names)."""
+        model = md.get("tokenizer.ggml.model")
+        if model == "llama":
+            from .spm import SPMTokenizer
+            # llama.cpp's SPM defaults: BOS 1, EOS 2, UNK 0, BOS added, dummy-prefix space.
+            vocab = Vocab.from_metadata(md, default_add_bos=True,
+                                        default_ids={"bos": 1, "eos": 2, "unk": 0})
+            vocab.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+            return SPMTokenizer(vocab)
+        if model == "gpt2":
+            from .bpe import BPETokenizer, pre_tokenizer_settings
+            regexes, ignore_merges, add_bos = pre_tokenizer_settings(md.get("tokenizer.ggml.pre", ""))
+            vocab = Vocab.from_metadata(md, default_add_bos=add_bos,
+                                        default_ids={"bos": 11, "eos": 11})
+            return BPETokenizer(vocab, regexes, ignore_merges)
+        if model is None:
+            raise ModelError("the model file has no tokenizer (tokenizer.ggml.model is missing)")
+        raise ModelError(f"tokenizer.ggml.model {model!r} is not supported "
+                         "(kiln reads 'llama' = SentencePiece and 'gpt2' = byte-level BPE)")
+
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
         self._specials = {flag: vocab.special_tokens(flag) for flag in (False, True)}
         # token_to_piece(special=False) and (special=True) for every id, as llama.cpp caches it.
         self._pieces = [self._piece(i, special=False) for i in range(vocab.n_vocab)]
-        self._pieces_special = [self._piece(i, special=True) for i in range(vocab.n_vocab)]
+        self._pieces_special = list(self._pieces)
+        for i, kind in enumerate(vocab.types):
+            if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN):
+                self._pieces_special[i] = self._piece(i, special=True)
 
     # -- the public interface (engine.tokenizer.Tokenizer) ---------------------------------
 
@@ -60,6 +90,12 @@ class BaseTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} "
+                                 f"at position {e.start}") from None
         add_bos = self.vocab.add_bos if add_bos is None else add_bos
         add_eos = self.vocab.add_eos if add_eos is None else add_eos
         out = []
@@ -186,7 +222,7 @@ class StreamingDecoder:
     """feed(id) -> the text that became complete; flush() -> whatever is left (as U+FFFD if it
     never completed)."""
 
-    def __init__(self, tokenizer: BaseTokenizer, special: bool, strip_leading_space: bool):
+    def __init__(self, tokenizer: Tokenizer, special: bool, strip_leading_space: bool):
         self._tokenizer = tokenizer
         self._special = special
         self._strip = strip_leading_space and tokenizer._strips_leading_space()

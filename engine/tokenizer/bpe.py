@@ -11,7 +11,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from ..errors import ModelError
-from .base import BaseTokenizer
+from .base import Tokenizer
 from .vocab import Vocab
 
 # The regexes of llama.cpp's llm_tokenizer_bpe, by pre-tokenizer family.
@@ -71,9 +71,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+# str.translate table taking each GPT-2 character to the code point of its byte (then latin-1)
+_TO_LATIN1 = {ord(c): b for c, b in CHAR_TO_BYTE.items()}
 
 
-class BPETokenizer(BaseTokenizer):
+class BPETokenizer(Tokenizer):
     def __init__(self, vocab: Vocab, regexes, ignore_merges: bool):
         super().__init__(vocab)
         if not vocab.merges:
@@ -102,6 +104,9 @@ class BPETokenizer(BaseTokenizer):
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def _normal_piece(self, text: str) -> bytes:
-        # characters outside GPT-2's table (a malformed vocabulary) keep their UTF-8 bytes
-        return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8")
-                        for c in text)
+        try:
+            return text.translate(_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:
+            # characters outside GPT-2's table (a malformed vocabulary) keep their UTF-8 bytes
+            return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8")
+                            for c in text)

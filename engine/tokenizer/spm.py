@@ -11,7 +11,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from ..errors import ModelError
-from .base import BaseTokenizer
+from .base import Tokenizer
 from .vocab import (TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN,
                     TOKEN_TYPE_USER_DEFINED, Vocab)
 
@@ -63,7 +63,7 @@ def build_model_proto(vocab: Vocab) -> spm_pb2.ModelProto:
     return m
 
 
-class SPMTokenizer(BaseTokenizer):
+class SPMTokenizer(Tokenizer):
     def __init__(self, vocab: Vocab):
         super().__init__(vocab)
         self._sp = spm.SentencePieceProcessor()
