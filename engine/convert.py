@@ -49,7 +49,7 @@ QUANTIZATION_VERSION = 2
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = \
     1, 2, 3, 4, 5, 6
 
-CHUNK_BYTES = 32 << 20  # float32 rows converted at a time: bounds the temporaries
+CHUNK_BYTES = 16 << 20  # float32 rows converted at a time: bounds the temporaries
 
 
 class ConvertError(KilnError):
@@ -66,7 +66,7 @@ class TensorPlan:
     out_type: GGMLType
     read_rows: Callable             # (i, j) -> float32 rows i..j of the 2-D view (n_rows, n)
     raw: Callable | None = None     # () -> bytes/array already in out_type (GGUF copy)
-    release: Callable = lambda: None
+    release: Callable = lambda i, j: None   # rows i..j are done: drop their source pages
     note: str | None = None
 
     @property
@@ -335,8 +335,14 @@ def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, target, embed_
             return bf16_to_f32(rows)
         return np.asarray(rows, dtype=np.float32)
 
-    return TensorPlan(name, shape, info.dtype, out_type, read_rows,
-                      release=lambda: st.release(hf_name), note=note)
+    def release(i, j):
+        if rows_idx is None:  # permuted rows come from all over the tensor: released at the end
+            st.release(hf_name, i * row_bytes, j * row_bytes)
+        elif j == n_rows:
+            st.release(hf_name)
+
+    row_bytes = n * (4 if info.dtype == "F32" else 2)
+    return TensorPlan(name, shape, info.dtype, out_type, read_rows, release=release, note=note)
 
 
 # -- tokenizers --------------------------------------------------------------------------
@@ -711,8 +717,8 @@ def convert_tensor(tp: TensorPlan, want_rmse: bool):
             out = np.empty((n_rows,) + q.shape[1:], q.dtype)
         out[i:j] = q
         del x, q
+        tp.release(i, j)
     data = out
-    tp.release()
     rmse = (sq_err / max(1, tp.n_elements)) ** 0.5
     return data.reshape(*tp.shape[:-1], -1) if len(tp.shape) > 1 else data.reshape(-1), rmse
 

@@ -147,15 +147,17 @@ class SafetensorsFile:
             return x.astype(np.float32)
         return x
 
-    def release(self, name) -> None:
-        """Drop the tensor's pages from this process (they stay in the page cache)."""
+    def release(self, name, start: int = 0, end: int | None = None) -> None:
+        """Drop the pages of bytes [start, end) of a tensor from this process's resident
+        set (they stay in the page cache; a later read faults them back in)."""
         info = self.tensors[name]
-        if self._map is None or info.nbytes == 0:
+        end = info.nbytes if end is None else min(end, info.nbytes)
+        if self._map is None or end <= start:
             return
         page = mmap.PAGESIZE
-        start = info.begin // page * page
+        first = (info.begin + start) // page * page
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+            self._map.madvise(mmap.MADV_DONTNEED, first, info.begin + end - first)
         except (AttributeError, OSError, ValueError):
             pass  # an optimisation only: platforms without madvise keep the pages
 

@@ -36,19 +36,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT,
-                        GGUF_MAGIC, GGUF_VERSION, GGMLType)
+from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_NUMPY_DTYPES, GGML_QUANT_SIZES,
+                        GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLType)
 from .constants import GGUFValueType as VT
 from .metadata import SCALAR_DTYPES, SCALAR_FORMATS, GGUFMetadata, GGUFValue, check_value, infer_type
 from .quants import quantize
 
 _ENCODE_CHUNK_ELEMENTS = 1 << 22  # float rows are encoded ~16 MiB of float32 at a time
 
-_RAW_DTYPES = {
-    GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2"), GGMLType.BF16: np.dtype("<u2"),
-    GGMLType.F64: np.dtype("<f8"), GGMLType.I8: np.dtype("i1"), GGMLType.I16: np.dtype("<i2"),
-    GGMLType.I32: np.dtype("<i4"), GGMLType.I64: np.dtype("<i8"),
-}
 
 
 class GGUFWriterError(RuntimeError):
@@ -211,7 +206,7 @@ class GGUFWriter:
         if name != ti.name:
             raise GGUFWriterError(f"expected data for tensor {ti.name!r} (declaration order), got {name!r}")
         arr = np.asarray(data)
-        raw_dt = _RAW_DTYPES.get(ti.type)
+        raw_dt = GGML_NUMPY_DTYPES.get(ti.type)
         if arr.dtype == np.uint8 and not (ti.type == GGMLType.I8):
             if arr.nbytes != ti.nbytes:
                 raise ValueError(f"tensor {name!r}: {arr.nbytes} raw bytes given, {ti.type.name} "

@@ -31,6 +31,18 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
+def _bench_codecs(n_el: int, repeat: int) -> dict:
+    results = {}
+    x = np.random.default_rng(0).standard_normal((n_el // 576, 576), dtype=np.float32)
+    for t in (GGMLType.Q4_0, GGMLType.Q8_0):
+        s = _best(lambda: formats.quantize(x, t), repeat)
+        results[f"quantize_{t.name.lower()}_s"] = round(s, 3)
+    q = formats.quantize(x, GGMLType.Q4_0)
+    s = _best(lambda: formats.dequantize(q, GGMLType.Q4_0, x.shape), repeat)
+    results["dequantize_q4_0_s"] = round(s, 3)
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.path.join(os.environ.get("KILN_HOME", os.path.expanduser("~/.cache/kiln")),
@@ -42,15 +54,8 @@ def main(argv=None) -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
-    results = {}
     n_el = args.params // 576 * 576  # whole rows of SmolLM2's width
-    x = np.random.default_rng(0).standard_normal((n_el // 576, 576), dtype=np.float32)
-    for t in (GGMLType.Q4_0, GGMLType.Q8_0):
-        s = _best(lambda: formats.quantize(x, t), args.repeat)
-        results[f"quantize_{t.name.lower()}_s"] = round(s, 3)
-    q = formats.quantize(x, GGMLType.Q4_0)
-    results["dequantize_q4_0_s"] = round(_best(lambda: formats.dequantize(q, GGMLType.Q4_0, x.shape), args.repeat), 3)
-    del x, q
+    results = _bench_codecs(n_el, args.repeat)
 
     if os.path.exists(args.model):
         def open_close():
