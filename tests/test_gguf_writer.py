@@ -187,6 +187,15 @@ def test_exception_leaves_existing_file_and_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["m.gguf"]
 
 
+def test_abandoned_writer_removes_its_temp_file(tmp_path):
+    w = GGUFWriter(tmp_path / "m.gguf")
+    w.add_tensor_info("a", GGMLType.F32, (4,))
+    w.write_header()
+    assert len(os.listdir(tmp_path)) == 1
+    del w
+    assert os.listdir(tmp_path) == []
+
+
 _KILLED_WRITER = textwrap.dedent("""
     import os, sys, numpy as np, formats
     from formats import GGMLType
