@@ -21,8 +21,13 @@ install: $(VENV)/.installed build
 build: $(VENV)/.installed
 	$(PY) setup.py -q build_ext --inplace
 
-test: install
+test: install ctest
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The standalone C kernel harness: x86 variants natively, ASan+UBSan, NEON under qemu
+# (skipped with a note when the aarch64 cross tools are not installed).
+ctest:
+	$(MAKE) -C tests/c
 
 pull: install
 	$(KILN) pull

@@ -1,1 +1,159 @@
-# Cython binding: kernels (see ckernels/src)
+# Cython binding: kernels (see ckernels/src/kernels.h). Thin: it checks dtypes,
+# contiguity and shapes, then calls C. The forward pass calls the C API directly; this
+# binding serves tests, benchmarks and `kiln info`.
+from libc.stdint cimport int64_t, uint8_t
+import numpy as np
+
+cdef extern from "kernels.h":
+    ctypedef struct kiln_pool:
+        pass
+    ctypedef struct kiln_matrix:
+        int type
+        int64_t rows, cols
+        const void *data
+        void *packed
+        size_t packed_size
+    kiln_pool *kiln_pool_create(int n_threads)
+    void kiln_pool_free(kiln_pool *pool)
+    int kiln_pool_size(const kiln_pool *pool)
+    int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data)
+    void kiln_matrix_free(kiln_matrix *m)
+    void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens,
+                     float *y) nogil
+    const char *kiln_active_isa()
+    int kiln_supported_isas(const char **names, int max_names)
+    int kiln_set_isa(const char *name)
+
+cdef extern from "kernels_impl.h":
+    ctypedef struct kiln_isa_ops:
+        void (*quantize_row_q8_0)(const float *x, void *y, int64_t n)
+        void (*quantize_row_q8_1)(const float *x, void *y, int64_t n)
+    const kiln_isa_ops *kiln_ops()
+
+# ggml type id -> (elements per block, bytes per block) for the weight types kiln_matmul takes
+_KILN_MATMUL_TYPES = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34)}
+
+
+def active_isa():
+    """Name of the ISA variant the kernels use (scalar, avx2, avxvnni, avx512vnni, neon)."""
+    return kiln_active_isa().decode()
+
+
+def supported_isas():
+    """Variants this CPU and build support, best last."""
+    cdef const char *names[16]
+    cdef int n = kiln_supported_isas(names, 16)
+    return [names[i].decode() for i in range(min(n, 16))]
+
+
+def set_isa(name):
+    """Force a variant for the rest of the process (tests); ValueError if unsupported."""
+    if kiln_set_isa(name.encode()) != 0:
+        raise ValueError(f"ISA variant {name!r} is not supported here; supported: {supported_isas()}")
+
+
+cdef class Pool:
+    """A persistent pool of n_threads worker threads (the caller is worker 0)."""
+    cdef kiln_pool *pool
+
+    def __cinit__(self, int n_threads=1):
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        self.pool = kiln_pool_create(n_threads)
+        if self.pool == NULL:
+            raise MemoryError("could not start the thread pool")
+
+    def __dealloc__(self):
+        if self.pool != NULL:
+            kiln_pool_free(self.pool)
+
+    @property
+    def n_threads(self):
+        return kiln_pool_size(self.pool)
+
+
+cdef class Matrix:
+    """A weight matrix (rows, cols) of ggml type `type`, from its GGUF bytes/values.
+    Keeps a reference to `data` (the kernels may also keep a repacked copy)."""
+    cdef kiln_matrix m
+    cdef object data
+    cdef bint ready
+
+    def __cinit__(self, int type, int64_t rows, int64_t cols, data):
+        self.ready = False
+        if type not in _KILN_MATMUL_TYPES:
+            raise ValueError(f"unsupported weight type {type}")
+        per_block, block_bytes = _KILN_MATMUL_TYPES[type]
+        if rows < 1 or cols < 1 or cols % per_block:
+            raise ValueError(f"bad shape ({rows}, {cols}) for type {type}")
+        arr = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        if arr.nbytes != rows * (cols // per_block) * block_bytes:
+            raise ValueError(f"data has {arr.nbytes} bytes, expected "
+                             f"{rows * (cols // per_block) * block_bytes}")
+        self.data = arr
+        cdef const uint8_t[::1] view = arr
+        if kiln_matrix_init(&self.m, type, rows, cols, &view[0]) != 0:
+            raise MemoryError("kiln_matrix_init failed")
+        self.ready = True
+
+    def __dealloc__(self):
+        if self.ready:
+            kiln_matrix_free(&self.m)
+
+    @property
+    def shape(self):
+        return (self.m.rows, self.m.cols)
+
+    @property
+    def packed_size(self):
+        return self.m.packed_size
+
+
+def matmul(Pool pool, Matrix w, x):
+    """y = x @ W.T for x (n_tokens, cols) or (cols,) float32 -> float32 (n_tokens, rows)
+    or (rows,)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise ValueError("x must be a float32 numpy array")
+    if not x.flags.c_contiguous:
+        raise ValueError("x must be C-contiguous")
+    if x.ndim not in (1, 2) or x.shape[x.ndim - 1] != w.m.cols:
+        raise ValueError(f"x has shape {x.shape}, expected (n_tokens, {w.m.cols})")
+    cdef int n_tokens = 1 if x.ndim == 1 else x.shape[0]
+    rows = int(w.m.rows)
+    out_shape = (rows,) if x.ndim == 1 else (n_tokens, rows)
+    y = np.empty(out_shape, dtype=np.float32)
+    if n_tokens == 0:
+        return y
+    cdef const float[::1] xv = x.reshape(-1)
+    cdef float[::1] yv = y.reshape(-1)
+    with nogil:
+        kiln_matmul(pool.pool, &w.m, &xv[0], n_tokens, &yv[0])
+    return y
+
+
+def _quantize_act(x, int block_bytes, bint q8_1):
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
+        raise ValueError("x must be a 1-D float32 numpy array")
+    if x.shape[0] % 32:
+        raise ValueError(f"length {x.shape[0]} is not a multiple of 32")
+    x = np.ascontiguousarray(x)
+    out = np.zeros(x.shape[0] // 32 * block_bytes, dtype=np.uint8)
+    if x.shape[0] == 0:
+        return out
+    cdef const float[::1] xv = x
+    cdef uint8_t[::1] ov = out
+    if q8_1:
+        kiln_ops().quantize_row_q8_1(&xv[0], <void *>&ov[0], x.shape[0])
+    else:
+        kiln_ops().quantize_row_q8_0(&xv[0], <void *>&ov[0], x.shape[0])
+    return out
+
+
+def quantize_act_q8_0(x):
+    """Q8_0 blocks of a float32 row, by the active variant's activation quantizer."""
+    return _quantize_act(x, 34, False)
+
+
+def quantize_act_q8_1(x):
+    """Q8_1 blocks of a float32 row, by the active variant's activation quantizer."""
+    return _quantize_act(x, 36, True)

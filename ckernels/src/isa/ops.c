@@ -1,0 +1,16 @@
+/* This variant's function table, which dispatch.c picks from. */
+#include "isa.h"
+#include "kernels_impl.h"
+
+void KILN_FN(kiln_quantize_row_q8_0)(const float *x, block_q8_0 *y, int64_t n);
+void KILN_FN(kiln_quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n);
+void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
+void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
+
+const kiln_isa_ops KILN_FN(kiln_ops) = {
+    KILN_STR(KILN_ISA),
+    KILN_FN(kiln_quantize_row_q8_0),
+    KILN_FN(kiln_quantize_row_q8_1),
+    KILN_FN(kiln_qgemm),
+    KILN_FN(kiln_fgemm),
+};

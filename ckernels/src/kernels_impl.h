@@ -1,0 +1,159 @@
+/* Private to the kernels: the repacked weight layout, the activation layout the
+ * quantized kernels read, and the per-ISA function table dispatch.c fills.
+ *
+ * Quantized weights (Q4_0, Q4_1, Q8_0) are repacked once by kiln_matrix_init so that
+ * one SIMD load feeds several blocks and several rows share each activation load:
+ *
+ *   rows are grouped by KILN_RG (zero rows pad the last group); blocks by KILN_KG.
+ *   A row group is [quants of every block group][d of every group][m of every group]
+ *   (m only for Q4_1), padded to 64 bytes.
+ *   quants of block group g holding nt <= KILN_KG blocks, row r of the group:
+ *     Q4_*: nt * 16 bytes; byte 16*b + j holds element j (low nibble) and element
+ *           j + 16 (high nibble) of block b, as in GGUF: the low nibbles of the
+ *           nt * 16 bytes are the "lo halves" of the blocks, the high nibbles the
+ *           "hi halves".
+ *     Q8_0: nt * 16 bytes of lo halves (elements 0..15 of each block, + 128 as u8)
+ *           then nt * 16 bytes of hi halves (elements 16..31, + 128).
+ *   d (and m) of block group g: KILN_RG * KILN_KG fp16 values, [r][b], 0 for padding.
+ *
+ * Weights are therefore unsigned (u4 or u8); the signed zero point is folded into the
+ * activation side: each activation block carries -offset * sum(q) in its first int32
+ * lane (offset 8 for Q4_0, 128 for Q8_0, 0 for Q4_1), so the integer dot of a block
+ * is exact: sum((w - offset) * a) = sum(w * a) - offset * sum(a).
+ *
+ * Activation layout (one per token, kiln_act_size bytes), block group g:
+ *   qs  [g][2][KILN_KG * 16] int8: lo halves of the group's blocks, then hi halves
+ *   dx  [g][KILN_KG * 4]   float: d of block b repeated in lanes 4b..4b+3
+ *   off [g][KILN_KG * 4]   int32: lane 4b = -offset * sum(q of block b), others 0
+ *   sx  [g][KILN_KG * 4]   float: lane 4b = s of block b (Q8_1 for Q4_1), others 0
+ * Padding blocks are zero everywhere, so they add exactly 0.
+ * Four int32 lanes per block is what a 128-bit dot-product instruction leaves (vpdpbusd,
+ * vdotq_s32), so one layout serves every ISA. */
+#ifndef KILN_KERNELS_IMPL_H
+#define KILN_KERNELS_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "ggml_types.h"
+#include "kernels.h"
+
+#define KILN_RG 4 /* rows per row group */
+#define KILN_KG 4 /* blocks per block group */
+
+/* A view of a packed matrix, enough for the kernels. */
+typedef struct {
+    int type;
+    int64_t rows, nb;    /* nb = blocks per row */
+    int64_t ng;          /* block groups per row = ceil(nb / KILN_KG) */
+    size_t qs_bytes;     /* quant bytes per row per full block group */
+    size_t rg_size;      /* bytes per row group */
+    const uint8_t *data; /* packed */
+} kiln_packed_view;
+
+/* Offsets inside one token's activation layout. */
+typedef struct {
+    int64_t ng;
+    size_t off_qs, off_dx, off_off, off_sx, size;
+} kiln_act_layout;
+
+static inline kiln_act_layout kiln_act_layout_for(int64_t cols) {
+    kiln_act_layout l;
+    l.ng = (cols / QK + KILN_KG - 1) / KILN_KG;
+    l.off_qs = 0;
+    l.off_dx = l.off_qs + (size_t)l.ng * KILN_KG * QK;
+    l.off_off = l.off_dx + (size_t)l.ng * KILN_KG * 4 * sizeof(float);
+    l.off_sx = l.off_off + (size_t)l.ng * KILN_KG * 4 * sizeof(int32_t);
+    l.size = l.off_sx + (size_t)l.ng * KILN_KG * 4 * sizeof(float);
+    l.size = (l.size + 63) & ~(size_t)63;
+    return l;
+}
+
+/* One token's activations in the kernel layout. */
+typedef struct {
+    const int8_t *qs;
+    const float *dx;
+    const int32_t *off;
+    const float *sx;
+} kiln_act;
+
+static inline kiln_act kiln_act_at(const uint8_t *base, const kiln_act_layout *l) {
+    kiln_act a;
+    a.qs = (const int8_t *)(base + l->off_qs);
+    a.dx = (const float *)(base + l->off_dx);
+    a.off = (const int32_t *)(base + l->off_off);
+    a.sx = (const float *)(base + l->off_sx);
+    return a;
+}
+
+/* Quantized matrix kernel arguments: packed weights times n_tokens activations in
+ * the layout above (token t at act + t * act_stride), y is (n_tokens, rows). */
+typedef struct {
+    kiln_packed_view w;
+    const uint8_t *act;
+    size_t act_stride;
+    kiln_act_layout al;
+    int n_tokens;
+    float *y;
+} kiln_qgemm_args;
+
+/* Float matrix kernel arguments: W (rows, cols) of type F32/F16/BF16 in GGUF layout,
+ * x (n_tokens, cols) float32, y (n_tokens, rows). */
+typedef struct {
+    int type;
+    int64_t rows, cols;
+    const void *w;
+    const float *x;
+    int n_tokens;
+    float *y;
+} kiln_fgemm_args;
+
+/* Element k of an F32/F16/BF16 row. */
+static inline float kiln_weight_f32(int type, const void *row, int64_t k) {
+    if (type == KILN_TYPE_F32) return ((const float *)row)[k];
+    if (type == KILN_TYPE_F16) return kiln_fp16_to_fp32(((const uint16_t *)row)[k]);
+    return kiln_bf16_to_fp32(((const uint16_t *)row)[k]);
+}
+
+/* One ISA variant's kernels. The row range is in row groups (quantized) or rows
+ * (float); each output element is computed wholly by one call, in a fixed order. */
+typedef struct {
+    const char *name;
+    void (*quantize_row_q8_0)(const float *x, block_q8_0 *y, int64_t n);
+    void (*quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n);
+    void (*qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
+    void (*fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
+} kiln_isa_ops;
+
+/* A 64-byte aligned buffer of at least size bytes owned by the pool, valid until the
+ * next call (threadpool.c); NULL when out of memory. */
+void *kiln_pool_scratch(kiln_pool *pool, size_t size);
+
+/* The active variant's table (dispatch.c). */
+const kiln_isa_ops *kiln_ops(void);
+
+/* Sizes and repacking of the packed layout (matmul.c). */
+size_t kiln_packed_size(int type, int64_t rows, int64_t cols);
+void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, int64_t cols,
+                    const void *src);
+kiln_packed_view kiln_packed_view_of(int type, int64_t rows, int64_t cols, const void *packed);
+/* Offset of block group g's d values and quants inside a row group. */
+static inline const uint8_t *kiln_rg_qs(const kiln_packed_view *v, int64_t rg, int64_t g) {
+    return v->data + (size_t)rg * v->rg_size + (size_t)g * KILN_RG * v->qs_bytes;
+}
+static inline const kiln_fp16 *kiln_rg_d(const kiln_packed_view *v, int64_t rg, int64_t g) {
+    /* quants of the last (maybe partial) group are laid out with its real block count,
+     * so the d region starts right after nb blocks' worth of quants per row */
+    size_t qs_total = (size_t)KILN_RG * (size_t)v->nb * (v->qs_bytes / KILN_KG);
+    return (const kiln_fp16 *)(v->data + (size_t)rg * v->rg_size + qs_total) +
+           (size_t)g * KILN_RG * KILN_KG;
+}
+static inline const kiln_fp16 *kiln_rg_m(const kiln_packed_view *v, int64_t rg, int64_t g) {
+    return kiln_rg_d(v, rg, 0) + (size_t)v->ng * KILN_RG * KILN_KG + (size_t)g * KILN_RG * KILN_KG;
+}
+
+/* Fills one token's activation layout from its float row, with the given variant's
+ * Q8 quantizer; scratch holds cols / QK Q8_1 blocks. */
+void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64_t cols,
+                       const kiln_act_layout *l, uint8_t *dst, void *scratch);
+
+#endif

@@ -1,0 +1,229 @@
+/* Weight matrices and kiln_matmul: repacking at load time, activation quantization,
+ * and the split of work over the pool. The arithmetic is in the isa/ sources. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "kernels_impl.h"
+
+static int kiln_is_quantized(int type) {
+    return type == KILN_TYPE_Q4_0 || type == KILN_TYPE_Q4_1 || type == KILN_TYPE_Q8_0;
+}
+
+/* Bytes per row per block of the packed quants. */
+static size_t kiln_packed_block_bytes(int type) { return type == KILN_TYPE_Q8_0 ? 32 : 16; }
+
+kiln_packed_view kiln_packed_view_of(int type, int64_t rows, int64_t cols, const void *packed) {
+    kiln_packed_view v;
+    v.type = type;
+    v.rows = rows;
+    v.nb = cols / QK;
+    v.ng = (v.nb + KILN_KG - 1) / KILN_KG;
+    v.qs_bytes = kiln_packed_block_bytes(type) * KILN_KG;
+    size_t n_scale_sets = type == KILN_TYPE_Q4_1 ? 2 : 1;
+    size_t size = (size_t)KILN_RG * (size_t)v.nb * kiln_packed_block_bytes(type) +
+                  n_scale_sets * (size_t)v.ng * KILN_RG * KILN_KG * sizeof(kiln_fp16);
+    v.rg_size = (size + 63) & ~(size_t)63;
+    v.data = packed;
+    return v;
+}
+
+size_t kiln_packed_size(int type, int64_t rows, int64_t cols) {
+    kiln_packed_view v = kiln_packed_view_of(type, rows, cols, NULL);
+    return (size_t)((rows + KILN_RG - 1) / KILN_RG) * v.rg_size;
+}
+
+/* Copies GGUF blocks into the packed layout (see kernels_impl.h). */
+void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, int64_t cols,
+                    const void *src) {
+    *v = kiln_packed_view_of(type, rows, cols, dst);
+    int64_t nrg = (rows + KILN_RG - 1) / KILN_RG;
+    size_t bb = kiln_packed_block_bytes(type);
+    memset(dst, 0, (size_t)nrg * v->rg_size);
+    for (int64_t rg = 0; rg < nrg; rg++) {
+        for (int64_t g = 0; g < v->ng; g++) {
+            int64_t b0 = g * KILN_KG;
+            int nt = (int)(v->nb - b0 < KILN_KG ? v->nb - b0 : KILN_KG);
+            uint8_t *qs = (uint8_t *)kiln_rg_qs(v, rg, g);
+            kiln_fp16 *d = (kiln_fp16 *)kiln_rg_d(v, rg, g);
+            kiln_fp16 *m = type == KILN_TYPE_Q4_1 ? (kiln_fp16 *)kiln_rg_m(v, rg, g) : NULL;
+            for (int r = 0; r < KILN_RG; r++) {
+                int64_t row = rg * KILN_RG + r;
+                if (row >= rows) break; /* padding rows stay zero */
+                uint8_t *rq = qs + (size_t)r * nt * bb;
+                for (int b = 0; b < nt; b++) {
+                    int64_t ib = row * v->nb + b0 + b;
+                    if (type == KILN_TYPE_Q4_0) {
+                        const block_q4_0 *blk = (const block_q4_0 *)src + ib;
+                        memcpy(rq + 16 * b, blk->qs, 16);
+                        d[r * KILN_KG + b] = blk->d;
+                    } else if (type == KILN_TYPE_Q4_1) {
+                        const block_q4_1 *blk = (const block_q4_1 *)src + ib;
+                        memcpy(rq + 16 * b, blk->qs, 16);
+                        d[r * KILN_KG + b] = blk->d;
+                        m[r * KILN_KG + b] = blk->m;
+                    } else {
+                        const block_q8_0 *blk = (const block_q8_0 *)src + ib;
+                        for (int j = 0; j < 16; j++) {
+                            rq[16 * b + j] = (uint8_t)(blk->qs[j] + 128);
+                            rq[16 * nt + 16 * b + j] = (uint8_t)(blk->qs[j + 16] + 128);
+                        }
+                        d[r * KILN_KG + b] = blk->d;
+                    }
+                }
+            }
+        }
+    }
+}
+
+int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data) {
+    memset(m, 0, sizeof *m);
+    if (rows < 1 || cols < 1 || !data) return -1;
+    switch (type) {
+    case KILN_TYPE_F32: case KILN_TYPE_F16: case KILN_TYPE_BF16:
+        break;
+    case KILN_TYPE_Q4_0: case KILN_TYPE_Q4_1: case KILN_TYPE_Q8_0:
+        if (cols % QK != 0) return -1;
+        break;
+    default:
+        return -1;
+    }
+    m->type = type;
+    m->rows = rows;
+    m->cols = cols;
+    m->data = data;
+    if (kiln_is_quantized(type)) {
+        size_t size = kiln_packed_size(type, rows, cols);
+        void *packed = aligned_alloc(64, (size + 63) & ~(size_t)63);
+        if (!packed) return -1;
+        kiln_packed_view v;
+        kiln_pack_rows(&v, packed, type, rows, cols, data);
+        m->packed = packed;
+        m->packed_size = size;
+    }
+    return 0;
+}
+
+void kiln_matrix_free(kiln_matrix *m) {
+    if (!m) return;
+    free(m->packed);
+    m->packed = NULL;
+    m->packed_size = 0;
+}
+
+void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64_t cols,
+                       const kiln_act_layout *l, uint8_t *dst, void *scratch) {
+    int64_t nb = cols / QK;
+    memset(dst, 0, l->size);
+    int8_t *qs = (int8_t *)(dst + l->off_qs);
+    float *dx = (float *)(dst + l->off_dx);
+    int32_t *off = (int32_t *)(dst + l->off_off);
+    float *sx = (float *)(dst + l->off_sx);
+    int offset = wtype == KILN_TYPE_Q4_0 ? 8 : wtype == KILN_TYPE_Q8_0 ? 128 : 0;
+    if (wtype == KILN_TYPE_Q4_1) ops->quantize_row_q8_1(x, (block_q8_1 *)scratch, cols);
+    else ops->quantize_row_q8_0(x, (block_q8_0 *)scratch, cols);
+    for (int64_t ib = 0; ib < nb; ib++) {
+        const int8_t *q;
+        float d, s = 0.0f;
+        if (wtype == KILN_TYPE_Q4_1) {
+            const block_q8_1 *b = (const block_q8_1 *)scratch + ib;
+            q = b->qs;
+            d = kiln_fp16_to_fp32(b->d);
+            s = kiln_fp16_to_fp32(b->s);
+        } else {
+            const block_q8_0 *b = (const block_q8_0 *)scratch + ib;
+            q = b->qs;
+            d = kiln_fp16_to_fp32(b->d);
+        }
+        int64_t g = ib / KILN_KG, b = ib % KILN_KG;
+        int8_t *gq = qs + g * KILN_KG * QK;
+        memcpy(gq + 16 * b, q, 16);
+        memcpy(gq + KILN_KG * 16 + 16 * b, q + 16, 16);
+        int32_t sum = 0;
+        for (int j = 0; j < QK; j++) sum += q[j];
+        size_t lane = (size_t)(g * KILN_KG + b) * 4;
+        for (int j = 0; j < 4; j++) dx[lane + j] = d;
+        off[lane] = -offset * sum;
+        sx[lane] = s;
+    }
+}
+
+/* ---- the split over threads ---- */
+
+typedef struct {
+    const kiln_isa_ops *ops;
+    const kiln_matrix *w;
+    const float *x;
+    int n_tokens;
+    float *y;
+    /* quantized path */
+    kiln_qgemm_args q;
+    uint8_t *qscratch; /* per thread: cols / QK Q8_1 blocks */
+    size_t qscratch_stride;
+} kiln_matmul_ctx;
+
+static void kiln_task_quantize(void *p, int ith, int nth) {
+    kiln_matmul_ctx *c = p;
+    const kiln_matrix *w = c->w;
+    for (int t = ith; t < c->n_tokens; t += nth)
+        kiln_quantize_act(c->ops, w->type, c->x + (size_t)t * w->cols, w->cols, &c->q.al,
+                          (uint8_t *)c->q.act + (size_t)t * c->q.act_stride,
+                          c->qscratch + (size_t)ith * c->qscratch_stride);
+}
+
+/* Contiguous share of n items for thread ith; the same item always gets the same
+ * arithmetic whichever thread runs it. */
+static void kiln_share(int64_t n, int ith, int nth, int64_t *i0, int64_t *i1) {
+    *i0 = n * ith / nth;
+    *i1 = n * (ith + 1) / nth;
+}
+
+static void kiln_task_qgemm(void *p, int ith, int nth) {
+    kiln_matmul_ctx *c = p;
+    int64_t nrg = (c->w->rows + KILN_RG - 1) / KILN_RG, rg0, rg1;
+    kiln_share(nrg, ith, nth, &rg0, &rg1);
+    if (rg0 < rg1) c->ops->qgemm(&c->q, rg0, rg1);
+}
+
+static void kiln_task_fgemm(void *p, int ith, int nth) {
+    kiln_matmul_ctx *c = p;
+    const kiln_matrix *w = c->w;
+    /* split in whole row groups so threads do not share output cache lines often */
+    int64_t nrg = (w->rows + KILN_RG - 1) / KILN_RG, rg0, rg1;
+    kiln_share(nrg, ith, nth, &rg0, &rg1);
+    int64_t r0 = rg0 * KILN_RG, r1 = rg1 * KILN_RG < w->rows ? rg1 * KILN_RG : w->rows;
+    if (r0 >= r1) return;
+    kiln_fgemm_args a = {w->type, w->rows, w->cols, w->data, c->x, c->n_tokens, c->y};
+    c->ops->fgemm(&a, r0, r1);
+}
+
+void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens, float *y) {
+    if (n_tokens < 1) return;
+    kiln_matmul_ctx c;
+    memset(&c, 0, sizeof c);
+    c.ops = kiln_ops();
+    c.w = w;
+    c.x = x;
+    c.n_tokens = n_tokens;
+    c.y = y;
+    if (!kiln_is_quantized(w->type)) {
+        kiln_pool_run(pool, kiln_task_fgemm, &c);
+        return;
+    }
+    int nth = kiln_pool_size(pool);
+    c.q.w = kiln_packed_view_of(w->type, w->rows, w->cols, w->packed);
+    c.q.al = kiln_act_layout_for(w->cols);
+    c.q.act_stride = c.q.al.size;
+    c.q.n_tokens = n_tokens;
+    c.q.y = y;
+    c.qscratch_stride = ((size_t)(w->cols / QK) * sizeof(block_q8_1) + 63) & ~(size_t)63;
+    size_t need = (size_t)n_tokens * c.q.act_stride + (size_t)nth * c.qscratch_stride;
+    void *buf = pool ? kiln_pool_scratch(pool, need) : aligned_alloc(64, (need + 63) & ~(size_t)63);
+    if (!buf) abort(); /* a few KB to MB: out of memory here leaves nothing sane to do */
+    c.q.act = buf;
+    c.qscratch = (uint8_t *)buf + (size_t)n_tokens * c.q.act_stride;
+    if (n_tokens == 1 || nth == 1) kiln_task_quantize(&c, 0, 1); /* not worth a wake-up */
+    else kiln_pool_run(pool, kiln_task_quantize, &c);
+    kiln_pool_run(pool, kiln_task_qgemm, &c);
+    if (!pool) free(buf);
+}

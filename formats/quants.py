@@ -1,0 +1,236 @@
+"""Block codecs: the vectorized NumPy reference, bit-exact with ggml's *_ref quantizers.
+
+Every function works on whole rows (..., n) of float32 and produces the GGUF byte layout
+(..., n // block * bytes_per_block) as uint8. The C scalar codecs (ckernels/src/codecs.c)
+are tested bit for bit against these.
+
+ggml's quantizers round and compare in float32 in a particular order (e.g. Q4_0 scales by
+the *signed* value of largest magnitude, the first one on ties; Q8_0 uses roundf, which
+rounds halves away from zero); the code below reproduces each step in float32. Work is
+done in chunks of blocks so temporaries stay in cache and memory stays bounded.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import GGML_QUANT_SIZES, QK, GGMLType
+
+_CHUNK_BLOCKS = 8192  # 256K floats (1 MiB) per step: temporaries fit in L2
+
+_F32 = np.float32
+
+
+def _first_value(blocks: np.ndarray, rows: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    """Value of the first element of each selected block where `hit` is true."""
+    idx = np.argmax(hit, axis=1)
+    return blocks[rows, idx]
+
+
+def _signed_absmax(b: np.ndarray) -> np.ndarray:
+    """Per block: the first element of largest magnitude (ggml's `max` in q4_0), +0 for
+    an all-zero block."""
+    mx = b.max(axis=1)
+    mn = b.min(axis=1)
+    out = np.where(-mn > mx, mn, mx)
+    tie = (-mn == mx) & (mx != 0)
+    if tie.any():  # both signs reach the magnitude: the first one in the block wins
+        rows = np.nonzero(tie)[0]
+        sub = b[rows]
+        out[rows] = _first_value(sub, np.arange(len(rows)), np.abs(sub) == mx[rows, None])
+    out[(mx == 0) & (mn == 0)] = 0.0  # ggml's max starts at +0 and only moves on |v| > 0
+    return out
+
+
+def _first_zero_fix(b: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """ggml's min/max loops keep the first of equal values; only the sign of a zero
+    result can differ from NumPy's reduction, so take the first zero's sign."""
+    z = v == 0
+    if z.any():
+        rows = np.nonzero(z)[0]
+        sub = b[rows]
+        v[rows] = _first_value(sub, np.arange(len(rows)), sub == 0)
+    return v
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """ggml's `id = d ? 1.0f/d : 0.0f`, in float32."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(d == 0, _F32(0.0), _F32(1.0) / np.where(d == 0, _F32(1.0), d))
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf (halves away from zero), exactly: trunc plus the rounded-off half."""
+    t = np.trunc(v)
+    return t + np.trunc((v - t) * _F32(2.0))
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Element j in the low nibble of byte j, element j+16 in the high nibble."""
+    return q[:, : QK // 2] | (q[:, QK // 2 :] << np.uint8(4))
+
+
+def _q4_0(b: np.ndarray, out: np.ndarray) -> None:
+    d = _signed_absmax(b) / _F32(-8)
+    q = b * _inverse(d)[:, None]
+    q += _F32(8.5)
+    # values lie in [0, 16.5): the uint8 cast truncates like ggml's (int8_t) cast
+    qi = np.minimum(q.astype(np.uint8), np.uint8(15))
+    out[:, 0:2] = _fp16_bytes(d)
+    out[:, 2:] = _pack_nibbles(qi)
+
+
+def _q4_1(b: np.ndarray, out: np.ndarray) -> None:
+    mn = _first_zero_fix(b, b.min(axis=1))
+    mx = _first_zero_fix(b, b.max(axis=1))
+    d = (mx - mn) / _F32(15)
+    q = b - mn[:, None]
+    q *= _inverse(d)[:, None]
+    q += _F32(0.5)
+    qi = np.minimum(q.astype(np.uint8), np.uint8(15))
+    out[:, 0:2] = _fp16_bytes(d)
+    out[:, 2:4] = _fp16_bytes(mn)
+    out[:, 4:] = _pack_nibbles(qi)
+
+
+def _q8(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = np.abs(b).max(axis=1) / _F32(127)
+    q = _roundf(b * _inverse(d)[:, None]).astype(np.int8)
+    return d, q
+
+
+def _q8_0(b: np.ndarray, out: np.ndarray) -> None:
+    d, q = _q8(b)
+    out[:, 0:2] = _fp16_bytes(d)
+    out[:, 2:] = q.view(np.uint8)
+
+
+def _q8_1(b: np.ndarray, out: np.ndarray) -> None:
+    d, q = _q8(b)
+    s = q.sum(axis=1, dtype=np.int32).astype(_F32) * d  # ggml: (float)sum * d
+    out[:, 0:2] = _fp16_bytes(d)
+    out[:, 2:4] = _fp16_bytes(s)
+    out[:, 4:] = q.view(np.uint8)
+
+
+_BLOCK_QUANTIZERS = {
+    GGMLType.Q4_0: _q4_0,
+    GGMLType.Q4_1: _q4_1,
+    GGMLType.Q8_0: _q8_0,
+    GGMLType.Q8_1: _q8_1,
+}
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """ggml_compute_fp32_to_bf16: round to nearest even, NaN forced quiet."""
+    u = x.view(np.uint32)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    r = (u.astype(np.uint64) + (np.uint64(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint64(16)
+    r = r.astype(np.uint16)
+    if nan.any():
+        r[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(64)).astype(np.uint16)
+    return r
+
+
+def quantize(x, type_: GGMLType) -> np.ndarray:
+    """Encode float rows (..., n) as `type_`; returns uint8 (..., row bytes).
+
+    Input of another float dtype is first rounded to float32 (ggml quantizes float32).
+    n must be a multiple of the type's block size.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # ggml lets fp16 scales overflow to inf
+        return _quantize(x, type_)
+
+
+def _quantize(x, type_: GGMLType) -> np.ndarray:
+    type_ = GGMLType(type_)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 0:
+        raise ValueError("quantize needs at least one dimension")
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    if type_ == GGMLType.F32:
+        return x.view(np.uint8).reshape(*lead, n * 4)
+    if type_ == GGMLType.F16:
+        return x.astype(np.float16).view(np.uint8).reshape(*lead, n * 2)
+    if type_ == GGMLType.BF16:
+        return _bf16_bits(x.reshape(-1)).view(np.uint8).reshape(*lead, n * 2)
+    fn = _BLOCK_QUANTIZERS.get(type_)
+    if fn is None:
+        raise NotImplementedError(f"quantizing to {type_.name} is not supported")
+    block, size = GGML_QUANT_SIZES[type_]
+    if n % block:
+        raise ValueError(f"row length {n} is not a multiple of {type_.name}'s block size {block}")
+    blocks = x.reshape(-1, block)
+    out = np.empty((blocks.shape[0], size), dtype=np.uint8)
+    for i in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+        fn(blocks[i : i + _CHUNK_BLOCKS], out[i : i + _CHUNK_BLOCKS])
+    return out.reshape(*lead, n // block * size)
+
+
+def _dq_q4_0(b: np.ndarray, out: np.ndarray) -> None:
+    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
+    qs = b[:, 2:]
+    out[:, : QK // 2] = (qs & np.uint8(0x0F)).astype(np.int8) - np.int8(8)
+    out[:, QK // 2 :] = (qs >> np.uint8(4)).astype(np.int8) - np.int8(8)
+    out *= d
+
+
+def _dq_q4_1(b: np.ndarray, out: np.ndarray) -> None:
+    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
+    m = b[:, 2:4].copy().view(np.float16).astype(_F32)
+    qs = b[:, 4:]
+    out[:, : QK // 2] = qs & np.uint8(0x0F)
+    out[:, QK // 2 :] = qs >> np.uint8(4)
+    out *= d
+    out += m
+
+
+def _dq_q8(b: np.ndarray, out: np.ndarray, start: int) -> None:
+    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
+    out[:] = b[:, start:].view(np.int8)
+    out *= d
+
+
+_BLOCK_DEQUANTIZERS = {
+    GGMLType.Q4_0: _dq_q4_0,
+    GGMLType.Q4_1: _dq_q4_1,
+    GGMLType.Q8_0: lambda b, out: _dq_q8(b, out, 2),
+    GGMLType.Q8_1: lambda b, out: _dq_q8(b, out, 4),  # s is only used by dot products
+}
+
+
+def dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
+    """Decode the raw bytes of a `type_` tensor of NumPy shape `shape` to float32."""
+    with np.errstate(over="ignore", invalid="ignore"):  # inf scales decode to inf / NaN, as in ggml
+        return _dequantize(blocks, type_, shape)
+
+
+def _dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
+    type_ = GGMLType(type_)
+    shape = tuple(int(s) for s in shape)
+    raw = np.ascontiguousarray(blocks).reshape(-1).view(np.uint8)
+    n_el = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    block, size = GGML_QUANT_SIZES[type_]
+    if shape and shape[-1] % block:
+        raise ValueError(f"row length {shape[-1]} is not a multiple of {type_.name}'s block size {block}")
+    want = n_el // block * size
+    if raw.size != want:
+        raise ValueError(f"{type_.name} tensor of shape {shape} needs {want} bytes, got {raw.size}")
+    if type_ == GGMLType.F32:
+        return raw.view(_F32).reshape(shape).copy()
+    if type_ == GGMLType.F16:
+        return raw.view(np.float16).astype(_F32).reshape(shape)
+    if type_ == GGMLType.BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(_F32).reshape(shape)
+    fn = _BLOCK_DEQUANTIZERS.get(type_)
+    if fn is None:
+        raise NotImplementedError(f"dequantizing {type_.name} is not supported")
+    b = raw.reshape(-1, size)
+    out = np.empty((b.shape[0], block), dtype=_F32)
+    for i in range(0, b.shape[0], _CHUNK_BLOCKS):
+        fn(b[i : i + _CHUNK_BLOCKS], out[i : i + _CHUNK_BLOCKS])
+    return out.reshape(shape)

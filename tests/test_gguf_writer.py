@@ -1,0 +1,216 @@
+"""formats.write_gguf / GGUFWriter: round trips through kiln and gguf-py, metadata types,
+the call-order state machine, atomic replacement and cleanup after a killed writer."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import formats
+from formats import GGMLType, GGUFValue, GGUFWriter, GGUFWriterError
+from formats import GGUFValueType as VT
+
+
+def _sample(rng):
+    md = {
+        "general.architecture": "llama",
+        "general.name": "tiny ünïcode",
+        "llama.block_count": 2,
+        "llama.context_length": 128,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.tokens": ["<s>", "</s>", "a", "b\u00e9"],
+        "tokenizer.ggml.scores": [0.0, -1.5, -2.25, 3.0],
+        "tokenizer.ggml.token_type": [3, 3, 1, 1],
+        "test.forced_u64": GGUFValue(5, VT.UINT64),
+        "test.forced_u8_array": GGUFValue([1, 2, 255], VT.ARRAY, VT.UINT8),
+        "test.negative": -7,
+        "test.f64": GGUFValue(0.1, VT.FLOAT64),
+    }
+    tensors = [
+        ("a.f32", GGMLType.F32, (3, 5), rng.standard_normal((3, 5)).astype(np.float32)),
+        ("b.f16", GGMLType.F16, (64,), rng.standard_normal(64).astype(np.float32)),
+        ("c.bf16", GGMLType.BF16, (2, 32), rng.standard_normal((2, 32)).astype(np.float32)),
+        ("d.q4_0", GGMLType.Q4_0, (4, 64), rng.standard_normal((4, 64)).astype(np.float32)),
+        ("e.q4_1", GGMLType.Q4_1, (2, 96), rng.standard_normal((2, 96)).astype(np.float32)),
+        ("f.q8_0", GGMLType.Q8_0, (3, 32), rng.standard_normal((3, 32)).astype(np.float32)),
+        ("g.q8_0raw", GGMLType.Q8_0, (1, 32),
+         formats.quantize(rng.standard_normal((1, 32)).astype(np.float32), GGMLType.Q8_0)),
+    ]
+    return md, tensors
+
+
+def _expected_bytes(type_, data):
+    if data.dtype == np.uint8:
+        return data.reshape(-1)
+    return formats.quantize(data, type_).reshape(-1)
+
+
+EXPECTED_TYPES = {
+    "general.architecture": (VT.STRING, None),
+    "llama.block_count": (VT.UINT32, None),
+    "llama.attention.layer_norm_rms_epsilon": (VT.FLOAT32, None),
+    "tokenizer.ggml.add_bos_token": (VT.BOOL, None),
+    "tokenizer.ggml.tokens": (VT.ARRAY, VT.STRING),
+    "tokenizer.ggml.scores": (VT.ARRAY, VT.FLOAT32),
+    "tokenizer.ggml.token_type": (VT.ARRAY, VT.INT32),
+    "test.forced_u64": (VT.UINT64, None),
+    "test.forced_u8_array": (VT.ARRAY, VT.UINT8),
+    "test.negative": (VT.INT32, None),
+    "test.f64": (VT.FLOAT64, None),
+}
+
+
+def test_round_trip_kiln(tmp_path):
+    md, tensors = _sample(np.random.default_rng(1))
+    path = tmp_path / "m.gguf"
+    formats.write_gguf(path, md, tensors)
+    with formats.read_gguf(path) as f:
+        for key, t in EXPECTED_TYPES.items():
+            assert f.metadata.types[key] == t, key
+        assert f.metadata["general.name"] == "tiny ünïcode"
+        assert f.metadata["tokenizer.ggml.scores"] == [0.0, -1.5, -2.25, 3.0]
+        assert f.metadata["test.forced_u8_array"] == [1, 2, 255]
+        assert f.metadata["test.f64"] == 0.1
+        assert list(f.tensors) == [t[0] for t in tensors]
+        for name, type_, shape, data in tensors:
+            t = f.tensors[name]
+            assert t.type == type_ and t.shape == shape
+            assert t.offset % 32 == 0
+            assert np.array_equal(t.data.reshape(-1).view(np.uint8), _expected_bytes(type_, data))
+        assert np.array_equal(f.tensors["a.f32"].data, tensors[0][3])
+
+
+def test_gguf_py_reads_what_kiln_writes(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    md, tensors = _sample(np.random.default_rng(2))
+    path = tmp_path / "m.gguf"
+    formats.write_gguf(path, md, tensors, alignment=64)
+    ref = gguf.GGUFReader(path)
+    mine = formats.read_gguf(path)
+    fields = {k: v for k, v in ref.fields.items() if not k.startswith("GGUF.")}
+    assert list(fields) == list(mine.metadata)
+    for key, field in fields.items():
+        t, sub = mine.metadata.types[key]
+        assert field.types[0] == t and (sub is None or field.types[-1] == sub), key
+        assert field.contents() == mine.metadata[key], key
+    assert ref.alignment == 64
+    assert [t.name for t in ref.tensors] == [t[0] for t in tensors]
+    for rt, (name, type_, shape, data) in zip(ref.tensors, tensors):
+        assert int(rt.tensor_type) == int(type_)
+        assert tuple(reversed(rt.shape.tolist())) == shape
+        assert np.array_equal(rt.data.reshape(-1).view(np.uint8), _expected_bytes(type_, data)), name
+
+
+def test_smollm2_rewrites_byte_identical(smollm2_path, tmp_path):
+    out = tmp_path / "copy.gguf"
+    with formats.read_gguf(smollm2_path) as f:
+        formats.write_gguf(out, f.metadata,
+                           ((t.name, t.type, t.shape, t.data) for t in f.tensors.values()))
+    with open(smollm2_path, "rb") as a, open(out, "rb") as b:
+        while True:
+            x, y = a.read(1 << 22), b.read(1 << 22)
+            assert x == y
+            if not x:
+                break
+
+
+def test_metadata_types_survive_edit_and_explicit_type(smollm2_path, tmp_path):
+    with formats.read_gguf(smollm2_path) as f:
+        md = f.metadata.copy()
+    md["llama.context_length"] = 4096          # still fits UINT32: type kept
+    md["general.file_type"] = GGUFValue(3, VT.UINT64)
+    md.set_typed("test.u16", 9, VT.UINT16)
+    md["general.name"] = 17                     # a new kind of value: type re-inferred
+    assert md.type_of("llama.context_length") == (VT.UINT32, None)
+    assert md.type_of("general.name") == (VT.UINT32, None)
+    out = tmp_path / "m.gguf"
+    formats.write_gguf(out, md, [])
+    with formats.read_gguf(out) as g:
+        assert g.metadata["llama.context_length"] == 4096
+        assert g.metadata.types["general.file_type"] == (VT.UINT64, None)
+        assert g.metadata.types["test.u16"] == (VT.UINT16, None)
+        assert g.metadata["tokenizer.ggml.tokens"] == md["tokenizer.ggml.tokens"]
+
+
+def test_bad_values_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="out of range"):
+        formats.write_gguf(tmp_path / "x.gguf", {"k": GGUFValue(-1, VT.UINT32)}, [])
+    with pytest.raises(ValueError, match="multiple"):
+        formats.write_gguf(tmp_path / "x.gguf", {}, [("t", GGMLType.Q4_0, (2, 33), np.zeros((2, 33), np.float32))])
+    with pytest.raises(ValueError, match="shape"):
+        formats.write_gguf(tmp_path / "x.gguf", {}, [("t", GGMLType.F32, (2, 4), np.zeros((4, 2), np.float32))])
+    with pytest.raises(ValueError, match="duplicate tensor"):
+        formats.write_gguf(tmp_path / "x.gguf", {}, [("t", GGMLType.F32, (1,), np.zeros(1, np.float32))] * 2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_call_order_is_enforced(tmp_path):
+    w = GGUFWriter(tmp_path / "x.gguf")
+    w.add_tensor_info("a", GGMLType.F32, (2,))
+    w.add_tensor_info("b", GGMLType.F32, (2,))
+    with pytest.raises(GGUFWriterError):
+        w.write_tensor("a", np.zeros(2, np.float32))  # header first
+    w.write_header()
+    with pytest.raises(GGUFWriterError):
+        w.add_key("late", 1)
+    with pytest.raises(GGUFWriterError):
+        w.add_tensor_info("c", GGMLType.F32, (2,))
+    with pytest.raises(GGUFWriterError):
+        w.write_tensor("b", np.zeros(2, np.float32))  # declaration order
+    w.write_tensor("a", np.zeros(2, np.float32))
+    with pytest.raises(GGUFWriterError):
+        w.finish()  # "b" missing
+    w.write_tensor("b", np.ones(2, np.float32))
+    w.finish()
+    with pytest.raises(GGUFWriterError):
+        w.write_header()
+    with formats.read_gguf(tmp_path / "x.gguf") as f:
+        assert f.tensors["b"].data.tolist() == [1.0, 1.0]
+
+
+def test_exception_leaves_existing_file_and_no_temp(tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old contents")
+
+    def boom():
+        raise RuntimeError("converter failed")
+
+    with pytest.raises(RuntimeError, match="converter failed"):
+        formats.write_gguf(target, {"a": 1}, [("x", GGMLType.F32, (4,), np.zeros(4, np.float32)),
+                                              ("y", GGMLType.F32, (4,), boom)])
+    assert target.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["m.gguf"]
+
+
+_KILLED_WRITER = textwrap.dedent("""
+    import os, sys, numpy as np, formats
+    from formats import GGMLType
+    w = formats.GGUFWriter(sys.argv[1])
+    w.add_tensor_info("a", GGMLType.F32, (1024,))
+    w.add_tensor_info("b", GGMLType.F32, (1024,))
+    w.write_header()
+    w.write_tensor("a", np.zeros(1024, np.float32))
+    w._fh.flush()
+    print("written", flush=True)
+    sys.stdin.read()  # wait here until killed
+""")
+
+
+def test_sigkill_mid_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "m.gguf"
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "written"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not target.exists()
+    assert len(glob.glob(str(target) + ".tmp-*")) == 1  # the dead writer's temp file
+    formats.write_gguf(target, {"ok": True}, [])
+    assert os.listdir(tmp_path) == ["m.gguf"]
+    with formats.read_gguf(target) as f:
+        assert f.metadata["ok"] is True

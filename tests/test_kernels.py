@@ -1,0 +1,278 @@
+"""Kernels under every ISA variant this CPU supports, against the scalar variant and a
+float64 NumPy oracle.
+
+Weight blocks are built here from random integers and scales (so the oracle is
+independent of the kernels); activations are quantized by the kernels and dequantized
+in NumPy. Scales that are powers of two make every float operation exact, so for those
+inputs each variant must match the oracle bit for bit: that checks the integer parts.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ckernels
+
+ISAS = ckernels.supported_isas()
+COLS = [32, 64, 576, 1536, 4096, 11008]
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+QUANT_TYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}
+FLOAT_TYPES = {"f32": F32, "f16": F16, "bf16": BF16}
+
+
+@pytest.fixture
+def isa(request):
+    """Switches the process to one variant for the test, then back."""
+    before = ckernels.active_isa()
+    ckernels.set_isa(request.param)
+    yield request.param
+    ckernels.set_isa(before)
+
+
+def per_isa(fn):
+    return pytest.mark.parametrize("isa", ISAS, indirect=True)(fn)
+
+
+# ---- weight blocks and their exact values ----
+
+def _fp16(a):
+    return np.asarray(a, dtype=np.float16)
+
+
+def make_quant_weights(type_, rows, cols, rng, pow2=False):
+    """(GGUF bytes (rows, row_bytes), dequantized float64 (rows, cols)); make_quant_weights.m
+    keeps the last Q4_1 minimums (rows, blocks) for the oracle's m * s term."""
+    nb = cols // 32
+    if pow2:  # power-of-two scales: products with activation scales are exact
+        d = _fp16(2.0 ** -rng.integers(0, 2, size=(rows, nb)))
+    else:
+        d = _fp16(rng.uniform(-0.02, 0.02, size=(rows, nb)))
+    d64 = d.astype(np.float64)[..., None]
+    if type_ in (Q4_0, Q4_1):
+        q = rng.integers(0, 16, size=(rows, nb, 32), dtype=np.uint8)
+        packed = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+        if type_ == Q4_0:
+            blocks = np.concatenate([d.view(np.uint8).reshape(rows, nb, 2), packed], axis=-1)
+            w = (q.astype(np.float64) - 8) * d64
+        else:
+            m = _fp16(rng.integers(-8, 8, size=(rows, nb)) / 16.0 if pow2
+                      else rng.uniform(-0.1, 0.1, size=(rows, nb)))
+            blocks = np.concatenate([d.view(np.uint8).reshape(rows, nb, 2),
+                                     m.view(np.uint8).reshape(rows, nb, 2), packed], axis=-1)
+            w = q.astype(np.float64) * d64 + m.astype(np.float64)[..., None]
+            make_quant_weights.m = m.astype(np.float64)
+    else:
+        q = rng.integers(-128, 128, size=(rows, nb, 32)).astype(np.int8)
+        blocks = np.concatenate([d.view(np.uint8).reshape(rows, nb, 2), q.view(np.uint8)], axis=-1)
+        w = q.astype(np.float64) * d64
+    return np.ascontiguousarray(blocks.reshape(rows, -1)), w.reshape(rows, cols)
+
+
+def make_float_weights(type_, rows, cols, rng):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if type_ == F32:
+        return w, w.astype(np.float64)
+    if type_ == F16:
+        h = w.astype(np.float16)
+        return h, h.astype(np.float64)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncation is a valid bf16 too
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def dequant_act(blocks, q8_1=False):
+    """float64 values of Q8_0 / Q8_1 activation blocks."""
+    bs = 36 if q8_1 else 34
+    b = blocks.reshape(-1, bs)
+    d = b[:, :2].copy().view(np.float16).astype(np.float64)
+    q = b[:, bs - 32:].view(np.int8).astype(np.float64)
+    return (q * d).reshape(-1)
+
+
+def quantized_x(type_, x):
+    """The kernels' activation quantization of each row of x (active variant), as
+    float64 values."""
+    q81 = type_ == Q4_1
+    fn = ckernels.quantize_act_q8_1 if q81 else ckernels.quantize_act_q8_0
+    return np.stack([dequant_act(fn(row), q81) for row in x])
+
+
+def q4_1_oracle(x, w):
+    """Q4_1 x Q8_1 as ggml defines it: sum over blocks of d_w d_x sum(q_w q_x) + m_w s_x,
+    where s_x = fp16(d_x sum(q_x)) is rounded (so it is not quite sum of x values)."""
+    xq = quantized_x(Q4_1, x)
+    blocks = np.stack([ckernels.quantize_act_q8_1(row).reshape(-1, 36) for row in x])
+    s = blocks[..., 2:4].copy().view(np.float16).astype(np.float64)[..., 0]  # (tokens, nb)
+    xsum = xq.reshape(len(x), -1, 32).sum(-1)
+    return xq @ w.T + (s - xsum) @ make_quant_weights.m.T
+
+
+def pow2_activations(n_tokens, cols, rng):
+    """Rows whose Q8 quantization is exact: each block is integers up to 127 (one of
+    them +-127) times a power of two."""
+    q = rng.integers(-127, 128, size=(n_tokens, cols // 32, 32)).astype(np.float64)
+    q[..., 0] = rng.choice([-127.0, 127.0], size=q.shape[:2])
+    scale = 2.0 ** -rng.integers(0, 2, size=(n_tokens, cols // 32, 1))
+    return (q * scale).reshape(n_tokens, cols).astype(np.float32)
+
+
+def run_matmul(type_, data, rows, cols, x, n_threads):
+    m = ckernels.Matrix(type_, rows, cols, data)
+    return ckernels.matmul(ckernels.Pool(n_threads), m, x)
+
+
+# ---- activation quantization ----
+
+@per_isa
+@pytest.mark.parametrize("cols", COLS)
+def test_q8_0_activation_bit_exact_with_numpy(isa, cols):
+    formats = pytest.importorskip("formats")
+    rng = np.random.default_rng(cols)
+    x = (rng.standard_normal(cols) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[:32] = 0.0  # an all-zero block: d = 0
+    if cols > 32:  # absmax 127 makes 1/d exactly 1, so the .5 values are ties for roundf
+        x[32:64] = np.concatenate([[127.0], np.arange(31) - 15.5])
+    ref = formats.quantize(x, formats.GGMLType.Q8_0)
+    assert np.array_equal(ckernels.quantize_act_q8_0(x), ref.reshape(-1))
+
+
+@per_isa
+@pytest.mark.parametrize("cols", COLS)
+def test_q8_activation_matches_scalar_reference(isa, cols):
+    rng = np.random.default_rng(cols + 1)
+    x = (rng.standard_normal(cols) * 3).astype(np.float32)
+    # exact .5 ties after scaling (absmax 127 gives id = 1): roundf goes away from zero
+    x[:32] = np.concatenate([[127.0], np.arange(31) - 15.5]).astype(np.float32)
+    got0, got1 = ckernels.quantize_act_q8_0(x), ckernels.quantize_act_q8_1(x)
+    ckernels.set_isa("scalar")
+    assert np.array_equal(got0, ckernels.quantize_act_q8_0(x))
+    assert np.array_equal(got1, ckernels.quantize_act_q8_1(x))
+    q = got0[:34][2:].view(np.int8)
+    assert q[1] == -16 and q[-1] == 15  # -15.5 -> -16, 14.5 -> 15
+
+
+# ---- quantized matrix kernels ----
+
+@per_isa
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+@pytest.mark.parametrize("cols", COLS)
+def test_quantized_matmul_exact_with_pow2_scales(isa, name, cols):
+    type_ = QUANT_TYPES[name]
+    rng = np.random.default_rng(cols * 7 + type_)
+    rows, n_tokens = 37, 5  # neither a multiple of the row group nor of the threads
+    data, w = make_quant_weights(type_, rows, cols, rng, pow2=True)
+    x = pow2_activations(n_tokens, cols, rng)
+    xq = quantized_x(type_, x)
+    assert np.array_equal(xq, x.astype(np.float64))  # the quantization is exact here
+    want = (q4_1_oracle(x, w) if type_ == Q4_1 else xq @ w.T).astype(np.float32)
+    for n_threads in (1, 2, 3):
+        y = run_matmul(type_, data, rows, cols, x, n_threads)
+        assert np.array_equal(y, want), f"{name} {isa} threads={n_threads}"
+
+
+@per_isa
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+@pytest.mark.parametrize("cols", COLS)
+def test_quantized_matmul_close_to_scalar_and_oracle(isa, name, cols):
+    type_ = QUANT_TYPES[name]
+    rng = np.random.default_rng(cols * 11 + type_)
+    rows = 21 if cols > 4096 else 43
+    data, w = make_quant_weights(type_, rows, cols, rng)
+    x = rng.standard_normal((6, cols)).astype(np.float32)
+    y = run_matmul(type_, data, rows, cols, x, 2)
+    y1 = run_matmul(type_, data, rows, cols, x[1], 1)  # matrix x vector path
+    oracle = q4_1_oracle(x, w) if type_ == Q4_1 else quantized_x(type_, x) @ w.T
+    ckernels.set_isa("scalar")
+    ref = run_matmul(type_, data, rows, cols, x, 1)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(y1, ref[1], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(ref, oracle, rtol=1e-5, atol=1e-5 * scale)
+
+
+@per_isa
+def test_results_do_not_depend_on_thread_count(isa):
+    rng = np.random.default_rng(5)
+    rows, cols = 101, 1536
+    for type_ in (Q4_0, Q4_1, Q8_0, F16):
+        if type_ == F16:
+            data, _ = make_float_weights(type_, rows, cols, rng)
+        else:
+            data, _ = make_quant_weights(type_, rows, cols, rng)
+        x = rng.standard_normal((7, cols)).astype(np.float32)
+        ys = [run_matmul(type_, data, rows, cols, x, n) for n in (1, 2, 3, 4)]
+        for y in ys[1:]:
+            assert np.array_equal(y, ys[0])
+
+
+# ---- float matrix kernels ----
+
+@per_isa
+@pytest.mark.parametrize("name", list(FLOAT_TYPES))
+@pytest.mark.parametrize("cols", [32, 64, 576, 1536, 4096, 11008, 45])
+def test_float_matmul_close_to_scalar_and_oracle(isa, name, cols):
+    type_ = FLOAT_TYPES[name]
+    rng = np.random.default_rng(cols * 13 + type_)
+    rows = 13
+    data, w = make_float_weights(type_, rows, cols, rng)
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    y = run_matmul(type_, data, rows, cols, x, 2)
+    ckernels.set_isa("scalar")
+    ref = run_matmul(type_, data, rows, cols, x, 1)
+    oracle = x.astype(np.float64) @ w.T
+    tol = 1e-5 * np.sqrt(cols) * np.abs(x).max() * np.abs(w).max()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=tol)
+    np.testing.assert_allclose(ref, oracle, rtol=1e-5, atol=tol)
+
+
+# ---- binding checks and dispatch ----
+
+def test_binding_rejects_bad_arguments():
+    rng = np.random.default_rng(0)
+    data, _ = make_quant_weights(Q4_0, 4, 64, rng)
+    m = ckernels.Matrix(Q4_0, 4, 64, data)
+    pool = ckernels.Pool(1)
+    with pytest.raises(ValueError, match="float32"):
+        ckernels.matmul(pool, m, np.zeros(64, dtype=np.float64))
+    with pytest.raises(ValueError, match="shape"):
+        ckernels.matmul(pool, m, np.zeros(63, dtype=np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        ckernels.matmul(pool, m, np.zeros((2, 128), dtype=np.float32)[:, ::2])
+    with pytest.raises(ValueError, match="bytes"):
+        ckernels.Matrix(Q4_0, 5, 64, data)
+    with pytest.raises(ValueError, match="shape"):
+        ckernels.Matrix(Q4_0, 4, 48, data)
+    with pytest.raises(ValueError, match="type"):
+        ckernels.Matrix(12, 4, 64, data)
+    with pytest.raises(ValueError, match="n_threads"):
+        ckernels.Pool(0)
+    with pytest.raises(ValueError):
+        ckernels.set_isa("no-such-isa")
+
+
+def test_dispatch_picks_best_and_lists_supported():
+    assert ISAS[0] == "scalar"
+    assert set(ISAS) <= set(ckernels.ISA_NAMES)
+    if "KILN_ISA" not in os.environ:
+        assert ckernels.active_isa() == ISAS[-1]
+
+
+def _python(code, **env):
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_kiln_isa_env_forces_variant(name):
+    r = _python("import ckernels; print(ckernels.active_isa())", KILN_ISA=name)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == name
+
+
+def test_kiln_isa_env_rejects_unsupported_variant():
+    missing = [n for n in ckernels.ISA_NAMES if n not in ISAS]
+    for name in missing + ["bogus"]:
+        r = _python("import ckernels", KILN_ISA=name)
+        assert r.returncode != 0
+        assert f"KILN_ISA={name!r}" in r.stderr and "supported" in r.stderr

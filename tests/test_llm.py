@@ -1,0 +1,121 @@
+"""The LLM API on the real SmolLM2-135M-Instruct: fluent greedy text, stop strings split
+across real tokens, streaming == blocking, seeds, thread counts, KV-cache prefix reuse,
+the context limits, teacher-forced logits, chat."""
+import numpy as np
+import pytest
+
+# TODO(api): drop once engine.model and engine.tokenizer are on main
+pytest.importorskip("engine.model", reason="engine.model has not landed yet")
+pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
+from engine import LLM  # noqa: E402
+from engine.errors import ContextOverflowError  # noqa: E402
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    with LLM(smollm2_path, n_ctx=256, n_threads=2) as llm:
+        yield llm
+
+
+def test_capital_of_france_is_fluent(llm):
+    out = llm.generate(PROMPT, max_tokens=16, temperature=0)
+    assert "Paris" in out.text
+    assert len(out.tokens) == 16 and out.finish_reason == "length"
+    assert llm.detokenize(out.tokens) == out.text
+    t = out.timings
+    assert t.prompt_tokens == len(llm.tokenize(PROMPT)) and t.generated_tokens == 16
+    assert t.prompt_tokens_per_second > 0 and t.tokens_per_second > 0
+
+
+def test_stop_string_split_across_tokens(llm):
+    full = llm.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)
+    # pick a stop string made of the end of one token's text and the start of the next's
+    pieces = [llm.detokenize([t]) for t in full.tokens]
+    i = next(i for i in range(1, len(pieces) - 1)
+             if len(pieces[i].strip()) >= 2 and len(pieces[i + 1].strip()) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    expected = full.text[:full.text.index(stop)]
+    out = llm.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True, stop=["zzzz", stop])
+    assert (out.text, out.finish_reason) == (expected, "stop")
+    streamed = list(llm.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True, stop=stop,
+                                 stream=True))
+    assert "".join(streamed) == expected
+    assert stop not in "".join(streamed)
+
+
+def test_streaming_equals_blocking_with_sampling(llm):
+    kw = dict(max_tokens=24, temperature=0.8, seed=11)
+    blocking = llm.generate("Tell me about cats.", **kw)
+    pieces = list(llm.generate("Tell me about cats.", stream=True, **kw))
+    assert "".join(pieces) == blocking.text
+    assert llm.last_completion.tokens == blocking.tokens
+    assert all(isinstance(p, str) and p for p in pieces)
+
+
+def test_seed_reproducible_and_independent_of_threads(smollm2_path, llm):
+    kw = dict(max_tokens=20, temperature=1.0, seed=1234)
+    a = llm.generate("My favourite animal is", **kw)
+    b = llm.generate("My favourite animal is", **kw)
+    assert a.tokens == b.tokens
+    with LLM(smollm2_path, n_ctx=256, n_threads=1) as one_thread:
+        assert one_thread.generate("My favourite animal is", **kw).tokens == a.tokens
+    others = [llm.generate("My favourite animal is", **dict(kw, seed=s)).tokens for s in (1, 2, 3)]
+    assert any(o != a.tokens for o in others)
+
+
+def test_prefix_reuse_evaluates_only_new_tokens_and_matches_a_fresh_run(llm):
+    llm.reset()
+    first = llm.generate(PROMPT, max_tokens=8, temperature=0)
+    prompt2 = llm.tokenize(PROMPT) + first.tokens + llm.tokenize(" It is also")
+    before = llm.n_tokens_evaluated
+    reused = llm.generate(prompt2, max_tokens=8, temperature=0)
+    n_new = len(prompt2) - len(llm.tokenize(PROMPT)) - 7   # the 8th token was never run
+    assert reused.timings.prompt_tokens_evaluated == n_new
+    assert llm.n_tokens_evaluated - before == n_new + 7
+    llm.reset()
+    fresh = llm.generate(prompt2, max_tokens=8, temperature=0)
+    assert fresh.timings.prompt_tokens_evaluated == len(prompt2)
+    assert fresh.tokens == reused.tokens
+
+
+def test_prompt_longer_than_context(smollm2_path):
+    with LLM(smollm2_path, n_ctx=16, n_threads=2) as small:
+        long_prompt = "one two three four five six seven eight nine ten eleven twelve thirteen"
+        n = len(small.tokenize(long_prompt))
+        assert n > 16
+        with pytest.raises(ContextOverflowError, match=fr"{n} tokens.*holds 16"):
+            small.generate(long_prompt)
+        # filling the context ends with "length"
+        ids = small.tokenize("one two three four five")
+        out = small.generate(ids, max_tokens=None, temperature=0, ignore_eos=True)
+        assert out.finish_reason == "length" and len(ids) + len(out.tokens) == 16
+
+
+def test_logits_teacher_forced(llm):
+    ids = llm.tokenize("The capital of France is Paris. The capital of Italy is Rome.")
+    lg = llm.logits(ids)
+    assert lg.shape == (len(ids), llm.n_vocab) and lg.dtype == np.float32
+    # each row predicts the next token; after the first sentence the model knows the pattern
+    greedy = llm.generate(ids[:6], max_tokens=1, temperature=0).tokens[0]
+    assert int(lg[5].argmax()) == greedy
+    rome = ids[-2]
+    assert int(lg[-3].argmax()) == rome
+
+
+def test_eos_ends_a_chat_turn(llm):
+    prompt = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+    out = llm.generate(prompt, max_tokens=64, temperature=0)
+    assert out.finish_reason == "stop" and out.text.strip()
+    assert not set(out.tokens) & set(llm.tokenizer.eog_ids)
+
+
+def test_chat_delegates_to_the_chat_module(llm):
+    pytest.importorskip("engine.chat", reason="engine.chat has not landed yet")
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   temperature=0, max_tokens=32)
+    assert "Paris" in out.text
+    pieces = list(llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                           temperature=0, max_tokens=32, stream=True))
+    assert "".join(pieces) == out.text

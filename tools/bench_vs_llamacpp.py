@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""kiln next to llama.cpp (through llama-cpp-python) on the same GGUF files, same threads.
+
+    python tools/bench_vs_llamacpp.py                 # SmolLM2 Q4_0 and Q8_0, 2 threads
+    python tools/bench_vs_llamacpp.py a.gguf b.gguf -t 2 -p 512 -n 128 -r 3 [--json]
+
+Per MEASURE.md: prompt = one n_prompt-token evaluation from an empty cache, generation =
+n_gen greedy tokens after a one-token prompt; both engines get the same token ids. Runs
+alternate kiln / llama.cpp, each run in a fresh process (so neither engine's idle threads
+compete with the other's), and the best of `-r` runs is reported. kiln is timed through
+`LLM.generate`; llama.cpp through `Llama.eval` with the same greedy loop in Python (the
+last sampled token is not evaluated, as in kiln). Without file arguments, Q4_0 and Q8_0
+files are made from the default SmolLM2 Q4_1 with llama.cpp's quantizer (cached).
+llama-cpp-python must be importable (MEASURE.md gives the build flags).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.bench import bench_model, bench_prompt_tokens  # noqa: E402
+
+LLAMA_FTYPES = {"Q4_0": 2, "Q8_0": 7, "F16": 1}   # llama_ftype values
+
+
+def make_quantized(src: str, dst: str, ftype_name: str) -> str:
+    """Write `dst` from `src` with llama.cpp's quantizer (requantizing is allowed)."""
+    import llama_cpp
+    if os.path.exists(dst):
+        return dst
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[ftype_name]
+    params.allow_requantize = True
+    params.nthread = 2
+    tmp = dst + ".tmp-quant"
+    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype_name}) failed with {rc}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def default_models() -> list[str]:
+    from engine.hub import pull
+    src = str(pull())
+    return [make_quantized(src, src.replace(".Q4_1.gguf", f".{t}.gguf"), t) for t in ("Q4_0", "Q8_0")]
+
+
+def llamacpp_run(path: str, n_prompt: int, n_gen: int, n_threads: int) -> dict:
+    """One prompt and one generation measurement with llama.cpp, after a warm-up."""
+    import numpy as np
+    from llama_cpp import Llama
+    n_batch = max(n_prompt, 8)
+    llm = Llama(model_path=path, n_ctx=max(n_prompt, 1 + n_gen) + 1, n_batch=n_batch,
+                n_ubatch=n_batch, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    n_vocab = llm.n_vocab()
+    ids = bench_prompt_tokens(n_vocab, max(n_prompt, 8), llm.token_bos())
+
+    def last_logits():
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+
+    llm.reset()
+    llm.eval(ids[:8])                                   # warm-up
+    pp = tg = None
+    if n_prompt > 0:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids[:n_prompt])
+        last_logits().argmax()                          # kiln returns the logits too
+        pp = n_prompt / (time.perf_counter() - t0)
+    if n_gen > 0:
+        llm.reset()
+        llm.eval([ids[0]])
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            token = int(last_logits().argmax())
+            if i < n_gen - 1:
+                llm.eval([token])
+        tg = n_gen / (time.perf_counter() - t0)
+    llm.close()
+    return {"prompt_tokens_per_second": pp, "generation_tokens_per_second": tg}
+
+
+def kiln_run(path: str, n_prompt: int, n_gen: int, n_threads: int) -> dict:
+    r = bench_model(path, n_prompt, n_gen, n_threads, repetitions=1)
+    return {k: r[k] for k in ("prompt_tokens_per_second", "generation_tokens_per_second", "isa")}
+
+
+def run_in_subprocess(engine: str, path: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, path, "-p", str(args.n_prompt),
+           "-n", str(args.n_gen), "-t", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="*", help="GGUF files (default: SmolLM2 Q4_0 and Q8_0)")
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", choices=["kiln", "llamacpp"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        run = kiln_run if args.worker == "kiln" else llamacpp_run
+        print(json.dumps(run(args.model[0], args.n_prompt, args.n_gen, args.threads)))
+        return 0
+
+    models = args.model or default_models()
+    runs = {(m, e): [] for m in models for e in ("kiln", "llamacpp")}
+    for rep in range(args.repetitions):
+        for m in models:
+            # alternate which engine goes first, so neither always gets the quieter slot
+            order = ("kiln", "llamacpp") if rep % 2 == 0 else ("llamacpp", "kiln")
+            for e in order:
+                runs[(m, e)].append(run_in_subprocess(e, m, args))
+
+    def best(m, e, key):
+        vals = [r[key] for r in runs[(m, e)] if r[key] is not None]
+        return max(vals) if vals else None
+
+    rows = []
+    for m in models:
+        row = {"model": os.path.basename(m), "size_mib": os.path.getsize(m) / 2**20,
+               "threads": args.threads, "isa": runs[(m, "kiln")][0].get("isa")}
+        for key, test in (("prompt_tokens_per_second", f"pp{args.n_prompt}"),
+                          ("generation_tokens_per_second", f"tg{args.n_gen}")):
+            row[f"{test}_kiln"] = best(m, "kiln", key)
+            row[f"{test}_llamacpp"] = best(m, "llamacpp", key)
+            row[f"{test}_ratio"] = (row[f"{test}_kiln"] / row[f"{test}_llamacpp"]
+                                    if row[f"{test}_kiln"] and row[f"{test}_llamacpp"] else None)
+        rows.append(row)
+
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
+    print(f"threads={args.threads}, best of {args.repetitions}, tokens/s (kiln ISA: {rows[0]['isa']})")
+    print(f"| file | size | {pp} kiln | {pp} llama.cpp | ratio | {tg} kiln | {tg} llama.cpp | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
+    for r in rows:
+        print(f"| {r['model']} | {r['size_mib']:.0f} MiB | {fmt(r[pp + '_kiln'])} | {fmt(r[pp + '_llamacpp'])} "
+              f"| {ratio(r[pp + '_kiln'], r[pp + '_llamacpp'])} | {fmt(r[tg + '_kiln'])} "
+              f"| {fmt(r[tg + '_llamacpp'])} | {ratio(r[tg + '_kiln'], r[tg + '_llamacpp'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
