@@ -27,6 +27,8 @@ cdef extern from "forward.h":
                                   int n_threads) nogil
     void kiln_llama_free(kiln_llama *m) nogil
     int kiln_llama_n_threads(const kiln_llama *m) nogil
+    int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys,
+                          float *values) nogil
     int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
                         float *logits, int logits_all) nogil
 
@@ -47,7 +49,7 @@ cdef class LlamaForward:
     per-layer dicts with keys attn_norm, ffn_norm (addresses of float32 vectors) and
     attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down ((type, address))."""
     cdef kiln_llama *model
-    cdef readonly int n_vocab, n_ctx
+    cdef readonly int n_vocab, n_ctx, kv_dim
 
     def __cinit__(self, dict config, token_embd, list layers, uintptr_t output_norm,
                   output, const double[::1] rope_inv_freq, int n_threads):
@@ -98,6 +100,7 @@ cdef class LlamaForward:
                               "type the kernels do not support")
         self.n_vocab = c.n_vocab
         self.n_ctx = c.n_ctx
+        self.kv_dim = c.n_head_kv * c.head_dim
 
     def __dealloc__(self):
         if self.model != NULL:
@@ -122,6 +125,17 @@ cdef class LlamaForward:
         if rc != 0:
             raise ValueError(f"eval of {n} tokens at n_past={n_past} refused: context "
                              f"of {self.n_ctx} exceeded or a token id outside the vocabulary")
+
+    def kv_cache(self, int layer, int n):
+        """Copies of the cached keys (after RoPE) and values of positions [0, n) of a
+        layer, each (n, kv_dim) float32: for tests."""
+        keys = np.zeros((max(n, 1), self.kv_dim), np.float32)
+        values = np.zeros((max(n, 1), self.kv_dim), np.float32)
+        cdef float[:, ::1] kv = keys
+        cdef float[:, ::1] vv = values
+        if self.model == NULL or kiln_llama_get_kv(self.model, layer, n, &kv[0, 0], &vv[0, 0]):
+            raise ValueError(f"no layer {layer} / {n} positions in the KV cache")
+        return keys[:n], values[:n]
 
     def close(self):
         if self.model != NULL:

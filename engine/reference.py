@@ -34,6 +34,7 @@ def _block_halves(blocks: np.ndarray, block_bytes: int, offset: int) -> np.ndarr
 
 class Linear:
     """y = x @ W.T over a dequantized weight."""
+    observe = None  # tests: callable(x, activation type) seeing x before it is quantized
 
     def __init__(self, t, emulate_q8: bool):
         self.act_type = ACTIVATION_TYPE.get(GGMLType(t.type)) if emulate_q8 else None
@@ -43,7 +44,7 @@ class Linear:
             # s_x = fp16(d_x * sum(q_x)): split W = q*d + m into its two parts.
             rows = t.shape[0]
             raw = np.array(t.data, dtype=np.uint8).reshape(rows, -1, 20)
-            self.block_min = _block_halves(raw, 20, 2)          # (rows, n_blocks)
+            self.block_min = _block_halves(raw.reshape(rows, -1), 20, 2)  # (rows, n_blocks)
             raw[..., 2:4] = 0                                  # m = 0 leaves q*d
             self.w = np.asarray(formats.dequantize(raw.reshape(rows, -1), t.type, t.shape),
                                 dtype=np.float32)
@@ -53,6 +54,8 @@ class Linear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.act_type is None:
             return x @ self.w.T
+        if Linear.observe is not None:
+            Linear.observe(x, self.act_type)
         xq = formats.quantize(np.ascontiguousarray(x, dtype=np.float32), self.act_type)
         y = np.asarray(formats.dequantize(xq, self.act_type, x.shape), np.float32) @ self.w.T
         if self.block_min is not None:

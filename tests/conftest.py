@@ -26,7 +26,7 @@ def smollm2_variant(smollm2_path, tmp_path_factory):
             wtype, etype = (formats.GGMLType[t] for t in SMOLLM2_VARIANTS[name])
             out = tmp_path_factory.mktemp("smollm2") / f"SmolLM2-135M-Instruct.{name.upper()}.gguf"
             with formats.read_gguf(smollm2_path) as f:
-                md = dict(f.metadata)
+                md = f.metadata.copy()
                 md["general.file_type"] = file_types[wtype.name]
                 tensors = []
                 for t in f.tensors.values():

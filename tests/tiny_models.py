@@ -5,7 +5,7 @@
 
 writes a valid GGUF v3 (llama.cpp and gguf-py load it). Both vocabulary kinds are
 learned, deterministically, from a small built-in corpus by byte-pair merging:
-- "gpt2": byte-level BPE (GPT-2's byte-to-unicode alphabet, merges, `pre` = "gpt2"),
+- "gpt2": byte-level BPE (GPT-2's byte-to-unicode alphabet, merges, `pre` = "smollm" as in SmolLM2),
   with ChatML special tokens <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2 as in SmolLM2;
 - "llama": a SentencePiece BPE vocabulary (<unk>, <s>, </s>, the 256 <0xXX> byte
   fallback pieces, merged pieces with scores, single characters), dummy prefix on.
@@ -97,7 +97,7 @@ def gpt2_vocab(n_merges: int = 200) -> dict:
     tokens = specials + [byte_char[b] for b in range(256)] + [a + b for a, b in merges]
     return {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.pre": "smollm",  # as SmolLM2 (llama.cpp knows no plain "gpt2")
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": [CONTROL] * 3 + [NORMAL] * (len(tokens) - 3),
         "tokenizer.ggml.merges": [f"{a} {b}" for a, b in merges],
@@ -141,6 +141,11 @@ def llama_vocab(n_merges: int = 200) -> dict:
     }
 
 
+# Like a trained model, the residual stream is mostly the token embedding plus modest
+# per-layer updates; fully random unit-gain layers make a chaotic model in which one
+# activation-rounding step anywhere moves every later logit by ~1%.
+BRANCH_GAIN = 0.3
+
 FTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16,
           "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1, "q8_0": GGMLType.Q8_0}
 # general.file_type (llama_ftype) of each
@@ -180,10 +185,13 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
         return rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(
             std if std is not None else 1.0 / np.sqrt(cols))
 
+    def branch(rows, cols):  # a layer's contribution to the residual stream
+        return matrix(rows, cols, BRANCH_GAIN / np.sqrt(cols))
+
     def norm():
         return (1.0 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
 
-    tensors = [("token_embd.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 0.5), wtype)]
+    tensors = [("token_embd.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 1.0), wtype)]
     for i in range(n_layer):
         p = f"blk.{i}."
         tensors += [
@@ -191,15 +199,15 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
             (p + "attn_q.weight", (q_dim, n_embd), matrix(q_dim, n_embd), wtype),
             (p + "attn_k.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
             (p + "attn_v.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
-            (p + "attn_output.weight", (n_embd, q_dim), matrix(n_embd, q_dim), wtype),
+            (p + "attn_output.weight", (n_embd, q_dim), branch(n_embd, q_dim), wtype),
             (p + "ffn_norm.weight", (n_embd,), norm(), GGMLType.F32),
             (p + "ffn_gate.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype),
             (p + "ffn_up.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype),
-            (p + "ffn_down.weight", (n_embd, n_ff), matrix(n_embd, n_ff), wtype),
+            (p + "ffn_down.weight", (n_embd, n_ff), branch(n_embd, n_ff), wtype),
         ]
     tensors.append(("output_norm.weight", (n_embd,), norm(), GGMLType.F32))
     if not tied:
-        tensors.append(("output.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 0.5), wtype))
+        tensors.append(("output.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 0.25), wtype))
 
     metadata = {
         "general.architecture": "llama",

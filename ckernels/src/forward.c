@@ -374,3 +374,12 @@ int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_pa
     }
     return 0;
 }
+
+int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values) {
+    const kiln_llama_config *c = &m->c;
+    if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
+    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, off = (size_t)layer * c->n_ctx * kv_dim;
+    memcpy(keys, m->s.key_cache + off, sizeof(float) * n * kv_dim);
+    memcpy(values, m->s.value_cache + off, sizeof(float) * n * kv_dim);
+    return 0;
+}
