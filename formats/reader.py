@@ -211,6 +211,9 @@ def read_gguf(path) -> GGUFFile:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         return _parse(path, mm, size)
+    except FormatError as e:
+        mm.close()
+        raise FormatError(f"{path}: {e}") from None
     except BaseException:
         mm.close()
         raise

@@ -272,6 +272,11 @@ class GGUFWriter:
             except FileNotFoundError:
                 pass
 
+    def __del__(self):
+        # dropped without finish(): discard the partial file like an exception would
+        if getattr(self, "_state", None) is _State.DATA:
+            self.abort()
+
     def __enter__(self):
         return self
 

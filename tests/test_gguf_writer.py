@@ -187,6 +187,15 @@ def test_exception_leaves_existing_file_and_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["m.gguf"]
 
 
+def test_abandoned_writer_removes_its_temp_file(tmp_path):
+    w = GGUFWriter(tmp_path / "m.gguf")
+    w.add_tensor_info("a", GGMLType.F32, (4,))
+    w.write_header()
+    assert len(os.listdir(tmp_path)) == 1
+    del w
+    assert os.listdir(tmp_path) == []
+
+
 _KILLED_WRITER = textwrap.dedent("""
     import os, sys, numpy as np, formats
     from formats import GGMLType
@@ -282,3 +291,57 @@ def test_streaming_keeps_memory_bounded(tmp_path):
     with formats.read_gguf(tmp_path / "s.gguf") as f:
         assert len(f.tensors) == 8
         assert np.allclose(formats.dequantize(f.tensors["t7"].data[:1], GGMLType.Q8_0, (1, 1024)), 7.0, rtol=1e-3)
+
+
+_LLAMA_CPP_LOAD = textwrap.dedent("""
+    import sys, llama_cpp
+    seen = []
+    for path in sys.argv[1:]:
+        llm = llama_cpp.Llama(path, n_ctx=32, n_threads=1, verbose=False)
+        md = {k: v for k, v in llm.metadata.items() if k not in ("general.name", "general.alignment")}
+        seen.append((llm.n_vocab(), llm.tokenize(b"The kiln fires clay"), md))
+    print("same" if seen[0] == seen[1] else "different")
+""")
+
+_LLAMA_CPP_EVAL = textwrap.dedent("""
+    import sys, numpy as np, llama_cpp
+    out = []
+    for path in sys.argv[1:]:
+        llm = llama_cpp.Llama(path, n_ctx=32, n_threads=1, logits_all=True, verbose=False)
+        toks = llm.tokenize(b"The kiln fires clay")
+        llm.eval(toks)
+        out.append(np.array(llm.scores[: len(toks)]))
+    print("same" if np.array_equal(out[0], out[1]) else "different")
+""")
+
+
+@pytest.fixture(scope="module")
+def kiln_rewrite(smollm2_path, tmp_path_factory):
+    """SmolLM2 rewritten by kiln with 64-byte alignment and an edited name."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python (the outside oracle) is not installed")
+    out = tmp_path_factory.mktemp("rewrite") / "kiln.gguf"
+    with formats.read_gguf(smollm2_path) as f:
+        md = f.metadata.copy()
+        md["general.name"] = "rewritten by kiln"
+        formats.write_gguf(out, md, [(t.name, t.type, t.shape, t.data) for t in f.tensors.values()],
+                           alignment=64)
+    return str(out)
+
+
+def _run_llama_cpp(script, *paths):
+    r = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=300)
+    if r.returncode < 0:  # e.g. SIGILL: a llama.cpp build with ISA extensions this CPU lacks
+        pytest.skip(f"llama-cpp-python died of signal {-r.returncode} on this CPU")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
+def test_llama_cpp_loads_what_kiln_writes(smollm2_path, kiln_rewrite):
+    """llama.cpp loads the kiln-written file: same vocabulary, tokens and metadata."""
+    assert _run_llama_cpp(_LLAMA_CPP_LOAD, smollm2_path, kiln_rewrite) == "same"
+
+
+def test_llama_cpp_computes_the_same_logits_from_kiln_file(smollm2_path, kiln_rewrite):
+    assert _run_llama_cpp(_LLAMA_CPP_EVAL, smollm2_path, kiln_rewrite) == "same"

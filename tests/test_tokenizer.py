@@ -330,6 +330,39 @@ def test_pieces_and_eog_match_llama_cpp_live(spm_tok, bpe_toks, spm_gguf, bpe_gg
         assert sorted(tok.eog_ids) == llama_eog(llm)
 
 
+def _real_spm_models():
+    """Real Llama-style SentencePiece models, where a package ships them (mistral-common has
+    Mistral 7B's): checked when that package is installed."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return sorted(str(p) for p in data.glob("*.model.v[13]"))
+
+
+@pytest.mark.parametrize("model_file", _real_spm_models() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no real SentencePiece model installed (pip install mistral-common)"))])
+def test_real_sentencepiece_model(tmp_path, model_file):
+    """A real 32k vocabulary converted as llama.cpp's converter does: the same ids as the
+    original SentencePiece model and (when installed) as llama.cpp."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from engine.tokenizer import Tokenizer
+    m = pb.ModelProto()
+    m.ParseFromString(Path(model_file).read_bytes())
+    vocab = {"tokens": [p.piece for p in m.pieces], "scores": [p.score for p in m.pieces],
+             "token_type": [p.type for p in m.pieces]}  # same numbering as GGUF's token types
+    path = write_vocab_gguf(tmp_path / "real.gguf",
+                            spm_metadata(vocab, m.normalizer_spec.add_dummy_prefix))
+    tok = Tokenizer.from_metadata(_read_metadata(path))
+    texts = CORPUS + fuzz_texts(200, seed=5)
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    assert [t for t in texts if sp.encode(t) != tok.encode(t, add_bos=False)] == []
+    if importlib.util.find_spec("llama_cpp"):
+        assert _mismatches(tok, _live_cases(path, texts)) == []
+
+
 # -- behaviour -----------------------------------------------------------------------------
 
 ROUND_TRIP = CORPUS + fuzz_texts(50, seed=7)
