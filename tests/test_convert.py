@@ -498,3 +498,18 @@ def test_llama_cpp_runs_a_converted_hf_checkpoint(smollm2_path, smol_hf, tmp_pat
     ref = tmp_path / "ref-q8.gguf"
     assert run_convert(smollm2_path, "-o", ref, "--type", "q8_0", "--quiet") == 0
     assert llama_cpp_greedy(ref, PROMPT, 8) == got
+
+
+def test_gguf_source_errors(smol_vocab, tmp_path, capsys):
+    src = make_tiny_gguf(tmp_path / "t.gguf", smol_vocab)
+    capsys.readouterr()
+    assert run_convert(src, "-o", src, "--type", "q8_0") == 1
+    assert capsys.readouterr().err == (f"error: output {src} is the source file; "
+                                       f"write the GGUF to another path\n")
+    assert run_convert(tmp_path / "nope", "-o", tmp_path / "o.gguf") == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such file or directory\n"
+    (tmp_path / "junk.bin").write_bytes(b"not a model")
+    assert run_convert(tmp_path / "junk.bin", "-o", tmp_path / "o.gguf") == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'junk.bin'}: not a GGUF file or a "
+                                       f"Hugging Face model directory\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.bin", "t.gguf"]
