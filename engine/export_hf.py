@@ -182,6 +182,9 @@ def export(gguf_path, out_dir, dtype: str = "f32", shards: int = 1) -> Path:
                                f"supported: gpt2 (byte-level BPE), llama (SentencePiece)")
         out_dir.mkdir(parents=True, exist_ok=True)
         tied = "output.weight" not in f.tensors
+        if "rope_freqs.weight" in f.tensors:
+            raise ConvertError(f"{gguf_path}: Llama 3 rope scaling (rope_freqs.weight) cannot "
+                               f"be exported; supported: models without it")
 
         def producer(t):
             def produce():

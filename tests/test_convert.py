@@ -513,3 +513,24 @@ def test_gguf_source_errors(smol_vocab, tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: {tmp_path / 'junk.bin'}: not a GGUF file or a "
                                        f"Hugging Face model directory\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.bin", "t.gguf"]
+
+
+def test_llama3_rope_scaling_writes_rope_freqs_like_transformers(tiny_hf, tmp_path):
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert run_convert(d, "-o", tmp_path / "r.gguf", "--type", "f32", "--quiet") == 0
+    factors = tensors_of(tmp_path / "r.gguf")["rope_freqs.weight"][2]
+    hd = cfg["head_dim"]
+    inv = cfg["rope_theta"] ** (-np.arange(0, hd, 2) / hd) / factors
+    assert factors.shape == (hd // 2,) and factors[0] == 1.0 and factors[-1] == 8.0
+    assert ((factors > 1.0) & (factors < 8.0)).any()  # the blended middle band
+    _torch()
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    want = LlamaRotaryEmbedding(LlamaConfig(**{k: v for k, v in cfg.items()
+                                               if k != "architectures"})).inv_freq.numpy()
+    np.testing.assert_allclose(inv, want, rtol=1e-5)
