@@ -88,10 +88,11 @@ def tokenizer_config(md: dict, fast: bool) -> dict:
     for kind in ("bos", "eos", "unk", "sep", "pad"):
         if SPECIAL_KEYS[kind] in md:
             tc[f"{kind}_token"] = tokens[int(md[SPECIAL_KEYS[kind]])]
-    tc["added_tokens_decoder"] = {
-        str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": types[i] == TOKEN_CONTROL}
-        for i in range(len(tokens)) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+    if fast:  # SentencePiece pieces carry their own types: tokenizer.model is enough
+        tc["added_tokens_decoder"] = {
+            str(i): {"content": tokens[i], "lstrip": False, "normalized": False,
+                     "rstrip": False, "single_word": False, "special": types[i] == TOKEN_CONTROL}
+            for i in range(len(tokens)) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
     if "tokenizer.chat_template" in md:
         tc["chat_template"] = md["tokenizer.chat_template"]
     return tc

@@ -191,15 +191,30 @@ def _assert_logits_close(kiln_logits, hf_logits):
     assert diff <= 1e-3 * np.abs(hf_logits).max(), (diff, np.abs(hf_logits).max())
 
 
+def kiln_tokenizer(path):
+    from engine.tokenizer import Tokenizer
+    with formats.read_gguf(path) as f:
+        return Tokenizer.from_metadata(f.metadata)
+
+
+def test_exported_tokenizer_tokenizes_like_the_gguf(smollm2_path, smol_hf, smol_f32):
+    _torch()
+    from transformers import AutoTokenizer
+    text = TEXT + " <|im_start|>user\nHi 🦙 你好<|im_end|>\n\n  x = 1_000_000  "
+    hf = AutoTokenizer.from_pretrained(smol_hf)
+    want = kiln_tokenizer(smollm2_path).encode(text, special=True)
+    assert kiln_tokenizer(smol_f32).encode(text, special=True) == want
+    assert hf(text, add_special_tokens=True)["input_ids"] == want
+    assert hf.decode(want) == text
+
+
 def test_transformers_agrees_with_kiln_on_smollm2(smol_hf, smol_f32):
     torch = _torch()
     engine = _engine()
-    from transformers import AutoTokenizer, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(smol_hf)
+    from transformers import LlamaForCausalLM
     llm = engine.LLM(str(smol_f32), n_ctx=256)
     ids = llm.tokenize(TEXT * 2, add_bos=False)[:128]
     assert len(ids) == 128
-    assert tok(TEXT * 2, add_special_tokens=False)["input_ids"][:128] == ids
     model = LlamaForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).eval()
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].numpy()
@@ -231,8 +246,10 @@ def test_transformers_agrees_with_kiln_on_a_tiny_sentencepiece_llama(botchan, tm
     src.mkdir()
     spm.SentencePieceTrainer.train(input=str(botchan), model_prefix=str(src / "tokenizer"),
                                    vocab_size=800, model_type="bpe", byte_fallback=True,
-                                   character_coverage=1.0, num_threads=1,
-                                   minloglevel=2)
+                                   character_coverage=1.0, num_threads=1, minloglevel=2,
+                                   # Llama's settings: llama.cpp normalizes nothing
+                                   normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True)
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
     (src / "tokenizer.vocab").unlink()
     torch.manual_seed(0)
@@ -257,11 +274,18 @@ def test_transformers_agrees_with_kiln_on_a_tiny_sentencepiece_llama(botchan, tm
     assert md["tokenizer.ggml.bos_token_id"][0] == sp.bos_id() == 1
     assert md["tokenizer.ggml.tokens"][0][:sp.vocab_size()] == [
         sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    # and back: GGUF -> export_hf (tokenizer.model rebuilt) -> GGUF keeps the vocabulary
+    again = tmp_path / "again.gguf"
+    assert run_convert(export(out, tmp_path / "hf2"), "-o", again, "--type", "f32",
+                       "--quiet") == 0
+    md2 = metadata_of(again)
+    assert {k: v for k, v in md.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in md2.items() if k.startswith("tokenizer.")}
+    text = botchan.read_text(encoding="utf-8")[5000:7000]
+    ids = kiln_tokenizer(out).encode(text)[:128]
+    assert ids == ([sp.bos_id()] + sp.encode(text))[:128]
     engine = _engine()
     llm = engine.LLM(str(out), n_ctx=256)
-    text = botchan.read_text(encoding="utf-8")[5000:7000]
-    ids = llm.tokenize(text)[:128]
-    assert ids == ([sp.bos_id()] + sp.encode(text))[:128]
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].numpy()
     _assert_logits_close(llm.logits(ids), hf)
