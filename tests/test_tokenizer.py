@@ -9,6 +9,7 @@ Re-record the fixtures with:  .venv/bin/python tests/test_tokenizer.py
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import random
 import sys
@@ -92,9 +93,11 @@ LLAMA_HPARAMS = {  # minimal llama hyper-parameters so llama.cpp loads a vocab-o
 }
 
 
-def spm_metadata(vocab: dict) -> dict:
+def spm_metadata(vocab: dict, add_space_prefix: bool | None = None) -> dict:
     """GGUF metadata of the SentencePiece test vocabulary stored in tokenizer_spm.json."""
+    extra = {} if add_space_prefix is None else {"tokenizer.ggml.add_space_prefix": add_space_prefix}
     return {
+        **extra,
         **LLAMA_HPARAMS,
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": vocab["tokens"],
@@ -178,6 +181,8 @@ def record(tmp: Path, smollm2_path: str):
                pieces_sha256=pieces_digest(llama_pieces(llm, False)),
                pieces_special_sha256=pieces_digest(llama_pieces(llm, True)),
                eog_ids=llama_eog(llm), bos_id=llm.token_bos(), eos_id=llm.token_eos())
+    llm = llama_vocab(write_vocab_gguf(tmp / "spm-np.gguf", spm_metadata(spm["vocab"], False)))
+    spm["cases_no_space_prefix"] = record_cases(llm, CORPUS, ALL_VARIANTS)
     SPM_FIXTURE.write_text(json.dumps(spm, ensure_ascii=False, indent=0) + "\n")
 
     bpe = {"llama_cpp_version": llama_cpp.__version__, "pres": {}}
@@ -262,6 +267,23 @@ def test_spm_matches_llama_cpp_fixture(spm_tok, spm_fixture):
     assert _mismatches(spm_tok, spm_fixture["cases"]) == []
 
 
+@pytest.fixture(scope="module")
+def spm_no_prefix(tmp_path_factory, spm_fixture):
+    from engine.tokenizer import Tokenizer
+    path = write_vocab_gguf(tmp_path_factory.mktemp("spm-np") / "spm-np.gguf",
+                            spm_metadata(spm_fixture["vocab"], add_space_prefix=False))
+    return path, Tokenizer.from_metadata(_read_metadata(path))
+
+
+def test_spm_without_space_prefix_matches_llama_cpp(spm_no_prefix, spm_fixture):
+    """tokenizer.ggml.add_space_prefix = false: no dummy-prefix space, none stripped."""
+    path, tok = spm_no_prefix
+    assert _mismatches(tok, spm_fixture["cases_no_space_prefix"]) == []
+    assert tok.decode(tok.encode("Hello")) == "Hello"
+    if importlib.util.find_spec("llama_cpp"):
+        assert _mismatches(tok, _live_cases(path, CORPUS)) == []
+
+
 @pytest.mark.parametrize("pre", BPE_PRES)
 def test_bpe_matches_llama_cpp_fixture(bpe_toks, bpe_fixture, pre):
     assert _mismatches(bpe_toks[pre], bpe_fixture["pres"][pre]["cases"]) == []
@@ -306,6 +328,39 @@ def test_pieces_and_eog_match_llama_cpp_live(spm_tok, bpe_toks, spm_gguf, bpe_gg
         for special in (False, True):
             assert [tok.token_bytes(i, special) for i in range(tok.n_vocab)] == llama_pieces(llm, special)
         assert sorted(tok.eog_ids) == llama_eog(llm)
+
+
+def _real_spm_models():
+    """Real Llama-style SentencePiece models, where a package ships them (mistral-common has
+    Mistral 7B's): checked when that package is installed."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return sorted(str(p) for p in data.glob("*.model.v[13]"))
+
+
+@pytest.mark.parametrize("model_file", _real_spm_models() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no real SentencePiece model installed (pip install mistral-common)"))])
+def test_real_sentencepiece_model(tmp_path, model_file):
+    """A real 32k vocabulary converted as llama.cpp's converter does: the same ids as the
+    original SentencePiece model and (when installed) as llama.cpp."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from engine.tokenizer import Tokenizer
+    m = pb.ModelProto()
+    m.ParseFromString(Path(model_file).read_bytes())
+    vocab = {"tokens": [p.piece for p in m.pieces], "scores": [p.score for p in m.pieces],
+             "token_type": [p.type for p in m.pieces]}  # same numbering as GGUF's token types
+    path = write_vocab_gguf(tmp_path / "real.gguf",
+                            spm_metadata(vocab, m.normalizer_spec.add_dummy_prefix))
+    tok = Tokenizer.from_metadata(_read_metadata(path))
+    texts = CORPUS + fuzz_texts(200, seed=5)
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    assert [t for t in texts if sp.encode(t) != tok.encode(t, add_bos=False)] == []
+    if importlib.util.find_spec("llama_cpp"):
+        assert _mismatches(tok, _live_cases(path, texts)) == []
 
 
 # -- behaviour -----------------------------------------------------------------------------
@@ -363,6 +418,29 @@ def test_bos_default_follows_pre_tokenizer(smollm2_path):
     assert isinstance(tok, Tokenizer) and tok.add_bos and tok.encode("hi")[0] == tok.bos_id
     md["tokenizer.ggml.pre"] = "qwen2"
     assert not Tokenizer.from_metadata(md).add_bos
+
+
+def test_control_looking_tokens(tmp_path):
+    """Tokens typed normal but named like control tokens are made control tokens (never taken
+    from user text; <|eot_id|> ends generation), and gpt-oss's <|channel|> is always split
+    out, as llama.cpp does; checked live when llama-cpp-python is installed."""
+    from engine.tokenizer import Tokenizer
+    extra = ["▁", "a", "<|eot_id|>", "<PRE>", "<|channel|>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + extra
+    vocab = {"tokens": tokens, "scores": [0.0] * len(tokens),
+             "token_type": [2, 3, 3] + [6] * 256 + [1] * len(extra)}
+    path = write_vocab_gguf(tmp_path / "v.gguf", spm_metadata(vocab))
+    tok = Tokenizer.from_metadata(_read_metadata(path))
+    eot, pre, channel = (tokens.index(t) for t in ("<|eot_id|>", "<PRE>", "<|channel|>"))
+    assert tok.eog_ids == {2, eot}
+    assert tok.encode("a<|eot_id|>", special=True)[-1] == eot
+    assert eot not in tok.encode("a<|eot_id|>") and pre not in tok.encode("<PRE>")
+    assert channel in tok.encode("x<|channel|>y")
+    assert tok.decode(tok.encode("<|eot_id|>", special=True)) == ""
+    if importlib.util.find_spec("llama_cpp"):
+        texts = ["a<|eot_id|>", "<PRE>a", "x<|channel|>y", "a a<|channel|><|eot_id|>"]
+        assert _mismatches(tok, _live_cases(path, texts)) == []
+        assert sorted(tok.eog_ids) == llama_eog(llama_vocab(path))
 
 
 def test_smollm2_facts(bpe_toks):
@@ -439,6 +517,8 @@ def test_errors(bpe_toks, spm_fixture):
         tok.decode([tok.n_vocab])
     with pytest.raises(TypeError):
         tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="position 2"):
+        tok.encode("ab\udcffc")
 
 
 if __name__ == "__main__":
