@@ -221,9 +221,11 @@ def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind == "linear":
             hp["rope_scaling"] = ("linear", float(scaling["factor"]))
+        elif kind == "llama3":
+            hp["rope_scaling"] = ("llama3", scaling)
         elif kind not in (None, "default"):
             raise ConvertError(f"{cfg_path}: rope_scaling type {kind!r} is not supported; "
-                               f"supported: linear")
+                               f"supported: linear, llama3")
     return hp
 
 
@@ -308,7 +310,28 @@ def _hf_tensor_plans(located: dict, hp: dict, target, embed_type) -> list:
     if extra:
         raise ConvertError(f"tensor {extra[0]} does not fit config.json "
                            f"(num_hidden_layers={hp['n_layer']})")
-    return [plans[n] for n in _gguf_order(want)]
+    ordered = [plans[n] for n in _gguf_order(want)]
+    if hp["rope_scaling"] and hp["rope_scaling"][0] == "llama3":
+        factors = llama3_rope_factors(hp["rope_scaling"][1], hp["rope_theta"], hp["head_dim"])
+        ordered.insert(0, TensorPlan("rope_freqs.weight", factors.shape, "F32", GGMLType.F32,
+                                     lambda i, j: factors.reshape(1, -1)))
+    return ordered
+
+
+def llama3_rope_factors(scaling: dict, base: float, dim: int) -> np.ndarray:
+    """Llama 3.1's per-frequency RoPE divisors, which llama.cpp stores as rope_freqs.weight:
+    1 for short wavelengths, `factor` for long ones, a smooth blend in between."""
+    factor = float(scaling.get("factor", 8.0))
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, out)
+    out = np.where(wavelen > old_ctx / low, factor, out)
+    return out.astype(np.float32)
 
 
 def _gguf_order(names) -> list:
@@ -608,8 +631,8 @@ def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, target) -> tuple[d
     if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
         put("llama.attention.key_length", hp["head_dim"], VT.UINT32)
         put("llama.attention.value_length", hp["head_dim"], VT.UINT32)
-    if hp["rope_scaling"]:
-        put("llama.rope.scaling.type", hp["rope_scaling"][0], VT.STRING)
+    if hp["rope_scaling"] and hp["rope_scaling"][0] == "linear":
+        put("llama.rope.scaling.type", "linear", VT.STRING)
         put("llama.rope.scaling.factor", hp["rope_scaling"][1], VT.FLOAT32)
     put("tokenizer.ggml.model", vocab.model, VT.STRING)
     if vocab.pre is not None:

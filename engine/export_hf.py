@@ -88,10 +88,11 @@ def tokenizer_config(md: dict, fast: bool) -> dict:
     for kind in ("bos", "eos", "unk", "sep", "pad"):
         if SPECIAL_KEYS[kind] in md:
             tc[f"{kind}_token"] = tokens[int(md[SPECIAL_KEYS[kind]])]
-    tc["added_tokens_decoder"] = {
-        str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": types[i] == TOKEN_CONTROL}
-        for i in range(len(tokens)) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+    if fast:  # SentencePiece pieces carry their own types: tokenizer.model is enough
+        tc["added_tokens_decoder"] = {
+            str(i): {"content": tokens[i], "lstrip": False, "normalized": False,
+                     "rstrip": False, "single_word": False, "special": types[i] == TOKEN_CONTROL}
+            for i in range(len(tokens)) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
     if "tokenizer.chat_template" in md:
         tc["chat_template"] = md["tokenizer.chat_template"]
     return tc
@@ -181,6 +182,9 @@ def export(gguf_path, out_dir, dtype: str = "f32", shards: int = 1) -> Path:
                                f"supported: gpt2 (byte-level BPE), llama (SentencePiece)")
         out_dir.mkdir(parents=True, exist_ok=True)
         tied = "output.weight" not in f.tensors
+        if "rope_freqs.weight" in f.tensors:
+            raise ConvertError(f"{gguf_path}: Llama 3 rope scaling (rope_freqs.weight) cannot "
+                               f"be exported; supported: models without it")
 
         def producer(t):
             def produce():

@@ -191,15 +191,30 @@ def _assert_logits_close(kiln_logits, hf_logits):
     assert diff <= 1e-3 * np.abs(hf_logits).max(), (diff, np.abs(hf_logits).max())
 
 
+def kiln_tokenizer(path):
+    from engine.tokenizer import Tokenizer
+    with formats.read_gguf(path) as f:
+        return Tokenizer.from_metadata(f.metadata)
+
+
+def test_exported_tokenizer_tokenizes_like_the_gguf(smollm2_path, smol_hf, smol_f32):
+    _torch()
+    from transformers import AutoTokenizer
+    text = TEXT + " <|im_start|>user\nHi 🦙 你好<|im_end|>\n\n  x = 1_000_000  "
+    hf = AutoTokenizer.from_pretrained(smol_hf)
+    want = kiln_tokenizer(smollm2_path).encode(text, special=True)
+    assert kiln_tokenizer(smol_f32).encode(text, special=True) == want
+    assert hf(text, add_special_tokens=True)["input_ids"] == want
+    assert hf.decode(want) == text
+
+
 def test_transformers_agrees_with_kiln_on_smollm2(smol_hf, smol_f32):
     torch = _torch()
     engine = _engine()
-    from transformers import AutoTokenizer, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(smol_hf)
+    from transformers import LlamaForCausalLM
     llm = engine.LLM(str(smol_f32), n_ctx=256)
     ids = llm.tokenize(TEXT * 2, add_bos=False)[:128]
     assert len(ids) == 128
-    assert tok(TEXT * 2, add_special_tokens=False)["input_ids"][:128] == ids
     model = LlamaForCausalLM.from_pretrained(smol_hf, dtype=torch.float32).eval()
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].numpy()
@@ -231,8 +246,10 @@ def test_transformers_agrees_with_kiln_on_a_tiny_sentencepiece_llama(botchan, tm
     src.mkdir()
     spm.SentencePieceTrainer.train(input=str(botchan), model_prefix=str(src / "tokenizer"),
                                    vocab_size=800, model_type="bpe", byte_fallback=True,
-                                   character_coverage=1.0, num_threads=1,
-                                   minloglevel=2)
+                                   character_coverage=1.0, num_threads=1, minloglevel=2,
+                                   # Llama's settings: llama.cpp normalizes nothing
+                                   normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True)
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
     (src / "tokenizer.vocab").unlink()
     torch.manual_seed(0)
@@ -257,11 +274,18 @@ def test_transformers_agrees_with_kiln_on_a_tiny_sentencepiece_llama(botchan, tm
     assert md["tokenizer.ggml.bos_token_id"][0] == sp.bos_id() == 1
     assert md["tokenizer.ggml.tokens"][0][:sp.vocab_size()] == [
         sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    # and back: GGUF -> export_hf (tokenizer.model rebuilt) -> GGUF keeps the vocabulary
+    again = tmp_path / "again.gguf"
+    assert run_convert(export(out, tmp_path / "hf2"), "-o", again, "--type", "f32",
+                       "--quiet") == 0
+    md2 = metadata_of(again)
+    assert {k: v for k, v in md.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in md2.items() if k.startswith("tokenizer.")}
+    text = botchan.read_text(encoding="utf-8")[5000:7000]
+    ids = kiln_tokenizer(out).encode(text)[:128]
+    assert ids == ([sp.bos_id()] + sp.encode(text))[:128]
     engine = _engine()
     llm = engine.LLM(str(out), n_ctx=256)
-    text = botchan.read_text(encoding="utf-8")[5000:7000]
-    ids = llm.tokenize(text)[:128]
-    assert ids == ([sp.bos_id()] + sp.encode(text))[:128]
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].numpy()
     _assert_logits_close(llm.logits(ids), hf)
@@ -474,3 +498,39 @@ def test_llama_cpp_runs_a_converted_hf_checkpoint(smollm2_path, smol_hf, tmp_pat
     ref = tmp_path / "ref-q8.gguf"
     assert run_convert(smollm2_path, "-o", ref, "--type", "q8_0", "--quiet") == 0
     assert llama_cpp_greedy(ref, PROMPT, 8) == got
+
+
+def test_gguf_source_errors(smol_vocab, tmp_path, capsys):
+    src = make_tiny_gguf(tmp_path / "t.gguf", smol_vocab)
+    capsys.readouterr()
+    assert run_convert(src, "-o", src, "--type", "q8_0") == 1
+    assert capsys.readouterr().err == (f"error: output {src} is the source file; "
+                                       f"write the GGUF to another path\n")
+    assert run_convert(tmp_path / "nope", "-o", tmp_path / "o.gguf") == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such file or directory\n"
+    (tmp_path / "junk.bin").write_bytes(b"not a model")
+    assert run_convert(tmp_path / "junk.bin", "-o", tmp_path / "o.gguf") == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'junk.bin'}: not a GGUF file or a "
+                                       f"Hugging Face model directory\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.bin", "t.gguf"]
+
+
+def test_llama3_rope_scaling_writes_rope_freqs_like_transformers(tiny_hf, tmp_path):
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert run_convert(d, "-o", tmp_path / "r.gguf", "--type", "f32", "--quiet") == 0
+    factors = tensors_of(tmp_path / "r.gguf")["rope_freqs.weight"][2]
+    hd = cfg["head_dim"]
+    inv = cfg["rope_theta"] ** (-np.arange(0, hd, 2) / hd) / factors
+    assert factors.shape == (hd // 2,) and factors[0] == 1.0 and factors[-1] == 8.0
+    assert ((factors > 1.0) & (factors < 8.0)).any()  # the blended middle band
+    _torch()
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    want = LlamaRotaryEmbedding(LlamaConfig(**{k: v for k, v in cfg.items()
+                                               if k != "architectures"})).inv_freq.numpy()
+    np.testing.assert_allclose(inv, want, rtol=1e-5)
