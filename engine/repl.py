@@ -49,8 +49,9 @@ SETTINGS = {
 def stats_line(stats) -> str:
     """`[prompt: N tok, X tok/s | reply: M tok, Y tok/s]` for a TurnStats (N counts the
     prompt tokens the model ran; the rest came from the KV cache)."""
-    return (f"[prompt: {stats.prompt_evaluated} tok, {stats.prompt_tps:.1f} tok/s | "
-            f"reply: {stats.reply_tokens} tok, {stats.reply_tps:.1f} tok/s]")
+    t = stats.timings
+    return (f"[prompt: {t.prompt_tokens_evaluated} tok, {t.prompt_tokens_per_second:.1f} tok/s | "
+            f"reply: {t.generated_tokens} tok, {t.tokens_per_second:.1f} tok/s]")
 
 
 class _Interrupt:
@@ -234,8 +235,9 @@ class Repl:
                  f"tokens evaluated since start: {getattr(llm, 'n_tokens_evaluated', '?')}"]
         st = s.last_stats
         if st is not None:
-            lines.append(f"last reply: {stats_line(st)} ({st.finish_reason}; prompt {st.prompt_tokens} "
-                         f"tokens, {st.prompt_tokens - st.prompt_evaluated} from the cache)")
+            lines.append(f"last reply: {stats_line(st)} ({st.finish_reason}; prompt {st.timings.prompt_tokens} "
+                         f"tokens, {st.timings.prompt_tokens - st.timings.prompt_tokens_evaluated} "
+                         "from the cache)")
         self.note("\n".join(lines))
 
     # --- a turn ------------------------------------------------------------------------
