@@ -9,6 +9,7 @@ Re-record the fixtures with:  .venv/bin/python tests/test_tokenizer.py
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import random
 import sys
@@ -92,9 +93,11 @@ LLAMA_HPARAMS = {  # minimal llama hyper-parameters so llama.cpp loads a vocab-o
 }
 
 
-def spm_metadata(vocab: dict) -> dict:
+def spm_metadata(vocab: dict, add_space_prefix: bool | None = None) -> dict:
     """GGUF metadata of the SentencePiece test vocabulary stored in tokenizer_spm.json."""
+    extra = {} if add_space_prefix is None else {"tokenizer.ggml.add_space_prefix": add_space_prefix}
     return {
+        **extra,
         **LLAMA_HPARAMS,
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": vocab["tokens"],
@@ -178,6 +181,8 @@ def record(tmp: Path, smollm2_path: str):
                pieces_sha256=pieces_digest(llama_pieces(llm, False)),
                pieces_special_sha256=pieces_digest(llama_pieces(llm, True)),
                eog_ids=llama_eog(llm), bos_id=llm.token_bos(), eos_id=llm.token_eos())
+    llm = llama_vocab(write_vocab_gguf(tmp / "spm-np.gguf", spm_metadata(spm["vocab"], False)))
+    spm["cases_no_space_prefix"] = record_cases(llm, CORPUS, ALL_VARIANTS)
     SPM_FIXTURE.write_text(json.dumps(spm, ensure_ascii=False, indent=0) + "\n")
 
     bpe = {"llama_cpp_version": llama_cpp.__version__, "pres": {}}
@@ -260,6 +265,23 @@ def _mismatches(tok, cases):
 def test_spm_matches_llama_cpp_fixture(spm_tok, spm_fixture):
     assert len(spm_fixture["cases"]) >= 2 * len(CORPUS)
     assert _mismatches(spm_tok, spm_fixture["cases"]) == []
+
+
+@pytest.fixture(scope="module")
+def spm_no_prefix(tmp_path_factory, spm_fixture):
+    from engine.tokenizer import Tokenizer
+    path = write_vocab_gguf(tmp_path_factory.mktemp("spm-np") / "spm-np.gguf",
+                            spm_metadata(spm_fixture["vocab"], add_space_prefix=False))
+    return path, Tokenizer.from_metadata(_read_metadata(path))
+
+
+def test_spm_without_space_prefix_matches_llama_cpp(spm_no_prefix, spm_fixture):
+    """tokenizer.ggml.add_space_prefix = false: no dummy-prefix space, none stripped."""
+    path, tok = spm_no_prefix
+    assert _mismatches(tok, spm_fixture["cases_no_space_prefix"]) == []
+    assert tok.decode(tok.encode("Hello")) == "Hello"
+    if importlib.util.find_spec("llama_cpp"):
+        assert _mismatches(tok, _live_cases(path, CORPUS)) == []
 
 
 @pytest.mark.parametrize("pre", BPE_PRES)
