@@ -1,7 +1,7 @@
 # Cython binding: kernels (see ckernels/src/kernels.h). Thin: it checks dtypes,
 # contiguity and shapes, then calls C. The forward pass calls the C API directly; this
 # binding serves tests, benchmarks and `kiln info`.
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 import numpy as np
 
 cdef extern from "kernels.h":
@@ -29,6 +29,7 @@ cdef extern from "kernels_impl.h":
         void (*quantize_row_q8_0)(const float *x, void *y, int64_t n)
         void (*quantize_row_q8_1)(const float *x, void *y, int64_t n)
     const kiln_isa_ops *kiln_ops()
+    uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n) nogil
 
 # ggml type id -> (elements per block, bytes per block) for the weight types kiln_matmul takes
 _KILN_MATMUL_TYPES = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34)}
@@ -157,3 +158,17 @@ def quantize_act_q8_0(x):
 def quantize_act_q8_1(x):
     """Q8_1 blocks of a float32 row, by the active variant's activation quantizer."""
     return _quantize_act(x, 36, True)
+
+
+def stream_read(Pool pool, buf):
+    """Reads every byte of a C-contiguous uint8 array with the active variant's widest
+    loads, split over the pool's threads (a bandwidth yardstick); returns a checksum."""
+    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or not buf.flags.c_contiguous:
+        raise ValueError("buf must be a C-contiguous uint8 numpy array")
+    cdef const uint8_t[::1] v = buf.reshape(-1)
+    cdef uint64_t s
+    if v.shape[0] == 0:
+        return 0
+    with nogil:
+        s = kiln_stream_read(pool.pool, &v[0], v.shape[0])
+    return s

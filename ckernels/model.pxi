@@ -1,1 +1,143 @@
-# Cython binding: model (see ckernels/src)
+# Cython binding: model (the Llama forward pass, ckernels/src/forward.{c,h})
+from libc.stdint cimport int32_t, uintptr_t
+from libc.stdlib cimport calloc, free
+
+cdef extern from "forward.h":
+    ctypedef struct kiln_llama_config:
+        int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim
+        int n_ctx, n_batch
+        float rms_eps
+    ctypedef struct kiln_weight:
+        int type
+        const void *data
+    ctypedef struct kiln_layer_weights:
+        const float *attn_norm
+        kiln_weight attn_q, attn_k, attn_v, attn_output
+        const float *ffn_norm
+        kiln_weight ffn_gate, ffn_up, ffn_down
+    ctypedef struct kiln_llama_weights:
+        kiln_weight token_embd
+        const kiln_layer_weights *layers
+        const float *output_norm
+        kiln_weight output
+        const double *rope_inv_freq
+    ctypedef struct kiln_llama:
+        pass
+    kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
+                                  int n_threads) nogil
+    void kiln_llama_free(kiln_llama *m) nogil
+    int kiln_llama_n_threads(const kiln_llama *m) nogil
+    int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys,
+                          float *values) nogil
+    int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+                        float *logits, int logits_all) nogil
+
+
+cdef kiln_weight _weight(w):
+    """(ggml type id, address) -> kiln_weight"""
+    cdef kiln_weight out
+    out.type = <int>w[0]
+    out.data = <const void *><uintptr_t>w[1]
+    return out
+
+
+cdef class LlamaForward:
+    """The C forward pass over weights at the given addresses.
+
+    The caller validates shapes and types and keeps the memory behind every address
+    alive for the object's lifetime (engine/model.py does both). `layers` is a list of
+    per-layer dicts with keys attn_norm, ffn_norm (addresses of float32 vectors) and
+    attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down ((type, address))."""
+    cdef kiln_llama *model
+    cdef readonly int n_vocab, n_ctx, kv_dim
+
+    def __cinit__(self, dict config, token_embd, list layers, uintptr_t output_norm,
+                  output, const double[::1] rope_inv_freq, int n_threads):
+        cdef kiln_llama_config c
+        cdef kiln_llama_weights w
+        cdef kiln_layer_weights *lw
+        cdef int i
+        self.model = NULL
+        c.n_vocab = config["n_vocab"]
+        c.n_embd = config["n_embd"]
+        c.n_layer = config["n_layer"]
+        c.n_head = config["n_head"]
+        c.n_head_kv = config["n_head_kv"]
+        c.head_dim = config["head_dim"]
+        c.n_ff = config["n_ff"]
+        c.rope_dim = config["rope_dim"]
+        c.n_ctx = config["n_ctx"]
+        c.n_batch = config["n_batch"]
+        c.rms_eps = config["rms_eps"]
+        if len(layers) != c.n_layer or rope_inv_freq.shape[0] != c.rope_dim // 2:
+            raise ValueError("layer list or rope table does not match the config")
+        lw = <kiln_layer_weights *>calloc(max(c.n_layer, 1), sizeof(kiln_layer_weights))
+        if lw == NULL:
+            raise MemoryError()
+        try:
+            for i in range(c.n_layer):
+                d = layers[i]
+                lw[i].attn_norm = <const float *><uintptr_t>d["attn_norm"]
+                lw[i].ffn_norm = <const float *><uintptr_t>d["ffn_norm"]
+                lw[i].attn_q = _weight(d["attn_q"])
+                lw[i].attn_k = _weight(d["attn_k"])
+                lw[i].attn_v = _weight(d["attn_v"])
+                lw[i].attn_output = _weight(d["attn_output"])
+                lw[i].ffn_gate = _weight(d["ffn_gate"])
+                lw[i].ffn_up = _weight(d["ffn_up"])
+                lw[i].ffn_down = _weight(d["ffn_down"])
+            w.token_embd = _weight(token_embd)
+            w.layers = lw
+            w.output_norm = <const float *>output_norm
+            w.output = _weight(output)
+            w.rope_inv_freq = &rope_inv_freq[0] if rope_inv_freq.shape[0] else NULL
+            with nogil:
+                self.model = kiln_llama_create(&c, &w, n_threads)
+        finally:
+            free(lw)
+        if self.model == NULL:
+            raise MemoryError("could not build the model: out of memory or a weight "
+                              "type the kernels do not support")
+        self.n_vocab = c.n_vocab
+        self.n_ctx = c.n_ctx
+        self.kv_dim = c.n_head_kv * c.head_dim
+
+    def __dealloc__(self):
+        if self.model != NULL:
+            kiln_llama_free(self.model)
+            self.model = NULL
+
+    @property
+    def n_threads(self):
+        return kiln_llama_n_threads(self.model)
+
+    def eval(self, const int32_t[::1] tokens, int n_past, float[::1] logits, bint logits_all):
+        """Runs tokens at positions n_past..; logits (flat float32) receives
+        len(tokens) * n_vocab values when logits_all, else n_vocab."""
+        cdef int n = tokens.shape[0]
+        cdef int rc
+        if self.model == NULL:
+            raise ValueError("model is closed")
+        if n < 1 or logits.shape[0] != (n if logits_all else 1) * self.n_vocab:
+            raise ValueError("empty token list or logits buffer of the wrong size")
+        with nogil:
+            rc = kiln_llama_eval(self.model, &tokens[0], n, n_past, &logits[0], logits_all)
+        if rc != 0:
+            raise ValueError(f"eval of {n} tokens at n_past={n_past} refused: context "
+                             f"of {self.n_ctx} exceeded or a token id outside the vocabulary")
+
+    def kv_cache(self, int layer, int n):
+        """Copies of the cached keys (after RoPE) and values of positions [0, n) of a
+        layer, each (n, kv_dim) float32: for tests."""
+        keys = np.zeros((max(n, 1), self.kv_dim), np.float32)
+        values = np.zeros((max(n, 1), self.kv_dim), np.float32)
+        cdef float[:, ::1] kv = keys
+        cdef float[:, ::1] vv = values
+        if self.model == NULL or kiln_llama_get_kv(self.model, layer, n, &kv[0, 0], &vv[0, 0]):
+            raise ValueError(f"no layer {layer} / {n} positions in the KV cache")
+        return keys[:n], values[:n]
+
+    def close(self):
+        if self.model != NULL:
+            kiln_llama_free(self.model)
+            self.model = NULL

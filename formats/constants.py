@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+import numpy as np
+
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 GGUF_SUPPORTED_VERSIONS = (2, 3)  # v2 and v3 share the layout (u64 counts); v1 used u32
@@ -108,6 +110,15 @@ GGML_QUANT_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.TQ1_0: (_QK_K, 2 + 4 * 13),
     GGMLType.TQ2_0: (_QK_K, 2 + 64),
     GGMLType.MXFP4: (32, 1 + 16),
+}
+
+
+# Storage dtype of the element types NumPy has (BF16 as its uint16 bits); every other
+# type is blocks, handled as raw uint8.
+GGML_NUMPY_DTYPES: dict[GGMLType, np.dtype] = {
+    GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2"), GGMLType.BF16: np.dtype("<u2"),
+    GGMLType.F64: np.dtype("<f8"), GGMLType.I8: np.dtype("i1"), GGMLType.I16: np.dtype("<i2"),
+    GGMLType.I32: np.dtype("<i4"), GGMLType.I64: np.dtype("<i8"),
 }
 
 

@@ -13,8 +13,9 @@ import struct
 
 import numpy as np
 
-from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT,
-                        GGUF_MAGIC, GGUF_SUPPORTED_VERSIONS, FormatError, GGMLType)
+from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_NUMPY_DTYPES, GGML_QUANT_SIZES,
+                        GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SUPPORTED_VERSIONS, FormatError,
+                        GGMLType)
 from .constants import GGUFValueType as VT
 from .metadata import SCALAR_DTYPES, SCALAR_FORMATS, GGUFMetadata, LazyStrings
 
@@ -22,12 +23,6 @@ from .metadata import SCALAR_DTYPES, SCALAR_FORMATS, GGUFMetadata, LazyStrings
 _LAZY_STRING_ARRAY = 64
 _INT64_MAX = 2**63 - 1
 
-# storage dtype of the element types NumPy has; other types are exposed as raw bytes
-_TENSOR_DTYPES = {
-    GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2"), GGMLType.BF16: np.dtype("<u2"),
-    GGMLType.F64: np.dtype("<f8"), GGMLType.I8: np.dtype("i1"), GGMLType.I16: np.dtype("<i2"),
-    GGMLType.I32: np.dtype("<i4"), GGMLType.I64: np.dtype("<i8"),
-}
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -216,6 +211,9 @@ def read_gguf(path) -> GGUFFile:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         return _parse(path, mm, size)
+    except FormatError as e:
+        mm.close()
+        raise FormatError(f"{path}: {e}") from None
     except BaseException:
         mm.close()
         raise
@@ -294,7 +292,7 @@ def _parse(path, mm, size) -> GGUFFile:
     for name, ttype, shape, offset, nbytes in infos:
         start = data_offset + offset
         raw = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=start) if nbytes else np.empty(0, np.uint8)
-        dt = _TENSOR_DTYPES.get(ttype)
+        dt = GGML_NUMPY_DTYPES.get(ttype)
         if dt is not None:
             data = raw.view(dt).reshape(shape)
         else:

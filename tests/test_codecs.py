@@ -181,3 +181,50 @@ def test_numpy_codec_argument_errors():
         formats.dequantize(np.zeros(35, np.uint8), T.Q8_0, (32,))
     with pytest.raises(NotImplementedError):
         formats.quantize(np.zeros(256, np.float32), T.Q4_K)
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    """ggml's own reference codecs, from the libggml-base that llama-cpp-python ships."""
+    import ctypes
+    import glob
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        pytest.skip("llama-cpp-python (ships ggml's reference codecs) is not installed")
+    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-base.so*"))
+    if not libs:
+        pytest.skip("libggml-base not found in the llama_cpp package")
+    lib = ctypes.CDLL(sorted(libs)[0])
+    for name in ("quantize_row_q4_0_ref", "quantize_row_q4_1_ref", "quantize_row_q8_0_ref",
+                 "quantize_row_q8_1_ref", "dequantize_row_q4_0", "dequantize_row_q4_1",
+                 "dequantize_row_q8_0", "ggml_fp32_to_fp16_row", "ggml_fp16_to_fp32_row",
+                 "ggml_fp32_to_bf16_row_ref", "ggml_bf16_to_fp32_row"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        getattr(lib, name).restype = None
+    return lib
+
+
+GGML_QUANTIZERS = {T.Q4_0: "quantize_row_q4_0_ref", T.Q4_1: "quantize_row_q4_1_ref",
+                   T.Q8_0: "quantize_row_q8_0_ref", T.Q8_1: "quantize_row_q8_1_ref",
+                   T.F16: "ggml_fp32_to_fp16_row", T.BF16: "ggml_fp32_to_bf16_row_ref"}
+GGML_DEQUANTIZERS = {T.Q4_0: "dequantize_row_q4_0", T.Q4_1: "dequantize_row_q4_1",
+                     T.Q8_0: "dequantize_row_q8_0", T.F16: "ggml_fp16_to_fp32_row",
+                     T.BF16: "ggml_bf16_to_fp32_row"}
+
+
+@pytest.mark.parametrize("qtype", list(GGML_QUANTIZERS), ids=lambda t: t.name)
+def test_numpy_matches_ggml_reference(ggml, qtype):
+    rows = list(ROWS.values()) + [np.full((1, N), -0.0, np.float32),
+                                  (np.random.default_rng(8).standard_normal((1, 8192)) * 0.1).astype(np.float32)]
+    for x in rows:
+        row = np.ascontiguousarray(x[0])
+        want = np.empty(formats.row_nbytes(qtype, row.size), np.uint8)
+        getattr(ggml, GGML_QUANTIZERS[qtype])(row.ctypes.data, want.ctypes.data, row.size)
+        mine = formats.quantize(row, qtype)
+        assert np.array_equal(mine, want)
+        if qtype in GGML_DEQUANTIZERS:
+            back = np.empty(row.size, np.float32)
+            getattr(ggml, GGML_DEQUANTIZERS[qtype])(want.ctypes.data, back.ctypes.data, row.size)
+            assert np.array_equal(formats.dequantize(mine, qtype, row.shape).view(np.uint32), back.view(np.uint32))

@@ -92,6 +92,11 @@ def test_empty_and_foreign_files(tmp_path):
     bad(tmp_path, b"GGUF", "version.*needs 4 bytes")
 
 
+def test_message_names_the_file(tmp_path):
+    with pytest.raises(FormatError, match=r"x\.gguf: GGUF version 99"):
+        read(tmp_path, good(version=99))
+
+
 def test_versions(tmp_path):
     bad(tmp_path, good(version=99), "version 99")
     bad(tmp_path, good(version=1), "version 1 ")

@@ -90,3 +90,49 @@ def _time_open(path):
     t0 = time.perf_counter()
     formats.read_gguf(path).close()
     return time.perf_counter() - t0
+
+
+def test_reads_what_gguf_py_writes(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "ref.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 200)
+    w.add_int8("t.i8", -5)
+    w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -2_000_000_000)
+    w.add_uint64("t.u64", 2**63 + 7)
+    w.add_int64("t.i64", -(2**62))
+    w.add_float32("t.f32", 0.1)
+    w.add_float64("t.f64", 0.1)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo")
+    w.add_array("t.strs", ["a", "", "ü"])
+    w.add_array("t.floats", [0.5, -1.25])
+    rng = np.random.default_rng(3)
+    f32 = rng.standard_normal((3, 8)).astype(np.float32)
+    f16 = rng.standard_normal((2, 16)).astype(np.float16)
+    q8 = formats.quantize(rng.standard_normal((4, 64)).astype(np.float32), GGMLType.Q8_0)
+    w.add_tensor("f32", f32)
+    w.add_tensor("f16", f16)
+    w.add_tensor("q8", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with formats.read_gguf(path) as f:
+        md = f.metadata
+        assert md["general.architecture"] == "llama"
+        assert [md[k] for k in ("t.u8", "t.i8", "t.u16", "t.i16", "t.u32", "t.i32", "t.u64", "t.i64")] == \
+            [200, -5, 60000, -30000, 4_000_000_000, -2_000_000_000, 2**63 + 7, -(2**62)]
+        assert md["t.f32"] == float(np.float32(0.1)) and md["t.f64"] == 0.1
+        assert md["t.bool"] is True and md["t.str"] == "héllo"
+        assert md["t.strs"] == ["a", "", "ü"] and md["t.floats"] == [0.5, -1.25]
+        assert [md.types[k][0] for k in ("t.u8", "t.i16", "t.u64", "t.f64", "t.bool")] == \
+            [GGUFValueType.UINT8, GGUFValueType.INT16, GGUFValueType.UINT64, GGUFValueType.FLOAT64,
+             GGUFValueType.BOOL]
+        assert np.array_equal(f.tensors["f32"].data, f32)
+        assert np.array_equal(f.tensors["f16"].data, f16)
+        assert f.tensors["q8"].type == GGMLType.Q8_0 and f.tensors["q8"].shape == (4, 64)
+        assert np.array_equal(f.tensors["q8"].data, q8)

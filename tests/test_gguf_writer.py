@@ -187,6 +187,15 @@ def test_exception_leaves_existing_file_and_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["m.gguf"]
 
 
+def test_abandoned_writer_removes_its_temp_file(tmp_path):
+    w = GGUFWriter(tmp_path / "m.gguf")
+    w.add_tensor_info("a", GGMLType.F32, (4,))
+    w.write_header()
+    assert len(os.listdir(tmp_path)) == 1
+    del w
+    assert os.listdir(tmp_path) == []
+
+
 _KILLED_WRITER = textwrap.dedent("""
     import os, sys, numpy as np, formats
     from formats import GGMLType
@@ -214,3 +223,125 @@ def test_sigkill_mid_write_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path) == ["m.gguf"]
     with formats.read_gguf(target) as f:
         assert f.metadata["ok"] is True
+
+
+def test_strided_and_chunked_data_is_written_in_order(tmp_path, monkeypatch):
+    from formats import writer
+    monkeypatch.setattr(writer, "_ENCODE_CHUNK_ELEMENTS", 96)  # many pieces per tensor
+    rng = np.random.default_rng(4)
+    big_rows = rng.standard_normal((3, 256)).astype(np.float32)    # rows larger than a piece
+    transposed = rng.standard_normal((64, 6)).astype(np.float32).T  # non-contiguous view
+    flat = rng.standard_normal(320).astype(np.float32)              # 1-D, cut at block multiples
+    raw = formats.quantize(rng.standard_normal((5, 64)).astype(np.float32), GGMLType.Q4_1)[:, ::-1][:, ::-1]
+    tensors = [("big", GGMLType.Q8_0, big_rows.shape, big_rows),
+               ("tr", GGMLType.Q4_0, transposed.shape, transposed),
+               ("tr16", GGMLType.F16, transposed.shape, transposed),
+               ("flat", GGMLType.Q4_1, flat.shape, flat),
+               ("raw", GGMLType.Q4_1, (5, 64), raw)]
+    formats.write_gguf(tmp_path / "m.gguf", {}, tensors)
+    with formats.read_gguf(tmp_path / "m.gguf") as f:
+        for name, type_, shape, data in tensors:
+            want = data if data.dtype == np.uint8 else formats.quantize(np.ascontiguousarray(data), type_)
+            assert np.array_equal(f.tensors[name].data.reshape(-1).view(np.uint8), want.reshape(-1)), name
+
+
+def test_raw_blocks_of_any_ggml_type_round_trip(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    raw_k = np.arange(2 * 144, dtype=np.uint8) % 251  # two Q4_K blocks, bytes passed through
+    formats.write_gguf(tmp_path / "k.gguf", {}, [("k", GGMLType.Q4_K, (1, 512), raw_k)])
+    with formats.read_gguf(tmp_path / "k.gguf") as f:
+        assert f.tensors["k"].data.shape == (1, 288)
+        assert np.array_equal(f.tensors["k"].data.reshape(-1), raw_k)
+    ref = gguf.GGUFReader(tmp_path / "k.gguf")
+    assert np.array_equal(ref.tensors[0].data.reshape(-1), raw_k)
+
+
+def test_alignment_sources(tmp_path):
+    formats.write_gguf(tmp_path / "a.gguf", {"general.alignment": GGUFValue(64, VT.UINT32)},
+                       [("x", GGMLType.F32, (3,), np.ones(3, np.float32)),
+                        ("y", GGMLType.F32, (3,), np.ones(3, np.float32))])
+    with formats.read_gguf(tmp_path / "a.gguf") as f:
+        assert f.alignment == 64 and f.tensors["y"].offset % 64 == 0
+    formats.write_gguf(tmp_path / "b.gguf", {}, [], alignment=128)
+    with formats.read_gguf(tmp_path / "b.gguf") as f:
+        assert f.metadata["general.alignment"] == 128 and f.data_offset % 128 == 0
+    with pytest.raises(ValueError, match="conflicts"):
+        formats.write_gguf(tmp_path / "c.gguf", {"general.alignment": GGUFValue(64, VT.UINT32)}, [], alignment=32)
+    with pytest.raises(ValueError, match="power of two"):
+        GGUFWriter(tmp_path / "d.gguf", alignment=13)
+
+
+_STREAMING = textwrap.dedent("""
+    import resource, sys, numpy as np, formats
+    from formats import GGMLType
+    n, rows = 8, 4096 * 1024 // 1024   # 8 tensors of 16 MiB float32 each = 128 MiB in total
+    def make(i):
+        return lambda: np.full((rows, 1024), i, np.float32)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    formats.write_gguf(sys.argv[1], {}, [(f"t{i}", GGMLType.Q8_0, (rows, 1024), make(i)) for i in range(n)])
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+""")
+
+
+def test_streaming_keeps_memory_bounded(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _STREAMING, str(tmp_path / "s.gguf")],
+                         capture_output=True, text=True, check=True)
+    grew_mib = int(out.stdout.strip())
+    assert grew_mib < 80, f"peak RSS grew by {grew_mib} MiB while writing 128 MiB of tensors"
+    with formats.read_gguf(tmp_path / "s.gguf") as f:
+        assert len(f.tensors) == 8
+        assert np.allclose(formats.dequantize(f.tensors["t7"].data[:1], GGMLType.Q8_0, (1, 1024)), 7.0, rtol=1e-3)
+
+
+_LLAMA_CPP_LOAD = textwrap.dedent("""
+    import sys, llama_cpp
+    seen = []
+    for path in sys.argv[1:]:
+        llm = llama_cpp.Llama(path, n_ctx=32, n_threads=1, verbose=False)
+        md = {k: v for k, v in llm.metadata.items() if k not in ("general.name", "general.alignment")}
+        seen.append((llm.n_vocab(), llm.tokenize(b"The kiln fires clay"), md))
+    print("same" if seen[0] == seen[1] else "different")
+""")
+
+_LLAMA_CPP_EVAL = textwrap.dedent("""
+    import sys, numpy as np, llama_cpp
+    out = []
+    for path in sys.argv[1:]:
+        llm = llama_cpp.Llama(path, n_ctx=32, n_threads=1, logits_all=True, verbose=False)
+        toks = llm.tokenize(b"The kiln fires clay")
+        llm.eval(toks)
+        out.append(np.array(llm.scores[: len(toks)]))
+    print("same" if np.array_equal(out[0], out[1]) else "different")
+""")
+
+
+@pytest.fixture(scope="module")
+def kiln_rewrite(smollm2_path, tmp_path_factory):
+    """SmolLM2 rewritten by kiln with 64-byte alignment and an edited name."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python (the outside oracle) is not installed")
+    out = tmp_path_factory.mktemp("rewrite") / "kiln.gguf"
+    with formats.read_gguf(smollm2_path) as f:
+        md = f.metadata.copy()
+        md["general.name"] = "rewritten by kiln"
+        formats.write_gguf(out, md, [(t.name, t.type, t.shape, t.data) for t in f.tensors.values()],
+                           alignment=64)
+    return str(out)
+
+
+def _run_llama_cpp(script, *paths):
+    r = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=300)
+    if r.returncode < 0:  # e.g. SIGILL: a llama.cpp build with ISA extensions this CPU lacks
+        pytest.skip(f"llama-cpp-python died of signal {-r.returncode} on this CPU")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
+def test_llama_cpp_loads_what_kiln_writes(smollm2_path, kiln_rewrite):
+    """llama.cpp loads the kiln-written file: same vocabulary, tokens and metadata."""
+    assert _run_llama_cpp(_LLAMA_CPP_LOAD, smollm2_path, kiln_rewrite) == "same"
+
+
+def test_llama_cpp_computes_the_same_logits_from_kiln_file(smollm2_path, kiln_rewrite):
+    assert _run_llama_cpp(_LLAMA_CPP_EVAL, smollm2_path, kiln_rewrite) == "same"

@@ -330,6 +330,39 @@ def test_pieces_and_eog_match_llama_cpp_live(spm_tok, bpe_toks, spm_gguf, bpe_gg
         assert sorted(tok.eog_ids) == llama_eog(llm)
 
 
+def _real_spm_models():
+    """Real Llama-style SentencePiece models, where a package ships them (mistral-common has
+    Mistral 7B's): checked when that package is installed."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return sorted(str(p) for p in data.glob("*.model.v[13]"))
+
+
+@pytest.mark.parametrize("model_file", _real_spm_models() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no real SentencePiece model installed (pip install mistral-common)"))])
+def test_real_sentencepiece_model(tmp_path, model_file):
+    """A real 32k vocabulary converted as llama.cpp's converter does: the same ids as the
+    original SentencePiece model and (when installed) as llama.cpp."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from engine.tokenizer import Tokenizer
+    m = pb.ModelProto()
+    m.ParseFromString(Path(model_file).read_bytes())
+    vocab = {"tokens": [p.piece for p in m.pieces], "scores": [p.score for p in m.pieces],
+             "token_type": [p.type for p in m.pieces]}  # same numbering as GGUF's token types
+    path = write_vocab_gguf(tmp_path / "real.gguf",
+                            spm_metadata(vocab, m.normalizer_spec.add_dummy_prefix))
+    tok = Tokenizer.from_metadata(_read_metadata(path))
+    texts = CORPUS + fuzz_texts(200, seed=5)
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    assert [t for t in texts if sp.encode(t) != tok.encode(t, add_bos=False)] == []
+    if importlib.util.find_spec("llama_cpp"):
+        assert _mismatches(tok, _live_cases(path, texts)) == []
+
+
 # -- behaviour -----------------------------------------------------------------------------
 
 ROUND_TRIP = CORPUS + fuzz_texts(50, seed=7)
@@ -385,6 +418,29 @@ def test_bos_default_follows_pre_tokenizer(smollm2_path):
     assert isinstance(tok, Tokenizer) and tok.add_bos and tok.encode("hi")[0] == tok.bos_id
     md["tokenizer.ggml.pre"] = "qwen2"
     assert not Tokenizer.from_metadata(md).add_bos
+
+
+def test_control_looking_tokens(tmp_path):
+    """Tokens typed normal but named like control tokens are made control tokens (never taken
+    from user text; <|eot_id|> ends generation), and gpt-oss's <|channel|> is always split
+    out, as llama.cpp does; checked live when llama-cpp-python is installed."""
+    from engine.tokenizer import Tokenizer
+    extra = ["▁", "a", "<|eot_id|>", "<PRE>", "<|channel|>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + extra
+    vocab = {"tokens": tokens, "scores": [0.0] * len(tokens),
+             "token_type": [2, 3, 3] + [6] * 256 + [1] * len(extra)}
+    path = write_vocab_gguf(tmp_path / "v.gguf", spm_metadata(vocab))
+    tok = Tokenizer.from_metadata(_read_metadata(path))
+    eot, pre, channel = (tokens.index(t) for t in ("<|eot_id|>", "<PRE>", "<|channel|>"))
+    assert tok.eog_ids == {2, eot}
+    assert tok.encode("a<|eot_id|>", special=True)[-1] == eot
+    assert eot not in tok.encode("a<|eot_id|>") and pre not in tok.encode("<PRE>")
+    assert channel in tok.encode("x<|channel|>y")
+    assert tok.decode(tok.encode("<|eot_id|>", special=True)) == ""
+    if importlib.util.find_spec("llama_cpp"):
+        texts = ["a<|eot_id|>", "<PRE>a", "x<|channel|>y", "a a<|channel|><|eot_id|>"]
+        assert _mismatches(tok, _live_cases(path, texts)) == []
+        assert sorted(tok.eog_ids) == llama_eog(llama_vocab(path))
 
 
 def test_smollm2_facts(bpe_toks):
@@ -461,6 +517,8 @@ def test_errors(bpe_toks, spm_fixture):
         tok.decode([tok.n_vocab])
     with pytest.raises(TypeError):
         tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="position 2"):
+        tok.encode("ab\udcffc")
 
 
 if __name__ == "__main__":

@@ -14,21 +14,22 @@
  *           "hi halves".
  *     Q8_0: nt * 16 bytes of lo halves (elements 0..15 of each block, + 128 as u8)
  *           then nt * 16 bytes of hi halves (elements 16..31, + 128).
- *   d (and m) of block group g: KILN_RG * KILN_KG fp16 values, [r][b], 0 for padding.
+ *   d (and m) of block group g: KILN_KG * KILN_RG fp16 values, [b][r], 0 for padding.
  *
  * Weights are therefore unsigned (u4 or u8); the signed zero point is folded into the
- * activation side: each activation block carries -offset * sum(q) in its first int32
- * lane (offset 8 for Q4_0, 128 for Q8_0, 0 for Q4_1), so the integer dot of a block
+ * activation side: each activation block carries -offset * sum(q) (offset 8 for Q4_0,
+ * 128 for Q8_0, 0 for Q4_1), added once per block and row, so the integer dot of a block
  * is exact: sum((w - offset) * a) = sum(w * a) - offset * sum(a).
  *
  * Activation layout (one per token, kiln_act_size bytes), block group g:
  *   qs  [g][2][KILN_KG * 16] int8: lo halves of the group's blocks, then hi halves
  *   dx  [g][KILN_KG * 4]   float: d of block b repeated in lanes 4b..4b+3
- *   off [g][KILN_KG * 4]   int32: lane 4b = -offset * sum(q of block b), others 0
- *   sx  [g][KILN_KG * 4]   float: lane 4b = s of block b (Q8_1 for Q4_1), others 0
+ *   off [g][KILN_KG * 4]   int32: -offset * sum(q of block b) in lanes 4b..4b+3
+ *   sx  [g][KILN_KG * 4]   float: s of block b (Q8_1, for Q4_1) in lanes 4b..4b+3
  * Padding blocks are zero everywhere, so they add exactly 0.
- * Four int32 lanes per block is what a 128-bit dot-product instruction leaves (vpdpbusd,
- * vdotq_s32), so one layout serves every ISA. */
+ * Four lanes per block match a 128-bit lane of the kernels, where after summing each
+ * row's dot-product lanes, lane 4b + r holds (block b, row r): the order of the packed
+ * scales. So one layout serves every ISA. */
 #ifndef KILN_KERNELS_IMPL_H
 #define KILN_KERNELS_IMPL_H
 
@@ -122,6 +123,7 @@ typedef struct {
     void (*quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n);
     void (*qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
     void (*fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
+    uint64_t (*stream_sum)(const void *p, size_t n); /* bandwidth yardstick */
 } kiln_isa_ops;
 
 /* A 64-byte aligned buffer of at least size bytes owned by the pool, valid until the
@@ -150,6 +152,10 @@ static inline const kiln_fp16 *kiln_rg_d(const kiln_packed_view *v, int64_t rg, 
 static inline const kiln_fp16 *kiln_rg_m(const kiln_packed_view *v, int64_t rg, int64_t g) {
     return kiln_rg_d(v, rg, 0) + (size_t)v->ng * KILN_RG * KILN_KG + (size_t)g * KILN_RG * KILN_KG;
 }
+
+/* Reads n bytes split over the pool's threads like a matmul splits its rows; returns
+ * a checksum (so the reads cannot be optimized away). For benchmarks. */
+uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n);
 
 /* Fills one token's activation layout from its float row, with the given variant's
  * Q8 quantizer; scratch holds cols / QK Q8_1 blocks. */

@@ -56,19 +56,19 @@ void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, i
                     if (type == KILN_TYPE_Q4_0) {
                         const block_q4_0 *blk = (const block_q4_0 *)src + ib;
                         memcpy(rq + 16 * b, blk->qs, 16);
-                        d[r * KILN_KG + b] = blk->d;
+                        d[b * KILN_RG + r] = blk->d;
                     } else if (type == KILN_TYPE_Q4_1) {
                         const block_q4_1 *blk = (const block_q4_1 *)src + ib;
                         memcpy(rq + 16 * b, blk->qs, 16);
-                        d[r * KILN_KG + b] = blk->d;
-                        m[r * KILN_KG + b] = blk->m;
+                        d[b * KILN_RG + r] = blk->d;
+                        m[b * KILN_RG + r] = blk->m;
                     } else {
                         const block_q8_0 *blk = (const block_q8_0 *)src + ib;
                         for (int j = 0; j < 16; j++) {
                             rq[16 * b + j] = (uint8_t)(blk->qs[j] + 128);
                             rq[16 * nt + 16 * b + j] = (uint8_t)(blk->qs[j + 16] + 128);
                         }
-                        d[r * KILN_KG + b] = blk->d;
+                        d[b * KILN_RG + r] = blk->d;
                     }
                 }
             }
@@ -142,9 +142,11 @@ void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64
         int32_t sum = 0;
         for (int j = 0; j < QK; j++) sum += q[j];
         size_t lane = (size_t)(g * KILN_KG + b) * 4;
-        for (int j = 0; j < 4; j++) dx[lane + j] = d;
-        off[lane] = -offset * sum;
-        sx[lane] = s;
+        for (int j = 0; j < 4; j++) {
+            dx[lane + j] = d;
+            off[lane + j] = -offset * sum;
+            sx[lane + j] = s;
+        }
     }
 }
 
@@ -226,4 +228,31 @@ void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_to
     else kiln_pool_run(pool, kiln_task_quantize, &c);
     kiln_pool_run(pool, kiln_task_qgemm, &c);
     if (!pool) free(buf);
+}
+
+typedef struct {
+    const kiln_isa_ops *ops;
+    const uint8_t *p;
+    size_t n;
+    uint64_t sums[64];
+} kiln_stream_ctx;
+
+static void kiln_task_stream(void *p, int ith, int nth) {
+    kiln_stream_ctx *c = p;
+    int64_t i0, i1;
+    kiln_share((int64_t)(c->n / 64), ith, nth, &i0, &i1);
+    uint64_t s = c->ops->stream_sum(c->p + i0 * 64, (size_t)(i1 - i0) * 64);
+    if (ith < 64) c->sums[ith] = s;
+}
+
+uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n) {
+    kiln_stream_ctx c;
+    memset(&c, 0, sizeof c);
+    c.ops = kiln_ops();
+    c.p = p;
+    c.n = n;
+    kiln_pool_run(pool, kiln_task_stream, &c);
+    uint64_t s = 0;
+    for (int i = 0; i < 64; i++) s += c.sums[i];
+    return s;
 }

@@ -90,6 +90,12 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} "
+                                 f"at position {e.start}") from None
         add_bos = self.vocab.add_bos if add_bos is None else add_bos
         add_eos = self.vocab.add_eos if add_eos is None else add_eos
         out = []

@@ -1,8 +1,6 @@
 """The GGUF vocabulary as llama.cpp loads it (llama-vocab.cpp): token texts, scores and types,
-special token ids, the end-of-generation set, and the bytes each token stands for.
-
-The two tokenizer kinds (spm.py, bpe.py) only differ in how raw text becomes ids and in how a
-normal token's text becomes bytes; everything else lives here so that both behave alike.
+special token ids and the end-of-generation set, with llama.cpp's defaults and fix-ups (tokens
+that look like control tokens are made control tokens, whatever the file says).
 """
 from __future__ import annotations
 
@@ -35,9 +33,27 @@ EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftex
              "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
              "<end_of_utterance>")
 EOM_TEXTS = ("<|eom_id|>",)
+FIM_PRE_TEXTS = ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+                 "▁<PRE>", "<|code_prefix|>", "<|prefix|>")
+FIM_SUF_TEXTS = ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+                 "▁<SUF>", "<|code_suffix|>", "<|suffix|>")
+FIM_MID_TEXTS = ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+                 "▁<MID>", "<|code_middle|>", "<|middle|>")
 FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
 FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
 FIM_SEP_TEXTS = ("<|file_sep|>",)
+# tokenizer.ggml.<key> -> special id, in llama.cpp's order (the deprecated fill-in-the-middle
+# names come last and win)
+SPECIAL_ID_KEYS = (
+    ("bos", "bos_token_id"), ("eos", "eos_token_id"), ("eot", "eot_token_id"),
+    ("eom", "eom_token_id"), ("unk", "unknown_token_id"), ("fim_pre", "fim_pre_token_id"),
+    ("fim_suf", "fim_suf_token_id"), ("fim_mid", "fim_mid_token_id"),
+    ("fim_pad", "fim_pad_token_id"), ("fim_rep", "fim_rep_token_id"),
+    ("fim_sep", "fim_sep_token_id"), ("fim_pre", "prefix_token_id"),
+    ("fim_suf", "suffix_token_id"), ("fim_mid", "middle_token_id"),
+)
+# gpt-oss: always rendered, and split out of any text, like user-defined tokens.
+ALWAYS_RENDERED_TEXTS = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")
 
 
 def _key(md, name, default=None):
@@ -127,17 +143,15 @@ class Vocab:
         ids = {}
         for name, default in default_ids.items():
             ids[name] = default if default is not None and default < n else None
-        keys = {"bos": "bos_token_id", "eos": "eos_token_id", "eot": "eot_token_id",
-                "eom": "eom_token_id", "unk": "unknown_token_id",
-                "fim_pad": "fim_pad_token_id", "fim_rep": "fim_rep_token_id",
-                "fim_sep": "fim_sep_token_id"}
-        for name, key in keys.items():
+        for name, key in SPECIAL_ID_KEYS:
             value = _key(md, key)
             # An id outside the vocabulary is ignored, as llama.cpp does (with a warning there).
             if value is not None and 0 <= int(value) < n:
                 ids[name] = int(value)
-        for name, texts in (("eot", EOT_TEXTS), ("eom", EOM_TEXTS), ("fim_pad", FIM_PAD_TEXTS),
-                            ("fim_rep", FIM_REP_TEXTS), ("fim_sep", FIM_SEP_TEXTS)):
+        for name, texts in (("eot", EOT_TEXTS), ("eom", EOM_TEXTS), ("fim_pre", FIM_PRE_TEXTS),
+                            ("fim_suf", FIM_SUF_TEXTS), ("fim_mid", FIM_MID_TEXTS),
+                            ("fim_pad", FIM_PAD_TEXTS), ("fim_rep", FIM_REP_TEXTS),
+                            ("fim_sep", FIM_SEP_TEXTS)):
             if ids.get(name) is None:
                 ids[name] = self._first_of(texts)
                 if ids[name] is not None:
@@ -150,6 +164,9 @@ class Vocab:
             if text in EOG_TEXTS:
                 eog.add(i)
                 self._make_control(i)
+        for text in ALWAYS_RENDERED_TEXTS:
+            if text in self.token_to_id:
+                self.types[self.token_to_id[text]] = TOKEN_TYPE_USER_DEFINED
         eog |= {ids[k] for k in ("eos", "eot", "eom") if ids.get(k) is not None}
         # gpt-oss / solar-open: "<|end|>" ends a message, not the generation.
         texts = {self.tokens[i] for i in eog}
@@ -179,8 +196,10 @@ class Vocab:
         return min(found) if found else None
 
     def _make_control(self, i):
-        if self.types[i] != TOKEN_TYPE_CONTROL:
-            self.types[i] = TOKEN_TYPE_CONTROL
+        # llama.cpp adds the CONTROL attribute; a control bit overrides every other type's
+        # behaviour (never split from user text, rendered only on request), so replacing
+        # the type is the same thing.
+        self.types[i] = TOKEN_TYPE_CONTROL
 
     def special_tokens(self, parse_special: bool) -> list[tuple[str, int]]:
         """Tokens split out of raw text before tokenizing, longest text first (llama.cpp's

@@ -6,6 +6,7 @@ void KILN_FN(kiln_quantize_row_q8_0)(const float *x, block_q8_0 *y, int64_t n);
 void KILN_FN(kiln_quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n);
 void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
 void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
+uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n);
 
 const kiln_isa_ops KILN_FN(kiln_ops) = {
     KILN_STR(KILN_ISA),
@@ -13,4 +14,5 @@ const kiln_isa_ops KILN_FN(kiln_ops) = {
     KILN_FN(kiln_quantize_row_q8_1),
     KILN_FN(kiln_qgemm),
     KILN_FN(kiln_fgemm),
+    KILN_FN(kiln_stream_sum),
 };

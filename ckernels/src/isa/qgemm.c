@@ -2,7 +2,12 @@
  * activations. Per block the integer dot is exact in int32; the block's float scale
  * d_w * d_x is applied once. Each call computes row groups [rg0, rg1) for every token;
  * a row group's KILN_RG rows share every activation load, and up to KILN_NT tokens
- * share every weight load (prompt batches). */
+ * share every weight load (prompt batches).
+ *
+ * The dot-product instructions leave 4 int32 lanes per block and row; the SIMD
+ * variants sum those lanes across the 4 rows at once (a 4x4 transpose-add), which
+ * leaves one lane per (block, row) in the order of the packed scales, so one convert
+ * and one multiply-add per token serve 4 rows and 4 blocks (512-bit). */
 #include "isa.h"
 #include "kernels_impl.h"
 
@@ -11,80 +16,89 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
-/* Four blocks per step: one 512-bit vpdpbusd covers 4 blocks' lo or hi halves. */
+/* Per 128-bit lane b: s_r holds 4 partial sums of row r; returns [sum s_0 .. sum s_3]. */
+static inline __m512i kiln_tsum4(__m512i s0, __m512i s1, __m512i s2, __m512i s3) {
+    __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(s0, s1), _mm512_unpackhi_epi32(s0, s1));
+    __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(s2, s3), _mm512_unpackhi_epi32(s2, s3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+}
+
+/* One block group (nb blocks; lm masks their quant bytes) of a row group: four blocks
+ * per step, one 512-bit vpdpbusd covering 4 blocks' lo or hi halves. */
 static inline __attribute__((always_inline)) void
-kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok) {
-    const kiln_packed_view *w = &a->w;
-    const int type = w->type;
+kiln_qstep(__m512 *acc, const kiln_packed_view *w, const kiln_act *act, int64_t rg, int64_t g,
+           int nb, __mmask64 lm, const int nt_tok, const int type) {
     const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
     const size_t bb = q8 ? 32 : 16;
-    kiln_act act[KILN_NT];
-    for (int t = 0; t < nt_tok; t++) act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
-    __m512 acc[KILN_RG][KILN_NT];
-    for (int r = 0; r < KILN_RG; r++)
-        for (int t = 0; t < nt_tok; t++) acc[r][t] = _mm512_setzero_ps();
     const __m512i mask4 = _mm512_set1_epi8(0x0f);
-    __m512i perm[KILN_RG];
-    for (int r = 0; r < KILN_RG; r++) /* lanes 4b..4b+3 <- scale [r][b] */
-        perm[r] = _mm512_setr_epi32(4 * r, 4 * r, 4 * r, 4 * r, 4 * r + 1, 4 * r + 1, 4 * r + 1,
-                                    4 * r + 1, 4 * r + 2, 4 * r + 2, 4 * r + 2, 4 * r + 2,
-                                    4 * r + 3, 4 * r + 3, 4 * r + 3, 4 * r + 3);
-    for (int64_t g = 0; g < w->ng; g++) {
-        const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
-        const __mmask64 lm = nb == KILN_KG ? ~(__mmask64)0 : (((__mmask64)1 << (nb * 16)) - 1);
-        const uint8_t *qs = kiln_rg_qs(w, rg, g);
-        __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_d(w, rg, g)));
-        __m512 m16 = q41 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_m(w, rg, g)))
-                         : _mm512_setzero_ps();
-        __m512i al[KILN_NT], ah[KILN_NT], off[KILN_NT];
-        __m512 dx[KILN_NT], sx[KILN_NT];
-        for (int t = 0; t < nt_tok; t++) {
-            al[t] = _mm512_loadu_si512(act[t].qs + g * KILN_KG * QK);
-            ah[t] = _mm512_loadu_si512(act[t].qs + g * KILN_KG * QK + KILN_KG * 16);
-            off[t] = _mm512_loadu_si512(act[t].off + g * KILN_KG * 4);
-            dx[t] = _mm512_loadu_ps(act[t].dx + g * KILN_KG * 4);
-            if (q41) sx[t] = _mm512_loadu_ps(act[t].sx + g * KILN_KG * 4);
-        }
-        for (int r = 0; r < KILN_RG; r++) {
-            __m512i wl, wh;
-            if (q8) {
-                wl = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb);
-                wh = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb + nb * 16);
-            } else {
-                __m512i v = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb);
-                wl = _mm512_and_si512(v, mask4);
-                wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask4);
-            }
-            __m512 dw = _mm512_permutexvar_ps(perm[r], d16);
-            __m512 mw = q41 ? _mm512_permutexvar_ps(perm[r], m16) : dw;
-            for (int t = 0; t < nt_tok; t++) {
-                __m512i s = _mm512_dpbusd_epi32(off[t], wl, al[t]);
-                s = _mm512_dpbusd_epi32(s, wh, ah[t]);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx[t]), acc[r][t]);
-                if (q41) acc[r][t] = _mm512_fmadd_ps(mw, sx[t], acc[r][t]);
-            }
+    const uint8_t *qs = kiln_rg_qs(w, rg, g);
+    __m512i wl[KILN_RG], wh[KILN_RG];
+    for (int r = 0; r < KILN_RG; r++) {
+        if (q8) {
+            wl[r] = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb);
+            wh[r] = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb + nb * 16);
+        } else {
+            __m512i v = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb);
+            wl[r] = _mm512_and_si512(v, mask4);
+            wh[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask4);
         }
     }
-    for (int r = 0; r < KILN_RG; r++) {
-        int64_t row = rg * KILN_RG + r;
-        if (row >= w->rows) break;
-        for (int t = 0; t < nt_tok; t++)
-            a->y[(size_t)(t0 + t) * w->rows + row] = _mm512_reduce_add_ps(acc[r][t]);
+    __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_d(w, rg, g)));
+    for (int t = 0; t < nt_tok; t++) {
+        const int8_t *aq = act[t].qs + g * KILN_KG * QK;
+        __m512i al = _mm512_loadu_si512(aq), ah = _mm512_loadu_si512(aq + KILN_KG * 16);
+        __m512i s[KILN_RG];
+        for (int r = 0; r < KILN_RG; r++)
+            s[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wl[r], al), wh[r], ah);
+        __m512i T = kiln_tsum4(s[0], s[1], s[2], s[3]);
+        T = _mm512_add_epi32(T, _mm512_loadu_si512(act[t].off + g * KILN_KG * 4));
+        __m512 dx = _mm512_loadu_ps(act[t].dx + g * KILN_KG * 4);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(dw, dx), acc[t]);
+        if (q41) {
+            __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_m(w, rg, g)));
+            acc[t] = _mm512_fmadd_ps(m, _mm512_loadu_ps(act[t].sx + g * KILN_KG * 4), acc[t]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
+    const kiln_packed_view *w = &a->w;
+    kiln_act act[KILN_NT];
+    __m512 acc[KILN_NT];
+    for (int t = 0; t < nt_tok; t++) {
+        act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
+        acc[t] = _mm512_setzero_ps();
+    }
+    const int64_t n_full = w->nb / KILN_KG;
+    for (int64_t g = 0; g < n_full; g++)
+        kiln_qstep(acc, w, act, rg, g, KILN_KG, ~(__mmask64)0, nt_tok, type);
+    if (n_full < w->ng) {
+        int nb = (int)(w->nb - n_full * KILN_KG);
+        kiln_qstep(acc, w, act, rg, n_full, nb, ((__mmask64)1 << (nb * 16)) - 1, nt_tok, type);
+    }
+    for (int t = 0; t < nt_tok; t++) {
+        /* lanes [b][r] -> sum over b */
+        __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
+        __m128 y4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        float *y = a->y + (size_t)(t0 + t) * w->rows + rg * KILN_RG;
+        if (rg * KILN_RG + KILN_RG <= w->rows) _mm_storeu_ps(y, y4);
+        else {
+            float tmp[4];
+            _mm_storeu_ps(tmp, y4);
+            for (int r = 0; rg * KILN_RG + r < w->rows; r++) y[r] = tmp[r];
+        }
     }
 }
 
 #elif defined(__AVX2__)
 #include <immintrin.h>
 
-/* u8 x s8 -> 4 int32 lanes per 16 bytes, accumulated into acc. */
-static inline __m256i kiln_dot_u8s8(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-    /* u <= 15 here (nibbles), so the 16-bit pair sums cannot saturate */
-    __m256i p = _mm256_maddubs_epi16(u, s);
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-#endif
+static inline __m256i kiln_tsum4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+    __m256i a01 = _mm256_add_epi32(_mm256_unpacklo_epi32(s0, s1), _mm256_unpackhi_epi32(s0, s1));
+    __m256i a23 = _mm256_add_epi32(_mm256_unpacklo_epi32(s2, s3), _mm256_unpackhi_epi32(s2, s3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(a01, a23), _mm256_unpackhi_epi64(a01, a23));
 }
 
 /* 16 or 32 bytes (zero-extended) */
@@ -93,92 +107,91 @@ static inline __m256i kiln_load_half(const uint8_t *p, int two) {
                : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* Integer dot of 2 blocks (u: weights, a: activations) -> 4 int32 lanes per block. */
+static inline __m256i kiln_dot2(__m256i wl, __m256i wh, __m256i al, __m256i ah, const int q8) {
+#if defined(__AVXVNNI__)
+    (void)q8;
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wl, al), wh, ah);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (q8) { /* wl, wh are signed here: |w| * sign(a, w) cannot saturate 16 bits */
+        __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wl), _mm256_sign_epi8(al, wl)), ones);
+        __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wh), _mm256_sign_epi8(ah, wh)), ones);
+        return _mm256_add_epi32(pl, ph);
+    }
+    /* nibbles <= 15: the 16-bit pair sums of both halves stay far from saturation */
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(wl, al), _mm256_maddubs_epi16(wh, ah));
+    return _mm256_madd_epi16(p, ones);
+#endif
+}
+
 /* Two blocks per step (one 256-bit register holds 2 blocks' lo or hi halves). */
 static inline __attribute__((always_inline)) void
-kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok) {
+kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
-    const int type = w->type;
     const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
     const size_t bb = q8 ? 32 : 16;
+#if defined(__AVXVNNI__)
+    const int signed_w = 0;
+#else
+    const int signed_w = q8; /* Q8 weights turned back to signed: no offset term */
+#endif
     kiln_act act[KILN_NT];
-    for (int t = 0; t < nt_tok; t++) act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
-    __m256 acc[KILN_RG][KILN_NT];
-    for (int r = 0; r < KILN_RG; r++)
-        for (int t = 0; t < nt_tok; t++) acc[r][t] = _mm256_setzero_ps();
+    __m256 acc[KILN_NT];
+    for (int t = 0; t < nt_tok; t++) {
+        act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
+        acc[t] = _mm256_setzero_ps();
+    }
     const __m256i mask4 = _mm256_set1_epi8(0x0f);
     const __m256i sign8 = _mm256_set1_epi8((char)0x80);
-    (void)sign8;
     for (int64_t g = 0; g < w->ng; g++) {
         const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
         const uint8_t *qs = kiln_rg_qs(w, rg, g);
-        const kiln_fp16 *dp = kiln_rg_d(w, rg, g);
-        const kiln_fp16 *mp = q41 ? kiln_rg_m(w, rg, g) : dp;
         for (int h = 0; 2 * h < nb; h++) {
             const int two = 2 * h + 1 < nb;
-            const __m256i pidx = _mm256_setr_epi32(2 * h, 2 * h, 2 * h, 2 * h, 2 * h + 1, 2 * h + 1,
-                                                   2 * h + 1, 2 * h + 1);
-            __m256i al[KILN_NT], ah[KILN_NT], off[KILN_NT];
-            __m256 dx[KILN_NT], sx[KILN_NT];
-            for (int t = 0; t < nt_tok; t++) {
-                const int8_t *aq = act[t].qs + g * KILN_KG * QK + 32 * h;
-                al[t] = _mm256_loadu_si256((const __m256i *)aq);
-                ah[t] = _mm256_loadu_si256((const __m256i *)(aq + KILN_KG * 16));
-                off[t] = _mm256_loadu_si256((const __m256i *)(act[t].off + g * KILN_KG * 4 + 8 * h));
-                dx[t] = _mm256_loadu_ps(act[t].dx + g * KILN_KG * 4 + 8 * h);
-                if (q41) sx[t] = _mm256_loadu_ps(act[t].sx + g * KILN_KG * 4 + 8 * h);
-            }
+            __m256i wl[KILN_RG], wh[KILN_RG];
             for (int r = 0; r < KILN_RG; r++) {
                 const uint8_t *rq = qs + (size_t)r * nb * bb + 32 * h;
-                __m256 d4 = _mm256_castps128_ps256(
-                    _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(dp + r * KILN_KG))));
-                __m256 dw = _mm256_permutevar8x32_ps(d4, pidx);
-                __m256i s[KILN_NT];
                 if (q8) {
-#if defined(__AVXVNNI__)
-                    /* unsigned weights (w + 128) with the activation-side offset */
-                    __m256i wl = kiln_load_half(rq, two), wh = kiln_load_half(rq + nb * 16, two);
-                    for (int t = 0; t < nt_tok; t++)
-                        s[t] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(off[t], wl, al[t]), wh, ah[t]);
-#else
-                    /* signed x signed via |w| * sign(a, w): no 16-bit saturation, and
-                     * no offset since the weights are back to signed */
-                    __m256i wl = _mm256_xor_si256(kiln_load_half(rq, two), sign8);
-                    __m256i wh = _mm256_xor_si256(kiln_load_half(rq + nb * 16, two), sign8);
-                    __m256i awl = _mm256_abs_epi8(wl), awh = _mm256_abs_epi8(wh);
-                    for (int t = 0; t < nt_tok; t++) {
-                        __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(awl, _mm256_sign_epi8(al[t], wl)),
-                                                       _mm256_set1_epi16(1));
-                        __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(awh, _mm256_sign_epi8(ah[t], wh)),
-                                                       _mm256_set1_epi16(1));
-                        s[t] = _mm256_add_epi32(pl, ph);
+                    wl[r] = kiln_load_half(rq, two);
+                    wh[r] = kiln_load_half(rq + nb * 16, two);
+                    if (signed_w) {
+                        wl[r] = _mm256_xor_si256(wl[r], sign8);
+                        wh[r] = _mm256_xor_si256(wh[r], sign8);
                     }
-#endif
                 } else {
                     __m256i v = kiln_load_half(rq, two);
-                    __m256i wl = _mm256_and_si256(v, mask4);
-                    __m256i wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask4);
-                    for (int t = 0; t < nt_tok; t++)
-                        s[t] = kiln_dot_u8s8(kiln_dot_u8s8(off[t], wl, al[t]), wh, ah[t]);
+                    wl[r] = _mm256_and_si256(v, mask4);
+                    wh[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask4);
                 }
-                for (int t = 0; t < nt_tok; t++)
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dw, dx[t]), acc[r][t]);
+            }
+            const size_t lane = (size_t)g * KILN_KG * 4 + 8 * h; /* act lanes of block 2h */
+            __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kiln_rg_d(w, rg, g) + 2 * h * KILN_RG)));
+            for (int t = 0; t < nt_tok; t++) {
+                const int8_t *aq = act[t].qs + g * KILN_KG * QK + 32 * h;
+                __m256i al = _mm256_loadu_si256((const __m256i *)aq);
+                __m256i ah = _mm256_loadu_si256((const __m256i *)(aq + KILN_KG * 16));
+                __m256i s[KILN_RG];
+                for (int r = 0; r < KILN_RG; r++) s[r] = kiln_dot2(wl[r], wh[r], al, ah, q8);
+                __m256i T = kiln_tsum4(s[0], s[1], s[2], s[3]);
+                if (!signed_w) T = _mm256_add_epi32(T, _mm256_loadu_si256((const __m256i *)(act[t].off + lane)));
+                __m256 dx = _mm256_loadu_ps(act[t].dx + lane);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(dw, dx), acc[t]);
                 if (q41) {
-                    __m256 m4 = _mm256_castps128_ps256(
-                        _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(mp + r * KILN_KG))));
-                    __m256 mw = _mm256_permutevar8x32_ps(m4, pidx);
-                    for (int t = 0; t < nt_tok; t++) acc[r][t] = _mm256_fmadd_ps(mw, sx[t], acc[r][t]);
+                    __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kiln_rg_m(w, rg, g) + 2 * h * KILN_RG)));
+                    acc[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(act[t].sx + lane), acc[t]);
                 }
             }
         }
     }
-    for (int r = 0; r < KILN_RG; r++) {
-        int64_t row = rg * KILN_RG + r;
-        if (row >= w->rows) break;
-        for (int t = 0; t < nt_tok; t++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            a->y[(size_t)(t0 + t) * w->rows + row] = _mm_cvtss_f32(s);
+    for (int t = 0; t < nt_tok; t++) {
+        __m128 y4 = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        float *y = a->y + (size_t)(t0 + t) * w->rows + rg * KILN_RG;
+        if (rg * KILN_RG + KILN_RG <= w->rows) _mm_storeu_ps(y, y4);
+        else {
+            float tmp[4];
+            _mm_storeu_ps(tmp, y4);
+            for (int r = 0; rg * KILN_RG + r < w->rows; r++) y[r] = tmp[r];
         }
     }
 }
@@ -186,70 +199,72 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok) {
 #elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
 #include <arm_neon.h>
 
-/* One block per step: vdotq_s32 leaves 4 int32 lanes per 16 bytes. */
+/* One block per step: vdotq_s32 leaves 4 int32 lanes per 16 bytes; pairwise adds sum
+ * them across the 4 rows into [row 0 .. row 3]. */
 static inline __attribute__((always_inline)) void
-kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok) {
+kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
-    const int type = w->type;
     const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
     const size_t bb = q8 ? 32 : 16;
     kiln_act act[KILN_NT];
-    for (int t = 0; t < nt_tok; t++) act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
-    float32x4_t acc[KILN_RG][KILN_NT];
-    for (int r = 0; r < KILN_RG; r++)
-        for (int t = 0; t < nt_tok; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    float32x4_t acc[KILN_NT];
+    for (int t = 0; t < nt_tok; t++) {
+        act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
+        acc[t] = vdupq_n_f32(0.0f);
+    }
     const uint8x16_t mask4 = vdupq_n_u8(0x0f);
     const uint8x16_t sign8 = vdupq_n_u8(0x80);
     for (int64_t g = 0; g < w->ng; g++) {
         const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
         const uint8_t *qs = kiln_rg_qs(w, rg, g);
-        const kiln_fp16 *dp = kiln_rg_d(w, rg, g);
-        const kiln_fp16 *mp = q41 ? kiln_rg_m(w, rg, g) : dp;
         for (int b = 0; b < nb; b++) {
-            int8x16_t al[KILN_NT], ah[KILN_NT];
-            int32x4_t off[KILN_NT];
-            float32x4_t dx[KILN_NT], sx[KILN_NT];
-            for (int t = 0; t < nt_tok; t++) {
-                const int8_t *aq = act[t].qs + g * KILN_KG * QK + 16 * b;
-                al[t] = vld1q_s8(aq);
-                ah[t] = vld1q_s8(aq + KILN_KG * 16);
-                off[t] = vld1q_s32(act[t].off + (g * KILN_KG + b) * 4);
-                dx[t] = vld1q_f32(act[t].dx + (g * KILN_KG + b) * 4);
-                if (q41) sx[t] = vld1q_f32(act[t].sx + (g * KILN_KG + b) * 4);
-            }
+            int8x16_t wl[KILN_RG], wh[KILN_RG];
             for (int r = 0; r < KILN_RG; r++) {
                 const uint8_t *rq = qs + (size_t)r * nb * bb + 16 * b;
-                int8x16_t wl, wh;
-                if (q8) { /* back to signed: the offset is not needed */
-                    wl = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq), sign8));
-                    wh = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq + nb * 16), sign8));
+                if (q8) { /* back to signed (sdot is signed x signed): no offset term */
+                    wl[r] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq), sign8));
+                    wh[r] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq + nb * 16), sign8));
                 } else {
                     uint8x16_t v = vld1q_u8(rq);
-                    wl = vreinterpretq_s8_u8(vandq_u8(v, mask4));
-                    wh = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                    wl[r] = vreinterpretq_s8_u8(vandq_u8(v, mask4));
+                    wh[r] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
                 }
-                float dw = kiln_fp16_to_fp32(dp[r * KILN_KG + b]);
-                for (int t = 0; t < nt_tok; t++) {
-                    int32x4_t s = vdotq_s32(vdotq_s32(q8 ? vdupq_n_s32(0) : off[t], wl, al[t]), wh, ah[t]);
-                    acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(s), vmulq_n_f32(dx[t], dw));
-                    if (q41) acc[r][t] = vfmaq_n_f32(acc[r][t], sx[t], kiln_fp16_to_fp32(mp[r * KILN_KG + b]));
+            }
+            const size_t lane = (size_t)(g * KILN_KG + b) * 4;
+            float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(kiln_rg_d(w, rg, g) + b * KILN_RG)));
+            for (int t = 0; t < nt_tok; t++) {
+                const int8_t *aq = act[t].qs + g * KILN_KG * QK + 16 * b;
+                int8x16_t al = vld1q_s8(aq), ah = vld1q_s8(aq + KILN_KG * 16);
+                int32x4_t s[KILN_RG];
+                for (int r = 0; r < KILN_RG; r++)
+                    s[r] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), wl[r], al), wh[r], ah);
+                int32x4_t T = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
+                if (!q8) T = vaddq_s32(T, vld1q_s32(act[t].off + lane));
+                acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(T), vmulq_f32(dw, vld1q_f32(act[t].dx + lane)));
+                if (q41) {
+                    float32x4_t m = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(kiln_rg_m(w, rg, g) + b * KILN_RG)));
+                    acc[t] = vfmaq_f32(acc[t], m, vld1q_f32(act[t].sx + lane));
                 }
             }
         }
     }
-    for (int r = 0; r < KILN_RG; r++) {
-        int64_t row = rg * KILN_RG + r;
-        if (row >= w->rows) break;
-        for (int t = 0; t < nt_tok; t++) a->y[(size_t)(t0 + t) * w->rows + row] = vaddvq_f32(acc[r][t]);
+    for (int t = 0; t < nt_tok; t++) {
+        float *y = a->y + (size_t)(t0 + t) * w->rows + rg * KILN_RG;
+        if (rg * KILN_RG + KILN_RG <= w->rows) vst1q_f32(y, acc[t]);
+        else {
+            float tmp[4];
+            vst1q_f32(tmp, acc[t]);
+            for (int r = 0; rg * KILN_RG + r < w->rows; r++) y[r] = tmp[r];
+        }
     }
 }
 
 #else
 /* Scalar reference over the same packed layout: blocks in order, one float
  * multiply-add per block. */
-static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok) {
+static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
-    const int q8 = w->type == KILN_TYPE_Q8_0, q41 = w->type == KILN_TYPE_Q4_1;
+    const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
     const size_t bb = q8 ? 32 : 16;
     for (int t = t0; t < t0 + nt_tok; t++) {
         kiln_act act = kiln_act_at(a->act + (size_t)t * a->act_stride, &a->al);
@@ -260,7 +275,6 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
             for (int64_t g = 0; g < w->ng; g++) {
                 const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
                 const uint8_t *rq = kiln_rg_qs(w, rg, g) + (size_t)r * nb * bb;
-                const kiln_fp16 *dp = kiln_rg_d(w, rg, g) + r * KILN_KG;
                 for (int b = 0; b < nb; b++) {
                     const int8_t *al = act.qs + g * KILN_KG * QK + 16 * b;
                     const int8_t *ah = al + KILN_KG * 16;
@@ -270,8 +284,8 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
                         if (q8) isum += rq[16 * b + j] * al[j] + rq[nb * 16 + 16 * b + j] * ah[j];
                         else isum += (rq[16 * b + j] & 15) * al[j] + (rq[16 * b + j] >> 4) * ah[j];
                     }
-                    sum += (float)isum * (kiln_fp16_to_fp32(dp[b]) * act.dx[lane]);
-                    if (q41) sum += kiln_fp16_to_fp32(kiln_rg_m(w, rg, g)[r * KILN_KG + b]) * act.sx[lane];
+                    sum += (float)isum * (kiln_fp16_to_fp32(kiln_rg_d(w, rg, g)[b * KILN_RG + r]) * act.dx[lane]);
+                    if (q41) sum += kiln_fp16_to_fp32(kiln_rg_m(w, rg, g)[b * KILN_RG + r]) * act.sx[lane];
                 }
             }
             a->y[(size_t)t * w->rows + row] = sum;
@@ -280,19 +294,30 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
 }
 #endif
 
+/* Row groups [rg0, rg1) for tokens [t0, t0 + nt_tok) with compile-time token count and
+ * type, so every accumulator stays in a register and no type test is left in the loop. */
+static inline __attribute__((always_inline)) void
+kiln_qgemm_rows(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, int t0, const int nt_tok) {
+    switch (a->w.type) {
+    case KILN_TYPE_Q4_0:
+        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q4_0);
+        break;
+    case KILN_TYPE_Q4_1:
+        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q4_1);
+        break;
+    default:
+        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q8_0);
+        break;
+    }
+}
+
 void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
     int t = 0;
-    /* whole passes of KILN_NT tokens first, then the remainder; the constant token
-     * counts let the compiler keep every accumulator in registers */
-    for (; t + KILN_NT <= a->n_tokens; t += KILN_NT)
-        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t, KILN_NT);
-    int rest = a->n_tokens - t;
-    for (int64_t rg = rg0; rg < rg1; rg++) {
-        switch (rest) {
-        case 1: kiln_qgemm_rg(a, rg, t, 1); break;
-        case 2: kiln_qgemm_rg(a, rg, t, 2); break;
-        case 3: kiln_qgemm_rg(a, rg, t, 3); break;
-        default: break;
-        }
+    for (; t + KILN_NT <= a->n_tokens; t += KILN_NT) kiln_qgemm_rows(a, rg0, rg1, t, KILN_NT);
+    switch (a->n_tokens - t) {
+    case 1: kiln_qgemm_rows(a, rg0, rg1, t, 1); break;
+    case 2: kiln_qgemm_rows(a, rg0, rg1, t, 2); break;
+    case 3: kiln_qgemm_rows(a, rg0, rg1, t, 3); break;
+    default: break;
     }
 }

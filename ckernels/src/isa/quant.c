@@ -4,6 +4,7 @@
  * Q8_1 s = fp16(sum(q) * d). The SIMD versions differ only in how they compute the same
  * operations; the float products and the rounding are the same, so the bits are. */
 #include "isa.h"
+#include "codecs.h"
 #include "kernels_impl.h"
 
 #if defined(__AVX2__)
@@ -77,24 +78,9 @@ static inline float kiln_q8_block(const float *x, int8_t *qs, int32_t *sum) {
     }
     return d;
 }
-#else
-#include <math.h>
-
-static inline float kiln_q8_block(const float *x, int8_t *qs, int32_t *sum) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-    float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
-    int32_t s = 0;
-    for (int j = 0; j < QK; j++) {
-        qs[j] = (int8_t)roundf(x[j] * id);
-        s += qs[j];
-    }
-    *sum = s;
-    return d;
-}
 #endif
 
+#if defined(__AVX2__) || (defined(__ARM_NEON) && defined(__aarch64__))
 static void quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n) {
     for (int64_t i = 0; i < n / QK; i++) {
         int32_t sum;
@@ -111,6 +97,12 @@ static void quantize_row_q8_1(const float *x, block_q8_1 *y, int64_t n) {
         y[i].s = kiln_fp32_to_fp16((float)sum * d);
     }
 }
+
+#else
+/* the scalar variant is the reference codec itself */
+#define quantize_row_q8_0 kiln_quantize_row_q8_0
+#define quantize_row_q8_1 kiln_quantize_row_q8_1
+#endif
 
 void KILN_FN(kiln_quantize_row_q8_0)(const float *x, block_q8_0 *y, int64_t n) {
     quantize_row_q8_0(x, y, n);

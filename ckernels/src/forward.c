@@ -1,0 +1,385 @@
+/* The Llama forward pass (what engine/reference.py computes, in C).
+ *
+ * Mirrors the reference line by line: embed, then per layer RMSNorm -> Q/K/V ->
+ * RoPE -> KV cache -> causal GQA attention -> output projection -> residual ->
+ * RMSNorm -> SwiGLU FFN -> residual; final RMSNorm and logits. Matrix products go
+ * through kiln_matmul (which splits rows over the pool); everything else here is
+ * split over the pool by rows or (token, head) pairs. Every output element is computed
+ * by one thread in a fixed order, so results do not depend on the thread count.
+ *
+ * The KV cache is float32: exact, so the reference needs no emulation of it, and
+ * attention is a small share of the work for the models kiln targets. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codecs.h"
+#include "forward.h"
+#include "kernels.h"
+
+typedef struct {
+    kiln_matrix wq, wk, wv, wo;   /* see kiln_layer_weights for shapes */
+    kiln_matrix w_gate, w_up, w_down;
+    const float *attn_norm, *ffn_norm;
+} Layer;
+
+typedef struct {
+    kiln_weight token_embd;       /* (n_vocab, n_embd), rows dequantized on lookup */
+    int64_t token_embd_row_size;  /* bytes per row */
+    Layer *layers;                /* (n_layer) */
+    const float *output_norm;     /* (n_embd) */
+    kiln_matrix output;           /* (n_vocab, n_embd) */
+    double *rope_inv_freq;        /* (rope_dim / 2) */
+} Weights;
+
+typedef struct {
+    /* activations of the current chunk of up to n_batch tokens */
+    float *x;        /* (n_batch, n_embd) residual stream */
+    float *xb;       /* (n_batch, n_embd) normed input of a sublayer */
+    float *xb2;      /* (n_batch, n_embd) sublayer output */
+    float *q;        /* (n_batch, n_head * head_dim) */
+    float *att_out;  /* (n_batch, n_head * head_dim) attention output, heads concatenated */
+    float *hb;       /* (n_batch, n_ff) gate, then silu(gate) * up */
+    float *hb2;      /* (n_batch, n_ff) up */
+    float *rope_cos; /* (n_batch, rope_dim / 2) */
+    float *rope_sin; /* (n_batch, rope_dim / 2) */
+    float *att;      /* (n_threads, n_ctx) attention scores, one row per thread */
+    /* the KV cache; rows are positions so kiln_matmul writes new keys/values in place */
+    float *key_cache;   /* (n_layer, n_ctx, n_head_kv * head_dim) */
+    float *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
+} RunState;
+
+struct kiln_llama {
+    kiln_llama_config c;
+    Weights w;
+    RunState s;
+    kiln_pool *pool;
+};
+
+/* ---- building and freeing ---- */
+
+static int init_matrix(kiln_matrix *m, kiln_weight w, int64_t rows, int64_t cols) {
+    memset(m, 0, sizeof *m);
+    return kiln_matrix_init(m, w.type, rows, cols, w.data);
+}
+
+static void free_weights(Weights *w, int n_layer) {
+    if (w->layers) {
+        for (int l = 0; l < n_layer; l++) {
+            Layer *L = &w->layers[l];
+            kiln_matrix *ms[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+            for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++) kiln_matrix_free(ms[i]);
+        }
+        free(w->layers);
+    }
+    kiln_matrix_free(&w->output);
+    free(w->rope_inv_freq);
+}
+
+static int build_weights(Weights *w, const kiln_llama_config *c, const kiln_llama_weights *src) {
+    int64_t q_dim = (int64_t)c->n_head * c->head_dim, kv_dim = (int64_t)c->n_head_kv * c->head_dim;
+    memset(w, 0, sizeof *w);
+    w->token_embd = src->token_embd;
+    w->token_embd_row_size = kiln_row_size(src->token_embd.type, c->n_embd);
+    w->output_norm = src->output_norm;
+    w->layers = calloc(c->n_layer, sizeof(Layer));
+    w->rope_inv_freq = malloc(sizeof(double) * (c->rope_dim / 2 + 1));
+    if (!w->layers || !w->rope_inv_freq || w->token_embd_row_size <= 0) return -1;
+    for (int i = 0; i < c->rope_dim / 2; i++) w->rope_inv_freq[i] = src->rope_inv_freq[i];
+    for (int l = 0; l < c->n_layer; l++) {
+        const kiln_layer_weights *s = &src->layers[l];
+        Layer *L = &w->layers[l];
+        L->attn_norm = s->attn_norm;
+        L->ffn_norm = s->ffn_norm;
+        if (init_matrix(&L->wq, s->attn_q, q_dim, c->n_embd) ||
+            init_matrix(&L->wk, s->attn_k, kv_dim, c->n_embd) ||
+            init_matrix(&L->wv, s->attn_v, kv_dim, c->n_embd) ||
+            init_matrix(&L->wo, s->attn_output, c->n_embd, q_dim) ||
+            init_matrix(&L->w_gate, s->ffn_gate, c->n_ff, c->n_embd) ||
+            init_matrix(&L->w_up, s->ffn_up, c->n_ff, c->n_embd) ||
+            init_matrix(&L->w_down, s->ffn_down, c->n_embd, c->n_ff))
+            return -1;
+    }
+    return init_matrix(&w->output, src->output, c->n_vocab, c->n_embd);
+}
+
+static void free_run_state(RunState *s) {
+    float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->hb, s->hb2, s->rope_cos,
+                     s->rope_sin, s->att, s->key_cache, s->value_cache};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+}
+
+static float *alloc_floats(size_t n) { return malloc(sizeof(float) * (n ? n : 1)); }
+
+static int build_run_state(RunState *s, const kiln_llama_config *c, int n_threads) {
+    size_t B = c->n_batch, q_dim = (size_t)c->n_head * c->head_dim;
+    size_t kv = (size_t)c->n_layer * c->n_ctx * c->n_head_kv * c->head_dim;
+    memset(s, 0, sizeof *s);
+    s->x = alloc_floats(B * c->n_embd);
+    s->xb = alloc_floats(B * c->n_embd);
+    s->xb2 = alloc_floats(B * c->n_embd);
+    s->q = alloc_floats(B * q_dim);
+    s->att_out = alloc_floats(B * q_dim);
+    s->hb = alloc_floats(B * c->n_ff);
+    s->hb2 = alloc_floats(B * c->n_ff);
+    s->rope_cos = alloc_floats(B * (c->rope_dim / 2));
+    s->rope_sin = alloc_floats(B * (c->rope_dim / 2));
+    s->att = alloc_floats((size_t)n_threads * c->n_ctx);
+    /* calloc: pages of the cache are touched only as positions fill */
+    s->key_cache = calloc(kv ? kv : 1, sizeof(float));
+    s->value_cache = calloc(kv ? kv : 1, sizeof(float));
+    return s->x && s->xb && s->xb2 && s->q && s->att_out && s->hb && s->hb2 && s->rope_cos &&
+                   s->rope_sin && s->att && s->key_cache && s->value_cache ? 0 : -1;
+}
+
+kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
+                              int n_threads) {
+    if (n_threads < 1 || cfg->n_batch < 1 || cfg->n_ctx < 1 || cfg->n_head_kv < 1 ||
+        cfg->n_head % cfg->n_head_kv || cfg->rope_dim > cfg->head_dim || cfg->rope_dim % 2)
+        return NULL;
+    kiln_llama *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->c = *cfg;
+    m->pool = kiln_pool_create(n_threads);
+    if (!m->pool || build_weights(&m->w, cfg, w) || build_run_state(&m->s, cfg, n_threads)) {
+        kiln_llama_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void kiln_llama_free(kiln_llama *m) {
+    if (!m) return;
+    free_weights(&m->w, m->c.n_layer);
+    free_run_state(&m->s);
+    if (m->pool) kiln_pool_free(m->pool);
+    free(m);
+}
+
+int kiln_llama_n_threads(const kiln_llama *m) { return kiln_pool_size(m->pool); }
+
+/* ---- the pieces of a layer, each split over the pool ---- */
+
+/* Rows [*lo, *hi) of n for thread ith of nth. */
+static void split_rows(int n, int ith, int nth, int *lo, int *hi) {
+    *lo = (int)((int64_t)n * ith / nth);
+    *hi = (int)((int64_t)n * (ith + 1) / nth);
+}
+
+/* A single row is not worth waking the workers for. */
+static void run_rows(kiln_pool *pool, kiln_task_fn fn, void *ctx, int n_rows) {
+    if (n_rows == 1) fn(ctx, 0, 1);
+    else kiln_pool_run(pool, fn, ctx);
+}
+
+static float dot(const float *a, const float *b, int n) {
+    /* eight partial sums: the compiler keeps them in vector registers */
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+typedef struct {
+    kiln_llama *m;
+    int n_tokens, n_past, layer;
+    const float *norm_weight;  /* rmsnorm task */
+    const float *residual;     /* add_rmsnorm: added to x first (NULL: none) */
+} Task;
+
+/* x[t] += residual[t] (when given); xb[t] = rmsnorm(x[t]) * norm_weight */
+static void task_add_rmsnorm(void *ctx, int ith, int nth) {
+    Task *k = ctx;
+    const kiln_llama_config *c = &k->m->c;
+    RunState *s = &k->m->s;
+    int lo, hi;
+    split_rows(k->n_tokens, ith, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
+        float *x = s->x + (size_t)t * c->n_embd;
+        if (k->residual) {
+            const float *r = k->residual + (size_t)t * c->n_embd;
+            for (int i = 0; i < c->n_embd; i++) x[i] += r[i];
+        }
+        rmsnorm(s->xb + (size_t)t * c->n_embd, x, k->norm_weight, c->n_embd, c->rms_eps);
+    }
+}
+
+/* Rotates pairs (v[2i], v[2i+1]) of the first rope_dim dims of each head by
+ * angle pos * inv_freq[i] (GGUF/Meta interleaved order). */
+static void rope_heads(float *v, int n_heads, int head_dim, int rope_dim,
+                       const float *cosv, const float *sinv) {
+    for (int h = 0; h < n_heads; h++) {
+        float *hv = v + (size_t)h * head_dim;
+        for (int i = 0; i < rope_dim / 2; i++) {
+            float x0 = hv[2 * i], x1 = hv[2 * i + 1];
+            hv[2 * i] = x0 * cosv[i] - x1 * sinv[i];
+            hv[2 * i + 1] = x0 * sinv[i] + x1 * cosv[i];
+        }
+    }
+}
+
+static void task_rope(void *ctx, int ith, int nth) {
+    Task *k = ctx;
+    const kiln_llama_config *c = &k->m->c;
+    RunState *s = &k->m->s;
+    int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2, lo, hi;
+    float *key_cache = s->key_cache + (size_t)k->layer * c->n_ctx * kv_dim;
+    split_rows(k->n_tokens, ith, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++) {
+        const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
+        rope_heads(s->q + (size_t)t * c->n_head * c->head_dim, c->n_head, c->head_dim,
+                   c->rope_dim, cs, sn);
+        rope_heads(key_cache + (size_t)(k->n_past + t) * kv_dim, c->n_head_kv, c->head_dim,
+                   c->rope_dim, cs, sn);
+    }
+}
+
+/* Causal attention: (token t, head h) pairs dealt round-robin, so the triangle of a
+ * prompt's work spreads evenly; each pair is computed whole by one thread. */
+static void task_attention(void *ctx, int ith, int nth) {
+    Task *k = ctx;
+    const kiln_llama_config *c = &k->m->c;
+    RunState *s = &k->m->s;
+    int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
+    size_t layer_off = (size_t)k->layer * c->n_ctx * kv_dim;
+    const float *key_cache = s->key_cache + layer_off, *value_cache = s->value_cache + layer_off;
+    float *att = s->att + (size_t)ith * c->n_ctx;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int item = ith; item < k->n_tokens * c->n_head; item += nth) {
+        int t = item / c->n_head, h = item % c->n_head, pos = k->n_past + t;
+        const float *q = s->q + (size_t)t * c->n_head * hd + (size_t)h * hd;
+        size_t kv_off = (size_t)(h / group) * hd;  /* GQA: heads share their group's K/V */
+        float max = -INFINITY;
+        for (int p = 0; p <= pos; p++) {
+            att[p] = dot(q, key_cache + (size_t)p * kv_dim + kv_off, hd) * scale;
+            if (att[p] > max) max = att[p];
+        }
+        float sum = 0.0f;
+        for (int p = 0; p <= pos; p++) {
+            att[p] = expf(att[p] - max);
+            sum += att[p];
+        }
+        float *out = s->att_out + (size_t)t * c->n_head * hd + (size_t)h * hd;
+        memset(out, 0, sizeof(float) * hd);
+        for (int p = 0; p <= pos; p++) {
+            float a = att[p] / sum;
+            const float *v = value_cache + (size_t)p * kv_dim + kv_off;
+            for (int i = 0; i < hd; i++) out[i] += a * v[i];
+        }
+    }
+}
+
+/* hb = silu(hb) * hb2 (SwiGLU) */
+static void task_swiglu(void *ctx, int ith, int nth) {
+    Task *k = ctx;
+    const kiln_llama_config *c = &k->m->c;
+    RunState *s = &k->m->s;
+    int lo, hi;
+    split_rows(k->n_tokens, ith, nth, &lo, &hi);
+    for (size_t i = (size_t)lo * c->n_ff; i < (size_t)hi * c->n_ff; i++) {
+        float g = s->hb[i];
+        s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
+    }
+}
+
+/* ---- forward ---- */
+
+/* One chunk of n <= n_batch tokens at positions n_past..; logits for the rows
+ * [first_logit, n) of the chunk go to logits. */
+static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_past,
+                          int first_logit, float *logits) {
+    const kiln_llama_config *c = &m->c;
+    Weights *w = &m->w;
+    RunState *s = &m->s;
+    int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2;
+
+    for (int t = 0; t < n; t++) {
+        kiln_dequantize_row(w->token_embd.type,
+                            (const char *)w->token_embd.data + tokens[t] * w->token_embd_row_size,
+                            s->x + (size_t)t * c->n_embd, c->n_embd);
+        for (int i = 0; i < half; i++) {
+            double theta = (double)(n_past + t) * w->rope_inv_freq[i];
+            s->rope_cos[(size_t)t * half + i] = (float)cos(theta);
+            s->rope_sin[(size_t)t * half + i] = (float)sin(theta);
+        }
+    }
+
+    Task k = {.m = m, .n_tokens = n, .n_past = n_past};
+    for (int l = 0; l < c->n_layer; l++) {
+        Layer *L = &w->layers[l];
+        float *k_new = s->key_cache + ((size_t)l * c->n_ctx + n_past) * kv_dim;
+        float *v_new = s->value_cache + ((size_t)l * c->n_ctx + n_past) * kv_dim;
+        k.layer = l;
+
+        /* attention; the previous layer's FFN output joins the residual stream here */
+        k.norm_weight = L->attn_norm;
+        k.residual = l > 0 ? s->xb2 : NULL;
+        run_rows(m->pool, task_add_rmsnorm, &k, n);
+        kiln_matmul(m->pool, &L->wq, s->xb, n, s->q);
+        kiln_matmul(m->pool, &L->wk, s->xb, n, k_new);
+        kiln_matmul(m->pool, &L->wv, s->xb, n, v_new);
+        run_rows(m->pool, task_rope, &k, n);
+        kiln_pool_run(m->pool, task_attention, &k);
+        kiln_matmul(m->pool, &L->wo, s->att_out, n, s->xb2);
+
+        /* feed-forward: w_down(silu(w_gate(x)) * w_up(x)) */
+        k.norm_weight = L->ffn_norm;
+        k.residual = s->xb2;
+        run_rows(m->pool, task_add_rmsnorm, &k, n);
+        kiln_matmul(m->pool, &L->w_gate, s->xb, n, s->hb);
+        kiln_matmul(m->pool, &L->w_up, s->xb, n, s->hb2);
+        run_rows(m->pool, task_swiglu, &k, n);
+        kiln_matmul(m->pool, &L->w_down, s->hb, n, s->xb2);
+    }
+    if (first_logit >= n) return;
+
+    /* final norm of the rows that need logits (x + last FFN output), then the output
+     * matrix; rows are moved to the front of x so the matmul reads them contiguously */
+    int n_out = n - first_logit;
+    for (int t = 0; t < n_out; t++) {
+        float *x = s->x + (size_t)t * c->n_embd;
+        const float *src = s->x + (size_t)(first_logit + t) * c->n_embd;
+        const float *r = s->xb2 + (size_t)(first_logit + t) * c->n_embd;
+        for (int i = 0; i < c->n_embd; i++) x[i] = src[i] + r[i];
+    }
+    k.n_tokens = n_out;
+    k.norm_weight = w->output_norm;
+    k.residual = NULL;
+    run_rows(m->pool, task_add_rmsnorm, &k, n_out);
+    kiln_matmul(m->pool, &w->output, s->xb, n_out, logits);
+}
+
+int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+                    float *logits, int logits_all) {
+    const kiln_llama_config *c = &m->c;
+    if (n_tokens < 1 || n_past < 0 || n_past > c->n_ctx - n_tokens) return -1;
+    for (int t = 0; t < n_tokens; t++)
+        if (tokens[t] < 0 || tokens[t] >= c->n_vocab) return -1;
+    for (int done = 0; done < n_tokens; done += c->n_batch) {
+        int n = n_tokens - done < c->n_batch ? n_tokens - done : c->n_batch;
+        int last_chunk = done + n == n_tokens;
+        int first_logit = logits_all ? 0 : last_chunk ? n - 1 : n;
+        forward_chunk(m, tokens + done, n, n_past + done, first_logit,
+                      logits_all ? logits + (size_t)done * c->n_vocab : logits);
+    }
+    return 0;
+}
+
+int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values) {
+    const kiln_llama_config *c = &m->c;
+    if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
+    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, off = (size_t)layer * c->n_ctx * kv_dim;
+    memcpy(keys, m->s.key_cache + off, sizeof(float) * n * kv_dim);
+    memcpy(values, m->s.value_cache + off, sizeof(float) * n * kv_dim);
+    return 0;
+}

@@ -1,0 +1,67 @@
+/* The Llama forward pass: one call runs a batch of tokens through every layer.
+ *
+ * Weights are read in place (GGUF blocks inside the caller's memory map, which must
+ * outlive the model); the KV cache and activation buffers are allocated once, at
+ * create time, for n_ctx positions and batches of up to n_batch tokens. */
+#ifndef KILN_FORWARD_H
+#define KILN_FORWARD_H
+
+#include <stdint.h>
+
+typedef struct {
+    int n_vocab, n_embd, n_layer;
+    int n_head, n_head_kv, head_dim;  /* GQA: n_head % n_head_kv == 0 */
+    int n_ff;
+    int rope_dim;                     /* leading dims of each head that RoPE rotates */
+    int n_ctx;                        /* KV cache positions */
+    int n_batch;                      /* tokens per internal chunk of a prompt */
+    float rms_eps;
+} kiln_llama_config;
+
+typedef struct {
+    int type;          /* enum kiln_ggml_type */
+    const void *data;  /* GGUF row-major data, not owned */
+} kiln_weight;
+
+typedef struct {
+    const float *attn_norm;  /* (n_embd) */
+    kiln_weight attn_q;      /* (n_head * head_dim, n_embd) */
+    kiln_weight attn_k;      /* (n_head_kv * head_dim, n_embd) */
+    kiln_weight attn_v;      /* (n_head_kv * head_dim, n_embd) */
+    kiln_weight attn_output; /* (n_embd, n_head * head_dim) */
+    const float *ffn_norm;   /* (n_embd) */
+    kiln_weight ffn_gate;    /* (n_ff, n_embd) */
+    kiln_weight ffn_up;      /* (n_ff, n_embd) */
+    kiln_weight ffn_down;    /* (n_embd, n_ff) */
+} kiln_layer_weights;
+
+typedef struct {
+    kiln_weight token_embd;            /* (n_vocab, n_embd) */
+    const kiln_layer_weights *layers;  /* (n_layer) */
+    const float *output_norm;          /* (n_embd) */
+    kiln_weight output;                /* (n_vocab, n_embd); token_embd when tied */
+    const double *rope_inv_freq;       /* (rope_dim / 2): angle per position of pair i */
+} kiln_llama_weights;
+
+typedef struct kiln_llama kiln_llama;
+
+/* NULL on failure (out of memory, a weight type the kernels lack). Copies what it
+ * needs from cfg and w (not the weight data). */
+kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
+                              int n_threads);
+void kiln_llama_free(kiln_llama *m);
+int kiln_llama_n_threads(const kiln_llama *m);
+
+/* Runs tokens[0..n_tokens) at positions n_past.., writing their keys and values into
+ * the KV cache from n_past on. logits receives (n_tokens, n_vocab) floats when
+ * logits_all, else (n_vocab) for the last token. Returns 0, or -1 when n_tokens < 1,
+ * n_past < 0, n_past + n_tokens > n_ctx or a token id is outside the vocabulary
+ * (nothing is computed then). */
+int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+                    float *logits, int logits_all);
+
+/* Keys and values of positions [0, n) of a layer, (n, n_head_kv * head_dim) floats
+ * each (after RoPE, for keys), for tests. Returns 0, or -1 for a bad layer / n. */
+int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values);
+
+#endif

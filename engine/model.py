@@ -1,0 +1,194 @@
+"""A llama GGUF run by the C forward pass (ckernels/src/forward.c).
+
+Model(path) memory-maps the file, checks every tensor the forward pass will read
+(presence, shape, type) against the config, and hands the C engine pointers into the
+map: weights are never copied. `eval` is one C call however many tokens it gets.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import formats
+from formats import GGMLType
+
+from .config import LlamaConfig
+from .errors import ContextOverflowError, ModelError
+
+# Types kiln_matmul multiplies (and codecs.c dequantizes, for embedding rows).
+MATRIX_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16,
+                GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+N_BATCH = 512  # prompt tokens per internal chunk: bounds the activation buffers
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: hyper-threads share a core's matmul
+    units, so llama.cpp's default of one thread per core is faster than one per CPU."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(base + "core_id") as a, open(base + "physical_package_id") as b:
+                cores.add((a.read().strip(), b.read().strip()))
+        except OSError:
+            return len(cpus) or os.cpu_count() or 1
+    return len(cores) or len(cpus)
+
+
+def expected_tensors(c: LlamaConfig) -> dict:
+    """name -> (NumPy shape, allowed types) of every tensor the forward pass reads."""
+    norm = ((c.n_embd,), (GGMLType.F32,))
+    out = {"token_embd.weight": ((c.n_vocab, c.n_embd), MATRIX_TYPES),
+           "output_norm.weight": norm}
+    if not c.tied_output:
+        out["output.weight"] = ((c.n_vocab, c.n_embd), MATRIX_TYPES)
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        out.update({
+            p + "attn_norm.weight": norm,
+            p + "attn_q.weight": ((c.n_embd_q, c.n_embd), MATRIX_TYPES),
+            p + "attn_k.weight": ((c.n_embd_kv, c.n_embd), MATRIX_TYPES),
+            p + "attn_v.weight": ((c.n_embd_kv, c.n_embd), MATRIX_TYPES),
+            p + "attn_output.weight": ((c.n_embd, c.n_embd_q), MATRIX_TYPES),
+            p + "ffn_norm.weight": norm,
+            p + "ffn_gate.weight": ((c.n_ff, c.n_embd), MATRIX_TYPES),
+            p + "ffn_up.weight": ((c.n_ff, c.n_embd), MATRIX_TYPES),
+            p + "ffn_down.weight": ((c.n_embd, c.n_ff), MATRIX_TYPES),
+        })
+    return out
+
+
+def check_tensors(tensors, c: LlamaConfig) -> None:
+    """Raise ModelError naming the first tensor that is missing or does not fit."""
+    for name, (shape, types) in expected_tensors(c).items():
+        t = tensors.get(name)
+        if t is None:
+            raise ModelError(f"model file lacks tensor '{name}'")
+        if tuple(t.shape) != shape:
+            raise ModelError(f"tensor '{name}' has shape {tuple(t.shape)}, the config "
+                             f"needs {shape}")
+        try:
+            ttype = GGMLType(t.type)
+        except ValueError:
+            ttype = t.type
+        if ttype not in types:
+            raise ModelError(f"tensor '{name}' has type {getattr(ttype, 'name', ttype)}, "
+                             f"kiln supports {', '.join(x.name for x in types)} here")
+        block, type_size = formats.GGML_QUANT_SIZES[ttype]
+        if shape[-1] % block:
+            raise ModelError(f"tensor '{name}' has rows of {shape[-1]} elements, not a "
+                             f"multiple of the {ttype.name} block of {block}")
+        if t.nbytes != np.prod(shape[:-1], dtype=np.int64) * (shape[-1] // block) * type_size:
+            raise ModelError(f"tensor '{name}' holds {t.nbytes} bytes, not what its shape "
+                             f"and type need")
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        if tuple(t.shape) != (c.rope_dim // 2,) or t.type != GGMLType.F32:
+            raise ModelError(f"tensor 'rope_freqs.weight' has shape {tuple(t.shape)}, "
+                             f"type {t.type}; the config needs F32 ({c.rope_dim // 2},)")
+
+
+class Model:
+    """A llama model ready to evaluate tokens: `.eval(tokens, n_past)` -> logits."""
+
+    def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_batch: int = N_BATCH):
+        """n_threads None = physical cores; n_batch = prompt tokens per internal chunk
+        (an eval of more tokens is still one call)."""
+        from ckernels._ext import LlamaForward
+
+        if n_threads is None:
+            n_threads = physical_cores()
+        if int(n_ctx) < 1 or int(n_threads) < 1 or int(n_batch) < 1:
+            raise ValueError(f"n_ctx ({n_ctx}), n_threads ({n_threads}) and n_batch "
+                             f"({n_batch}) must be >= 1")
+        self.path = str(path)
+        self._file = formats.read_gguf(path)  # the mmap the C engine reads: kept open
+        try:
+            tensors = self._file.tensors
+            self.metadata = self._file.metadata
+            self.config = c = LlamaConfig.from_metadata(self.metadata, tensors.keys())
+            check_tensors(tensors, c)
+            self.n_ctx, self.n_threads = int(n_ctx), int(n_threads)
+
+            def weight(name):
+                t = tensors[name]
+                data = np.asarray(t.data)
+                if not data.flags.c_contiguous:
+                    raise ModelError(f"tensor '{name}' is not contiguous in the file")
+                return (int(t.type), data.ctypes.data)
+
+            def vector(name):
+                v = np.ascontiguousarray(tensors[name].data, dtype=np.float32)
+                self._keep.append(v)
+                return v.ctypes.data
+
+            self._keep = []
+            layers = [{
+                "attn_norm": vector(f"blk.{i}.attn_norm.weight"),
+                "ffn_norm": vector(f"blk.{i}.ffn_norm.weight"),
+                **{k: weight(f"blk.{i}.{k}.weight") for k in (
+                    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")},
+            } for i in range(c.n_layer)]
+            freq_factors = (np.asarray(tensors["rope_freqs.weight"].data, np.float32)
+                            if "rope_freqs.weight" in tensors else None)
+            self._inv_freq = np.ascontiguousarray(c.rope_inv_freq(freq_factors), np.float64)
+            cfg = {k: getattr(c, k) for k in ("n_vocab", "n_embd", "n_layer", "n_head",
+                                              "n_head_kv", "head_dim", "n_ff", "rope_dim",
+                                              "rms_eps")}
+            cfg.update(n_ctx=self.n_ctx, n_batch=min(int(n_batch), self.n_ctx))
+            self._forward = LlamaForward(
+                cfg, weight("token_embd.weight"), layers, vector("output_norm.weight"),
+                weight("token_embd.weight" if c.tied_output else "output.weight"),
+                self._inv_freq, self.n_threads)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def eval(self, tokens, n_past: int, logits_all: bool = False) -> np.ndarray:
+        """Run tokens at positions n_past.. (overwriting the KV cache from n_past on);
+        float32 logits of the last token (n_vocab,) or of all tokens (len, n_vocab)."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        n = tokens.shape[0]
+        if n == 0:
+            raise ValueError("eval needs at least one token")
+        if n_past < 0:
+            raise ValueError(f"n_past must be >= 0, got {n_past}")
+        if n_past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"{n_past + n} tokens ({n_past} cached + {n} new) do not fit in the "
+                f"context of {self.n_ctx} tokens")
+        if tokens.min() < 0 or tokens.max() >= self.config.n_vocab:
+            bad = tokens[(tokens < 0) | (tokens >= self.config.n_vocab)][0]
+            raise ValueError(f"token id {bad} is outside the vocabulary of "
+                             f"{self.config.n_vocab}")
+        if self._forward is None:
+            raise ValueError("model is closed")
+        logits = np.empty((n if logits_all else 1) * self.config.n_vocab, np.float32)
+        self._forward.eval(tokens, n_past, logits, logits_all)
+        return logits.reshape(n, -1) if logits_all else logits
+
+    def close(self) -> None:
+        fwd, self._forward = getattr(self, "_forward", None), None
+        if fwd is not None:
+            fwd.close()  # the C engine lets go of the map before it is unmapped
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,140 @@
+"""A float32 NumPy Llama: the oracle the C forward pass (ckernels/src/forward.c) is
+tested against. Slow and simple on purpose; every step mirrors forward.c.
+
+With emulate_q8=True each product with a block-quantized weight first sends the
+activations through the codec the C kernels quantize them with (Q8_0, or Q8_1 for
+Q4_1 weights), so the two engines compute the same sums and differ only in rounding
+order. The C engine keeps its KV cache in float32, so there is nothing to emulate there.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import formats
+from formats import GGMLType
+
+from .config import LlamaConfig
+
+# activation codec of the C kernels, per weight type (float weights: float activations)
+ACTIVATION_TYPE = {GGMLType.Q4_0: GGMLType.Q8_0, GGMLType.Q8_0: GGMLType.Q8_0,
+                   GGMLType.Q4_1: GGMLType.Q8_1}
+
+
+def dequantize_tensor(t) -> np.ndarray:
+    if t.type == GGMLType.F32:
+        return np.array(t.data, dtype=np.float32).reshape(t.shape)
+    return np.asarray(formats.dequantize(t.data, t.type, t.shape), dtype=np.float32)
+
+
+def _block_halves(blocks: np.ndarray, block_bytes: int, offset: int) -> np.ndarray:
+    """The fp16 field at byte `offset` of every block, as float32 (..., n_blocks)."""
+    b = np.ascontiguousarray(blocks).reshape(*blocks.shape[:-1], -1, block_bytes)
+    return np.ascontiguousarray(b[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+class Linear:
+    """y = x @ W.T over a dequantized weight."""
+    observe = None  # tests: callable(x, activation type) seeing x before it is quantized
+
+    def __init__(self, t, emulate_q8: bool):
+        self.act_type = ACTIVATION_TYPE.get(GGMLType(t.type)) if emulate_q8 else None
+        self.block_min = None
+        if self.act_type == GGMLType.Q8_1:
+            # Q4_1 x Q8_1 is computed per block as d_w*d_x*sum(q_w*q_x) + m_w*s_x with
+            # s_x = fp16(d_x * sum(q_x)): split W = q*d + m into its two parts.
+            rows = t.shape[0]
+            raw = np.array(t.data, dtype=np.uint8).reshape(rows, -1, 20)
+            self.block_min = _block_halves(raw.reshape(rows, -1), 20, 2)  # (rows, n_blocks)
+            raw[..., 2:4] = 0                                  # m = 0 leaves q*d
+            self.w = np.asarray(formats.dequantize(raw.reshape(rows, -1), t.type, t.shape),
+                                dtype=np.float32)
+        else:
+            self.w = dequantize_tensor(t)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.act_type is None:
+            return x @ self.w.T
+        if Linear.observe is not None:
+            Linear.observe(x, self.act_type)
+        xq = formats.quantize(np.ascontiguousarray(x, dtype=np.float32), self.act_type)
+        y = np.asarray(formats.dequantize(xq, self.act_type, x.shape), np.float32) @ self.w.T
+        if self.block_min is not None:
+            y += _block_halves(xq, 36, 2) @ self.block_min.T
+        return y
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    # the sum of squares in float64, as forward.c does
+    ss = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(ss + eps)).astype(np.float32) * weight
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate pairs (x[2i], x[2i+1]) of the first rope_dim dims of each head.
+    x: (n_tokens, n_heads, head_dim); cos, sin: (n_tokens, rope_dim / 2)."""
+    x = x.copy()
+    half = cos.shape[-1]
+    x0, x1 = x[..., 0:2 * half:2].copy(), x[..., 1:2 * half:2].copy()
+    c, s = cos[:, None, :], sin[:, None, :]
+    x[..., 0:2 * half:2] = x0 * c - x1 * s
+    x[..., 1:2 * half:2] = x0 * s + x1 * c
+    return x
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+class Layer:
+    def __init__(self, f, i: int, emulate_q8: bool):
+        t = lambda name: f.tensors[f"blk.{i}.{name}.weight"]  # noqa: E731
+        self.attn_norm = dequantize_tensor(t("attn_norm"))
+        self.ffn_norm = dequantize_tensor(t("ffn_norm"))
+        self.wq, self.wk, self.wv, self.wo = (Linear(t(n), emulate_q8) for n in
+                                              ("attn_q", "attn_k", "attn_v", "attn_output"))
+        self.w1, self.w3, self.w2 = (Linear(t(n), emulate_q8) for n in
+                                     ("ffn_gate", "ffn_up", "ffn_down"))
+
+
+class ReferenceLlama:
+    """Teacher-forced logits of a llama GGUF: `ReferenceLlama(path)(tokens)` is
+    (len(tokens), n_vocab) float32, tokens at positions 0.."""
+
+    def __init__(self, path, emulate_q8: bool = True):
+        f = formats.read_gguf(path)
+        try:
+            self.config = c = LlamaConfig.from_metadata(f.metadata, f.tensors.keys())
+            freq_factors = (dequantize_tensor(f.tensors["rope_freqs.weight"])
+                            if "rope_freqs.weight" in f.tensors else None)
+            self.inv_freq = c.rope_inv_freq(freq_factors)
+            self.token_embd = dequantize_tensor(f.tensors["token_embd.weight"])
+            self.layers = [Layer(f, i, emulate_q8) for i in range(c.n_layer)]
+            self.output_norm = dequantize_tensor(f.tensors["output_norm.weight"])
+            self.output = Linear(f.tensors["token_embd.weight" if c.tied_output
+                                           else "output.weight"], emulate_q8)
+        finally:
+            f.close()
+
+    def __call__(self, tokens) -> np.ndarray:
+        c = self.config
+        n = len(tokens)
+        x = self.token_embd[np.asarray(tokens)]
+        angle = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+        mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
+        scale = np.float32(1.0 / np.sqrt(np.float32(c.head_dim)))
+        group = c.n_head // c.n_head_kv
+        for L in self.layers:
+            h = rms_norm(x, L.attn_norm, c.rms_eps)
+            q = rope(L.wq(h).reshape(n, c.n_head, c.head_dim), cos, sin)
+            k = rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin)
+            v = L.wv(h).reshape(n, c.n_head_kv, c.head_dim)
+            k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # GQA
+            scores = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0) * scale + mask
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            scores /= scores.sum(axis=-1, keepdims=True)
+            att = (scores @ v.transpose(1, 0, 2)).transpose(1, 0, 2).reshape(n, -1)
+            x = x + L.wo(att)
+            h = rms_norm(x, L.ffn_norm, c.rms_eps)
+            x = x + L.w2(silu(L.w1(h)) * L.w3(h))
+        return self.output(rms_norm(x, self.output_norm, c.rms_eps))

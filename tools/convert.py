@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face Llama checkpoint or a GGUF file to GGUF (= `kiln convert`).
+
+    python tools/convert.py SRC -o OUT.gguf --type q4_0|q4_1|q8_0|f16|bf16|f32
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.convert import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
