@@ -244,22 +244,21 @@ class Repl:
     def reply(self, message: str):
         s = self.session
         out = self.stdout
-        stream = s.send(message, stream=True)
         interrupted = False
         wrote_any = False
+        # Ctrl-C from here on (prompt evaluation included) stops this reply only.
         with _Interrupt() as intr:
+            stream = s.send(message, stream=True)
             try:
                 for piece in stream:
                     out.write(piece)
                     out.flush()
                     wrote_any = True
                     if intr.hit:
-                        interrupted = True
                         break
-                else:
-                    interrupted = intr.hit
             finally:
                 stream.close()
+            interrupted = intr.hit
         if wrote_any or not self.interactive:
             out.write("\n")
         out.flush()
@@ -268,7 +267,7 @@ class Repl:
             self.note(f"[context full: dropped the {st.dropped_messages} oldest messages]")
         if interrupted:
             self.note("[stopped]")
-        if st is not None and self.interactive:
+        if st is not None and self.interactive and (wrote_any or not interrupted):
             self.note(stats_line(st))
 
     def handle(self, line: str):
@@ -297,7 +296,12 @@ class Repl:
                     if message is None:
                         break
                     if message.strip():
-                        self.handle(message)
+                        try:
+                            self.handle(message)
+                        except KeyboardInterrupt:
+                            # Ctrl-C in the instant between Enter and the reply starting
+                            self.stdout.write("\n")
+                            self.note("[stopped]")
             finally:
                 self._save_history()
             return 0
