@@ -131,8 +131,8 @@ def test_follow_up_turns_evaluate_only_the_new_tokens(llm):
         history += [{"role": "assistant", "content": reply}]
         new = len(prompt) - prev_len
         st = s.last_stats
-        assert st.prompt_tokens == len(prompt)
-        assert st.prompt_evaluated == new, f"turn {i}"
+        assert st.timings.prompt_tokens == len(prompt)
+        assert st.timings.prompt_tokens_evaluated == new, f"turn {i}"
         # the new prompt tokens, then each reply token (the end token is never run)
         assert m.n_tokens_evaluated - before == new + len(reply)
         prev_len = len(prompt) + len(reply)
@@ -156,7 +156,7 @@ def test_streaming_and_interrupting_keeps_the_partial_reply(llm):
     assert "".join(got) == "ABC"
     assert s.messages[-1] == {"role": "assistant", "content": "ABC"}
     assert s.last_stats.finish_reason == "interrupted"
-    assert s.last_stats.prompt_evaluated == s.last_stats.prompt_tokens
+    assert s.last_stats.timings.prompt_tokens_evaluated == s.last_stats.timings.prompt_tokens
     # the session goes on, and the model sees the partial reply in its context
     assert s.send("xy") == "XY"
     assert [x["content"] for x in s.messages] == ["abcdefgh", "ABC", "xy", "XY"]
@@ -180,7 +180,7 @@ def test_oldest_turns_are_dropped_after_the_system_prompt(llm):
     assert s.messages[-2:] == [{"role": "user", "content": "fourth question"},
                                {"role": "assistant", "content": "FOURTH QUESTION"}]
     assert s.messages[1]["role"] == "user"
-    assert st.prompt_tokens + 20 <= 160
+    assert st.timings.prompt_tokens + 20 <= 160
     with pytest.raises(ContextOverflowError, match="too long"):
         s.send("x" * 400)
     assert s.messages[-1]["content"] == "FOURTH QUESTION"

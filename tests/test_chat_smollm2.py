@@ -31,11 +31,11 @@ def test_three_turns_reuse_the_cache_and_match_rerendering(llm):
         prompt = tokenize_prompt(llm, template, template.render(session.messages[:-1]))
         # The session's prompt is exactly the re-rendered history, and only the part
         # after what the cache held (previous prompt + reply) was evaluated.
-        assert st.prompt_tokens == len(prompt)
-        assert st.prompt_evaluated == len(prompt) - in_context
-        assert llm.n_tokens_evaluated - before == st.prompt_evaluated + st.reply_tokens - \
+        assert st.timings.prompt_tokens == len(prompt)
+        assert st.timings.prompt_tokens_evaluated == len(prompt) - in_context
+        assert llm.n_tokens_evaluated - before == st.timings.prompt_tokens_evaluated + st.timings.generated_tokens - \
             (1 if st.finish_reason == "length" else 0)
-        in_context = len(prompt) + st.reply_tokens - (1 if st.finish_reason == "length" else 0)
+        in_context = len(prompt) + st.timings.generated_tokens - (1 if st.finish_reason == "length" else 0)
         replies.append(reply)
         assert reply.strip()
     assert "4" in replies[1]

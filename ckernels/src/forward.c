@@ -297,7 +297,7 @@ static void task_swiglu(void *ctx, int ith, int nth) {
 /* One chunk of n <= n_batch tokens at positions n_past..; logits for the rows
  * [first_logit, n) of the chunk go to logits. */
 static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_past,
-                          int first_logit, float *logits) {
+                          int first_logit, float *logits, float *trace, size_t trace_stride) {
     const kiln_llama_config *c = &m->c;
     Weights *w = &m->w;
     RunState *s = &m->s;
@@ -313,6 +313,8 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
             s->rope_sin[(size_t)t * half + i] = (float)sin(theta);
         }
     }
+
+    if (trace) memcpy(trace, s->x, sizeof(float) * n * c->n_embd);
 
     Task k = {.m = m, .n_tokens = n, .n_past = n_past};
     for (int l = 0; l < c->n_layer; l++) {
@@ -340,6 +342,10 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
         kiln_matmul(m->pool, &L->w_up, s->xb, n, s->hb2);
         run_rows(m->pool, task_swiglu, &k, n);
         kiln_matmul(m->pool, &L->w_down, s->hb, n, s->xb2);
+        if (trace) { /* the residual stream after this layer */
+            float *out = trace + (size_t)(l + 1) * trace_stride;
+            for (size_t i = 0; i < (size_t)n * c->n_embd; i++) out[i] = s->x[i] + s->xb2[i];
+        }
     }
     if (first_logit >= n) return;
 
@@ -361,6 +367,11 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
 
 int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
                     float *logits, int logits_all) {
+    return kiln_llama_eval_trace(m, tokens, n_tokens, n_past, logits, logits_all, NULL);
+}
+
+int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+                          float *logits, int logits_all, float *trace) {
     const kiln_llama_config *c = &m->c;
     if (n_tokens < 1 || n_past < 0 || n_past > c->n_ctx - n_tokens) return -1;
     for (int t = 0; t < n_tokens; t++)
@@ -370,7 +381,8 @@ int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_pa
         int last_chunk = done + n == n_tokens;
         int first_logit = logits_all ? 0 : last_chunk ? n - 1 : n;
         forward_chunk(m, tokens + done, n, n_past + done, first_logit,
-                      logits_all ? logits + (size_t)done * c->n_vocab : logits);
+                      logits_all ? logits + (size_t)done * c->n_vocab : logits,
+                      trace ? trace + (size_t)done * c->n_embd : NULL, (size_t)n_tokens * c->n_embd);
     }
     return 0;
 }
