@@ -12,6 +12,7 @@
 #include "kernels_impl.h"
 
 #define KILN_NT 4 /* tokens per pass over a row group */
+#define KILN_PREFETCH 4096 /* bytes ahead in the weight stream */
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -32,6 +33,10 @@ kiln_qstep(__m512 *acc, const kiln_packed_view *w, const kiln_act *act, int64_t 
     const size_t bb = q8 ? 32 : 16;
     const __m512i mask4 = _mm512_set1_epi8(0x0f);
     const uint8_t *qs = kiln_rg_qs(w, rg, g);
+    /* the arithmetic per byte leaves too few loads in flight for the hardware
+     * prefetcher to hide DRAM latency on its own */
+    for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
+        _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
     __m512i wl[KILN_RG], wh[KILN_RG];
     for (int r = 0; r < KILN_RG; r++) {
         if (q8) {
