@@ -238,3 +238,18 @@ def test_repl_commands(llm, tmp_path):
     assert "unknown command /nope" in e and "loaded 3 messages" in e
     assert rc == 1                      # a command failed
     assert s.messages[0]["content"] == "S" and s.messages[-1]["content"] == "HELLO"
+
+
+def test_repl_at_a_terminal_notes_dropped_turns_and_stats(llm, monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    lines = iter(["first question", "second question", "third question", '"""multi', 'line"""', "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    s = ChatSession(llm(n_ctx=128), system="S", temperature=0, max_tokens=16)
+    out = io.StringIO()
+    assert Repl(s, stdout=out, stderr=io.StringIO(), interactive=True).run() == 0
+    text = out.getvalue()
+    assert "FIRST QUESTION\n" in text and "THIRD QUESTION\n" in text
+    assert "[context full: dropped the 2 oldest messages]" in text
+    assert text.count("[prompt: ") == 4 and "\x1b[" not in text        # no colour: not a tty
+    assert s.messages[-2:] == [{"role": "user", "content": "multi\nline"},
+                               {"role": "assistant", "content": "MULTI"}]
