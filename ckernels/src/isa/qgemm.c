@@ -11,7 +11,7 @@
 #include "isa.h"
 #include "kernels_impl.h"
 
-#define KILN_NT 4 /* tokens per pass over a row group */
+#define KILN_NT 8 /* tokens per pass over a row group */
 #define KILN_PREFETCH 4096 /* bytes ahead in the weight stream */
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -320,6 +320,12 @@ kiln_qgemm_rows(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, int t0, cons
 static void kiln_qgemm_block(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
     int t = 0;
     for (; t + KILN_NT <= a->n_tokens; t += KILN_NT) kiln_qgemm_rows(a, rg0, rg1, t, KILN_NT);
+#if KILN_NT > 4
+    if (a->n_tokens - t >= 4) {
+        kiln_qgemm_rows(a, rg0, rg1, t, 4);
+        t += 4;
+    }
+#endif
     switch (a->n_tokens - t) {
     case 1: kiln_qgemm_rows(a, rg0, rg1, t, 1); break;
     case 2: kiln_qgemm_rows(a, rg0, rg1, t, 2); break;
