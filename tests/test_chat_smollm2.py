@@ -21,7 +21,7 @@ def llm(smollm2_path):
 
 
 def test_three_turns_reuse_the_cache_and_match_rerendering(llm):
-    session = ChatSession(llm, temperature=0, max_tokens=48)
+    session = ChatSession(llm, temperature=0, max_tokens=32)
     template = template_for(llm)
     replies, in_context = [], 0
     for q in QUESTIONS:
@@ -46,7 +46,7 @@ def test_three_turns_reuse_the_cache_and_match_rerendering(llm):
         history.append({"role": "user", "content": q})
         llm.reset()
         before = llm.n_tokens_evaluated
-        out = llm.chat(history, temperature=0, max_tokens=48)
+        out = llm.chat(history, temperature=0, max_tokens=32)
         assert out.text == expected
         assert out.timings.prompt_tokens_evaluated == len(out.prompt_tokens)   # all of it
         history.append({"role": "assistant", "content": out.text})
@@ -68,6 +68,7 @@ def test_piped_kiln_chat_prints_exactly_two_replies(smollm2_path, tmp_path, llm)
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     # exactly the two replies a ChatSession gives, one after the other, nothing else
+    llm.reset()                 # the same evaluation sequence as the fresh process
     session = ChatSession(llm, temperature=0, max_tokens=40)
     expected = [session.send("Hi"), session.send("What is 2+2?")]
     assert r.stdout == f"{expected[0]}\n{expected[1]}\n"
