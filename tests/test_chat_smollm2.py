@@ -68,6 +68,7 @@ def test_piped_kiln_chat_prints_exactly_two_replies(smollm2_path, tmp_path, llm)
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     # exactly the two replies a ChatSession gives, one after the other, nothing else
+    llm.reset()                 # the same evaluation sequence as the fresh process
     session = ChatSession(llm, temperature=0, max_tokens=40)
     expected = [session.send("Hi"), session.send("What is 2+2?")]
     assert r.stdout == f"{expected[0]}\n{expected[1]}\n"
