@@ -569,3 +569,21 @@ def test_pre_tokenizer_named_by_structure_when_the_vocabulary_is_new(pre):
                        r"pre-tokenizer \(check hash [0-9a-f]{16}\); supported: smollm, "
                        r"llama-bpe, qwen2, gpt-2"):
         detect_pre(tj, Path("tokenizer.json"))
+
+
+def test_a_failure_mid_write_leaves_no_file(tiny_hf, tmp_path, monkeypatch):
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    out.write_bytes(b"previous")
+    calls = []
+
+    def failing_encode(x, t):
+        calls.append(t)
+        if len(calls) == 5:
+            raise MemoryError("simulated")
+        return formats.quantize(x, t)
+    monkeypatch.setattr(convert, "encode_rows", failing_encode)
+    with pytest.raises(MemoryError):
+        run_convert(tiny_hf, "-o", out, "--type", "q8_0", "--quiet")
+    assert out.read_bytes() == b"previous"  # the old file is untouched, no temp file left
+    assert [p.name for p in out.parent.iterdir()] == ["m.gguf"]
