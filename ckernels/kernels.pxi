@@ -20,6 +20,8 @@ cdef extern from "kernels.h":
     void kiln_matrix_free(kiln_matrix *m)
     void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens,
                      float *y) nogil
+    void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
+                           int n_tokens, float *const *ys) nogil
     const char *kiln_active_isa()
     int kiln_supported_isas(const char **names, int max_names)
     int kiln_set_isa(const char *name)
@@ -132,6 +134,46 @@ def matmul(Pool pool, Matrix w, x):
     return y
 
 
+def matmul_multi(Pool pool, list ws, x):
+    """[x @ W.T for W in ws] for matrices with the same cols, in one pass of the pool."""
+    cdef int n = len(ws)
+    if n < 1 or n > 64:
+        raise ValueError("matmul_multi takes 1 to 64 matrices")
+    for w in ws:
+        if not isinstance(w, Matrix):
+            raise ValueError("ws must hold Matrix objects")
+    cdef Matrix w0 = ws[0]
+    cdef int64_t cols = w0.m.cols
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise ValueError("x must be a float32 numpy array")
+    if not x.flags.c_contiguous:
+        raise ValueError("x must be C-contiguous")
+    if x.ndim not in (1, 2) or x.shape[x.ndim - 1] != cols:
+        raise ValueError(f"x has shape {x.shape}, expected (n_tokens, {cols})")
+    cdef Matrix wi
+    for w in ws:
+        wi = w
+        if wi.m.cols != cols:
+            raise ValueError("all matrices must have the same number of columns")
+    cdef int n_tokens = 1 if x.ndim == 1 else x.shape[0]
+    ys = [np.empty((int((<Matrix>w).m.rows),) if x.ndim == 1 else (n_tokens, int((<Matrix>w).m.rows)),
+                   dtype=np.float32) for w in ws]
+    if n_tokens == 0:
+        return ys
+    cdef const kiln_matrix *mp[64]
+    cdef float *yp[64]
+    cdef float[::1] yv
+    for i in range(n):
+        wi = ws[i]
+        mp[i] = &wi.m
+        yv = ys[i].reshape(-1)
+        yp[i] = &yv[0]
+    cdef const float[::1] xv = x.reshape(-1)
+    with nogil:
+        kiln_matmul_multi(pool.pool, n, mp, &xv[0], n_tokens, yp)
+    return ys
+
+
 def _quantize_act(x, int block_bytes, bint q8_1):
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
         raise ValueError("x must be a 1-D float32 numpy array")
@@ -161,14 +203,30 @@ def quantize_act_q8_1(x):
 
 
 def stream_read(Pool pool, buf):
-    """Reads every byte of a C-contiguous uint8 array with the active variant's widest
-    loads, split over the pool's threads (a bandwidth yardstick); returns a checksum."""
-    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or not buf.flags.c_contiguous:
-        raise ValueError("buf must be a C-contiguous uint8 numpy array")
-    cdef const uint8_t[::1] v = buf.reshape(-1)
+    """Reads every byte of a Matrix's kernel-side weights (its packed copy, else its
+    data) or of a C-contiguous uint8 array, with the active variant's widest loads split
+    over the pool's threads: the bandwidth yardstick for the kernels. Returns a checksum."""
+    cdef Matrix m
+    cdef const uint8_t[::1] v
+    cdef const void *p
+    cdef size_t n
     cdef uint64_t s
-    if v.shape[0] == 0:
-        return 0
+    if isinstance(buf, Matrix):
+        m = buf
+        if m.m.packed != NULL:
+            p = m.m.packed
+            n = m.m.packed_size
+        else:
+            p = m.m.data
+            n = m.data.nbytes
+    elif isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.flags.c_contiguous:
+        if buf.size == 0:
+            return 0
+        v = buf.reshape(-1)
+        p = &v[0]
+        n = v.shape[0]
+    else:
+        raise ValueError("buf must be a Matrix or a C-contiguous uint8 numpy array")
     with nogil:
-        s = kiln_stream_read(pool.pool, &v[0], v.shape[0])
+        s = kiln_stream_read(pool.pool, p, n)
     return s

@@ -33,7 +33,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein p
 def _engine():
     # The C engine is another module's work; these end-to-end checks need it built.
     pytest.importorskip("engine.model", reason="engine.model is not available")
-    engine = _engine()
+    import engine
     return engine
 
 
@@ -534,3 +534,37 @@ def test_llama3_rope_scaling_writes_rope_freqs_like_transformers(tiny_hf, tmp_pa
     want = LlamaRotaryEmbedding(LlamaConfig(**{k: v for k, v in cfg.items()
                                                if k != "architectures"})).inv_freq.numpy()
     np.testing.assert_allclose(inv, want, rtol=1e-5)
+
+
+def test_merges_in_pair_format_read_like_strings(tiny_hf, tmp_path):
+    # transformers >= 4.45 saves merges as [left, right] pairs
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf, d)
+    tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["model"]["merges"] = [m.split(" ") for m in tj["model"]["merges"]]
+    (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    assert run_convert(tiny_hf, "-o", tmp_path / "a.gguf", "--type", "f16", "--quiet") == 0
+    assert run_convert(d, "-o", tmp_path / "b.gguf", "--type", "f16", "--quiet") == 0
+    a, b = metadata_of(tmp_path / "a.gguf"), metadata_of(tmp_path / "b.gguf")
+    assert len(a["tokenizer.ggml.merges"][0]) == 48900
+    assert a["tokenizer.ggml.merges"] == b["tokenizer.ggml.merges"]
+    assert a["tokenizer.ggml.pre"] == b["tokenizer.ggml.pre"] == ("smollm", a["tokenizer.ggml.pre"][1])
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2", "gpt-2"])
+def test_pre_tokenizer_named_by_structure_when_the_vocabulary_is_new(pre):
+    # A vocabulary of just the 256 byte symbols: no known hash, so the structure decides.
+    from tokenizers.pre_tokenizers import ByteLevel
+    from engine.export_hf import bpe_tokenizer_json
+    md = {"tokenizer.ggml.tokens": sorted(ByteLevel.alphabet()), "tokenizer.ggml.pre": pre,
+          "tokenizer.ggml.token_type": [1] * 256, "tokenizer.ggml.merges": []}
+    tj = bpe_tokenizer_json(md)
+    assert convert.detect_pre(tj, Path("tokenizer.json")) == pre
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]}
+    with pytest.raises(convert.ConvertError, match=r"tokenizer.json: unrecognized BPE "
+                       r"pre-tokenizer \(check hash [0-9a-f]{16}\); supported: smollm, "
+                       r"llama-bpe, qwen2, gpt-2"):
+        convert.detect_pre(tj, Path("tokenizer.json"))
