@@ -64,15 +64,15 @@ def test_seed_reproducible_and_independent_of_threads(smollm2_path, llm):
 
 def test_prefix_reuse_evaluates_only_new_tokens_and_matches_a_fresh_run(llm):
     llm.reset()
-    first = llm.generate(PROMPT, max_tokens=8, temperature=0)
+    first = llm.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
     prompt2 = llm.tokenize(PROMPT) + first.tokens + llm.tokenize(" It is also")
     before = llm.n_tokens_evaluated
-    reused = llm.generate(prompt2, max_tokens=8, temperature=0)
+    reused = llm.generate(prompt2, max_tokens=8, temperature=0, ignore_eos=True)
     n_new = len(prompt2) - len(llm.tokenize(PROMPT)) - 7   # the 8th token was never run
     assert reused.timings.prompt_tokens_evaluated == n_new
     assert llm.n_tokens_evaluated - before == n_new + 7
     llm.reset()
-    fresh = llm.generate(prompt2, max_tokens=8, temperature=0)
+    fresh = llm.generate(prompt2, max_tokens=8, temperature=0, ignore_eos=True)
     assert fresh.timings.prompt_tokens_evaluated == len(prompt2)
     assert fresh.tokens == reused.tokens
 
