@@ -152,6 +152,8 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     for (int64_t g = 0; g < w->ng; g++) {
         const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
         const uint8_t *qs = kiln_rg_qs(w, rg, g);
+        for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++) /* see the AVX512 kernel */
+            _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
         for (int h = 0; 2 * h < nb; h++) {
             const int two = 2 * h + 1 < nb;
             __m256i wl[KILN_RG], wh[KILN_RG];
