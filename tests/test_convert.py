@@ -7,7 +7,6 @@ inputs cheaply. transformers/torch and llama-cpp-python are outside oracles: the
 skip when those are not installed.
 """
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -19,7 +18,9 @@ import pytest
 
 import formats
 from engine import convert
+from engine.errors import ConvertError
 from engine.export_hf import export
+from engine.hf_vocab import detect_pre
 from formats import GGMLType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -559,12 +560,30 @@ def test_pre_tokenizer_named_by_structure_when_the_vocabulary_is_new(pre):
     md = {"tokenizer.ggml.tokens": sorted(ByteLevel.alphabet()), "tokenizer.ggml.pre": pre,
           "tokenizer.ggml.token_type": [1] * 256, "tokenizer.ggml.merges": []}
     tj = bpe_tokenizer_json(md)
-    assert convert.detect_pre(tj, Path("tokenizer.json")) == pre
+    assert detect_pre(tj, Path("tokenizer.json")) == pre
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
          "use_regex": False}]}
-    with pytest.raises(convert.ConvertError, match=r"tokenizer.json: unrecognized BPE "
+    with pytest.raises(ConvertError, match=r"tokenizer.json: unrecognized BPE "
                        r"pre-tokenizer \(check hash [0-9a-f]{16}\); supported: smollm, "
                        r"llama-bpe, qwen2, gpt-2"):
-        convert.detect_pre(tj, Path("tokenizer.json"))
+        detect_pre(tj, Path("tokenizer.json"))
+
+
+def test_a_failure_mid_write_leaves_no_file(tiny_hf, tmp_path, monkeypatch):
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    out.write_bytes(b"previous")
+    calls = []
+
+    def failing_encode(x, t):
+        calls.append(t)
+        if len(calls) == 5:
+            raise MemoryError("simulated")
+        return formats.quantize(x, t)
+    monkeypatch.setattr(convert, "encode_rows", failing_encode)
+    with pytest.raises(MemoryError):
+        run_convert(tiny_hf, "-o", out, "--type", "q8_0", "--quiet")
+    assert out.read_bytes() == b"previous"  # the old file is untouched, no temp file left
+    assert [p.name for p in out.parent.iterdir()] == ["m.gguf"]

@@ -122,3 +122,20 @@ def test_smollm2_f16_matches_reference_end_to_end(smollm2_variant, tokens):
     want = ReferenceLlama(path)(tokens[:128])
     assert (logits.argmax(-1) == want.argmax(-1)).mean() >= 0.99
     assert mean_kl(want, logits) < 1e-6
+
+
+def test_smollm2_f16_matches_llama_cpp(smollm2_variant, tokens):
+    """The outside oracle: llama.cpp on the same F16 file (float32 KV cache, as kiln's).
+    Float weights only: llama.cpp's quantized paths use the CPU's own int8 kernels."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+    path = smollm2_variant("f16")
+    ids = [int(t) for t in tokens[:128]]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)
+    llm.eval(ids)
+    want = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    llm.close()
+    with Model(path, n_ctx=256, n_threads=2) as m:
+        got = m.eval(ids, 0, logits_all=True)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
+    assert mean_kl(want, got) < 1e-4
