@@ -4,8 +4,8 @@
  * RoPE -> KV cache -> causal GQA attention -> output projection -> residual ->
  * RMSNorm -> SwiGLU FFN -> residual; final RMSNorm and logits. Matrix products go
  * through kiln_matmul (which splits rows over the pool); everything else here is
- * split over the pool by rows or (token, head) pairs. Every output element is computed
- * by one thread in a fixed order, so results do not depend on the thread count.
+ * split over the pool by rows or (token tile, key/value head) pairs. Every output is
+ * computed by one thread in a fixed order, so results do not depend on the thread count.
  *
  * The KV cache is float32: exact, so the reference needs no emulation of it. Keys are
  * stored transposed (dimension-major) so that scoring a query against many keys is a
@@ -24,8 +24,9 @@
 #define ATT_TILE 4 /* queries (consecutive tokens of a prompt) scored per pass over the keys */
 
 /* The attention loops are the only float-heavy code outside the kernels: compile them
- * for the wider vector units too and let the loader pick (GCC/clang function clones). */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+ * for the wider vector units too and let the loader pick (GCC/clang function clones,
+ * which need glibc's ifunc). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)
 #define KILN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define KILN_VECTOR_CLONES
