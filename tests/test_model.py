@@ -291,3 +291,30 @@ def test_kv_cache_holds_roped_keys_and_values(tmp_path):
             np.testing.assert_allclose(keys, R.fp16(k), rtol=1e-3, atol=1e-5)
             np.testing.assert_allclose(values, R.fp16(L.wv(h)), rtol=1e-3, atol=1e-5)
             x = ref.layer(i, x)
+
+
+def test_attention_loops_of_every_isa(tmp_path):
+    """The loops reading the fp16 cache come per ISA (portable, F16C/AVX2, AVX512), chosen
+    by the kernels' active ISA: each matches the reference, batched and token by token,
+    with a head size that leaves a tail after the vector blocks."""
+    import ckernels
+    path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
+                           head_dim=44, n_ff=96, ftype="f32", seed=3)
+    ref = ReferenceLlama(path, emulate_q8=False)
+    tokens = np.random.default_rng(2).integers(0, ref.config.n_vocab, 37)
+    before = ckernels.active_isa()
+    try:
+        for isa in ckernels.supported_isas():
+            ckernels.set_isa(isa)
+            with Model(path, n_ctx=64, n_threads=2) as m:
+                batched = m.eval(tokens, 0, logits_all=True)
+                cache = [m._forward.kv_cache(i, len(tokens)) for i in range(m.config.n_layer)]
+                single = np.stack([m.eval(tokens[i:i + 1], i) for i in range(len(tokens))])
+            mismatched = []
+            with cache_from(cache, mismatched.append):
+                want = ref(tokens)
+            assert not mismatched, isa
+            for got in (batched, single):
+                assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), isa
+    finally:
+        ckernels.set_isa(before)
