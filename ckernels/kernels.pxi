@@ -20,6 +20,8 @@ cdef extern from "kernels.h":
     void kiln_matrix_free(kiln_matrix *m)
     void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens,
                      float *y) nogil
+    void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
+                           int n_tokens, float *const *ys) nogil
     const char *kiln_active_isa()
     int kiln_supported_isas(const char **names, int max_names)
     int kiln_set_isa(const char *name)
@@ -130,6 +132,46 @@ def matmul(Pool pool, Matrix w, x):
     with nogil:
         kiln_matmul(pool.pool, &w.m, &xv[0], n_tokens, &yv[0])
     return y
+
+
+def matmul_multi(Pool pool, list ws, x):
+    """[x @ W.T for W in ws] for matrices with the same cols, in one pass of the pool."""
+    cdef int n = len(ws)
+    if n < 1 or n > 64:
+        raise ValueError("matmul_multi takes 1 to 64 matrices")
+    for w in ws:
+        if not isinstance(w, Matrix):
+            raise ValueError("ws must hold Matrix objects")
+    cdef Matrix w0 = ws[0]
+    cdef int64_t cols = w0.m.cols
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise ValueError("x must be a float32 numpy array")
+    if not x.flags.c_contiguous:
+        raise ValueError("x must be C-contiguous")
+    if x.ndim not in (1, 2) or x.shape[x.ndim - 1] != cols:
+        raise ValueError(f"x has shape {x.shape}, expected (n_tokens, {cols})")
+    cdef Matrix wi
+    for w in ws:
+        wi = w
+        if wi.m.cols != cols:
+            raise ValueError("all matrices must have the same number of columns")
+    cdef int n_tokens = 1 if x.ndim == 1 else x.shape[0]
+    ys = [np.empty((int((<Matrix>w).m.rows),) if x.ndim == 1 else (n_tokens, int((<Matrix>w).m.rows)),
+                   dtype=np.float32) for w in ws]
+    if n_tokens == 0:
+        return ys
+    cdef const kiln_matrix *mp[64]
+    cdef float *yp[64]
+    cdef float[::1] yv
+    for i in range(n):
+        wi = ws[i]
+        mp[i] = &wi.m
+        yv = ys[i].reshape(-1)
+        yp[i] = &yv[0]
+    cdef const float[::1] xv = x.reshape(-1)
+    with nogil:
+        kiln_matmul_multi(pool.pool, n, mp, &xv[0], n_tokens, yp)
+    return ys
 
 
 def _quantize_act(x, int block_bytes, bint q8_1):

@@ -694,13 +694,14 @@ def _gguf_tensor_plan(src, t, target, embed_type) -> TensorPlan:
     out_type, note = choose_type(t.name, shape, target, embed_type)
     if t.type == out_type:
         # Same type: copy the bytes, so requantizing never loses more than it must.
-        return TensorPlan(t.name, shape, t.type.name, out_type, None, raw=lambda: t.data)
+        return TensorPlan(t.name, shape, t.type.name, out_type, None, raw=lambda: t.data,
+                          note=note)
     if t.type not in DEQUANTIZABLE:
         raise ConvertError(f"{src}: tensor {t.name} has type {t.type.name}; supported "
                            f"source types: {', '.join(x.name for x in DEQUANTIZABLE)}")
     n = shape[-1]
-    n_rows = t.n_elements // n if hasattr(t, "n_elements") else int(np.prod(shape)) // n
-    row_bytes = formats.GGML_QUANT_SIZES[t.type][1] * n // formats.GGML_QUANT_SIZES[t.type][0]
+    n_rows = t.n_elements // n
+    row_bytes = formats.row_nbytes(t.type, n)
 
     def read_rows(i, j):
         raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n_rows, row_bytes)

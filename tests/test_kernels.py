@@ -206,6 +206,29 @@ def test_results_do_not_depend_on_thread_count(isa):
             assert np.array_equal(y, ys[0])
 
 
+@per_isa
+def test_matmul_multi_equals_separate_calls(isa):
+    rng = np.random.default_rng(9)
+    cols = 576
+    specs = [(Q4_1, 576), (Q4_1, 192), (Q4_0, 37), (Q8_0, 101), (F16, 13), (Q4_1, 1536)]
+    mats = []
+    for type_, rows in specs:
+        if type_ == F16:
+            data, _ = make_float_weights(type_, rows, cols, rng)
+        else:
+            data, _ = make_quant_weights(type_, rows, cols, rng)
+        mats.append(ckernels.Matrix(type_, rows, cols, data))
+    for n_tokens in (1, 6):
+        x = rng.standard_normal((n_tokens, cols)).astype(np.float32)
+        for n_threads in (1, 2, 3):
+            pool = ckernels.Pool(n_threads)
+            ys = ckernels.matmul_multi(pool, mats, x)
+            for m, y in zip(mats, ys):
+                assert np.array_equal(y, ckernels.matmul(pool, m, x))
+    with pytest.raises(ValueError, match="same number of columns"):
+        ckernels.matmul_multi(pool, [mats[0], ckernels.Matrix(F32, 2, 64, np.zeros(128, np.float32))], x)
+
+
 # ---- float matrix kernels ----
 
 @per_isa

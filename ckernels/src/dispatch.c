@@ -64,7 +64,11 @@ static int kiln_cpu_avx2(void) {
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     return fma_f16c_avx && (b & (1u << 5));
 }
+static int kiln_cpu_avx512vnni(void);
 static int kiln_cpu_avxvnni(void) {
+#ifdef KILN_AVXVNNI_VIA_EVEX /* tests/c: that variant built with EVEX encodings */
+    return kiln_cpu_avx512vnni();
+#endif
     unsigned a, b, c, d;
     if (!kiln_cpu_avx2()) return 0;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;

@@ -50,6 +50,12 @@ void kiln_matrix_free(kiln_matrix *m);
  * thread count. n_tokens == 1 is the token-generation (matrix x vector) path. */
 void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens, float *y);
 
+/* ys[i] = x W_i^T for n matrices with the same cols (e.g. Q, K, V or gate, up): one
+ * activation quantization and one pass of the pool for all, so small matrices do not
+ * each pay a wake-up. Results are identical to n kiln_matmul calls. */
+void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
+                       int n_tokens, float *const *ys);
+
 /* ---- ISA dispatch ---- */
 const char *kiln_active_isa(void);
 /* Names of the variants this CPU supports (and this build contains), best last. */

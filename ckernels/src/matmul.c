@@ -1,5 +1,6 @@
 /* Weight matrices and kiln_matmul: repacking at load time, activation quantization,
  * and the split of work over the pool. The arithmetic is in the isa/ sources. */
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -152,25 +153,38 @@ void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64
 
 /* ---- the split over threads ---- */
 
+#define KILN_MULTI_MAX 8
+
+/* Activation kinds: the layout's offsets depend on the weight type. */
+static int kiln_act_kind(int type) { return type == KILN_TYPE_Q4_0 ? 0 : type == KILN_TYPE_Q4_1 ? 1 : 2; }
+static const int kiln_kind_type[3] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q8_0};
+
 typedef struct {
     const kiln_isa_ops *ops;
-    const kiln_matrix *w;
+    int n;
+    const kiln_matrix *const *ws;
+    float *const *ys;
     const float *x;
+    int64_t cols;
     int n_tokens;
-    float *y;
-    /* quantized path */
-    kiln_qgemm_args q;
+    int64_t units[KILN_MULTI_MAX + 1]; /* prefix sums of row groups over the matrices */
+    /* quantized activations, one per kind in use */
+    int kind_used[3];
+    uint8_t *act[3];
+    kiln_act_layout al;
     uint8_t *qscratch; /* per thread: cols / QK Q8_1 blocks */
     size_t qscratch_stride;
 } kiln_matmul_ctx;
 
 static void kiln_task_quantize(void *p, int ith, int nth) {
     kiln_matmul_ctx *c = p;
-    const kiln_matrix *w = c->w;
-    for (int t = ith; t < c->n_tokens; t += nth)
-        kiln_quantize_act(c->ops, w->type, c->x + (size_t)t * w->cols, w->cols, &c->q.al,
-                          (uint8_t *)c->q.act + (size_t)t * c->q.act_stride,
-                          c->qscratch + (size_t)ith * c->qscratch_stride);
+    for (int k = 0; k < 3; k++) {
+        if (!c->kind_used[k]) continue;
+        for (int t = ith; t < c->n_tokens; t += nth)
+            kiln_quantize_act(c->ops, kiln_kind_type[k], c->x + (size_t)t * c->cols, c->cols, &c->al,
+                              c->act[k] + (size_t)t * c->al.size,
+                              c->qscratch + (size_t)ith * c->qscratch_stride);
+    }
 }
 
 /* Contiguous share of n items for thread ith; the same item always gets the same
@@ -180,54 +194,90 @@ static void kiln_share(int64_t n, int ith, int nth, int64_t *i0, int64_t *i1) {
     *i1 = n * (ith + 1) / nth;
 }
 
-static void kiln_task_qgemm(void *p, int ith, int nth) {
-    kiln_matmul_ctx *c = p;
-    int64_t nrg = (c->w->rows + KILN_RG - 1) / KILN_RG, rg0, rg1;
-    kiln_share(nrg, ith, nth, &rg0, &rg1);
-    if (rg0 < rg1) c->ops->qgemm(&c->q, rg0, rg1);
+/* Row groups [rg0, rg1) of matrix i. */
+static void kiln_gemm_part(const kiln_matmul_ctx *c, int i, int64_t rg0, int64_t rg1) {
+    const kiln_matrix *w = c->ws[i];
+    if (kiln_is_quantized(w->type)) {
+        kiln_qgemm_args q;
+        q.w = kiln_packed_view_of(w->type, w->rows, w->cols, w->packed);
+        q.act = c->act[kiln_act_kind(w->type)];
+        q.act_stride = c->al.size;
+        q.al = c->al;
+        q.n_tokens = c->n_tokens;
+        q.y = c->ys[i];
+        c->ops->qgemm(&q, rg0, rg1);
+    } else {
+        int64_t r0 = rg0 * KILN_RG, r1 = rg1 * KILN_RG < w->rows ? rg1 * KILN_RG : w->rows;
+        kiln_fgemm_args f = {w->type, w->rows, w->cols, w->data, c->x, c->n_tokens, c->ys[i]};
+        c->ops->fgemm(&f, r0, r1);
+    }
 }
 
-static void kiln_task_fgemm(void *p, int ith, int nth) {
+/* Each thread takes a contiguous share of all the matrices' row groups, in order. */
+static void kiln_task_gemm(void *p, int ith, int nth) {
     kiln_matmul_ctx *c = p;
-    const kiln_matrix *w = c->w;
-    /* split in whole row groups so threads do not share output cache lines often */
-    int64_t nrg = (w->rows + KILN_RG - 1) / KILN_RG, rg0, rg1;
-    kiln_share(nrg, ith, nth, &rg0, &rg1);
-    int64_t r0 = rg0 * KILN_RG, r1 = rg1 * KILN_RG < w->rows ? rg1 * KILN_RG : w->rows;
-    if (r0 >= r1) return;
-    kiln_fgemm_args a = {w->type, w->rows, w->cols, w->data, c->x, c->n_tokens, c->y};
-    c->ops->fgemm(&a, r0, r1);
+    int64_t u0, u1;
+    kiln_share(c->units[c->n], ith, nth, &u0, &u1);
+    for (int i = 0; i < c->n && u0 < u1; i++) {
+        int64_t lo = c->units[i], hi = c->units[i + 1];
+        if (u0 >= hi) continue;
+        int64_t end = u1 < hi ? u1 : hi;
+        kiln_gemm_part(c, i, u0 - lo, end - lo);
+        u0 = end;
+    }
 }
 
-void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens, float *y) {
-    if (n_tokens < 1) return;
+void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
+                       int n_tokens, float *const *ys) {
+    if (n_tokens < 1 || n < 1) return;
+    if (n > KILN_MULTI_MAX) { /* rare: do them in batches */
+        kiln_matmul_multi(pool, KILN_MULTI_MAX, ws, x, n_tokens, ys);
+        kiln_matmul_multi(pool, n - KILN_MULTI_MAX, ws + KILN_MULTI_MAX, x, n_tokens, ys + KILN_MULTI_MAX);
+        return;
+    }
     kiln_matmul_ctx c;
     memset(&c, 0, sizeof c);
     c.ops = kiln_ops();
-    c.w = w;
+    c.n = n;
+    c.ws = ws;
+    c.ys = ys;
     c.x = x;
+    c.cols = ws[0]->cols;
     c.n_tokens = n_tokens;
-    c.y = y;
-    if (!kiln_is_quantized(w->type)) {
-        kiln_pool_run(pool, kiln_task_fgemm, &c);
-        return;
+    int n_kinds = 0;
+    for (int i = 0; i < n; i++) {
+        assert(ws[i]->cols == c.cols);
+        c.units[i + 1] = c.units[i] + (ws[i]->rows + KILN_RG - 1) / KILN_RG;
+        if (kiln_is_quantized(ws[i]->type) && !c.kind_used[kiln_act_kind(ws[i]->type)]) {
+            c.kind_used[kiln_act_kind(ws[i]->type)] = 1;
+            n_kinds++;
+        }
     }
-    int nth = kiln_pool_size(pool);
-    c.q.w = kiln_packed_view_of(w->type, w->rows, w->cols, w->packed);
-    c.q.al = kiln_act_layout_for(w->cols);
-    c.q.act_stride = c.q.al.size;
-    c.q.n_tokens = n_tokens;
-    c.q.y = y;
-    c.qscratch_stride = ((size_t)(w->cols / QK) * sizeof(block_q8_1) + 63) & ~(size_t)63;
-    size_t need = (size_t)n_tokens * c.q.act_stride + (size_t)nth * c.qscratch_stride;
-    void *buf = pool ? kiln_pool_scratch(pool, need) : aligned_alloc(64, (need + 63) & ~(size_t)63);
-    if (!buf) abort(); /* a few KB to MB: out of memory here leaves nothing sane to do */
-    c.q.act = buf;
-    c.qscratch = (uint8_t *)buf + (size_t)n_tokens * c.q.act_stride;
-    if (n_tokens == 1 || nth == 1) kiln_task_quantize(&c, 0, 1); /* not worth a wake-up */
-    else kiln_pool_run(pool, kiln_task_quantize, &c);
-    kiln_pool_run(pool, kiln_task_qgemm, &c);
+    void *buf = NULL;
+    if (n_kinds) {
+        int nth = kiln_pool_size(pool);
+        c.al = kiln_act_layout_for(c.cols);
+        c.qscratch_stride = ((size_t)(c.cols / QK) * sizeof(block_q8_1) + 63) & ~(size_t)63;
+        size_t act_bytes = (size_t)n_tokens * c.al.size;
+        size_t need = (size_t)n_kinds * act_bytes + (size_t)nth * c.qscratch_stride;
+        buf = pool ? kiln_pool_scratch(pool, need) : aligned_alloc(64, (need + 63) & ~(size_t)63);
+        if (!buf) abort(); /* a few KB to MB: out of memory here leaves nothing sane to do */
+        uint8_t *at = buf;
+        for (int k = 0; k < 3; k++)
+            if (c.kind_used[k]) {
+                c.act[k] = at;
+                at += act_bytes;
+            }
+        c.qscratch = at;
+        if (n_tokens == 1 || nth == 1) kiln_task_quantize(&c, 0, 1); /* not worth a wake-up */
+        else kiln_pool_run(pool, kiln_task_quantize, &c);
+    }
+    kiln_pool_run(pool, kiln_task_gemm, &c);
     if (!pool) free(buf);
+}
+
+void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens, float *y) {
+    kiln_matmul_multi(pool, 1, &w, x, n_tokens, &y);
 }
 
 typedef struct {

@@ -195,6 +195,43 @@ static void test_matmul(const char *isa, int type, int64_t rows, int64_t cols, i
     free(y_scalar);
 }
 
+/* kiln_matmul_multi gives exactly what separate kiln_matmul calls give. */
+static void test_multi(void) {
+    const int types[] = {KILN_TYPE_Q4_1, KILN_TYPE_Q4_0, KILN_TYPE_Q8_0, KILN_TYPE_F16};
+    const int64_t rows[] = {576, 37, 19, 13}, cols = 576;
+    const int n_tokens = 6;
+    kiln_matrix m[4];
+    const kiln_matrix *mp[4];
+    void *w[4];
+    float *y[4], *y1 = malloc(sizeof(float) * 576 * n_tokens);
+    float *x = make_acts(n_tokens, cols, 0);
+    for (int i = 0; i < 4; i++) {
+        w[i] = make_weights(types[i], rows[i], cols, 0);
+        kiln_matrix_init(&m[i], types[i], rows[i], cols, w[i]);
+        mp[i] = &m[i];
+        y[i] = malloc(sizeof(float) * (size_t)rows[i] * n_tokens);
+    }
+    for (int n_threads = 1; n_threads <= 3; n_threads++) {
+        kiln_pool *pool = kiln_pool_create(n_threads);
+        for (int nt = 1; nt <= n_tokens; nt += n_tokens - 1) {
+            kiln_matmul_multi(pool, 4, mp, x, nt, y);
+            for (int i = 0; i < 4; i++) {
+                kiln_matmul(pool, &m[i], x, nt, y1);
+                CHECK(memcmp(y1, y[i], sizeof(float) * (size_t)rows[i] * nt) == 0,
+                      "multi matrix %d threads %d tokens %d", i, n_threads, nt);
+            }
+        }
+        kiln_pool_free(pool);
+    }
+    for (int i = 0; i < 4; i++) {
+        kiln_matrix_free(&m[i]);
+        free(w[i]);
+        free(y[i]);
+    }
+    free(x);
+    free(y1);
+}
+
 static void test_quantize(const char *isa, int64_t cols) {
     float *x = make_acts(1, cols, 0);
     for (int j = 0; j < QK; j++) x[j] = j == 0 ? 127.0f : j - 16.5f; /* .5 ties */
@@ -267,6 +304,7 @@ int main(void) {
             }
         }
         test_matmul(isa, KILN_TYPE_F32, 7, 45, 2, 0); /* float rows need not be whole blocks */
+        test_multi();
         printf("%-11s %s\n", isa, n_failed == before ? "ok" : "FAILED");
     }
     printf("%d checks, %d failed\n", n_checked, n_failed);

@@ -6,7 +6,7 @@
 
 #define KILN_FNT 4
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
 static inline __m512 kiln_load_w16(int type, const void *w, int64_t c, __mmask16 m) {

@@ -311,7 +311,8 @@ kiln_qgemm_rows(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, int t0, cons
     }
 }
 
-void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
+/* All tokens over row groups [rg0, rg1). */
+static void kiln_qgemm_block(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
     int t = 0;
     for (; t + KILN_NT <= a->n_tokens; t += KILN_NT) kiln_qgemm_rows(a, rg0, rg1, t, KILN_NT);
     switch (a->n_tokens - t) {
@@ -320,4 +321,12 @@ void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
     case 3: kiln_qgemm_rows(a, rg0, rg1, t, 3); break;
     default: break;
     }
+}
+
+void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
+    /* a batch passes over the weights once per KILN_NT tokens: take them in blocks of
+     * row groups small enough to stay in L2 meanwhile */
+    int64_t step = a->n_tokens > KILN_NT ? (int64_t)((256u << 10) / a->w.rg_size) : rg1 - rg0;
+    if (step < 1) step = 1;
+    for (int64_t r0 = rg0; r0 < rg1; r0 += step) kiln_qgemm_block(a, r0, r0 + step < rg1 ? r0 + step : rg1);
 }

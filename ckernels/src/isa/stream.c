@@ -3,7 +3,7 @@
 #include "isa.h"
 #include "kernels_impl.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n) {
     const uint8_t *b = p;
