@@ -203,14 +203,30 @@ def quantize_act_q8_1(x):
 
 
 def stream_read(Pool pool, buf):
-    """Reads every byte of a C-contiguous uint8 array with the active variant's widest
-    loads, split over the pool's threads (a bandwidth yardstick); returns a checksum."""
-    if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or not buf.flags.c_contiguous:
-        raise ValueError("buf must be a C-contiguous uint8 numpy array")
-    cdef const uint8_t[::1] v = buf.reshape(-1)
+    """Reads every byte of a Matrix's kernel-side weights (its packed copy, else its
+    data) or of a C-contiguous uint8 array, with the active variant's widest loads split
+    over the pool's threads: the bandwidth yardstick for the kernels. Returns a checksum."""
+    cdef Matrix m
+    cdef const uint8_t[::1] v
+    cdef const void *p
+    cdef size_t n
     cdef uint64_t s
-    if v.shape[0] == 0:
-        return 0
+    if isinstance(buf, Matrix):
+        m = buf
+        if m.m.packed != NULL:
+            p = m.m.packed
+            n = m.m.packed_size
+        else:
+            p = m.m.data
+            n = m.data.nbytes
+    elif isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.flags.c_contiguous:
+        if buf.size == 0:
+            return 0
+        v = buf.reshape(-1)
+        p = &v[0]
+        n = v.shape[0]
+    else:
+        raise ValueError("buf must be a Matrix or a C-contiguous uint8 numpy array")
     with nogil:
-        s = kiln_stream_read(pool.pool, &v[0], v.shape[0])
+        s = kiln_stream_read(pool.pool, p, n)
     return s

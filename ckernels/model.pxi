@@ -27,6 +27,8 @@ cdef extern from "forward.h":
                                   int n_threads) nogil
     void kiln_llama_free(kiln_llama *m) nogil
     int kiln_llama_n_threads(const kiln_llama *m) nogil
+    int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+                              float *logits, int logits_all, float *trace) nogil
     int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys,
                           float *values) nogil
     int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
@@ -49,7 +51,7 @@ cdef class LlamaForward:
     per-layer dicts with keys attn_norm, ffn_norm (addresses of float32 vectors) and
     attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down ((type, address))."""
     cdef kiln_llama *model
-    cdef readonly int n_vocab, n_ctx, kv_dim
+    cdef readonly int n_vocab, n_ctx, kv_dim, n_layer, n_embd
 
     def __cinit__(self, dict config, token_embd, list layers, uintptr_t output_norm,
                   output, const double[::1] rope_inv_freq, int n_threads):
@@ -101,6 +103,8 @@ cdef class LlamaForward:
         self.n_vocab = c.n_vocab
         self.n_ctx = c.n_ctx
         self.kv_dim = c.n_head_kv * c.head_dim
+        self.n_layer = c.n_layer
+        self.n_embd = c.n_embd
 
     def __dealloc__(self):
         if self.model != NULL:
@@ -111,17 +115,26 @@ cdef class LlamaForward:
     def n_threads(self):
         return kiln_llama_n_threads(self.model)
 
-    def eval(self, const int32_t[::1] tokens, int n_past, float[::1] logits, bint logits_all):
+    def eval(self, const int32_t[::1] tokens, int n_past, float[::1] logits, bint logits_all,
+             float[::1] trace=None):
         """Runs tokens at positions n_past..; logits (flat float32) receives
-        len(tokens) * n_vocab values when logits_all, else n_vocab."""
+        len(tokens) * n_vocab values when logits_all, else n_vocab. trace (flat
+        float32, (n_layer + 1) * len(tokens) * n_embd), when given, receives the
+        residual stream before and after each layer."""
         cdef int n = tokens.shape[0]
         cdef int rc
+        cdef float *trace_ptr = NULL
         if self.model == NULL:
             raise ValueError("model is closed")
         if n < 1 or logits.shape[0] != (n if logits_all else 1) * self.n_vocab:
             raise ValueError("empty token list or logits buffer of the wrong size")
+        if trace is not None:
+            if trace.shape[0] != (self.n_layer + 1) * n * self.n_embd:
+                raise ValueError("trace buffer of the wrong size")
+            trace_ptr = &trace[0]
         with nogil:
-            rc = kiln_llama_eval(self.model, &tokens[0], n, n_past, &logits[0], logits_all)
+            rc = kiln_llama_eval_trace(self.model, &tokens[0], n, n_past, &logits[0],
+                                       logits_all, trace_ptr)
         if rc != 0:
             raise ValueError(f"eval of {n} tokens at n_past={n_past} refused: context "
                              f"of {self.n_ctx} exceeded or a token id outside the vocabulary")

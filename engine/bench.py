@@ -94,7 +94,10 @@ def format_table(results: list[dict]) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="kiln bench", description=__doc__.split("\n")[0])
+    p = parser or argparse.ArgumentParser(
+        prog="kiln bench",
+        description="Prompt (pp) and generation (tg) tokens/s of GGUF files, timed through "
+                    "LLM.generate as an app sees it; best of --repetitions runs.")
     p.add_argument("model", nargs="*", help="GGUF file(s) (default: the default model, pulled if missing)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0 = skip; default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0 = skip; default 128)")
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
     if not args.json:
         print(format_table(results))
+        print(f"kiln ISA {results[0]['isa']}, best of {args.repetitions} runs")
     return 0
 
 

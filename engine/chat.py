@@ -22,6 +22,7 @@ from pathlib import Path
 
 from engine.chat_template import ChatTemplate, ChatTemplateError
 from engine.errors import ContextOverflowError, KilnError
+from engine.llm import Timings
 
 ROLES = ("system", "user", "assistant")
 
@@ -88,28 +89,15 @@ def chat_completion(llm, messages, stream: bool = False, chat_template=None, **s
 
 @dataclass
 class TurnStats:
-    """What the last reply cost, for the REPL's stats line."""
-    prompt_tokens: int = 0          # tokens in the prompt of this turn
-    prompt_evaluated: int = 0       # of those, how many the model ran (the rest came from the cache)
-    prompt_seconds: float = 0.0
-    reply_tokens: int = 0
-    reply_seconds: float = 0.0
-    finish_reason: str = ""
+    """What the last reply cost, for the REPL's stats line. `timings.prompt_tokens` is the
+    whole prompt; `timings.prompt_tokens_evaluated` the part not found in the KV cache."""
+    timings: Timings
+    finish_reason: str              # "stop" | "length" | "interrupted"
     dropped_messages: int = 0       # old messages dropped to fit the context
 
     @classmethod
     def from_completion(cls, completion, dropped_messages: int = 0) -> "TurnStats":
-        t = completion.timings
-        return cls(t.prompt_tokens, t.prompt_tokens_evaluated, t.prompt_seconds, t.generated_tokens,
-                   t.generation_seconds, completion.finish_reason, dropped_messages)
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prompt_evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def reply_tps(self) -> float:
-        return self.reply_tokens / self.reply_seconds if self.reply_seconds > 0 else 0.0
+        return cls(completion.timings, completion.finish_reason, dropped_messages)
 
 
 SAMPLING_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
@@ -298,8 +286,8 @@ class ChatSession:
             first = first or start
             n_reply = max(0, len(self.llm.cached_tokens) - len(ids))
             n_prompt = max(0, self.llm.n_tokens_evaluated - n_before - n_reply)
-            self.last_stats = TurnStats(len(ids), n_prompt, first - start, n_reply,
-                                        time.perf_counter() - first, "interrupted", dropped)
+            timings = Timings(len(ids), n_prompt, first - start, n_reply, time.perf_counter() - first)
+            self.last_stats = TurnStats(timings, "interrupted", dropped)
 
     @property
     def n_context_tokens(self) -> int:

@@ -268,8 +268,6 @@ def main(argv=None) -> int:
             parser.print_help()
             return 0
         run = lambda: args.func(args)  # noqa: E731
-    if debug:
-        os.environ.setdefault("KILN_DEBUG", "1")
     try:
         return run() or 0
     except KeyboardInterrupt:

@@ -11,3 +11,8 @@ class ModelError(KilnError):
 
 class ContextOverflowError(KilnError, ValueError):
     """A prompt does not fit in the context window."""
+
+
+class ConvertError(KilnError):
+    """A checkpoint the converter cannot handle; the message is one line saying what is
+    wrong and what is supported."""

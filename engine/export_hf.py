@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 import formats
-from engine.convert import (
-    HF_LAYER_NAMES, HF_TENSOR_NAMES, SPECIAL_KEYS, TOKEN_BYTE, TOKEN_CONTROL,
-    TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, ConvertError, permute_qk,
-    pre_tokenizer_json)
+from engine.convert import HF_LAYER_NAMES, HF_TENSOR_NAMES, permute_qk
+from engine.errors import ConvertError
+from engine.hf_vocab import (SPECIAL_KEYS, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNUSED,
+                             TOKEN_USER_DEFINED, pre_tokenizer_json)
 from formats.safetensors import write_safetensors
 
 GGUF_TO_HF = {v: k for k, v in HF_TENSOR_NAMES.items()}

@@ -153,6 +153,17 @@ class Model:
     def eval(self, tokens, n_past: int, logits_all: bool = False) -> np.ndarray:
         """Run tokens at positions n_past.. (overwriting the KV cache from n_past on);
         float32 logits of the last token (n_vocab,) or of all tokens (len, n_vocab)."""
+        return self._eval(tokens, n_past, logits_all, None)
+
+    def eval_trace(self, tokens, n_past: int = 0):
+        """eval with logits_all that also returns the residual stream, (n_layer + 1,
+        len, n_embd): the embeddings and each layer's output (for layer-by-layer tests)."""
+        n = len(tokens)
+        trace = np.empty((self.config.n_layer + 1) * n * self.config.n_embd, np.float32)
+        logits = self._eval(tokens, n_past, True, trace)
+        return logits, trace.reshape(self.config.n_layer + 1, n, self.config.n_embd)
+
+    def _eval(self, tokens, n_past, logits_all, trace):
         tokens = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
         n = tokens.shape[0]
         if n == 0:
@@ -170,7 +181,7 @@ class Model:
         if self._forward is None:
             raise ValueError("model is closed")
         logits = np.empty((n if logits_all else 1) * self.config.n_vocab, np.float32)
-        self._forward.eval(tokens, n_past, logits, logits_all)
+        self._forward.eval(tokens, n_past, logits, logits_all, trace)
         return logits.reshape(n, -1) if logits_all else logits
 
     def close(self) -> None:

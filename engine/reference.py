@@ -116,25 +116,34 @@ class ReferenceLlama:
             f.close()
 
     def __call__(self, tokens) -> np.ndarray:
-        c = self.config
-        n = len(tokens)
         x = self.token_embd[np.asarray(tokens)]
+        for i in range(self.config.n_layer):
+            x = self.layer(i, x)
+        return self.logits(x)
+
+    def layer(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Layer i on the residual stream x (n_tokens, n_embd) of positions 0.."""
+        c, L, n = self.config, self.layers[i], x.shape[0]
         angle = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
         mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
         scale = np.float32(1.0 / np.sqrt(np.float32(c.head_dim)))
         group = c.n_head // c.n_head_kv
-        for L in self.layers:
-            h = rms_norm(x, L.attn_norm, c.rms_eps)
-            q = rope(L.wq(h).reshape(n, c.n_head, c.head_dim), cos, sin)
-            k = rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin)
-            v = L.wv(h).reshape(n, c.n_head_kv, c.head_dim)
-            k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # GQA
-            scores = q.transpose(1, 0, 2) @ k.transpose(1, 2, 0) * scale + mask
+        h = rms_norm(x, L.attn_norm, c.rms_eps)
+        q = rope(L.wq(h).reshape(n, c.n_head, c.head_dim), cos, sin)
+        k = rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin)
+        v = L.wv(h).reshape(n, c.n_head_kv, c.head_dim)
+        att = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
+        for hd in range(c.n_head):
+            kv = hd // group  # GQA: consecutive query heads share a key/value head
+            scores = q[:, hd] @ k[:, kv].T * scale + mask
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)
-            att = (scores @ v.transpose(1, 0, 2)).transpose(1, 0, 2).reshape(n, -1)
-            x = x + L.wo(att)
-            h = rms_norm(x, L.ffn_norm, c.rms_eps)
-            x = x + L.w2(silu(L.w1(h)) * L.w3(h))
-        return self.output(rms_norm(x, self.output_norm, c.rms_eps))
+            att[:, hd] = scores @ v[:, kv]
+        att = att.reshape(n, -1)
+        x = x + L.wo(att)
+        h = rms_norm(x, L.ffn_norm, c.rms_eps)
+        return x + L.w2(silu(L.w1(h)) * L.w3(h))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.output(rms_norm(x, self.output_norm, self.config.rms_eps))

@@ -49,8 +49,9 @@ SETTINGS = {
 def stats_line(stats) -> str:
     """`[prompt: N tok, X tok/s | reply: M tok, Y tok/s]` for a TurnStats (N counts the
     prompt tokens the model ran; the rest came from the KV cache)."""
-    return (f"[prompt: {stats.prompt_evaluated} tok, {stats.prompt_tps:.1f} tok/s | "
-            f"reply: {stats.reply_tokens} tok, {stats.reply_tps:.1f} tok/s]")
+    t = stats.timings
+    return (f"[prompt: {t.prompt_tokens_evaluated} tok, {t.prompt_tokens_per_second:.1f} tok/s | "
+            f"reply: {t.generated_tokens} tok, {t.tokens_per_second:.1f} tok/s]")
 
 
 class _Interrupt:
@@ -234,30 +235,30 @@ class Repl:
                  f"tokens evaluated since start: {getattr(llm, 'n_tokens_evaluated', '?')}"]
         st = s.last_stats
         if st is not None:
-            lines.append(f"last reply: {stats_line(st)} ({st.finish_reason}; prompt {st.prompt_tokens} "
-                         f"tokens, {st.prompt_tokens - st.prompt_evaluated} from the cache)")
+            lines.append(f"last reply: {stats_line(st)} ({st.finish_reason}; prompt {st.timings.prompt_tokens} "
+                         f"tokens, {st.timings.prompt_tokens - st.timings.prompt_tokens_evaluated} "
+                         "from the cache)")
         self.note("\n".join(lines))
 
     # --- a turn ------------------------------------------------------------------------
     def reply(self, message: str):
         s = self.session
         out = self.stdout
-        stream = s.send(message, stream=True)
         interrupted = False
         wrote_any = False
+        # Ctrl-C from here on (prompt evaluation included) stops this reply only.
         with _Interrupt() as intr:
+            stream = s.send(message, stream=True)
             try:
                 for piece in stream:
                     out.write(piece)
                     out.flush()
                     wrote_any = True
                     if intr.hit:
-                        interrupted = True
                         break
-                else:
-                    interrupted = intr.hit
             finally:
                 stream.close()
+            interrupted = intr.hit
         if wrote_any or not self.interactive:
             out.write("\n")
         out.flush()
@@ -266,7 +267,7 @@ class Repl:
             self.note(f"[context full: dropped the {st.dropped_messages} oldest messages]")
         if interrupted:
             self.note("[stopped]")
-        if st is not None and self.interactive:
+        if st is not None and self.interactive and (wrote_any or not interrupted):
             self.note(stats_line(st))
 
     def handle(self, line: str):
@@ -295,7 +296,12 @@ class Repl:
                     if message is None:
                         break
                     if message.strip():
-                        self.handle(message)
+                        try:
+                            self.handle(message)
+                        except KeyboardInterrupt:
+                            # Ctrl-C in the instant between Enter and the reply starting
+                            self.stdout.write("\n")
+                            self.note("[stopped]")
             finally:
                 self._save_history()
             return 0

@@ -131,8 +131,8 @@ def test_follow_up_turns_evaluate_only_the_new_tokens(llm):
         history += [{"role": "assistant", "content": reply}]
         new = len(prompt) - prev_len
         st = s.last_stats
-        assert st.prompt_tokens == len(prompt)
-        assert st.prompt_evaluated == new, f"turn {i}"
+        assert st.timings.prompt_tokens == len(prompt)
+        assert st.timings.prompt_tokens_evaluated == new, f"turn {i}"
         # the new prompt tokens, then each reply token (the end token is never run)
         assert m.n_tokens_evaluated - before == new + len(reply)
         prev_len = len(prompt) + len(reply)
@@ -156,7 +156,7 @@ def test_streaming_and_interrupting_keeps_the_partial_reply(llm):
     assert "".join(got) == "ABC"
     assert s.messages[-1] == {"role": "assistant", "content": "ABC"}
     assert s.last_stats.finish_reason == "interrupted"
-    assert s.last_stats.prompt_evaluated == s.last_stats.prompt_tokens
+    assert s.last_stats.timings.prompt_tokens_evaluated == s.last_stats.timings.prompt_tokens
     # the session goes on, and the model sees the partial reply in its context
     assert s.send("xy") == "XY"
     assert [x["content"] for x in s.messages] == ["abcdefgh", "ABC", "xy", "XY"]
@@ -180,7 +180,7 @@ def test_oldest_turns_are_dropped_after_the_system_prompt(llm):
     assert s.messages[-2:] == [{"role": "user", "content": "fourth question"},
                                {"role": "assistant", "content": "FOURTH QUESTION"}]
     assert s.messages[1]["role"] == "user"
-    assert st.prompt_tokens + 20 <= 160
+    assert st.timings.prompt_tokens + 20 <= 160
     with pytest.raises(ContextOverflowError, match="too long"):
         s.send("x" * 400)
     assert s.messages[-1]["content"] == "FOURTH QUESTION"
@@ -238,3 +238,18 @@ def test_repl_commands(llm, tmp_path):
     assert "unknown command /nope" in e and "loaded 3 messages" in e
     assert rc == 1                      # a command failed
     assert s.messages[0]["content"] == "S" and s.messages[-1]["content"] == "HELLO"
+
+
+def test_repl_at_a_terminal_notes_dropped_turns_and_stats(llm, monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    lines = iter(["first question", "second question", "third question", '"""multi', 'line"""', "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    s = ChatSession(llm(n_ctx=128), system="S", temperature=0, max_tokens=16)
+    out = io.StringIO()
+    assert Repl(s, stdout=out, stderr=io.StringIO(), interactive=True).run() == 0
+    text = out.getvalue()
+    assert "FIRST QUESTION\n" in text and "THIRD QUESTION\n" in text
+    assert "[context full: dropped the 2 oldest messages]" in text
+    assert text.count("[prompt: ") == 4 and "\x1b[" not in text        # no colour: not a tty
+    assert s.messages[-2:] == [{"role": "user", "content": "multi\nline"},
+                               {"role": "assistant", "content": "MULTI"}]

@@ -21,7 +21,7 @@ def llm(smollm2_path):
 
 
 def test_three_turns_reuse_the_cache_and_match_rerendering(llm):
-    session = ChatSession(llm, temperature=0, max_tokens=48)
+    session = ChatSession(llm, temperature=0, max_tokens=32)
     template = template_for(llm)
     replies, in_context = [], 0
     for q in QUESTIONS:
@@ -31,11 +31,11 @@ def test_three_turns_reuse_the_cache_and_match_rerendering(llm):
         prompt = tokenize_prompt(llm, template, template.render(session.messages[:-1]))
         # The session's prompt is exactly the re-rendered history, and only the part
         # after what the cache held (previous prompt + reply) was evaluated.
-        assert st.prompt_tokens == len(prompt)
-        assert st.prompt_evaluated == len(prompt) - in_context
-        assert llm.n_tokens_evaluated - before == st.prompt_evaluated + st.reply_tokens - \
+        assert st.timings.prompt_tokens == len(prompt)
+        assert st.timings.prompt_tokens_evaluated == len(prompt) - in_context
+        assert llm.n_tokens_evaluated - before == st.timings.prompt_tokens_evaluated + st.timings.generated_tokens - \
             (1 if st.finish_reason == "length" else 0)
-        in_context = len(prompt) + st.reply_tokens - (1 if st.finish_reason == "length" else 0)
+        in_context = len(prompt) + st.timings.generated_tokens - (1 if st.finish_reason == "length" else 0)
         replies.append(reply)
         assert reply.strip()
     assert "4" in replies[1]
@@ -46,7 +46,7 @@ def test_three_turns_reuse_the_cache_and_match_rerendering(llm):
         history.append({"role": "user", "content": q})
         llm.reset()
         before = llm.n_tokens_evaluated
-        out = llm.chat(history, temperature=0, max_tokens=48)
+        out = llm.chat(history, temperature=0, max_tokens=32)
         assert out.text == expected
         assert out.timings.prompt_tokens_evaluated == len(out.prompt_tokens)   # all of it
         history.append({"role": "assistant", "content": out.text})
@@ -68,8 +68,31 @@ def test_piped_kiln_chat_prints_exactly_two_replies(smollm2_path, tmp_path, llm)
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     # exactly the two replies a ChatSession gives, one after the other, nothing else
+    llm.reset()                 # the same evaluation sequence as the fresh process
     session = ChatSession(llm, temperature=0, max_tokens=40)
     expected = [session.send("Hi"), session.send("What is 2+2?")]
     assert r.stdout == f"{expected[0]}\n{expected[1]}\n"
     assert "\x1b[" not in r.stdout and ">>>" not in r.stdout
     assert r.stderr == ""
+
+
+def test_chat_template_override_from_the_command_line(smollm2_path, tmp_path):
+    """--chat-template FILE replaces the model's template; a template that tries to run
+    code gets one error line, a non-zero exit, and executes nothing."""
+    env = dict(os.environ, KILN_HOME=str(tmp_path))
+    own = tmp_path / "own.jinja"
+    own.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                   "<|im_start|>assistant\n")
+    r = subprocess.run([sys.executable, "-m", "engine", "chat", smollm2_path, "--temp", "0", "-n", "24",
+                        "--chat-template", str(own)], input="What is 2+2?\n", capture_output=True,
+                       text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() and r.stderr == ""
+
+    evil = tmp_path / "evil.jinja"
+    evil.write_text("{{ cycler.__init__.__globals__.os.system('touch PWNED') }}"
+                    "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    r = subprocess.run([sys.executable, "-m", "engine", "chat", smollm2_path, "--chat-template", str(evil)],
+                       input="Hi\n", capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout.strip() == ""
+    assert r.stderr.count("\n") == 1 and "unsafe" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "PWNED").exists()

@@ -129,3 +129,34 @@ def test_template_helpers():
                      "{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{{ m.content }}{% endfor %}")
     out = t.render([{"role": "user", "content": "é"}, {"role": "user", "content": "z"}], False)
     assert out == '[{"role": "user", "content": "é"}, {"role": "user", "content": "z"}]|4|z'
+
+
+@pytest.mark.parametrize("vocab, family", [("llama", "llama2"), ("gpt2", "chatml")])
+def test_fallback_with_a_real_tokenizer_adds_bos_once(vocab, family):
+    """A file without a template: the built-in family is chosen from its vocabulary, and the
+    rendered prompt's special-token text becomes single special tokens, BOS never twice."""
+    pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
+    import tiny_models
+    from engine.chat import tokenize_prompt
+    from engine.tokenizer import Tokenizer
+
+    md = tiny_models.llama_vocab() if vocab == "llama" else tiny_models.gpt2_vocab()
+    del md["tokenizer.chat_template"]
+    tok = Tokenizer.from_metadata(md)
+    t = ChatTemplate.for_model(md, tok)
+    assert t.name == family
+
+    class Tokenizing:          # the one LLM method tokenize_prompt uses
+        def tokenize(self, text, add_bos=None, special=False):
+            return tok.encode(text, add_bos=add_bos, special=special)
+
+    text = t.render(CONV)
+    ids = tokenize_prompt(Tokenizing(), t, text)
+    if family == "llama2":
+        assert text.startswith("<s>[INST]")
+        assert ids[0] == tok.bos_id and ids[1] != tok.bos_id
+        assert ids.count(tok.bos_id) == 2 and ids.count(tok.eos_id) == 1   # two [INST] turns
+    else:
+        im_start = tok.encode("<|im_start|>", add_bos=False, special=True)
+        assert len(im_start) == 1 and ids.count(im_start[0]) == 5
+    assert tok.decode(ids).replace(" ", "").startswith("[INST]" if family == "llama2" else "system")

@@ -111,3 +111,18 @@ def test_errors_from_a_real_process(tmp_path):
     assert r.returncode == 1 and "Traceback" in r.stderr
     r = run_kiln("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_convert_is_tools_convert_and_bench_has_help():
+    """`kiln convert` and `python tools/convert.py` are one implementation."""
+    pytest.importorskip("engine.convert", reason="engine.convert has not landed yet")
+    r = run_kiln("convert", "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout and "-o" in r.stdout
+    script = os.path.join(os.path.dirname(__file__), "..", "tools", "convert.py")
+    t = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert t.returncode == 0 and t.stdout == r.stdout
+    r = run_kiln("convert", "/nonexistent/checkpoint", "-o", "x.gguf")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    pytest.importorskip("engine.bench", reason="engine.bench has not landed yet")
+    r = run_kiln("bench", "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout and "--json" in r.stdout

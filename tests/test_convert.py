@@ -7,7 +7,6 @@ inputs cheaply. transformers/torch and llama-cpp-python are outside oracles: the
 skip when those are not installed.
 """
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -19,7 +18,9 @@ import pytest
 
 import formats
 from engine import convert
+from engine.errors import ConvertError
 from engine.export_hf import export
+from engine.hf_vocab import detect_pre
 from formats import GGMLType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -534,3 +535,55 @@ def test_llama3_rope_scaling_writes_rope_freqs_like_transformers(tiny_hf, tmp_pa
     want = LlamaRotaryEmbedding(LlamaConfig(**{k: v for k, v in cfg.items()
                                                if k != "architectures"})).inv_freq.numpy()
     np.testing.assert_allclose(inv, want, rtol=1e-5)
+
+
+def test_merges_in_pair_format_read_like_strings(tiny_hf, tmp_path):
+    # transformers >= 4.45 saves merges as [left, right] pairs
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_hf, d)
+    tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["model"]["merges"] = [m.split(" ") for m in tj["model"]["merges"]]
+    (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    assert run_convert(tiny_hf, "-o", tmp_path / "a.gguf", "--type", "f16", "--quiet") == 0
+    assert run_convert(d, "-o", tmp_path / "b.gguf", "--type", "f16", "--quiet") == 0
+    a, b = metadata_of(tmp_path / "a.gguf"), metadata_of(tmp_path / "b.gguf")
+    assert len(a["tokenizer.ggml.merges"][0]) == 48900
+    assert a["tokenizer.ggml.merges"] == b["tokenizer.ggml.merges"]
+    assert a["tokenizer.ggml.pre"] == b["tokenizer.ggml.pre"] == ("smollm", a["tokenizer.ggml.pre"][1])
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2", "gpt-2"])
+def test_pre_tokenizer_named_by_structure_when_the_vocabulary_is_new(pre):
+    # A vocabulary of just the 256 byte symbols: no known hash, so the structure decides.
+    from tokenizers.pre_tokenizers import ByteLevel
+    from engine.export_hf import bpe_tokenizer_json
+    md = {"tokenizer.ggml.tokens": sorted(ByteLevel.alphabet()), "tokenizer.ggml.pre": pre,
+          "tokenizer.ggml.token_type": [1] * 256, "tokenizer.ggml.merges": []}
+    tj = bpe_tokenizer_json(md)
+    assert detect_pre(tj, Path("tokenizer.json")) == pre
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]}
+    with pytest.raises(ConvertError, match=r"tokenizer.json: unrecognized BPE "
+                       r"pre-tokenizer \(check hash [0-9a-f]{16}\); supported: smollm, "
+                       r"llama-bpe, qwen2, gpt-2"):
+        detect_pre(tj, Path("tokenizer.json"))
+
+
+def test_a_failure_mid_write_leaves_no_file(tiny_hf, tmp_path, monkeypatch):
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    out.write_bytes(b"previous")
+    calls = []
+
+    def failing_encode(x, t):
+        calls.append(t)
+        if len(calls) == 5:
+            raise MemoryError("simulated")
+        return formats.quantize(x, t)
+    monkeypatch.setattr(convert, "encode_rows", failing_encode)
+    with pytest.raises(MemoryError):
+        run_convert(tiny_hf, "-o", out, "--type", "q8_0", "--quiet")
+    assert out.read_bytes() == b"previous"  # the old file is untouched, no temp file left
+    assert [p.name for p in out.parent.iterdir()] == ["m.gguf"]

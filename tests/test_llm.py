@@ -4,11 +4,8 @@ the context limits, teacher-forced logits, chat."""
 import numpy as np
 import pytest
 
-# TODO(api): drop once engine.model and engine.tokenizer are on main
-pytest.importorskip("engine.model", reason="engine.model has not landed yet")
-pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
-from engine import LLM  # noqa: E402
-from engine.errors import ContextOverflowError  # noqa: E402
+from engine import LLM
+from engine.errors import ContextOverflowError
 
 PROMPT = "The capital of France is"
 
@@ -67,22 +64,22 @@ def test_seed_reproducible_and_independent_of_threads(smollm2_path, llm):
 
 def test_prefix_reuse_evaluates_only_new_tokens_and_matches_a_fresh_run(llm):
     llm.reset()
-    first = llm.generate(PROMPT, max_tokens=8, temperature=0)
+    first = llm.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
     prompt2 = llm.tokenize(PROMPT) + first.tokens + llm.tokenize(" It is also")
     before = llm.n_tokens_evaluated
-    reused = llm.generate(prompt2, max_tokens=8, temperature=0)
+    reused = llm.generate(prompt2, max_tokens=8, temperature=0, ignore_eos=True)
     n_new = len(prompt2) - len(llm.tokenize(PROMPT)) - 7   # the 8th token was never run
     assert reused.timings.prompt_tokens_evaluated == n_new
     assert llm.n_tokens_evaluated - before == n_new + 7
     llm.reset()
-    fresh = llm.generate(prompt2, max_tokens=8, temperature=0)
+    fresh = llm.generate(prompt2, max_tokens=8, temperature=0, ignore_eos=True)
     assert fresh.timings.prompt_tokens_evaluated == len(prompt2)
     assert fresh.tokens == reused.tokens
 
 
 def test_prompt_longer_than_context(smollm2_path):
     with LLM(smollm2_path, n_ctx=16, n_threads=2) as small:
-        long_prompt = "one two three four five six seven eight nine ten eleven twelve thirteen"
+        long_prompt = " ".join(["one two three four five"] * 4)
         n = len(small.tokenize(long_prompt))
         assert n > 16
         with pytest.raises(ContextOverflowError, match=fr"{n} tokens.*holds 16"):
@@ -105,17 +102,22 @@ def test_logits_teacher_forced(llm):
 
 
 def test_eos_ends_a_chat_turn(llm):
-    prompt = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
-    out = llm.generate(prompt, max_tokens=64, temperature=0)
-    assert out.finish_reason == "stop" and out.text.strip()
+    # special-token text in a generate() prompt is parsed (the app wrote the template)
+    prompt = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    out = llm.generate(prompt, max_tokens=48, temperature=0)
+    assert out.finish_reason == "stop" and "4" in out.text and len(out.tokens) < 48
     assert not set(out.tokens) & set(llm.tokenizer.eog_ids)
+    assert "<|im_end|>" not in out.text
+    # ignore_eos runs past the end of turn
+    longer = llm.generate(prompt, max_tokens=len(out.tokens) + 4, temperature=0, ignore_eos=True)
+    assert longer.finish_reason == "length" and longer.tokens[:len(out.tokens)] == out.tokens
+    assert set(longer.tokens) & set(llm.tokenizer.eog_ids)
 
 
 def test_chat_delegates_to_the_chat_module(llm):
     pytest.importorskip("engine.chat", reason="engine.chat has not landed yet")
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   temperature=0, max_tokens=32)
-    assert "Paris" in out.text
-    pieces = list(llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                           temperature=0, max_tokens=32, stream=True))
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    out = llm.chat(question, temperature=0, max_tokens=32)
+    assert "Paris" in out.text and out.finish_reason == "stop"
+    pieces = list(llm.chat(question, temperature=0, max_tokens=32, stream=True))
     assert "".join(pieces) == out.text

@@ -4,10 +4,7 @@ import json
 
 import pytest
 
-# TODO(api): drop once engine.model and engine.tokenizer are on main
-pytest.importorskip("engine.model", reason="engine.model has not landed yet")
-pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
-from engine import bench  # noqa: E402
+from engine import bench
 
 
 def test_bench_json(smollm2_path, capsys):

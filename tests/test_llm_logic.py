@@ -7,11 +7,8 @@ import codecs
 import numpy as np
 import pytest
 
-# TODO(api): drop these two skips once engine.model and engine.tokenizer are on main
-pytest.importorskip("engine.model", reason="engine.model has not landed yet")
-pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
-import engine.llm as llm_mod  # noqa: E402
-from engine.errors import ContextOverflowError  # noqa: E402
+import engine.llm as llm_mod
+from engine.errors import ContextOverflowError
 
 EOS = 256          # token ids 0..255 are bytes; 256 is the end token; 257 is "<s>"
 BOS = 257

@@ -234,3 +234,28 @@ def test_unsupported_tensor_type_is_named(small_path, tmp_path):
                  if n == "blk.0.ffn_gate.weight" else d) for n, t, s, d in ts]
     with pytest.raises(ModelError, match="blk.0.ffn_gate.weight.*I32"):
         Model(_rewrite(small_path, tmp_path / "d.gguf", edit_tensors=retype))
+
+
+def test_kv_cache_holds_roped_keys_and_values(tmp_path):
+    """The cache (keys stored transposed) holds what the reference computes: keys after
+    RoPE and values of every position, per layer; later evals append after n_past."""
+    from engine import reference as R
+    path = make_tiny_llama(tmp_path / "kv.gguf", n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
+                           head_dim=32, n_ff=96, seed=11)
+    ref = R.ReferenceLlama(path, emulate_q8=False)
+    c = ref.config
+    tokens = np.random.default_rng(1).integers(0, c.n_vocab, 21)
+    with Model(path, n_ctx=37, n_threads=2) as m:  # n_ctx not a multiple of the key block
+        m.eval(tokens[:13], 0)
+        m.eval(tokens[13:], 13)
+        x = ref.token_embd[tokens]
+        n = len(tokens)
+        angle = np.arange(n)[:, None] * ref.inv_freq[None, :]
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+        for i, L in enumerate(ref.layers):
+            h = R.rms_norm(x, L.attn_norm, c.rms_eps)
+            k = R.rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin).reshape(n, -1)
+            keys, values = m._forward.kv_cache(i, n)
+            np.testing.assert_allclose(keys, k, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(values, L.wv(h), rtol=1e-4, atol=1e-5)
+            x = ref.layer(i, x)

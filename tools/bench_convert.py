@@ -10,7 +10,6 @@ as a fraction of the checkpoint size (target: below 40%) and the wall time.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile

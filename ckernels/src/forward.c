@@ -7,8 +7,9 @@
  * split over the pool by rows or (token, head) pairs. Every output element is computed
  * by one thread in a fixed order, so results do not depend on the thread count.
  *
- * The KV cache is float32: exact, so the reference needs no emulation of it, and
- * attention is a small share of the work for the models kiln targets. */
+ * The KV cache is float32: exact, so the reference needs no emulation of it. Keys are
+ * stored transposed (dimension-major) so that scoring a query against many keys is a
+ * run of vector multiply-adds across keys, with no horizontal sums. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,18 @@
 #include "codecs.h"
 #include "forward.h"
 #include "kernels.h"
+
+/* Keys scored / value dimensions summed per step of the attention loops: one AVX512
+ * register, two AVX2 or four SSE registers. */
+#define ATT_BLOCK 16
+
+/* The attention loops are the only float-heavy code outside the kernels: compile them
+ * for the wider vector units too and let the loader pick (GCC/clang function clones). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define KILN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KILN_VECTOR_CLONES
+#endif
 
 typedef struct {
     kiln_matrix wq, wk, wv, wo;   /* see kiln_layer_weights for shapes */
@@ -43,10 +56,12 @@ typedef struct {
     float *hb2;      /* (n_batch, n_ff) up */
     float *rope_cos; /* (n_batch, rope_dim / 2) */
     float *rope_sin; /* (n_batch, rope_dim / 2) */
-    float *att;      /* (n_threads, n_ctx) attention scores, one row per thread */
-    /* the KV cache; rows are positions so kiln_matmul writes new keys/values in place */
-    float *key_cache;   /* (n_layer, n_ctx, n_head_kv * head_dim) */
+    float *k;        /* (n_batch, n_head_kv * head_dim) new keys, before the transposed store */
+    float *att;      /* (n_threads, n_head / n_head_kv, n_ctx_pad) scores of a GQA group */
+    /* the KV cache; value rows are positions so kiln_matmul writes them in place */
+    float *key_cache;   /* (n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
     float *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
+    int n_ctx_pad;      /* n_ctx rounded up to ATT_BLOCK: whole blocks stay in bounds */
 } RunState;
 
 struct kiln_llama {
@@ -105,7 +120,7 @@ static int build_weights(Weights *w, const kiln_llama_config *c, const kiln_llam
 
 static void free_run_state(RunState *s) {
     float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->hb, s->hb2, s->rope_cos,
-                     s->rope_sin, s->att, s->key_cache, s->value_cache};
+                     s->rope_sin, s->k, s->att, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
@@ -113,8 +128,10 @@ static float *alloc_floats(size_t n) { return malloc(sizeof(float) * (n ? n : 1)
 
 static int build_run_state(RunState *s, const kiln_llama_config *c, int n_threads) {
     size_t B = c->n_batch, q_dim = (size_t)c->n_head * c->head_dim;
-    size_t kv = (size_t)c->n_layer * c->n_ctx * c->n_head_kv * c->head_dim;
+    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim;
     memset(s, 0, sizeof *s);
+    s->n_ctx_pad = (c->n_ctx + ATT_BLOCK - 1) / ATT_BLOCK * ATT_BLOCK;
+    size_t kv = (size_t)c->n_layer * s->n_ctx_pad * kv_dim;
     s->x = alloc_floats(B * c->n_embd);
     s->xb = alloc_floats(B * c->n_embd);
     s->xb2 = alloc_floats(B * c->n_embd);
@@ -124,12 +141,13 @@ static int build_run_state(RunState *s, const kiln_llama_config *c, int n_thread
     s->hb2 = alloc_floats(B * c->n_ff);
     s->rope_cos = alloc_floats(B * (c->rope_dim / 2));
     s->rope_sin = alloc_floats(B * (c->rope_dim / 2));
-    s->att = alloc_floats((size_t)n_threads * c->n_ctx);
+    s->k = alloc_floats(B * kv_dim);
+    s->att = alloc_floats((size_t)n_threads * (c->n_head / c->n_head_kv) * s->n_ctx_pad);
     /* calloc: pages of the cache are touched only as positions fill */
     s->key_cache = calloc(kv ? kv : 1, sizeof(float));
     s->value_cache = calloc(kv ? kv : 1, sizeof(float));
     return s->x && s->xb && s->xb2 && s->q && s->att_out && s->hb && s->hb2 && s->rope_cos &&
-                   s->rope_sin && s->att && s->key_cache && s->value_cache ? 0 : -1;
+                   s->rope_sin && s->k && s->att && s->key_cache && s->value_cache ? 0 : -1;
 }
 
 kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
@@ -170,17 +188,6 @@ static void split_rows(int n, int ith, int nth, int *lo, int *hi) {
 static void run_rows(kiln_pool *pool, kiln_task_fn fn, void *ctx, int n_rows) {
     if (n_rows == 1) fn(ctx, 0, 1);
     else kiln_pool_run(pool, fn, ctx);
-}
-
-static float dot(const float *a, const float *b, int n) {
-    /* eight partial sums: the compiler keeps them in vector registers */
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
 }
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
@@ -228,53 +235,89 @@ static void rope_heads(float *v, int n_heads, int head_dim, int rope_dim,
     }
 }
 
+/* RoPE on the chunk's queries and new keys; the keys then go into the cache, transposed */
 static void task_rope(void *ctx, int ith, int nth) {
     Task *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2, lo, hi;
-    float *key_cache = s->key_cache + (size_t)k->layer * c->n_ctx * kv_dim;
+    float *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
     split_rows(k->n_tokens, ith, nth, &lo, &hi);
     for (int t = lo; t < hi; t++) {
         const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
+        float *key = s->k + (size_t)t * kv_dim;
         rope_heads(s->q + (size_t)t * c->n_head * c->head_dim, c->n_head, c->head_dim,
                    c->rope_dim, cs, sn);
-        rope_heads(key_cache + (size_t)(k->n_past + t) * kv_dim, c->n_head_kv, c->head_dim,
-                   c->rope_dim, cs, sn);
+        rope_heads(key, c->n_head_kv, c->head_dim, c->rope_dim, cs, sn);
+        for (int i = 0; i < kv_dim; i++)  /* i = kv_head * head_dim + d */
+            key_cache[(size_t)i * s->n_ctx_pad + k->n_past + t] = key[i];
     }
 }
 
-/* Causal attention: (token t, head h) pairs dealt round-robin, so the triangle of a
- * prompt's work spreads evenly; each pair is computed whole by one thread. */
+/* scores[p] = scale * q . key p, for keys [0, n_keys); keys_t is (head_dim, n_ctx_pad) */
+KILN_VECTOR_CLONES
+static void attention_scores(float *scores, const float *q, const float *keys_t, int n_keys,
+                             int head_dim, int n_ctx_pad, float scale) {
+    for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
+        float acc[ATT_BLOCK] = {0};
+        for (int d = 0; d < head_dim; d++) {
+            const float *kd = keys_t + (size_t)d * n_ctx_pad + p0;
+            for (int j = 0; j < ATT_BLOCK; j++) acc[j] += q[d] * kd[j];
+        }
+        int n = n_keys - p0 < ATT_BLOCK ? n_keys - p0 : ATT_BLOCK;
+        for (int j = 0; j < n; j++) scores[p0 + j] = acc[j] * scale;
+    }
+}
+
+/* out = sum over p < n_keys of weights[p] * value row p (rows `stride` floats apart) */
+KILN_VECTOR_CLONES
+static void attention_values(float *out, const float *weights, const float *values, int n_keys,
+                             int head_dim, int stride) {
+    int d0 = 0;
+    for (; d0 + ATT_BLOCK <= head_dim; d0 += ATT_BLOCK) {
+        float acc[ATT_BLOCK] = {0};
+        for (int p = 0; p < n_keys; p++) {
+            const float *v = values + (size_t)p * stride + d0;
+            for (int j = 0; j < ATT_BLOCK; j++) acc[j] += weights[p] * v[j];
+        }
+        memcpy(out + d0, acc, sizeof acc);
+    }
+    for (; d0 < head_dim; d0++) {
+        float acc = 0.0f;
+        for (int p = 0; p < n_keys; p++) acc += weights[p] * values[(size_t)p * stride + d0];
+        out[d0] = acc;
+    }
+}
+
+/* Causal attention: (token t, key/value head g) pairs dealt round-robin, so the
+ * triangle of a prompt's work spreads evenly; each pair, with the `group` query heads
+ * that share head g (GQA), is computed whole by one thread. */
 static void task_attention(void *ctx, int ith, int nth) {
     Task *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
-    size_t layer_off = (size_t)k->layer * c->n_ctx * kv_dim;
-    const float *key_cache = s->key_cache + layer_off, *value_cache = s->value_cache + layer_off;
-    float *att = s->att + (size_t)ith * c->n_ctx;
+    const float *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
+    const float *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
     float scale = 1.0f / sqrtf((float)hd);
-    for (int item = ith; item < k->n_tokens * c->n_head; item += nth) {
-        int t = item / c->n_head, h = item % c->n_head, pos = k->n_past + t;
-        const float *q = s->q + (size_t)t * c->n_head * hd + (size_t)h * hd;
-        size_t kv_off = (size_t)(h / group) * hd;  /* GQA: heads share their group's K/V */
-        float max = -INFINITY;
-        for (int p = 0; p <= pos; p++) {
-            att[p] = dot(q, key_cache + (size_t)p * kv_dim + kv_off, hd) * scale;
-            if (att[p] > max) max = att[p];
-        }
-        float sum = 0.0f;
-        for (int p = 0; p <= pos; p++) {
-            att[p] = expf(att[p] - max);
-            sum += att[p];
-        }
-        float *out = s->att_out + (size_t)t * c->n_head * hd + (size_t)h * hd;
-        memset(out, 0, sizeof(float) * hd);
-        for (int p = 0; p <= pos; p++) {
-            float a = att[p] / sum;
-            const float *v = value_cache + (size_t)p * kv_dim + kv_off;
-            for (int i = 0; i < hd; i++) out[i] += a * v[i];
+    for (int item = ith; item < k->n_tokens * c->n_head_kv; item += nth) {
+        int t = item / c->n_head_kv, g = item % c->n_head_kv, n_keys = k->n_past + t + 1;
+        for (int j = 0; j < group; j++) {
+            int h = g * group + j;
+            float *att = s->att + ((size_t)ith * group + j) * s->n_ctx_pad;
+            attention_scores(att, s->q + (size_t)t * c->n_head * hd + (size_t)h * hd,
+                             key_cache + (size_t)g * hd * s->n_ctx_pad, n_keys, hd,
+                             s->n_ctx_pad, scale);
+            float max = -INFINITY, sum = 0.0f;
+            for (int p = 0; p < n_keys; p++) max = att[p] > max ? att[p] : max;
+            for (int p = 0; p < n_keys; p++) {
+                att[p] = expf(att[p] - max);
+                sum += att[p];
+            }
+            float inv_sum = 1.0f / sum;
+            for (int p = 0; p < n_keys; p++) att[p] *= inv_sum;
+            attention_values(s->att_out + (size_t)t * c->n_head * hd + (size_t)h * hd, att,
+                             value_cache + (size_t)g * hd, n_keys, hd, kv_dim);
         }
     }
 }
@@ -297,7 +340,7 @@ static void task_swiglu(void *ctx, int ith, int nth) {
 /* One chunk of n <= n_batch tokens at positions n_past..; logits for the rows
  * [first_logit, n) of the chunk go to logits. */
 static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_past,
-                          int first_logit, float *logits) {
+                          int first_logit, float *logits, float *trace, size_t trace_stride) {
     const kiln_llama_config *c = &m->c;
     Weights *w = &m->w;
     RunState *s = &m->s;
@@ -314,10 +357,11 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
         }
     }
 
+    if (trace) memcpy(trace, s->x, sizeof(float) * n * c->n_embd);
+
     Task k = {.m = m, .n_tokens = n, .n_past = n_past};
     for (int l = 0; l < c->n_layer; l++) {
         Layer *L = &w->layers[l];
-        float *k_new = s->key_cache + ((size_t)l * c->n_ctx + n_past) * kv_dim;
         float *v_new = s->value_cache + ((size_t)l * c->n_ctx + n_past) * kv_dim;
         k.layer = l;
 
@@ -326,7 +370,7 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
         k.residual = l > 0 ? s->xb2 : NULL;
         run_rows(m->pool, task_add_rmsnorm, &k, n);
         kiln_matmul(m->pool, &L->wq, s->xb, n, s->q);
-        kiln_matmul(m->pool, &L->wk, s->xb, n, k_new);
+        kiln_matmul(m->pool, &L->wk, s->xb, n, s->k);
         kiln_matmul(m->pool, &L->wv, s->xb, n, v_new);
         run_rows(m->pool, task_rope, &k, n);
         kiln_pool_run(m->pool, task_attention, &k);
@@ -340,6 +384,10 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
         kiln_matmul(m->pool, &L->w_up, s->xb, n, s->hb2);
         run_rows(m->pool, task_swiglu, &k, n);
         kiln_matmul(m->pool, &L->w_down, s->hb, n, s->xb2);
+        if (trace) { /* the residual stream after this layer */
+            float *out = trace + (size_t)(l + 1) * trace_stride;
+            for (size_t i = 0; i < (size_t)n * c->n_embd; i++) out[i] = s->x[i] + s->xb2[i];
+        }
     }
     if (first_logit >= n) return;
 
@@ -361,6 +409,11 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
 
 int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
                     float *logits, int logits_all) {
+    return kiln_llama_eval_trace(m, tokens, n_tokens, n_past, logits, logits_all, NULL);
+}
+
+int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+                          float *logits, int logits_all, float *trace) {
     const kiln_llama_config *c = &m->c;
     if (n_tokens < 1 || n_past < 0 || n_past > c->n_ctx - n_tokens) return -1;
     for (int t = 0; t < n_tokens; t++)
@@ -370,7 +423,8 @@ int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_pa
         int last_chunk = done + n == n_tokens;
         int first_logit = logits_all ? 0 : last_chunk ? n - 1 : n;
         forward_chunk(m, tokens + done, n, n_past + done, first_logit,
-                      logits_all ? logits + (size_t)done * c->n_vocab : logits);
+                      logits_all ? logits + (size_t)done * c->n_vocab : logits,
+                      trace ? trace + (size_t)done * c->n_embd : NULL, (size_t)n_tokens * c->n_embd);
     }
     return 0;
 }
@@ -378,8 +432,10 @@ int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_pa
 int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values) {
     const kiln_llama_config *c = &m->c;
     if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
-    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, off = (size_t)layer * c->n_ctx * kv_dim;
-    memcpy(keys, m->s.key_cache + off, sizeof(float) * n * kv_dim);
-    memcpy(values, m->s.value_cache + off, sizeof(float) * n * kv_dim);
+    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, pad = m->s.n_ctx_pad;
+    const float *key_cache = m->s.key_cache + (size_t)layer * kv_dim * pad;
+    for (int p = 0; p < n; p++)
+        for (size_t i = 0; i < kv_dim; i++) keys[p * kv_dim + i] = key_cache[i * pad + p];
+    memcpy(values, m->s.value_cache + (size_t)layer * c->n_ctx * kv_dim, sizeof(float) * n * kv_dim);
     return 0;
 }

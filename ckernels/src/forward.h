@@ -60,6 +60,12 @@ int kiln_llama_n_threads(const kiln_llama *m);
 int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
                     float *logits, int logits_all);
 
+/* kiln_llama_eval that also writes the residual stream into trace, (n_layer + 1,
+ * n_tokens, n_embd) floats: the token embeddings, then the output of each layer.
+ * For tests that check the engine layer by layer. */
+int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+                          float *logits, int logits_all, float *trace);
+
 /* Keys and values of positions [0, n) of a layer, (n, n_head_kv * head_dim) floats
  * each (after RoPE, for keys), for tests. Returns 0, or -1 for a bad layer / n. */
 int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values);

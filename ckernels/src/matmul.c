@@ -1,6 +1,7 @@
 /* Weight matrices and kiln_matmul: repacking at load time, activation quantization,
  * and the split of work over the pool. The arithmetic is in the isa/ sources. */
 #include <assert.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,6 +78,20 @@ void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, i
     }
 }
 
+/* Large packed copies go on transparent huge pages where the OS offers them: the
+ * kernels stream them, and the hardware prefetchers stop at every 4 KiB page. */
+static void *kiln_alloc_packed(size_t size) {
+    const size_t huge = (size_t)2 << 20;
+    size = (size + 63) & ~(size_t)63;
+    if (size < huge) return aligned_alloc(64, size);
+    void *p = NULL;
+    if (posix_memalign(&p, huge, (size + huge - 1) & ~(huge - 1)) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, (size + huge - 1) & ~(huge - 1), MADV_HUGEPAGE); /* a hint: failure is fine */
+#endif
+    return p;
+}
+
 int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data) {
     memset(m, 0, sizeof *m);
     if (rows < 1 || cols < 1 || !data) return -1;
@@ -95,7 +110,7 @@ int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const
     m->data = data;
     if (kiln_is_quantized(type)) {
         size_t size = kiln_packed_size(type, rows, cols);
-        void *packed = aligned_alloc(64, (size + 63) & ~(size_t)63);
+        void *packed = kiln_alloc_packed(size);
         if (!packed) return -1;
         kiln_packed_view v;
         kiln_pack_rows(&v, packed, type, rows, cols, data);

@@ -298,7 +298,7 @@ int main(void) {
             int64_t rows = cols > 2000 ? 9 : 37;
             test_quantize(isa, cols);
             for (int k = 0; k < 3; k++) {
-                test_matmul(isa, QTYPES[k], rows, cols, 5, 1);
+                test_matmul(isa, QTYPES[k], rows, cols, 13, 1); /* 13 = 8 + 4 + 1 tokens */
                 test_matmul(isa, QTYPES[k], rows, cols, 3, 0);
                 test_matmul(isa, FTYPES[k], rows, cols, 3, 0);
             }

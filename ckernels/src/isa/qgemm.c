@@ -11,7 +11,8 @@
 #include "isa.h"
 #include "kernels_impl.h"
 
-#define KILN_NT 4 /* tokens per pass over a row group */
+#define KILN_NT 8 /* tokens per pass over a row group */
+#define KILN_PREFETCH 4096 /* bytes ahead in the weight stream */
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -32,6 +33,10 @@ kiln_qstep(__m512 *acc, const kiln_packed_view *w, const kiln_act *act, int64_t 
     const size_t bb = q8 ? 32 : 16;
     const __m512i mask4 = _mm512_set1_epi8(0x0f);
     const uint8_t *qs = kiln_rg_qs(w, rg, g);
+    /* the arithmetic per byte leaves too few loads in flight for the hardware
+     * prefetcher to hide DRAM latency on its own */
+    for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
+        _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
     __m512i wl[KILN_RG], wh[KILN_RG];
     for (int r = 0; r < KILN_RG; r++) {
         if (q8) {
@@ -147,6 +152,8 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     for (int64_t g = 0; g < w->ng; g++) {
         const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
         const uint8_t *qs = kiln_rg_qs(w, rg, g);
+        for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++) /* see the AVX512 kernel */
+            _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
         for (int h = 0; 2 * h < nb; h++) {
             const int two = 2 * h + 1 < nb;
             __m256i wl[KILN_RG], wh[KILN_RG];
@@ -315,6 +322,12 @@ kiln_qgemm_rows(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, int t0, cons
 static void kiln_qgemm_block(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
     int t = 0;
     for (; t + KILN_NT <= a->n_tokens; t += KILN_NT) kiln_qgemm_rows(a, rg0, rg1, t, KILN_NT);
+#if KILN_NT > 4
+    if (a->n_tokens - t >= 4) {
+        kiln_qgemm_rows(a, rg0, rg1, t, 4);
+        t += 4;
+    }
+#endif
     switch (a->n_tokens - t) {
     case 1: kiln_qgemm_rows(a, rg0, rg1, t, 1); break;
     case 2: kiln_qgemm_rows(a, rg0, rg1, t, 2); break;
