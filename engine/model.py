@@ -7,6 +7,7 @@ map: weights are never copied. `eval` is one C call however many tokens it gets.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -129,6 +130,7 @@ class Model:
                 return v.ctypes.data
 
             self._keep = []
+            self._lock = threading.Lock()  # the C call releases the GIL; one eval at a time
             layers = [{
                 "attn_norm": vector(f"blk.{i}.attn_norm.weight"),
                 "ffn_norm": vector(f"blk.{i}.ffn_norm.weight"),
@@ -164,7 +166,9 @@ class Model:
         return logits, trace.reshape(self.config.n_layer + 1, n, self.config.n_embd)
 
     def _eval(self, tokens, n_past, logits_all, trace):
-        tokens = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        tokens = np.asarray(tokens).reshape(-1)
+        if tokens.size and tokens.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got {tokens.dtype}")
         n = tokens.shape[0]
         if n == 0:
             raise ValueError("eval needs at least one token")
@@ -178,13 +182,23 @@ class Model:
             bad = tokens[(tokens < 0) | (tokens >= self.config.n_vocab)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary of "
                              f"{self.config.n_vocab}")
-        if self._forward is None:
-            raise ValueError("model is closed")
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         logits = np.empty((n if logits_all else 1) * self.config.n_vocab, np.float32)
-        self._forward.eval(tokens, n_past, logits, logits_all, trace)
+        with self._lock:
+            if self._forward is None:
+                raise ValueError("model is closed")
+            self._forward.eval(tokens, n_past, logits, logits_all, trace)
         return logits.reshape(n, -1) if logits_all else logits
 
     def close(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            with lock:  # not while an eval on another thread still reads the map
+                self._close()
+        else:
+            self._close()
+
+    def _close(self) -> None:
         fwd, self._forward = getattr(self, "_forward", None), None
         if fwd is not None:
             fwd.close()  # the C engine lets go of the map before it is unmapped

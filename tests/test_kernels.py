@@ -126,8 +126,9 @@ def run_matmul(type_, data, rows, cols, x, n_threads):
 
 @per_isa
 @pytest.mark.parametrize("cols", COLS)
-def test_q8_0_activation_bit_exact_with_numpy(isa, cols):
-    formats = pytest.importorskip("formats")
+def test_q8_activation_bit_exact_with_numpy(isa, cols):
+    import formats
+
     rng = np.random.default_rng(cols)
     x = (rng.standard_normal(cols) * rng.uniform(0.01, 100)).astype(np.float32)
     x[:32] = 0.0  # an all-zero block: d = 0
@@ -135,6 +136,8 @@ def test_q8_0_activation_bit_exact_with_numpy(isa, cols):
         x[32:64] = np.concatenate([[127.0], np.arange(31) - 15.5])
     ref = formats.quantize(x, formats.GGMLType.Q8_0)
     assert np.array_equal(ckernels.quantize_act_q8_0(x), ref.reshape(-1))
+    ref = formats.quantize(x, formats.GGMLType.Q8_1)
+    assert np.array_equal(ckernels.quantize_act_q8_1(x), ref.reshape(-1))
 
 
 @per_isa

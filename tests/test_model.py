@@ -174,6 +174,12 @@ def test_bad_arguments(small_path):
             m.eval([], 0)
         with pytest.raises(ValueError):
             m.eval([5], -1)
+        with pytest.raises(ValueError, match="vocabulary"):
+            m.eval([2**40], 0)
+        with pytest.raises(ValueError, match="integers"):
+            m.eval([1.5], 0)
+    with pytest.raises(ValueError, match="closed"):
+        m.eval([5], 0)
     with pytest.raises(ValueError):
         Model(small_path, n_ctx=0)
 

@@ -4,8 +4,8 @@
  * RoPE -> KV cache -> causal GQA attention -> output projection -> residual ->
  * RMSNorm -> SwiGLU FFN -> residual; final RMSNorm and logits. Matrix products go
  * through kiln_matmul (which splits rows over the pool); everything else here is
- * split over the pool by rows or (token, head) pairs. Every output element is computed
- * by one thread in a fixed order, so results do not depend on the thread count.
+ * split over the pool by rows or (token tile, key/value head) pairs. Every output is
+ * computed by one thread in a fixed order, so results do not depend on the thread count.
  *
  * The KV cache is float32: exact, so the reference needs no emulation of it. Keys are
  * stored transposed (dimension-major) so that scoring a query against many keys is a
@@ -21,10 +21,12 @@
 /* Keys scored / value dimensions summed per step of the attention loops: one AVX512
  * register, two AVX2 or four SSE registers. */
 #define ATT_BLOCK 16
+#define ATT_TILE 4 /* queries (consecutive tokens of a prompt) scored per pass over the keys */
 
 /* The attention loops are the only float-heavy code outside the kernels: compile them
- * for the wider vector units too and let the loader pick (GCC/clang function clones). */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+ * for the wider vector units too and let the loader pick (GCC/clang function clones,
+ * which need glibc's ifunc). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)
 #define KILN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define KILN_VECTOR_CLONES
@@ -57,7 +59,7 @@ typedef struct {
     float *rope_cos; /* (n_batch, rope_dim / 2) */
     float *rope_sin; /* (n_batch, rope_dim / 2) */
     float *k;        /* (n_batch, n_head_kv * head_dim) new keys, before the transposed store */
-    float *att;      /* (n_threads, n_head / n_head_kv, n_ctx_pad) scores of a GQA group */
+    float *att;      /* (n_threads, ATT_TILE, n_ctx_pad) scores of a tile of queries */
     /* the KV cache; value rows are positions so kiln_matmul writes them in place */
     float *key_cache;   /* (n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
     float *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
@@ -142,7 +144,7 @@ static int build_run_state(RunState *s, const kiln_llama_config *c, int n_thread
     s->rope_cos = alloc_floats(B * (c->rope_dim / 2));
     s->rope_sin = alloc_floats(B * (c->rope_dim / 2));
     s->k = alloc_floats(B * kv_dim);
-    s->att = alloc_floats((size_t)n_threads * (c->n_head / c->n_head_kv) * s->n_ctx_pad);
+    s->att = alloc_floats((size_t)n_threads * ATT_TILE * s->n_ctx_pad);
     /* calloc: pages of the cache are touched only as positions fill */
     s->key_cache = calloc(kv ? kv : 1, sizeof(float));
     s->value_cache = calloc(kv ? kv : 1, sizeof(float));
@@ -254,26 +256,51 @@ static void task_rope(void *ctx, int ith, int nth) {
     }
 }
 
-/* scores[p] = scale * q . key p, for keys [0, n_keys); keys_t is (head_dim, n_ctx_pad) */
-KILN_VECTOR_CLONES
-static void attention_scores(float *scores, const float *q, const float *keys_t, int n_keys,
-                             int head_dim, int n_ctx_pad, float scale) {
+/* scores[r][p] = scale * q[r] . key p for r < R, p < n_keys, each key block loaded once
+ * for all R queries; keys_t is (head_dim, n_ctx_pad), scores rows are n_ctx_pad apart.
+ * R is a compile-time constant in each caller, so acc stays in vector registers. */
+static inline __attribute__((always_inline)) void
+scores_tile(float *scores, const float *const *q, const int R, const float *keys_t, int n_keys,
+            int head_dim, int n_ctx_pad, float scale) {
     for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
-        float acc[ATT_BLOCK] = {0};
+        float acc[ATT_TILE][ATT_BLOCK] = {{0}};
         for (int d = 0; d < head_dim; d++) {
             const float *kd = keys_t + (size_t)d * n_ctx_pad + p0;
-            for (int j = 0; j < ATT_BLOCK; j++) acc[j] += q[d] * kd[j];
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < ATT_BLOCK; j++) acc[r][j] += q[r][d] * kd[j];
         }
         int n = n_keys - p0 < ATT_BLOCK ? n_keys - p0 : ATT_BLOCK;
-        for (int j = 0; j < n; j++) scores[p0 + j] = acc[j] * scale;
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < n; j++) scores[(size_t)r * n_ctx_pad + p0 + j] = acc[r][j] * scale;
     }
 }
 
-/* out = sum over p < n_keys of weights[p] * value row p (rows `stride` floats apart) */
+KILN_VECTOR_CLONES
+static void attention_scores_tile(float *scores, const float *const *q, const float *keys_t,
+                                  int n_keys, int head_dim, int n_ctx_pad, float scale) {
+    scores_tile(scores, q, ATT_TILE, keys_t, n_keys, head_dim, n_ctx_pad, scale);
+}
+
+KILN_VECTOR_CLONES
+static void attention_scores(float *scores, const float *q, const float *keys_t, int n_keys,
+                             int head_dim, int n_ctx_pad, float scale) {
+    scores_tile(scores, &q, 1, keys_t, n_keys, head_dim, n_ctx_pad, scale);
+}
+
+/* out = sum over p < n_keys of weights[p] * value row p (rows `stride` floats apart).
+ * Up to 4 blocks of ATT_BLOCK dims per pass, so each weight is loaded once for them. */
 KILN_VECTOR_CLONES
 static void attention_values(float *out, const float *weights, const float *values, int n_keys,
                              int head_dim, int stride) {
     int d0 = 0;
+    for (; d0 + 4 * ATT_BLOCK <= head_dim; d0 += 4 * ATT_BLOCK) {
+        float acc[4 * ATT_BLOCK] = {0};
+        for (int p = 0; p < n_keys; p++) {
+            const float *v = values + (size_t)p * stride + d0;
+            for (int j = 0; j < 4 * ATT_BLOCK; j++) acc[j] += weights[p] * v[j];
+        }
+        memcpy(out + d0, acc, sizeof acc);
+    }
     for (; d0 + ATT_BLOCK <= head_dim; d0 += ATT_BLOCK) {
         float acc[ATT_BLOCK] = {0};
         for (int p = 0; p < n_keys; p++) {
@@ -289,35 +316,71 @@ static void attention_values(float *out, const float *weights, const float *valu
     }
 }
 
-/* Causal attention: (token t, key/value head g) pairs dealt round-robin, so the
- * triangle of a prompt's work spreads evenly; each pair, with the `group` query heads
- * that share head g (GQA), is computed whole by one thread. */
+/* e^x, within 2 ulp of expf for x <= 88 (Cephes' polynomial): written so the softmax
+ * loop over keys vectorizes, which a call to libm's expf prevents. */
+static inline __attribute__((always_inline)) float exp_approx(float x) {
+    x = x < -87.33654f ? -87.33654f : x > 88.3762626f ? 88.3762626f : x;
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;  /* x - n*ln2 in two steps */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * kiln_bits_f32((uint32_t)((int32_t)n + 127) << 23);
+}
+
+/* a[p] = softmax(a)[p] over p < n */
+KILN_VECTOR_CLONES
+static void softmax(float *a, int n) {
+    float max = -INFINITY, sum = 0.0f;
+    for (int p = 0; p < n; p++) max = a[p] > max ? a[p] : max;
+    for (int p = 0; p < n; p++) {
+        a[p] = exp_approx(a[p] - max);
+        sum += a[p];
+    }
+    float inv_sum = 1.0f / sum;
+    for (int p = 0; p < n; p++) a[p] *= inv_sum;
+}
+
+/* Causal attention: (tile of up to ATT_TILE tokens, key/value head g) pairs dealt
+ * round-robin, so the triangle of a prompt's work spreads evenly; each pair, with the
+ * `group` query heads that share head g (GQA), is computed whole by one thread. A tile
+ * scores all its queries against the keys the last of them sees; each token's softmax
+ * then covers only its own keys. */
 static void task_attention(void *ctx, int ith, int nth) {
     Task *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
+    int q_dim = c->n_head * hd, n_tiles = (k->n_tokens + ATT_TILE - 1) / ATT_TILE;
     const float *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
     const float *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
+    float *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
     float scale = 1.0f / sqrtf((float)hd);
-    for (int item = ith; item < k->n_tokens * c->n_head_kv; item += nth) {
-        int t = item / c->n_head_kv, g = item % c->n_head_kv, n_keys = k->n_past + t + 1;
+    for (int item = ith; item < n_tiles * c->n_head_kv; item += nth) {
+        int t0 = item / c->n_head_kv * ATT_TILE, g = item % c->n_head_kv;
+        int n_q = k->n_tokens - t0 < ATT_TILE ? k->n_tokens - t0 : ATT_TILE;
+        const float *keys_t = key_cache + (size_t)g * hd * s->n_ctx_pad;
         for (int j = 0; j < group; j++) {
-            int h = g * group + j;
-            float *att = s->att + ((size_t)ith * group + j) * s->n_ctx_pad;
-            attention_scores(att, s->q + (size_t)t * c->n_head * hd + (size_t)h * hd,
-                             key_cache + (size_t)g * hd * s->n_ctx_pad, n_keys, hd,
-                             s->n_ctx_pad, scale);
-            float max = -INFINITY, sum = 0.0f;
-            for (int p = 0; p < n_keys; p++) max = att[p] > max ? att[p] : max;
-            for (int p = 0; p < n_keys; p++) {
-                att[p] = expf(att[p] - max);
-                sum += att[p];
+            size_t h_off = (size_t)(g * group + j) * hd;
+            const float *q[ATT_TILE];
+            for (int r = 0; r < ATT_TILE; r++)  /* a short tile repeats its last query */
+                q[r] = s->q + (size_t)(t0 + (r < n_q ? r : n_q - 1)) * q_dim + h_off;
+            int n_keys_tile = k->n_past + t0 + n_q;
+            if (n_q == 1)
+                attention_scores(att, q[0], keys_t, n_keys_tile, hd, s->n_ctx_pad, scale);
+            else
+                attention_scores_tile(att, q, keys_t, n_keys_tile, hd, s->n_ctx_pad, scale);
+            for (int r = 0; r < n_q; r++) {
+                float *a = att + (size_t)r * s->n_ctx_pad;
+                int n_keys = k->n_past + t0 + r + 1;
+                softmax(a, n_keys);
+                attention_values(s->att_out + (size_t)(t0 + r) * q_dim + h_off, a,
+                                 value_cache + (size_t)g * hd, n_keys, hd, kv_dim);
             }
-            float inv_sum = 1.0f / sum;
-            for (int p = 0; p < n_keys; p++) att[p] *= inv_sum;
-            attention_values(s->att_out + (size_t)t * c->n_head * hd + (size_t)h * hd, att,
-                             value_cache + (size_t)g * hd, n_keys, hd, kv_dim);
         }
     }
 }

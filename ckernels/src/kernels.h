@@ -40,6 +40,9 @@ typedef struct kiln_matrix {
 /* Returns 0, or -1 (unsupported type, cols not a multiple of 32 for a block type,
  * out of memory). */
 int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data);
+/* (For Q4_0, Q4_1 and Q8_0 the kernels read only m->packed after init, so a caller
+ * whose data lies in a file mapping may release those pages, e.g. madvise(MADV_DONTNEED),
+ * to keep resident memory at one copy; F32/F16/BF16 keep reading m->data.) */
 void kiln_matrix_free(kiln_matrix *m);
 
 /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < rows.

@@ -14,6 +14,14 @@
 #define KILN_NT 8 /* tokens per pass over a row group */
 #define KILN_PREFETCH 4096 /* bytes ahead in the weight stream */
 
+#include <string.h>
+
+/* Token t's results for the rows of row group rg (fewer in a last, partial group). */
+static inline void kiln_store_rows(const kiln_qgemm_args *a, int64_t rg, int t, const float *y4) {
+    int64_t n = a->w.rows - rg * KILN_RG < KILN_RG ? a->w.rows - rg * KILN_RG : KILN_RG;
+    memcpy(a->y + (size_t)t * a->w.rows + rg * KILN_RG, y4, sizeof(float) * (size_t)n);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
@@ -87,13 +95,9 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
         __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
         __m128 y4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        float *y = a->y + (size_t)(t0 + t) * w->rows + rg * KILN_RG;
-        if (rg * KILN_RG + KILN_RG <= w->rows) _mm_storeu_ps(y, y4);
-        else {
-            float tmp[4];
-            _mm_storeu_ps(tmp, y4);
-            for (int r = 0; rg * KILN_RG + r < w->rows; r++) y[r] = tmp[r];
-        }
+        float tmp[4];
+        _mm_storeu_ps(tmp, y4);
+        kiln_store_rows(a, rg, t0 + t, tmp);
     }
 }
 
@@ -193,13 +197,9 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     }
     for (int t = 0; t < nt_tok; t++) {
         __m128 y4 = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-        float *y = a->y + (size_t)(t0 + t) * w->rows + rg * KILN_RG;
-        if (rg * KILN_RG + KILN_RG <= w->rows) _mm_storeu_ps(y, y4);
-        else {
-            float tmp[4];
-            _mm_storeu_ps(tmp, y4);
-            for (int r = 0; rg * KILN_RG + r < w->rows; r++) y[r] = tmp[r];
-        }
+        float tmp[4];
+        _mm_storeu_ps(tmp, y4);
+        kiln_store_rows(a, rg, t0 + t, tmp);
     }
 }
 
@@ -256,13 +256,9 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
         }
     }
     for (int t = 0; t < nt_tok; t++) {
-        float *y = a->y + (size_t)(t0 + t) * w->rows + rg * KILN_RG;
-        if (rg * KILN_RG + KILN_RG <= w->rows) vst1q_f32(y, acc[t]);
-        else {
-            float tmp[4];
-            vst1q_f32(tmp, acc[t]);
-            for (int r = 0; rg * KILN_RG + r < w->rows; r++) y[r] = tmp[r];
-        }
+        float tmp[4];
+        vst1q_f32(tmp, acc[t]);
+        kiln_store_rows(a, rg, t0 + t, tmp);
     }
 }
 
