@@ -1,6 +1,7 @@
 /* Weight matrices and kiln_matmul: repacking at load time, activation quantization,
  * and the split of work over the pool. The arithmetic is in the isa/ sources. */
 #include <assert.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,18 +79,83 @@ void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, i
     }
 }
 
-/* Large packed copies go on transparent huge pages where the OS offers them: the
- * kernels stream them, and the hardware prefetchers stop at every 4 KiB page. */
-static void *kiln_alloc_packed(size_t size) {
-    const size_t huge = (size_t)2 << 20;
-    size = (size + 63) & ~(size_t)63;
-    if (size < huge) return aligned_alloc(64, size);
-    void *p = NULL;
-    if (posix_memalign(&p, huge, (size + huge - 1) & ~(huge - 1)) != 0) return NULL;
+/* Packed copies are carved one after another from large chunks on transparent huge
+ * pages: the kernels stream them, the hardware prefetchers stop at every 4 KiB page,
+ * and a model's many small matrices (a few hundred KiB each) would otherwise each sit
+ * on 4 KiB pages. Consecutive matrices (one layer's) end up adjacent, too. A chunk is
+ * unmapped when its last matrix is freed; only touched pages take memory. */
+#define KILN_HUGE ((size_t)2 << 20)
+#define KILN_CHUNK ((size_t)64 << 20)
+
+typedef struct kiln_chunk {
+    struct kiln_chunk *next;
+    uint8_t *base;
+    size_t size, used;
+    int live; /* allocations not yet freed */
+} kiln_chunk;
+
+static pthread_mutex_t kiln_arena_lock = PTHREAD_MUTEX_INITIALIZER;
+static kiln_chunk *kiln_chunks;   /* every mapped chunk */
+static kiln_chunk *kiln_carving;  /* the chunk new allocations come from */
+
+static kiln_chunk *kiln_chunk_new(size_t size) {
+    size = (size + KILN_HUGE - 1) & ~(KILN_HUGE - 1);
+    /* over-map by one huge page to align the start */
+    uint8_t *raw = mmap(NULL, size + KILN_HUGE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED) return NULL;
+    uint8_t *base = (uint8_t *)(((uintptr_t)raw + KILN_HUGE - 1) & ~(uintptr_t)(KILN_HUGE - 1));
+    if (base > raw) munmap(raw, (size_t)(base - raw));
+    if (base + size < raw + size + KILN_HUGE) munmap(base + size, (size_t)(raw + size + KILN_HUGE - (base + size)));
 #ifdef MADV_HUGEPAGE
-    madvise(p, (size + huge - 1) & ~(huge - 1), MADV_HUGEPAGE); /* a hint: failure is fine */
+    madvise(base, size, MADV_HUGEPAGE); /* a hint: failure is fine */
 #endif
+    kiln_chunk *c = calloc(1, sizeof *c);
+    if (!c) {
+        munmap(base, size);
+        return NULL;
+    }
+    c->base = base;
+    c->size = size;
+    c->next = kiln_chunks;
+    kiln_chunks = c;
+    return c;
+}
+
+static void *kiln_alloc_packed(size_t size) {
+    size = (size + 63) & ~(size_t)63;
+    pthread_mutex_lock(&kiln_arena_lock);
+    kiln_chunk *c = kiln_carving;
+    if (!c || c->size - c->used < size) {
+        c = kiln_chunk_new(size > KILN_CHUNK / 2 ? size : KILN_CHUNK);
+        /* a big matrix gets a chunk of its own; small ones keep carving the last chunk */
+        if (c && size <= KILN_CHUNK / 2) kiln_carving = c;
+    }
+    void *p = NULL;
+    if (c) {
+        p = c->base + c->used;
+        c->used += size;
+        c->live++;
+    }
+    pthread_mutex_unlock(&kiln_arena_lock);
     return p;
+}
+
+static void kiln_free_packed(void *p) {
+    if (!p) return;
+    pthread_mutex_lock(&kiln_arena_lock);
+    for (kiln_chunk **pc = &kiln_chunks; *pc; pc = &(*pc)->next) {
+        kiln_chunk *c = *pc;
+        if ((uint8_t *)p < c->base || (uint8_t *)p >= c->base + c->size) continue;
+        if (--c->live == 0) {
+            *pc = c->next;
+            if (kiln_carving == c) kiln_carving = NULL;
+            munmap(c->base, c->size);
+            free(c);
+        }
+        break;
+    }
+    pthread_mutex_unlock(&kiln_arena_lock);
 }
 
 int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data) {
@@ -122,7 +188,7 @@ int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const
 
 void kiln_matrix_free(kiln_matrix *m) {
     if (!m) return;
-    free(m->packed);
+    kiln_free_packed(m->packed);
     m->packed = NULL;
     m->packed_size = 0;
 }
