@@ -23,6 +23,12 @@ MATRIX_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16,
 N_BATCH = 512  # prompt tokens per internal chunk: bounds the activation buffers
 
 
+# Weight types the kernels repack at load time (kernels.h: they never read the file's
+# blocks again after kiln_matrix_init). token_embd's rows are still looked up in the
+# file, one row per token: those few pages simply fault back in.
+REPACKED_TYPES = (formats.GGMLType.Q4_0, formats.GGMLType.Q4_1, formats.GGMLType.Q8_0)
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on: hyper-threads share a core's matmul
     units, so llama.cpp's default of one thread per core is faster than one per CPU."""
@@ -148,6 +154,11 @@ class Model:
                 cfg, weight("token_embd.weight"), layers, vector("output_norm.weight"),
                 weight("token_embd.weight" if c.tied_output else "output.weight"),
                 self._inv_freq, self.n_threads)
+            # The kernels now hold repacked copies of the block-quantized matrices; let
+            # the file pages they were copied from go, so about one copy stays resident.
+            self._file.release_pages(
+                name for name, t in tensors.items()
+                if t.type in REPACKED_TYPES)
         except BaseException:
             self._file.close()
             raise

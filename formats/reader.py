@@ -81,6 +81,26 @@ class GGUFFile:
             except BufferError:
                 pass  # tensor views still use the map; it closes when they are gone
 
+    def release_pages(self, names) -> None:
+        """Drop the named tensors' pages from this process's resident memory.
+
+        For tensors a consumer has copied into a layout of its own (the kernels repack
+        Q4/Q8 matrices at load time): without this, the file's pages it read while
+        copying stay resident and the process holds two copies of the weights. The data
+        stays readable; a later access reads it back from the page cache. Only whole
+        pages inside each tensor are dropped, never a neighbour's.
+        """
+        mm = self._mmap
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        for name in names:
+            t = self.tensors[name]
+            start = -(-t.offset // page) * page
+            end = (t.offset + t.nbytes) // page * page
+            if end > start:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def __enter__(self):
         return self
 

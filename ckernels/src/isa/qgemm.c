@@ -12,7 +12,8 @@
 #include "kernels_impl.h"
 
 #define KILN_NT 8 /* tokens per pass over a row group */
-#define KILN_PREFETCH 4096 /* bytes ahead in the weight stream */
+#define KILN_PREFETCH 4096     /* bytes ahead in the weight stream, into L1 */
+#define KILN_PREFETCH_L2 16384 /* and into L2, far enough ahead to cover DRAM latency */
 
 #include <string.h>
 
@@ -45,6 +46,8 @@ kiln_qstep(__m512 *acc, const kiln_packed_view *w, const kiln_act *act, int64_t 
      * prefetcher to hide DRAM latency on its own */
     for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
         _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
+    for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
+        _mm_prefetch((const char *)qs + KILN_PREFETCH_L2 + 64 * i, _MM_HINT_T1);
     __m512i wl[KILN_RG], wh[KILN_RG];
     for (int r = 0; r < KILN_RG; r++) {
         if (q8) {
@@ -158,6 +161,8 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
         const uint8_t *qs = kiln_rg_qs(w, rg, g);
         for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++) /* see the AVX512 kernel */
             _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
+        for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
+            _mm_prefetch((const char *)qs + KILN_PREFETCH_L2 + 64 * i, _MM_HINT_T1);
         for (int h = 0; 2 * h < nb; h++) {
             const int two = 2 * h + 1 < nb;
             __m256i wl[KILN_RG], wh[KILN_RG];
