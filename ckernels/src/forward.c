@@ -484,11 +484,12 @@ KILN_TARGET_AVX512 static void attention_values_avx512(float *out, const float *
 static void attention_values(int isa, float *out, const float *weights, const kiln_fp16 *values,
                              int n_keys, int head_dim, int stride) {
 #ifdef KILN_ATT_X86
-    if (isa == ATT_AVX512) return attention_values_avx512(out, weights, values, n_keys, head_dim, stride);
-    if (isa == ATT_AVX2) return attention_values_avx2(out, weights, values, n_keys, head_dim, stride);
+    if (isa == ATT_AVX512) attention_values_avx512(out, weights, values, n_keys, head_dim, stride);
+    else if (isa == ATT_AVX2) attention_values_avx2(out, weights, values, n_keys, head_dim, stride);
+    else
 #endif
+        attention_values_scalar(out, weights, values, n_keys, head_dim, stride);
     (void)isa;
-    attention_values_scalar(out, weights, values, n_keys, head_dim, stride);
 }
 
 /* e^x, within 2 ulp of expf for x <= 88 (Cephes' polynomial): written so the softmax
