@@ -252,6 +252,30 @@ def test_float_matmul_close_to_scalar_and_oracle(isa, name, cols):
     np.testing.assert_allclose(ref, oracle, rtol=1e-5, atol=tol)
 
 
+
+@per_isa
+@pytest.mark.parametrize("name", list(FLOAT_TYPES))
+@pytest.mark.parametrize("cols", [37, 576])
+def test_float_matmul_tiles_agree(isa, name, cols):
+    """Every tile shape (8-row matrix x vector passes, rows x tokens tiles for batches,
+    their remainders, a masked column tail) gives each output element the same
+    arithmetic: a batch equals its tokens one by one, for any thread count."""
+    type_ = FLOAT_TYPES[name]
+    rng = np.random.default_rng(cols * 17 + type_)
+    rows = 45  # 5 x 8 + 4 + 1
+    data, w = make_float_weights(type_, rows, cols, rng)
+    x = rng.standard_normal((7, cols)).astype(np.float32)  # 4 + 3 tokens
+    y = run_matmul(type_, data, rows, cols, x, 1)
+    for n_threads in (2, 3):
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x, n_threads), y)
+    for t in range(len(x)):
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x[t], 2), y[t]), t
+    ckernels.set_isa("scalar")
+    ref = run_matmul(type_, data, rows, cols, x, 1)
+    tol = 1e-5 * np.sqrt(cols) * np.abs(x).max() * np.abs(w).max()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=tol)
+
+
 # ---- binding checks and dispatch ----
 
 def test_binding_rejects_bad_arguments():
