@@ -4,7 +4,7 @@ tested against. Slow and simple on purpose; every step mirrors forward.c.
 With emulate_q8=True each product with a block-quantized weight first sends the
 activations through the codec the C kernels quantize them with (Q8_0, or Q8_1 for
 Q4_1 weights), so the two engines compute the same sums and differ only in rounding
-order. The C engine keeps its KV cache in float32, so there is nothing to emulate there.
+order. The KV cache is fp16 in both (as in llama.cpp): k and v are rounded to float16.
 """
 from __future__ import annotations
 
@@ -81,6 +81,11 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x
 
 
+def fp16(x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest float16 (the KV cache's type), as float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
 
@@ -131,8 +136,8 @@ class ReferenceLlama:
         group = c.n_head // c.n_head_kv
         h = rms_norm(x, L.attn_norm, c.rms_eps)
         q = rope(L.wq(h).reshape(n, c.n_head, c.head_dim), cos, sin)
-        k = rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin)
-        v = L.wv(h).reshape(n, c.n_head_kv, c.head_dim)
+        k = fp16(rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin))
+        v = fp16(L.wv(h).reshape(n, c.n_head_kv, c.head_dim))
         att = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
         for hd in range(c.n_head):
             kv = hd // group  # GQA: consecutive query heads share a key/value head

@@ -14,13 +14,18 @@ reference is run on the C engine's residual stream entering it and must reproduc
 C engine's output of that layer (rows agree to ~1e-7; a row that met a rounding
 boundary to ~1e-3), and the logits the reference computes from the C engine's final
 residual stream must meet the bar. (The float F16 file has no rounding boundaries
-and also agrees end to end: KL ~1e-11.)"""
+and also agrees end to end: KL ~1e-11 with a float32 cache.)
+
+Keys and values are rounded to fp16 for the KV cache, another rounding boundary that
+quantized weights often hit (values within float noise of a tie): each reference layer
+reads the C engine's cache of that layer in place of its own rounding (cache_from),
+after checking that the cache holds its k and v rounded, to within one fp16 step."""
 import numpy as np
 import pytest
 
 from engine.model import Model
 from engine.reference import ReferenceLlama
-from tiny_models import mean_kl
+from tiny_models import cache_from, mean_kl
 
 TEXT = """\
 The lighthouse keeper had lived on the island for almost thirty years, and in that time
@@ -98,9 +103,15 @@ def test_smollm2_matches_reference(smollm2_variant, tokens, variant):
     path = smollm2_variant(variant)
     with Model(path, n_ctx=N_TOKENS, n_threads=2) as m:
         logits, trace = m.eval_trace(tokens)
+        caches = {i: m._forward.kv_cache(i, len(tokens)) for i in LAYERS[variant]}
     ref = ReferenceLlama(path)
     for i in LAYERS[variant]:
-        want = ref.layer(i, trace[i])
+        mismatched = []
+        with cache_from([caches[i]], mismatched.append):
+            want = ref.layer(i, trace[i])
+        # only rows that met an activation rounding boundary (see above) may differ more
+        n_mismatched = len(np.unique(np.concatenate(mismatched))) if mismatched else 0
+        assert n_mismatched <= 0.05 * len(tokens), f"layer {i}"
         row_err = np.abs(trace[i + 1] - want).max(axis=1) / np.abs(want).max(axis=1)
         assert np.median(row_err) < 1e-5, f"layer {i}"
         assert row_err.max() < 1e-2, f"layer {i}"
@@ -125,13 +136,14 @@ def test_smollm2_f16_matches_reference_end_to_end(smollm2_variant, tokens):
 
 
 def test_smollm2_f16_matches_llama_cpp(smollm2_variant, tokens):
-    """The outside oracle: llama.cpp on the same F16 file (float32 KV cache, as kiln's).
-    Float weights only: llama.cpp's quantized paths use the CPU's own int8 kernels."""
+    """The outside oracle: llama.cpp on the same F16 file (fp16 KV cache, as kiln's:
+    llama.cpp's default). Float weights only: llama.cpp's quantized paths use the CPU's
+    own int8 kernels."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
     path = smollm2_variant("f16")
     ids = [int(t) for t in tokens[:128]]
     llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False,
-                          n_threads=2, type_k=0, type_v=0)
+                          n_threads=2)
     llm.eval(ids)
     want = np.array(llm.scores[:len(ids)], dtype=np.float32)
     llm.close()

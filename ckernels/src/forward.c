@@ -7,9 +7,13 @@
  * split over the pool by rows or (token tile, key/value head) pairs. Every output is
  * computed by one thread in a fixed order, so results do not depend on the thread count.
  *
- * The KV cache is float32: exact, so the reference needs no emulation of it. Keys are
- * stored transposed (dimension-major) so that scoring a query against many keys is a
- * run of vector multiply-adds across keys, with no horizontal sums. */
+ * The KV cache is fp16, as llama.cpp's default cache type is: keys and values are
+ * rounded to the nearest half (round to nearest even, like ggml's fp32 -> fp16 copy)
+ * when stored and widened to float when read, so the scores, the softmax and the
+ * weighted sum of values are computed in float as before (engine/reference.py rounds
+ * k and v the same way). Half the bytes also halves the attention's memory traffic.
+ * Keys are stored transposed (dimension-major) so that scoring a query against many
+ * keys is a run of vector multiply-adds across keys, with no horizontal sums. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,14 +22,23 @@
 #include "forward.h"
 #include "kernels.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define KILN_ATT_X86 1
+#define KILN_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define KILN_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
 /* Keys scored / value dimensions summed per step of the attention loops: one AVX512
  * register, two AVX2 or four SSE registers. */
 #define ATT_BLOCK 16
 #define ATT_TILE 4 /* queries (consecutive tokens of a prompt) scored per pass over the keys */
 
-/* The attention loops are the only float-heavy code outside the kernels: compile them
- * for the wider vector units too and let the loader pick (GCC/clang function clones,
- * which need glibc's ifunc). */
+/* The softmax is float-only code outside the kernels: compile it for the wider vector
+ * units too and let the loader pick (GCC/clang function clones, which need glibc's
+ * ifunc). The loops reading the fp16 cache use F16C / AVX512 conversions explicitly
+ * (the compiler does not vectorize half -> float conversions), picked per call by the
+ * kernels' active ISA (ATT_* below). */
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)
 #define KILN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -59,11 +72,13 @@ typedef struct {
     float *rope_cos; /* (n_batch, rope_dim / 2) */
     float *rope_sin; /* (n_batch, rope_dim / 2) */
     float *k;        /* (n_batch, n_head_kv * head_dim) new keys, before the transposed store */
+    float *v;        /* (n_batch, n_head_kv * head_dim) new values, before the store */
     float *att;      /* (n_threads, ATT_TILE, n_ctx_pad) scores of a tile of queries */
-    /* the KV cache; value rows are positions so kiln_matmul writes them in place */
-    float *key_cache;   /* (n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
-    float *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
+    /* the KV cache, fp16 */
+    kiln_fp16 *key_cache;   /* (n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
+    kiln_fp16 *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
     int n_ctx_pad;      /* n_ctx rounded up to ATT_BLOCK: whole blocks stay in bounds */
+    int att_isa;        /* ATT_*: the attention loops of the current evaluation */
 } RunState;
 
 struct kiln_llama {
@@ -121,8 +136,8 @@ static int build_weights(Weights *w, const kiln_llama_config *c, const kiln_llam
 }
 
 static void free_run_state(RunState *s) {
-    float *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->hb, s->hb2, s->rope_cos,
-                     s->rope_sin, s->k, s->att, s->key_cache, s->value_cache};
+    void *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->hb, s->hb2, s->rope_cos,
+                    s->rope_sin, s->k, s->v, s->att, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
@@ -144,12 +159,13 @@ static int build_run_state(RunState *s, const kiln_llama_config *c, int n_thread
     s->rope_cos = alloc_floats(B * (c->rope_dim / 2));
     s->rope_sin = alloc_floats(B * (c->rope_dim / 2));
     s->k = alloc_floats(B * kv_dim);
+    s->v = alloc_floats(B * kv_dim);
     s->att = alloc_floats((size_t)n_threads * ATT_TILE * s->n_ctx_pad);
     /* calloc: pages of the cache are touched only as positions fill */
-    s->key_cache = calloc(kv ? kv : 1, sizeof(float));
-    s->value_cache = calloc(kv ? kv : 1, sizeof(float));
+    s->key_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
+    s->value_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
     return s->x && s->xb && s->xb2 && s->q && s->att_out && s->hb && s->hb2 && s->rope_cos &&
-                   s->rope_sin && s->k && s->att && s->key_cache && s->value_cache ? 0 : -1;
+                   s->rope_sin && s->k && s->v && s->att && s->key_cache && s->value_cache ? 0 : -1;
 }
 
 kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
@@ -237,83 +253,243 @@ static void rope_heads(float *v, int n_heads, int head_dim, int rope_dim,
     }
 }
 
-/* RoPE on the chunk's queries and new keys; the keys then go into the cache, transposed */
-static void task_rope(void *ctx, int ith, int nth) {
+/* RoPE on the chunk's queries and new keys; the keys (transposed) and values then go
+ * into the fp16 cache */
+static void task_rope_store(void *ctx, int ith, int nth) {
     Task *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2, lo, hi;
-    float *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
+    kiln_fp16 *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
+    kiln_fp16 *value_cache = s->value_cache + ((size_t)k->layer * c->n_ctx + k->n_past) * kv_dim;
     split_rows(k->n_tokens, ith, nth, &lo, &hi);
     for (int t = lo; t < hi; t++) {
         const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
         float *key = s->k + (size_t)t * kv_dim;
+        const float *value = s->v + (size_t)t * kv_dim;
         rope_heads(s->q + (size_t)t * c->n_head * c->head_dim, c->n_head, c->head_dim,
                    c->rope_dim, cs, sn);
         rope_heads(key, c->n_head_kv, c->head_dim, c->rope_dim, cs, sn);
         for (int i = 0; i < kv_dim; i++)  /* i = kv_head * head_dim + d */
-            key_cache[(size_t)i * s->n_ctx_pad + k->n_past + t] = key[i];
+            key_cache[(size_t)i * s->n_ctx_pad + k->n_past + t] = kiln_fp32_to_fp16(key[i]);
+        kiln_quantize_row_f16(value, value_cache + (size_t)t * kv_dim, kv_dim);
     }
 }
 
-/* scores[r][p] = scale * q[r] . key p for r < R, p < n_keys, each key block loaded once
- * for all R queries; keys_t is (head_dim, n_ctx_pad), scores rows are n_ctx_pad apart.
- * R is a compile-time constant in each caller, so acc stays in vector registers. */
+/* Which loops read the fp16 cache: the kernels' active ISA decides, so forcing the
+ * kernels to "scalar" (kiln_set_isa) tests the portable loops too. */
+enum { ATT_SCALAR, ATT_AVX2, ATT_AVX512 };
+
+static int attention_isa(void) {
+#ifdef KILN_ATT_X86
+    const char *isa = kiln_active_isa();
+    if (strstr(isa, "avx512")) return ATT_AVX512;
+    if (strstr(isa, "avx")) return ATT_AVX2;
+#endif
+    return ATT_SCALAR;
+}
+
+/* scores[r][p] = scale * q[r] . key p for r < R, p < n_keys, each key block loaded
+ * (and widened) once for all R queries; keys_t is (head_dim, n_ctx_pad) halves, score
+ * rows are n_ctx_pad apart and are written in whole blocks (the pad is a multiple of
+ * ATT_BLOCK). R is a compile-time constant in each caller, so acc stays in registers.
+ */
 static inline __attribute__((always_inline)) void
-scores_tile(float *scores, const float *const *q, const int R, const float *keys_t, int n_keys,
-            int head_dim, int n_ctx_pad, float scale) {
+scores_tile_scalar(float *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
+                   int n_keys, int head_dim, int n_ctx_pad, float scale) {
     for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
         float acc[ATT_TILE][ATT_BLOCK] = {{0}};
         for (int d = 0; d < head_dim; d++) {
-            const float *kd = keys_t + (size_t)d * n_ctx_pad + p0;
+            const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
+            float kf[ATT_BLOCK];
+            for (int j = 0; j < ATT_BLOCK; j++) kf[j] = kiln_fp16_to_fp32(kd[j]);
             for (int r = 0; r < R; r++)
-                for (int j = 0; j < ATT_BLOCK; j++) acc[r][j] += q[r][d] * kd[j];
+                for (int j = 0; j < ATT_BLOCK; j++) acc[r][j] += q[r][d] * kf[j];
         }
-        int n = n_keys - p0 < ATT_BLOCK ? n_keys - p0 : ATT_BLOCK;
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < n; j++) scores[(size_t)r * n_ctx_pad + p0 + j] = acc[r][j] * scale;
+            for (int j = 0; j < ATT_BLOCK; j++)
+                scores[(size_t)r * n_ctx_pad + p0 + j] = acc[r][j] * scale;
     }
 }
 
-KILN_VECTOR_CLONES
-static void attention_scores_tile(float *scores, const float *const *q, const float *keys_t,
-                                  int n_keys, int head_dim, int n_ctx_pad, float scale) {
-    scores_tile(scores, q, ATT_TILE, keys_t, n_keys, head_dim, n_ctx_pad, scale);
+#ifdef KILN_ATT_X86
+KILN_TARGET_AVX2 static inline __attribute__((always_inline)) void
+scores_tile_avx2(float *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
+                 int n_keys, int head_dim, int n_ctx_pad, float scale) {
+    for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
+        __m256 acc[ATT_TILE][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int d = 0; d < head_dim; d++) {
+            const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
+            __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)kd));
+            __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kd + 8)));
+            for (int r = 0; r < R; r++) {
+                __m256 qd = _mm256_set1_ps(q[r][d]);
+                acc[r][0] = _mm256_fmadd_ps(qd, k0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(qd, k1, acc[r][1]);
+            }
+        }
+        __m256 sc = _mm256_set1_ps(scale);
+        for (int r = 0; r < R; r++) {
+            float *out = scores + (size_t)r * n_ctx_pad + p0;
+            _mm256_storeu_ps(out, _mm256_mul_ps(acc[r][0], sc));
+            _mm256_storeu_ps(out + 8, _mm256_mul_ps(acc[r][1], sc));
+        }
+    }
 }
 
-KILN_VECTOR_CLONES
-static void attention_scores(float *scores, const float *q, const float *keys_t, int n_keys,
-                             int head_dim, int n_ctx_pad, float scale) {
-    scores_tile(scores, &q, 1, keys_t, n_keys, head_dim, n_ctx_pad, scale);
+KILN_TARGET_AVX512 static inline __attribute__((always_inline)) void
+scores_tile_avx512(float *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
+                   int n_keys, int head_dim, int n_ctx_pad, float scale) {
+    for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
+        __m512 acc[ATT_TILE];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+        for (int d = 0; d < head_dim; d++) {
+            const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
+            __m512 kv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kd));
+            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), kv, acc[r]);
+        }
+        for (int r = 0; r < R; r++)
+            _mm512_storeu_ps(scores + (size_t)r * n_ctx_pad + p0,
+                             _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+    }
 }
 
-/* out = sum over p < n_keys of weights[p] * value row p (rows `stride` floats apart).
- * Up to 4 blocks of ATT_BLOCK dims per pass, so each weight is loaded once for them. */
-KILN_VECTOR_CLONES
-static void attention_values(float *out, const float *weights, const float *values, int n_keys,
-                             int head_dim, int stride) {
+KILN_TARGET_AVX2 static void scores_avx2_1(float *s, const float *const *q, const kiln_fp16 *k,
+                                           int n, int hd, int pad, float scale) {
+    scores_tile_avx2(s, q, 1, k, n, hd, pad, scale);
+}
+KILN_TARGET_AVX2 static void scores_avx2_tile(float *s, const float *const *q, const kiln_fp16 *k,
+                                              int n, int hd, int pad, float scale) {
+    scores_tile_avx2(s, q, ATT_TILE, k, n, hd, pad, scale);
+}
+KILN_TARGET_AVX512 static void scores_avx512_1(float *s, const float *const *q, const kiln_fp16 *k,
+                                               int n, int hd, int pad, float scale) {
+    scores_tile_avx512(s, q, 1, k, n, hd, pad, scale);
+}
+KILN_TARGET_AVX512 static void scores_avx512_tile(float *s, const float *const *q,
+                                                  const kiln_fp16 *k, int n, int hd, int pad,
+                                                  float scale) {
+    scores_tile_avx512(s, q, ATT_TILE, k, n, hd, pad, scale);
+}
+#endif
+
+static void scores_scalar_1(float *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
+                            int pad, float scale) {
+    scores_tile_scalar(s, q, 1, k, n, hd, pad, scale);
+}
+static void scores_scalar_tile(float *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
+                               int pad, float scale) {
+    scores_tile_scalar(s, q, ATT_TILE, k, n, hd, pad, scale);
+}
+
+/* Scores of R = 1 or ATT_TILE queries (see scores_tile_scalar). */
+static void attention_scores(int isa, int R, float *scores, const float *const *q,
+                             const kiln_fp16 *keys_t, int n_keys, int head_dim, int n_ctx_pad,
+                             float scale) {
+#ifdef KILN_ATT_X86
+    if (isa == ATT_AVX512) {
+        (R == 1 ? scores_avx512_1 : scores_avx512_tile)(scores, q, keys_t, n_keys, head_dim,
+                                                        n_ctx_pad, scale);
+        return;
+    }
+    if (isa == ATT_AVX2) {
+        (R == 1 ? scores_avx2_1 : scores_avx2_tile)(scores, q, keys_t, n_keys, head_dim,
+                                                    n_ctx_pad, scale);
+        return;
+    }
+#endif
+    (void)isa;
+    (R == 1 ? scores_scalar_1 : scores_scalar_tile)(scores, q, keys_t, n_keys, head_dim,
+                                                    n_ctx_pad, scale);
+}
+
+/* out = sum over p < n_keys of weights[p] * value row p (fp16 rows `stride` halves apart),
+ * summed in order of p for each dimension on every path. Blocks of 4 * ATT_BLOCK dims
+ * first, so each weight is loaded once for them. */
+static void attention_values_scalar(float *out, const float *weights, const kiln_fp16 *values,
+                                    int n_keys, int head_dim, int stride) {
+    for (int d = 0; d < head_dim; d++) {
+        float acc = 0.0f;
+        for (int p = 0; p < n_keys; p++)
+            acc += weights[p] * kiln_fp16_to_fp32(values[(size_t)p * stride + d]);
+        out[d] = acc;
+    }
+}
+
+#ifdef KILN_ATT_X86
+KILN_TARGET_AVX2 static void attention_values_avx2(float *out, const float *weights,
+                                                   const kiln_fp16 *values, int n_keys,
+                                                   int head_dim, int stride) {
+    int d0 = 0;
+    for (; d0 + 32 <= head_dim; d0 += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int p = 0; p < n_keys; p++) {
+            const kiln_fp16 *v = values + (size_t)p * stride + d0;
+            __m256 w = _mm256_set1_ps(weights[p]);
+            a0 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v)), a0);
+            a1 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8))), a1);
+            a2 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 16))), a2);
+            a3 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 24))), a3);
+        }
+        _mm256_storeu_ps(out + d0, a0);
+        _mm256_storeu_ps(out + d0 + 8, a1);
+        _mm256_storeu_ps(out + d0 + 16, a2);
+        _mm256_storeu_ps(out + d0 + 24, a3);
+    }
+    for (; d0 + 8 <= head_dim; d0 += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int p = 0; p < n_keys; p++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]),
+                                _mm256_cvtph_ps(_mm_loadu_si128(
+                                    (const __m128i *)(values + (size_t)p * stride + d0))), a);
+        _mm256_storeu_ps(out + d0, a);
+    }
+    if (d0 < head_dim)
+        attention_values_scalar(out + d0, weights, values + d0, n_keys, head_dim - d0, stride);
+}
+
+KILN_TARGET_AVX512 static void attention_values_avx512(float *out, const float *weights,
+                                                       const kiln_fp16 *values, int n_keys,
+                                                       int head_dim, int stride) {
     int d0 = 0;
     for (; d0 + 4 * ATT_BLOCK <= head_dim; d0 += 4 * ATT_BLOCK) {
-        float acc[4 * ATT_BLOCK] = {0};
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int p = 0; p < n_keys; p++) {
-            const float *v = values + (size_t)p * stride + d0;
-            for (int j = 0; j < 4 * ATT_BLOCK; j++) acc[j] += weights[p] * v[j];
+            const kiln_fp16 *v = values + (size_t)p * stride + d0;
+            __m512 w = _mm512_set1_ps(weights[p]);
+            a0 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v)), a0);
+            a1 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16))), a1);
+            a2 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 32))), a2);
+            a3 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 48))), a3);
         }
-        memcpy(out + d0, acc, sizeof acc);
+        _mm512_storeu_ps(out + d0, a0);
+        _mm512_storeu_ps(out + d0 + 16, a1);
+        _mm512_storeu_ps(out + d0 + 32, a2);
+        _mm512_storeu_ps(out + d0 + 48, a3);
     }
     for (; d0 + ATT_BLOCK <= head_dim; d0 += ATT_BLOCK) {
-        float acc[ATT_BLOCK] = {0};
-        for (int p = 0; p < n_keys; p++) {
-            const float *v = values + (size_t)p * stride + d0;
-            for (int j = 0; j < ATT_BLOCK; j++) acc[j] += weights[p] * v[j];
-        }
-        memcpy(out + d0, acc, sizeof acc);
+        __m512 a = _mm512_setzero_ps();
+        for (int p = 0; p < n_keys; p++)
+            a = _mm512_fmadd_ps(_mm512_set1_ps(weights[p]),
+                                _mm512_cvtph_ps(_mm256_loadu_si256(
+                                    (const __m256i *)(values + (size_t)p * stride + d0))), a);
+        _mm512_storeu_ps(out + d0, a);
     }
-    for (; d0 < head_dim; d0++) {
-        float acc = 0.0f;
-        for (int p = 0; p < n_keys; p++) acc += weights[p] * values[(size_t)p * stride + d0];
-        out[d0] = acc;
-    }
+    if (d0 < head_dim)
+        attention_values_scalar(out + d0, weights, values + d0, n_keys, head_dim - d0, stride);
+}
+#endif
+
+static void attention_values(int isa, float *out, const float *weights, const kiln_fp16 *values,
+                             int n_keys, int head_dim, int stride) {
+#ifdef KILN_ATT_X86
+    if (isa == ATT_AVX512) attention_values_avx512(out, weights, values, n_keys, head_dim, stride);
+    else if (isa == ATT_AVX2) attention_values_avx2(out, weights, values, n_keys, head_dim, stride);
+    else
+#endif
+        attention_values_scalar(out, weights, values, n_keys, head_dim, stride);
+    (void)isa;
 }
 
 /* e^x, within 2 ulp of expf for x <= 88 (Cephes' polynomial): written so the softmax
@@ -356,29 +532,27 @@ static void task_attention(void *ctx, int ith, int nth) {
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
     int q_dim = c->n_head * hd, n_tiles = (k->n_tokens + ATT_TILE - 1) / ATT_TILE;
-    const float *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
-    const float *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
+    const kiln_fp16 *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
+    const kiln_fp16 *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
     float *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
     float scale = 1.0f / sqrtf((float)hd);
     for (int item = ith; item < n_tiles * c->n_head_kv; item += nth) {
         int t0 = item / c->n_head_kv * ATT_TILE, g = item % c->n_head_kv;
         int n_q = k->n_tokens - t0 < ATT_TILE ? k->n_tokens - t0 : ATT_TILE;
-        const float *keys_t = key_cache + (size_t)g * hd * s->n_ctx_pad;
+        const kiln_fp16 *keys_t = key_cache + (size_t)g * hd * s->n_ctx_pad;
         for (int j = 0; j < group; j++) {
             size_t h_off = (size_t)(g * group + j) * hd;
             const float *q[ATT_TILE];
             for (int r = 0; r < ATT_TILE; r++)  /* a short tile repeats its last query */
                 q[r] = s->q + (size_t)(t0 + (r < n_q ? r : n_q - 1)) * q_dim + h_off;
             int n_keys_tile = k->n_past + t0 + n_q;
-            if (n_q == 1)
-                attention_scores(att, q[0], keys_t, n_keys_tile, hd, s->n_ctx_pad, scale);
-            else
-                attention_scores_tile(att, q, keys_t, n_keys_tile, hd, s->n_ctx_pad, scale);
+            attention_scores(s->att_isa, n_q == 1 ? 1 : ATT_TILE, att, q, keys_t, n_keys_tile,
+                             hd, s->n_ctx_pad, scale);
             for (int r = 0; r < n_q; r++) {
                 float *a = att + (size_t)r * s->n_ctx_pad;
                 int n_keys = k->n_past + t0 + r + 1;
                 softmax(a, n_keys);
-                attention_values(s->att_out + (size_t)(t0 + r) * q_dim + h_off, a,
+                attention_values(s->att_isa, s->att_out + (size_t)(t0 + r) * q_dim + h_off, a,
                                  value_cache + (size_t)g * hd, n_keys, hd, kv_dim);
             }
         }
@@ -407,8 +581,9 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
     const kiln_llama_config *c = &m->c;
     Weights *w = &m->w;
     RunState *s = &m->s;
-    int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2;
+    int half = c->rope_dim / 2;
 
+    s->att_isa = attention_isa();
     for (int t = 0; t < n; t++) {
         kiln_dequantize_row(w->token_embd.type,
                             (const char *)w->token_embd.data + tokens[t] * w->token_embd_row_size,
@@ -425,7 +600,6 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
     Task k = {.m = m, .n_tokens = n, .n_past = n_past};
     for (int l = 0; l < c->n_layer; l++) {
         Layer *L = &w->layers[l];
-        float *v_new = s->value_cache + ((size_t)l * c->n_ctx + n_past) * kv_dim;
         k.layer = l;
 
         /* attention; the previous layer's FFN output joins the residual stream here */
@@ -434,8 +608,8 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
         run_rows(m->pool, task_add_rmsnorm, &k, n);
         kiln_matmul(m->pool, &L->wq, s->xb, n, s->q);
         kiln_matmul(m->pool, &L->wk, s->xb, n, s->k);
-        kiln_matmul(m->pool, &L->wv, s->xb, n, v_new);
-        run_rows(m->pool, task_rope, &k, n);
+        kiln_matmul(m->pool, &L->wv, s->xb, n, s->v);
+        run_rows(m->pool, task_rope_store, &k, n);
         kiln_pool_run(m->pool, task_attention, &k);
         kiln_matmul(m->pool, &L->wo, s->att_out, n, s->xb2);
 
@@ -496,9 +670,11 @@ int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float 
     const kiln_llama_config *c = &m->c;
     if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, pad = m->s.n_ctx_pad;
-    const float *key_cache = m->s.key_cache + (size_t)layer * kv_dim * pad;
+    const kiln_fp16 *key_cache = m->s.key_cache + (size_t)layer * kv_dim * pad;
     for (int p = 0; p < n; p++)
-        for (size_t i = 0; i < kv_dim; i++) keys[p * kv_dim + i] = key_cache[i * pad + p];
-    memcpy(values, m->s.value_cache + (size_t)layer * c->n_ctx * kv_dim, sizeof(float) * n * kv_dim);
+        for (size_t i = 0; i < kv_dim; i++)
+            keys[p * kv_dim + i] = kiln_fp16_to_fp32(key_cache[i * pad + p]);
+    kiln_dequantize_row_f16(m->s.value_cache + (size_t)layer * c->n_ctx * kv_dim, values,
+                            (int64_t)n * kv_dim);
     return 0;
 }

@@ -67,7 +67,8 @@ int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, in
                           float *logits, int logits_all, float *trace);
 
 /* Keys and values of positions [0, n) of a layer, (n, n_head_kv * head_dim) floats
- * each (after RoPE, for keys), for tests. Returns 0, or -1 for a bad layer / n. */
+ * each (after RoPE, for keys; the fp16 cache widened), for tests. Returns 0, or -1 for
+ * a bad layer / n. */
 int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values);
 
 #endif
