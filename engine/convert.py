@@ -9,8 +9,8 @@ byte-level BPE `tokenizer.json`) or a GGUF file (requantized, metadata kept).
 The work is split in two phases so that every problem with the input is found before a
 byte is written: `plan()` reads only headers and JSON and returns the metadata and a list
 of `TensorPlan`s (name, shape, source and target type, and a way to read rows); `write()`
-then streams the tensors one at a time (in chunks of rows) into formats.GGUFWriter, which
-writes atomically. Names and metadata keys follow llama.cpp's convert_hf_to_gguf.py so that
+then streams the tensors one at a time, in chunks of rows, into formats.GGUFWriter (which
+writes atomically): peak memory is bounded by a chunk, not by the largest tensor. Names and metadata keys follow llama.cpp's convert_hf_to_gguf.py so that
 llama.cpp loads what we write.
 """
 from __future__ import annotations
@@ -465,14 +465,17 @@ def decode_rows(q: np.ndarray, t: GGMLType, shape) -> np.ndarray:
     return formats.dequantize(q, t, shape)
 
 
-def convert_tensor(tp: TensorPlan, want_rmse: bool):
-    """The tensor's data in its output type, converted in row chunks; and the RMSE."""
+def convert_tensor(w, tp: TensorPlan, want_rmse: bool, progress=lambda n: None) -> float:
+    """Write tensor tp into GGUFWriter w in its output type, one chunk of rows at a time
+    (read from the memory-mapped source, encoded, written, its source pages released), so
+    memory holds one chunk, never the whole tensor in either type. Returns the RMSE."""
     if tp.raw is not None:
-        return tp.raw(), 0.0
+        w.write_tensor(tp.name, tp.raw())  # the writer copies it in bounded pieces
+        progress(tp.out_nbytes)
+        return 0.0
     n = tp.shape[-1] if tp.shape else 1
-    n_rows = tp.n_elements // n
-    step = max(1, CHUNK_BYTES // (4 * n))
-    out = None  # allocated once the first chunk shows the encoded row size
+    n_rows = tp.n_elements // n if n else 0
+    step = max(1, CHUNK_BYTES // (4 * max(1, n)))
     sq_err = 0.0
     for i in range(0, n_rows, step):
         j = min(n_rows, i + step)
@@ -481,14 +484,13 @@ def convert_tensor(tp: TensorPlan, want_rmse: bool):
         if want_rmse and tp.out_type != GGMLType.F32:
             d = decode_rows(q, tp.out_type, (j - i, n)) - x
             sq_err += float(np.dot(d.ravel(), d.ravel()))
-        if out is None:
-            out = np.empty((n_rows,) + q.shape[1:], q.dtype)
-        out[i:j] = q
+        w.write_tensor_chunk(tp.name, q.view(np.uint8).reshape(-1))
+        progress(q.nbytes)
         del x, q
         tp.release(i, j)
-    data = out
-    rmse = (sq_err / max(1, tp.n_elements)) ** 0.5
-    return data.reshape(*tp.shape[:-1], -1) if len(tp.shape) > 1 else data.reshape(-1), rmse
+    if n_rows == 0:
+        w.write_tensor(tp.name, np.zeros(0, np.uint8))  # an empty tensor still takes its turn
+    return (sq_err / max(1, tp.n_elements)) ** 0.5
 
 
 def _key_type(t) -> tuple:
@@ -516,10 +518,7 @@ def write(plan: Plan, out, quiet: bool = False) -> dict:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
                   desc="writing", leave=False, file=sys.stderr) as bar:
             for k, tp in enumerate(plan.tensors):
-                data, rmse = convert_tensor(tp, want_rmse=not quiet)
-                w.write_tensor(tp.name, data)
-                del data
-                bar.update(tp.out_nbytes)
+                rmse = convert_tensor(w, tp, want_rmse=not quiet, progress=bar.update)
                 if not quiet:
                     shape = "x".join(str(d) for d in tp.shape)
                     bar.write(f"[{k + 1:{len(str(len(plan.tensors)))}d}/{len(plan.tensors)}] "

@@ -10,7 +10,8 @@ in memory. `GGUFWriter` is an explicit state machine:
         ...                                  # every tensor, in the order of their data
         w.write_header()                     # opens out.gguf.tmp-<pid>-<rand>; writes header, KVs, infos
         w.write_tensor("token_embd.weight", array)   # in the same order, one at a time
-        ...
+        w.write_tensor_chunk("blk.0.attn_q.weight", rows)  # or in pieces of whole rows, until
+        ...                                                # the declared size is reached
     # leaving the block calls finish(): fsync, rename over out.gguf, fsync the directory
 
 Calls out of order raise `GGUFWriterError`. If the block raises (or `abort()` is called)
@@ -24,6 +25,8 @@ deletes (the temp name carries the writer's pid; files of live processes are kep
   * data already in T's storage: uint8 raw bytes (any shape, T's byte count), or for
     F32/F16/F64/I8..I64 an array of that dtype and shape S, for BF16 uint16 bits of shape S.
 Either may be a NumPy view of a memory map: only small chunks are ever copied.
+`write_tensor_chunk` takes a tensor in pieces (raw bytes, or whole rows of either kind), so
+a converter holds one chunk of a tensor at a time, never the whole tensor.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import glob
 import os
 import secrets
 import struct
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -103,6 +106,7 @@ class GGUFWriter:
         self._names: set[str] = set()
         self._data_size = 0
         self._next = 0  # index of the next tensor whose data is due
+        self._written = 0  # bytes of that tensor written so far (chunked writes)
         self._state = _State.NEW
         self._fh = None
         self.tmp_path: str | None = None
@@ -196,34 +200,92 @@ class GGUFWriter:
         self._state = _State.DATA
         self._fh.write(header)
 
-    def write_tensor(self, name: str, data) -> None:
-        """Write the data of the next declared tensor, `name` (see the module docstring
-        for the accepted arrays), followed by alignment padding."""
-        self._expect(_State.DATA, "write tensor data")
+    def _due(self, name: str, action: str) -> _TensorInfo:
+        """The info of tensor `name` if its data is due now, else GGUFWriterError."""
+        self._expect(_State.DATA, action)
         if self._next >= len(self._tensors):
-            raise GGUFWriterError(f"tensor {name!r} was not declared: all {len(self._tensors)} tensors are written")
+            raise GGUFWriterError(f"tensor {name!r}: all {len(self._tensors)} declared tensors "
+                                  f"are already written")
         ti = self._tensors[self._next]
         if name != ti.name:
+            if self._written:
+                raise GGUFWriterError(f"got data for tensor {name!r} while {ti.name!r} is "
+                                      f"incomplete ({self._written} of {ti.nbytes} bytes written)")
             raise GGUFWriterError(f"expected data for tensor {ti.name!r} (declaration order), got {name!r}")
+        return ti
+
+    def write_tensor(self, name: str, data) -> None:
+        """Write all the data of the next declared tensor, `name` (see the module docstring
+        for the accepted arrays), followed by alignment padding. `data` may also be an
+        iterator of chunks (each as for write_tensor_chunk) that together make the whole
+        tensor."""
+        ti = self._due(name, "write tensor data")
+        if self._written:
+            raise GGUFWriterError(f"tensor {name!r} is partly written ({self._written} of "
+                                  f"{ti.nbytes} bytes); continue it with write_tensor_chunk")
+        if isinstance(data, Iterator):
+            for chunk in data:
+                self.write_tensor_chunk(name, chunk)
+            if self._next < len(self._tensors) and self._tensors[self._next] is ti:
+                if self._written < ti.nbytes:
+                    raise GGUFWriterError(f"tensor {name!r}: the chunks gave {self._written} bytes, "
+                                          f"{ti.type.name} shape {ti.shape} needs {ti.nbytes}")
+                self._end_tensor(ti)  # a zero-byte tensor given no chunks at all
+            return
         arr = np.asarray(data)
+        if not (arr.dtype == np.uint8 and ti.type != GGMLType.I8) and arr.shape != ti.shape and (
+                arr.dtype == GGML_NUMPY_DTYPES.get(ti.type) or arr.dtype.kind == "f"):
+            raise ValueError(f"tensor {name!r}: shape {arr.shape} does not match the declared {ti.shape}")
+        n = self._chunk_nbytes(ti, arr)
+        if n != ti.nbytes:
+            raise ValueError(f"tensor {name!r}: {n} raw bytes given, {ti.type.name} "
+                             f"shape {ti.shape} needs {ti.nbytes}")
+        self._write_chunk(ti, arr, n)
+
+    def write_tensor_chunk(self, name: str, data) -> None:
+        """Write the next piece of tensor `name`'s data, so a tensor never has to be in
+        memory whole. A piece is raw bytes in the tensor's type (uint8, any length), or
+        whole rows (last dimension = the tensor's row length; for a 1-D tensor, a multiple
+        of the type's block size) of float data to encode or of the type's own dtype.
+        Pieces follow each other in C order; when they add up to the declared size the
+        tensor is complete (padding follows). Too many bytes, or another tensor or finish()
+        before the declared size is reached, raise GGUFWriterError."""
+        ti = self._due(name, "write tensor data")
+        arr = np.asarray(data)
+        n = self._chunk_nbytes(ti, arr)
+        if self._written + n > ti.nbytes:
+            raise GGUFWriterError(f"tensor {name!r}: a chunk of {n} bytes after {self._written} "
+                                  f"exceeds the declared {ti.nbytes} ({ti.type.name} shape {ti.shape})")
+        self._write_chunk(ti, arr, n)
+
+    def _chunk_nbytes(self, ti: _TensorInfo, arr: np.ndarray) -> int:
+        """Bytes `arr` becomes in the file as (part of) tensor ti; ValueError if unusable."""
+        if arr.dtype == np.uint8 and ti.type != GGMLType.I8:
+            return arr.nbytes
         raw_dt = GGML_NUMPY_DTYPES.get(ti.type)
-        if arr.dtype == np.uint8 and not (ti.type == GGMLType.I8):
-            if arr.nbytes != ti.nbytes:
-                raise ValueError(f"tensor {name!r}: {arr.nbytes} raw bytes given, {ti.type.name} "
-                                 f"shape {ti.shape} needs {ti.nbytes}")
-            self._write_raw(arr)
-        elif raw_dt is not None and arr.dtype == raw_dt:
-            if arr.shape != ti.shape:
-                raise ValueError(f"tensor {name!r}: shape {arr.shape} does not match the declared {ti.shape}")
-            self._write_raw(arr)
-        elif arr.dtype.kind == "f":
-            if arr.shape != ti.shape:
-                raise ValueError(f"tensor {name!r}: shape {arr.shape} does not match the declared {ti.shape}")
+        if not (raw_dt is not None and arr.dtype == raw_dt) and arr.dtype.kind != "f":
+            raise ValueError(f"tensor {ti.name!r}: cannot store a {arr.dtype} array as {ti.type.name}")
+        block, size = GGML_QUANT_SIZES[ti.type]
+        whole_rows = arr.ndim >= 1 and (arr.shape[-1] == ti.shape[-1] if len(ti.shape) > 1
+                                        else arr.ndim == 1 and arr.size % block == 0)
+        if not whole_rows:
+            raise ValueError(f"tensor {ti.name!r}: a chunk of shape {arr.shape} is not whole rows "
+                             f"of the declared {ti.type.name} shape {ti.shape}")
+        return arr.size // block * size
+
+    def _write_chunk(self, ti: _TensorInfo, arr: np.ndarray, n: int) -> None:
+        if arr.dtype.kind == "f" and arr.dtype != GGML_NUMPY_DTYPES.get(ti.type):
             self._write_encoded(arr, ti.type)
         else:
-            raise ValueError(f"tensor {name!r}: cannot store a {arr.dtype} array as {ti.type.name}")
+            self._write_raw(arr)
+        self._written += n
+        if self._written == ti.nbytes:
+            self._end_tensor(ti)
+
+    def _end_tensor(self, ti: _TensorInfo) -> None:
         self._fh.write(b"\0" * _pad(ti.nbytes, self.alignment))
         self._next += 1
+        self._written = 0
 
     def _write_raw(self, arr: np.ndarray) -> None:
         for piece in _pieces(arr, 1):
@@ -239,8 +301,10 @@ class GGUFWriter:
             self.write_header()
         self._expect(_State.DATA, "finish")
         if self._next != len(self._tensors):
-            raise GGUFWriterError(f"finish() before all tensors were written: next is "
-                                  f"{self._tensors[self._next].name!r} ({self._next} of {len(self._tensors)} done)")
+            ti = self._tensors[self._next]
+            raise GGUFWriterError(f"finish() before all tensors were written: next is {ti.name!r} "
+                                  f"({self._written} of its {ti.nbytes} bytes written; "
+                                  f"{self._next} of {len(self._tensors)} tensors done)")
         fh, self._fh = self._fh, None
         fh.flush()
         os.fsync(fh.fileno())

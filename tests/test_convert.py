@@ -319,6 +319,28 @@ def test_three_bf16_shards_convert_like_one_file(smol_vocab, tmp_path):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("typ", ["f32", "bf16", "q4_0"])
+def test_tensors_are_streamed_in_row_chunks(tiny_hf, tmp_path, monkeypatch, typ):
+    """No tensor is ever handed to the writer whole (peak memory is a chunk, not the
+    largest tensor), and the chunking does not change a byte of the output."""
+    assert run_convert(tiny_hf, "-o", tmp_path / "whole.gguf", "--type", typ, "--quiet") == 0
+    n_embd = 64  # make_tiny_gguf's default: each chunk is at most 3 rows of float32
+    monkeypatch.setattr(convert, "CHUNK_BYTES", 3 * 4 * n_embd)
+    chunks, wholes = [], []
+    chunk, whole = formats.GGUFWriter.write_tensor_chunk, formats.GGUFWriter.write_tensor
+    monkeypatch.setattr(formats.GGUFWriter, "write_tensor_chunk",
+                        lambda w, name, data: (chunks.append((name, np.asarray(data).nbytes)),
+                                               chunk(w, name, data))[1])
+    monkeypatch.setattr(formats.GGUFWriter, "write_tensor",
+                        lambda w, name, data: (wholes.append(name), whole(w, name, data))[1])
+    assert run_convert(tiny_hf, "-o", tmp_path / "chunked.gguf", "--type", typ, "--quiet") == 0
+    assert wholes == []
+    row_bytes = formats.row_nbytes(convert.OUT_TYPES[typ], n_embd)
+    assert max(n for _, n in chunks) <= 3 * max(row_bytes, 4 * n_embd)
+    assert sum(1 for name, _ in chunks if name == "token_embd.weight") > 10
+    assert (tmp_path / "chunked.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
 # -- types, fallbacks, output lines ------------------------------------------------------
 
 def test_type_rules_notes_and_output_lines(smol_vocab, tmp_path, capsys):

@@ -245,6 +245,131 @@ def test_strided_and_chunked_data_is_written_in_order(tmp_path, monkeypatch):
             assert np.array_equal(f.tensors[name].data.reshape(-1).view(np.uint8), want.reshape(-1)), name
 
 
+def _chunks_of(type_, data, rng):
+    """`data` cut into uneven pieces of whole rows (float/typed) or odd byte counts (raw)."""
+    if data.dtype == np.uint8:
+        flat = data.reshape(-1)
+        cuts = sorted(set(rng.integers(0, flat.size, 3).tolist()) | {0, flat.size})
+        return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
+    if data.ndim == 1:
+        block = formats.GGML_QUANT_SIZES[type_][0]
+        return [data[:block], data[block:]] if data.size > block else [data]
+    if data.shape[0] < 2:
+        return [data]  # a zero-byte tensor is complete with its first (empty) piece
+    return [data[:1], data[1:1], data[1:]]  # an empty piece in the middle is harmless
+
+
+def test_chunked_writes_are_identical_to_one_shot(tmp_path):
+    """write_tensor_chunk and write_tensor(iterator) give the same file, byte for byte."""
+    rng = np.random.default_rng(5)
+    md, tensors = _sample(rng)
+    tensors.append(("h.bf16bits", GGMLType.BF16, (3, 32),
+                    formats.quantize(rng.standard_normal((3, 32)).astype(np.float32),
+                                     GGMLType.BF16).view(np.uint16)))
+    tensors.append(("i.empty", GGMLType.F32, (0, 8), np.zeros((0, 8), np.float32)))
+    formats.write_gguf(tmp_path / "one.gguf", md, tensors)
+    for mode in ("chunk", "iterator"):
+        with GGUFWriter(tmp_path / f"{mode}.gguf") as w:
+            w.add_metadata(md)
+            for name, type_, shape, _ in tensors:
+                w.add_tensor_info(name, type_, shape)
+            w.write_header()
+            for name, type_, _, data in tensors:
+                pieces = _chunks_of(type_, data, rng)
+                if mode == "iterator":
+                    w.write_tensor(name, iter(pieces))
+                else:
+                    for piece in pieces:
+                        w.write_tensor_chunk(name, piece)
+        assert (tmp_path / f"{mode}.gguf").read_bytes() == (tmp_path / "one.gguf").read_bytes(), mode
+
+
+def test_chunked_gguf_py_reads_it(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    with GGUFWriter(tmp_path / "c.gguf") as w:
+        w.add_key("general.architecture", "llama")
+        w.add_tensor_info("q", GGMLType.Q4_0, x.shape)
+        w.add_tensor_info("f", GGMLType.F32, (3, 5))  # 60 bytes: padding follows it
+        w.add_tensor_info("g", GGMLType.F16, x.shape)
+        w.write_header()
+        for i in range(0, 40, 7):
+            w.write_tensor_chunk("q", x[i:i + 7])
+        w.write_tensor_chunk("f", np.arange(15, dtype=np.float32).reshape(3, 5)[:2])
+        w.write_tensor_chunk("f", np.arange(10, 15, dtype=np.float32).reshape(1, 5))
+        w.write_tensor("g", (x[i:i + 16] for i in range(0, 40, 16)))
+    ref = gguf.GGUFReader(tmp_path / "c.gguf")
+    q, f, g = ref.tensors
+    assert np.array_equal(q.data.reshape(-1).view(np.uint8),
+                          formats.quantize(x, GGMLType.Q4_0).reshape(-1))
+    assert np.array_equal(f.data.reshape(3, 5), np.arange(15, dtype=np.float32).reshape(3, 5))
+    assert g.data_offset % 32 == 0
+    assert np.array_equal(g.data.reshape(40, 64), x.astype(np.float16))
+
+
+def _chunk_writer(tmp_path):
+    w = GGUFWriter(tmp_path / "x.gguf")
+    w.add_tensor_info("a", GGMLType.F32, (4, 8))
+    w.add_tensor_info("b", GGMLType.Q8_0, (2, 32))
+    w.write_header()
+    return w
+
+
+def test_chunked_write_state_machine(tmp_path):
+    rows = np.ones((2, 8), np.float32)
+    # too many bytes: rejected before anything is written, the tensor stays where it was
+    w = _chunk_writer(tmp_path)
+    w.write_tensor_chunk("a", rows)
+    with pytest.raises(GGUFWriterError, match="exceeds the declared 128"):
+        w.write_tensor_chunk("a", np.ones((3, 8), np.float32))
+    with pytest.raises(GGUFWriterError, match="exceeds"):
+        w.write_tensor_chunk("a", np.zeros(65, np.uint8))
+    w.write_tensor_chunk("a", rows)  # exactly complete now
+    with pytest.raises(GGUFWriterError, match="expected data for tensor 'b'"):
+        w.write_tensor_chunk("a", rows)  # a is done: more of it is too many
+    # too few: the next tensor or finish() before the declared size
+    w.write_tensor_chunk("b", np.ones((1, 32), np.float32))
+    with pytest.raises(GGUFWriterError, match="while 'b' is incomplete \\(34 of 68 bytes"):
+        w.write_tensor_chunk("a", rows)
+    with pytest.raises(GGUFWriterError, match="34 of its 68 bytes written"):
+        w.finish()
+    with pytest.raises(GGUFWriterError, match="partly written"):
+        w.write_tensor("b", np.ones((2, 32), np.float32))  # a one-shot write cannot restart it
+    w.abort()
+    assert os.listdir(tmp_path) == []
+    # out of order: a chunk of a later tensor, or before the header
+    w = GGUFWriter(tmp_path / "x.gguf")
+    w.add_tensor_info("a", GGMLType.F32, (4, 8))
+    with pytest.raises(GGUFWriterError, match="allowed only while writing tensor data"):
+        w.write_tensor_chunk("a", rows)
+    w.add_tensor_info("b", GGMLType.Q8_0, (2, 32))
+    w.write_header()
+    with pytest.raises(GGUFWriterError, match="expected data for tensor 'a'"):
+        w.write_tensor_chunk("b", np.ones((1, 32), np.float32))
+    # pieces that are not whole rows
+    with pytest.raises(ValueError, match="not whole rows"):
+        w.write_tensor_chunk("a", np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="cannot store a int32"):
+        w.write_tensor_chunk("a", np.ones((2, 8), np.int32))
+    # an iterator that falls short leaves the tensor incomplete and raises
+    with pytest.raises(GGUFWriterError, match="chunks gave 64 bytes.*needs 128"):
+        w.write_tensor("a", iter([rows]))
+    w.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_chunked_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "x.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(GGUFWriterError):
+        with GGUFWriter(target) as w:
+            w.add_tensor_info("a", GGMLType.F32, (4, 8))
+            w.write_header()
+            w.write_tensor_chunk("a", np.ones((3, 8), np.float32))
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.gguf"]
+
+
 def test_raw_blocks_of_any_ggml_type_round_trip(tmp_path):
     gguf = pytest.importorskip("gguf")
     raw_k = np.arange(2 * 144, dtype=np.uint8) % 251  # two Q4_K blocks, bytes passed through
