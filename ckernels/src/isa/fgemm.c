@@ -60,53 +60,18 @@ kiln_ftile(const kiln_fgemm_args *a, int64_t r, int t0, const int nr, const int 
         for (int t = 0; t < nt; t++) a->y[(size_t)(t0 + t) * a->rows + r + i] = _mm512_reduce_add_ps(acc[i * nt + t]);
 }
 
-#define KILN_FGEMV_NR 8 /* rows per pass, one token: 8 independent FMA chains */
+#define KILN_FGEMM_TILED
 #define KILN_FGEMM_NR 4 /* rows x tokens per tile for batches: 16 accumulators */
 #define KILN_FGEMM_NT 4
-#define KILN_FGEMM_BLOCK 262144 /* bytes of weight rows kept in L2 across all tokens */
 
+/* The token count as a compile-time constant, so a tile's accumulators stay in registers. */
 static inline __attribute__((always_inline)) void
-kiln_fgemm_t(const kiln_fgemm_args *a, int64_t r0, int64_t r1, const int type) {
-    if (a->n_tokens == 1) {
-        int64_t r = r0;
-        for (; r + KILN_FGEMV_NR <= r1; r += KILN_FGEMV_NR) kiln_ftile(a, r, 0, KILN_FGEMV_NR, 1, type, 1);
-        for (; r + 4 <= r1; r += 4) kiln_ftile(a, r, 0, 4, 1, type, 0);
-        for (; r < r1; r++) kiln_ftile(a, r, 0, 1, 1, type, 0);
-        return;
-    }
-    const size_t es = type == KILN_TYPE_F32 ? 4 : 2;
-    int64_t blk = (int64_t)(KILN_FGEMM_BLOCK / ((size_t)a->cols * es)) & ~(int64_t)(KILN_FGEMM_NR - 1);
-    if (blk < KILN_FGEMM_NR) blk = KILN_FGEMM_NR;
-    for (int64_t b0 = r0; b0 < r1; b0 += blk) {
-        int64_t b1 = b0 + blk < r1 ? b0 + blk : r1;
-        for (int t = 0; t < a->n_tokens; t += KILN_FGEMM_NT) {
-            int nt = a->n_tokens - t < KILN_FGEMM_NT ? a->n_tokens - t : KILN_FGEMM_NT;
-            int64_t r = b0;
-            for (; r + KILN_FGEMM_NR <= b1; r += KILN_FGEMM_NR) {
-                switch (nt) {
-                case 1: kiln_ftile(a, r, t, KILN_FGEMM_NR, 1, type, 0); break;
-                case 2: kiln_ftile(a, r, t, KILN_FGEMM_NR, 2, type, 0); break;
-                case 3: kiln_ftile(a, r, t, KILN_FGEMM_NR, 3, type, 0); break;
-                default: kiln_ftile(a, r, t, KILN_FGEMM_NR, 4, type, 0); break;
-                }
-            }
-            for (; r < b1; r++) {
-                switch (nt) {
-                case 1: kiln_ftile(a, r, t, 1, 1, type, 0); break;
-                case 2: kiln_ftile(a, r, t, 1, 2, type, 0); break;
-                case 3: kiln_ftile(a, r, t, 1, 3, type, 0); break;
-                default: kiln_ftile(a, r, t, 1, 4, type, 0); break;
-                }
-            }
-        }
-    }
-}
-
-void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1) {
-    switch (a->type) {
-    case KILN_TYPE_F32: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F32); break;
-    case KILN_TYPE_F16: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F16); break;
-    default: kiln_fgemm_t(a, r0, r1, KILN_TYPE_BF16); break;
+kiln_ftile_nt(const kiln_fgemm_args *a, int64_t r, int t, const int nr, int nt, const int type) {
+    switch (nt) {
+    case 1: kiln_ftile(a, r, t, nr, 1, type, 0); break;
+    case 2: kiln_ftile(a, r, t, nr, 2, type, 0); break;
+    case 3: kiln_ftile(a, r, t, nr, 3, type, 0); break;
+    default: kiln_ftile(a, r, t, nr, 4, type, 0); break;
     }
 }
 
@@ -157,46 +122,15 @@ kiln_ftile(const kiln_fgemm_args *a, int64_t r, int t0, const int nr, const int 
         }
 }
 
-#define KILN_FGEMV_NR 8 /* rows per pass, one token: 8 independent FMA chains */
+#define KILN_FGEMM_TILED
 #define KILN_FGEMM_NR 4 /* rows x tokens per tile for batches (16 ymm registers) */
 #define KILN_FGEMM_NT 2
-#define KILN_FGEMM_BLOCK 262144 /* bytes of weight rows kept in L2 across all tokens */
 
+/* The token count as a compile-time constant, so a tile's accumulators stay in registers. */
 static inline __attribute__((always_inline)) void
-kiln_fgemm_t(const kiln_fgemm_args *a, int64_t r0, int64_t r1, const int type) {
-    if (a->n_tokens == 1) {
-        int64_t r = r0;
-        for (; r + KILN_FGEMV_NR <= r1; r += KILN_FGEMV_NR) kiln_ftile(a, r, 0, KILN_FGEMV_NR, 1, type, 1);
-        for (; r + 4 <= r1; r += 4) kiln_ftile(a, r, 0, 4, 1, type, 0);
-        for (; r < r1; r++) kiln_ftile(a, r, 0, 1, 1, type, 0);
-        return;
-    }
-    const size_t es = type == KILN_TYPE_F32 ? 4 : 2;
-    int64_t blk = (int64_t)(KILN_FGEMM_BLOCK / ((size_t)a->cols * es)) & ~(int64_t)(KILN_FGEMM_NR - 1);
-    if (blk < KILN_FGEMM_NR) blk = KILN_FGEMM_NR;
-    for (int64_t b0 = r0; b0 < r1; b0 += blk) {
-        int64_t b1 = b0 + blk < r1 ? b0 + blk : r1;
-        for (int t = 0; t < a->n_tokens; t += KILN_FGEMM_NT) {
-            int nt = a->n_tokens - t < KILN_FGEMM_NT ? a->n_tokens - t : KILN_FGEMM_NT;
-            int64_t r = b0;
-            for (; r + KILN_FGEMM_NR <= b1; r += KILN_FGEMM_NR) {
-                if (nt == 1) kiln_ftile(a, r, t, KILN_FGEMM_NR, 1, type, 0);
-                else kiln_ftile(a, r, t, KILN_FGEMM_NR, 2, type, 0);
-            }
-            for (; r < b1; r++) {
-                if (nt == 1) kiln_ftile(a, r, t, 1, 1, type, 0);
-                else kiln_ftile(a, r, t, 1, 2, type, 0);
-            }
-        }
-    }
-}
-
-void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1) {
-    switch (a->type) {
-    case KILN_TYPE_F32: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F32); break;
-    case KILN_TYPE_F16: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F16); break;
-    default: kiln_fgemm_t(a, r0, r1, KILN_TYPE_BF16); break;
-    }
+kiln_ftile_nt(const kiln_fgemm_args *a, int64_t r, int t, const int nr, int nt, const int type) {
+    if (nt == 1) kiln_ftile(a, r, t, nr, 1, type, 0);
+    else kiln_ftile(a, r, t, nr, 2, type, 0);
 }
 
 #elif defined(__ARM_NEON) && defined(__aarch64__)
@@ -258,6 +192,43 @@ void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1) {
         case 3: kiln_fgemm_row(a, r, t, 3); break;
         default: break;
         }
+    }
+}
+#endif
+
+#ifdef KILN_FGEMM_TILED
+/* The blocked driver shared by the SIMD variants (their tiles differ in size). */
+#define KILN_FGEMV_NR 8 /* rows per pass, one token: 8 independent FMA chains */
+#define KILN_FGEMM_BLOCK 262144 /* bytes of weight rows kept in L2 across all tokens */
+
+static inline __attribute__((always_inline)) void
+kiln_fgemm_t(const kiln_fgemm_args *a, int64_t r0, int64_t r1, const int type) {
+    if (a->n_tokens == 1) {
+        int64_t r = r0;
+        for (; r + KILN_FGEMV_NR <= r1; r += KILN_FGEMV_NR) kiln_ftile(a, r, 0, KILN_FGEMV_NR, 1, type, 1);
+        for (; r + 4 <= r1; r += 4) kiln_ftile(a, r, 0, 4, 1, type, 0);
+        for (; r < r1; r++) kiln_ftile(a, r, 0, 1, 1, type, 0);
+        return;
+    }
+    const size_t es = type == KILN_TYPE_F32 ? 4 : 2;
+    int64_t blk = (int64_t)(KILN_FGEMM_BLOCK / ((size_t)a->cols * es)) & ~(int64_t)(KILN_FGEMM_NR - 1);
+    if (blk < KILN_FGEMM_NR) blk = KILN_FGEMM_NR;
+    for (int64_t b0 = r0; b0 < r1; b0 += blk) {
+        int64_t b1 = b0 + blk < r1 ? b0 + blk : r1;
+        for (int t = 0; t < a->n_tokens; t += KILN_FGEMM_NT) {
+            int nt = a->n_tokens - t < KILN_FGEMM_NT ? a->n_tokens - t : KILN_FGEMM_NT;
+            int64_t r = b0;
+            for (; r + KILN_FGEMM_NR <= b1; r += KILN_FGEMM_NR) kiln_ftile_nt(a, r, t, KILN_FGEMM_NR, nt, type);
+            for (; r < b1; r++) kiln_ftile_nt(a, r, t, 1, nt, type);
+        }
+    }
+}
+
+void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1) {
+    switch (a->type) {
+    case KILN_TYPE_F32: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F32); break;
+    case KILN_TYPE_F16: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F16); break;
+    default: kiln_fgemm_t(a, r0, r1, KILN_TYPE_BF16); break;
     }
 }
 #endif
