@@ -149,6 +149,16 @@ const kiln_isa_ops *kiln_ops(void) {
 
 const char *kiln_active_isa(void) { return kiln_ops()->name; }
 
+void kiln_attn_scores_f16(int R, float *scores, const float *const *q, const kiln_fp16 *keys_t,
+                          int n_keys, int head_dim, int n_ctx_pad, float scale) {
+    kiln_ops()->attn_scores_f16(R, scores, q, keys_t, n_keys, head_dim, n_ctx_pad, scale);
+}
+
+void kiln_attn_values_f16(float *out, const float *weights, const kiln_fp16 *values,
+                          int n_keys, int head_dim, int stride) {
+    kiln_ops()->attn_values_f16(out, weights, values, n_keys, head_dim, stride);
+}
+
 int kiln_supported_isas(const char **names, int max_names) {
     int n = 0;
     for (int i = 0; i < KILN_N_VARIANTS; i++)

@@ -59,6 +59,21 @@ void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_to
 void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
                        int n_tokens, float *const *ys);
 
+/* ---- attention over an fp16 KV cache ---- */
+#define KILN_ATT_BLOCK 16 /* keys scored / value dimensions summed per step */
+#define KILN_ATT_TILE 4   /* most queries scored per pass over the keys */
+
+/* scores[r][p] = scale * q[r] . key p for r < R (1 or KILN_ATT_TILE), p < n_keys.
+ * keys_t is (head_dim, n_ctx_pad) halves, key p of dimension d at d * n_ctx_pad + p;
+ * score rows are n_ctx_pad apart and are written in whole KILN_ATT_BLOCKs, so n_ctx_pad
+ * must be a multiple of KILN_ATT_BLOCK. */
+void kiln_attn_scores_f16(int R, float *scores, const float *const *q, const kiln_fp16 *keys_t,
+                          int n_keys, int head_dim, int n_ctx_pad, float scale);
+/* out[d] = sum over p < n_keys of weights[p] * values[p * stride + d], d < head_dim,
+ * summed in order of p. */
+void kiln_attn_values_f16(float *out, const float *weights, const kiln_fp16 *values,
+                          int n_keys, int head_dim, int stride);
+
 /* ---- ISA dispatch ---- */
 const char *kiln_active_isa(void);
 /* Names of the variants this CPU supports (and this build contains), best last. */
