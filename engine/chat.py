@@ -22,7 +22,7 @@ from pathlib import Path
 
 from engine.chat_template import ChatTemplate, ChatTemplateError
 from engine.errors import ContextOverflowError, KilnError
-from engine.llm import Timings
+from engine.llm import Timings, stop_list
 
 ROLES = ("system", "user", "assistant")
 
@@ -66,11 +66,8 @@ def tokenize_prompt(llm, template: ChatTemplate, text: str) -> list[int]:
 
 
 def _merge_stops(stop, extra):
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    return list(stop) + [s for s in extra if s not in stop]
+    stop = stop_list(stop)
+    return stop + [s for s in extra if s not in stop]
 
 
 def chat_completion(llm, messages, stream: bool = False, chat_template=None, **sampling):

@@ -60,20 +60,23 @@ class Completion:
     prompt_tokens: list[int] = field(default_factory=list)
 
 
+def stop_list(stop) -> list[str]:
+    """`stop` as generate() takes it (None, one string or several) as a list of strings."""
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    for s in stop:
+        if not isinstance(s, str):
+            raise ValueError(f"stop must be a string or a list of strings, got {s!r}")
+    return stop
+
+
 class _StopMatcher:
     """Holds back generated text that could still turn into a stop string, so a stop
     string is never emitted, even when split across tokens."""
 
     def __init__(self, stop):
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        stop = list(stop)
-        for s in stop:
-            if not isinstance(s, str):
-                raise ValueError(f"stop must be a string or a list of strings, got {s!r}")
-        self.stop = [s for s in stop if s]
+        self.stop = [s for s in stop_list(stop) if s]
         self.pending = ""
 
     def push(self, piece: str) -> tuple[str, bool]:
