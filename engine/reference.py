@@ -1,10 +1,18 @@
-"""A float32 NumPy Llama: the oracle the C forward pass (ckernels/src/forward.c) is
-tested against. Slow and simple on purpose; every step mirrors forward.c.
+"""A NumPy Llama: the oracle the C forward pass (ckernels/src/forward.c) is tested
+against. Slow and simple on purpose; every step mirrors forward.c.
+
+The residual stream and every activation are float32. Matrix products with quantized
+weights, RoPE, the attention and SwiGLU are computed in float64 and rounded to float32
+once, as forward.c does: the result is then a property of the arithmetic, not of an
+order of float operations, so the two engines agree bit for bit (up to double
+roundings that almost never reach float32's last bit).
 
 With emulate_q8=True each product with a block-quantized weight first sends the
 activations through the codec the C kernels quantize them with (Q8_0, or Q8_1 for
-Q4_1 weights), so the two engines compute the same sums and differ only in rounding
-order. The KV cache is fp16 in both (as in llama.cpp): k and v are rounded to float16.
+Q4_1 weights). That makes the reference exact for the C engine: 8-bit rounding is a
+step function, so any other rounding of its inputs flips some quantized values, and
+over many layers the flips add up to a visible difference in the logits. The KV cache
+is fp16 in both (as in llama.cpp): k and v are rounded to float16.
 """
 from __future__ import annotations
 
@@ -50,6 +58,10 @@ class Linear:
                                 dtype=np.float32)
         else:
             self.w = dequantize_tensor(t)
+        if self.act_type is not None:  # dequantized values are exact in float32 and float64
+            self.w = self.w.astype(np.float64)
+            if self.block_min is not None:
+                self.block_min = self.block_min.astype(np.float64)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.act_type is None:
@@ -57,10 +69,10 @@ class Linear:
         if Linear.observe is not None:
             Linear.observe(x, self.act_type)
         xq = formats.quantize(np.ascontiguousarray(x, dtype=np.float32), self.act_type)
-        y = np.asarray(formats.dequantize(xq, self.act_type, x.shape), np.float32) @ self.w.T
+        y = np.asarray(formats.dequantize(xq, self.act_type, x.shape), np.float64) @ self.w.T
         if self.block_min is not None:
-            y += _block_halves(xq, 36, 2) @ self.block_min.T
-        return y
+            y += _block_halves(xq, 36, 2).astype(np.float64) @ self.block_min.T
+        return y.astype(np.float32)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -70,11 +82,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate pairs (x[2i], x[2i+1]) of the first rope_dim dims of each head.
-    x: (n_tokens, n_heads, head_dim); cos, sin: (n_tokens, rope_dim / 2)."""
+    """Rotate pairs (x[2i], x[2i+1]) of the first rope_dim dims of each head, in float64.
+    x: (n_tokens, n_heads, head_dim); cos, sin (float64): (n_tokens, rope_dim / 2)."""
     x = x.copy()
     half = cos.shape[-1]
-    x0, x1 = x[..., 0:2 * half:2].copy(), x[..., 1:2 * half:2].copy()
+    x0, x1 = x[..., 0:2 * half:2].astype(np.float64), x[..., 1:2 * half:2].astype(np.float64)
     c, s = cos[:, None, :], sin[:, None, :]
     x[..., 0:2 * half:2] = x0 * c - x1 * s
     x[..., 1:2 * half:2] = x0 * s + x1 * c
@@ -86,8 +98,10 @@ def fp16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1) + np.exp(-x))
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, in float64."""
+    g = gate.astype(np.float64)
+    return (g / (1.0 + np.exp(-g)) * up).astype(np.float32)
 
 
 class Layer:
@@ -130,25 +144,25 @@ class ReferenceLlama:
         """Layer i on the residual stream x (n_tokens, n_embd) of positions 0.."""
         c, L, n = self.config, self.layers[i], x.shape[0]
         angle = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq[None, :]
-        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-        mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
-        scale = np.float32(1.0 / np.sqrt(np.float32(c.head_dim)))
+        cos, sin = np.cos(angle), np.sin(angle)
+        mask = np.triu(np.full((n, n), -np.inf), k=1)
+        scale = 1.0 / np.sqrt(float(c.head_dim))
         group = c.n_head // c.n_head_kv
         h = rms_norm(x, L.attn_norm, c.rms_eps)
         q = rope(L.wq(h).reshape(n, c.n_head, c.head_dim), cos, sin)
-        k = fp16(rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin))
-        v = fp16(L.wv(h).reshape(n, c.n_head_kv, c.head_dim))
+        k = fp16(rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin)).astype(np.float64)
+        v = fp16(L.wv(h).reshape(n, c.n_head_kv, c.head_dim)).astype(np.float64)
         att = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
-        for hd in range(c.n_head):
+        for hd in range(c.n_head):  # in float64, rounded once
             kv = hd // group  # GQA: consecutive query heads share a key/value head
-            scores = q[:, hd] @ k[:, kv].T * scale + mask
+            scores = q[:, hd].astype(np.float64) @ k[:, kv].T * scale + mask
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            scores /= scores.sum(axis=-1, keepdims=True)
+            scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
             att[:, hd] = scores @ v[:, kv]
         att = att.reshape(n, -1)
         x = x + L.wo(att)
         h = rms_norm(x, L.ffn_norm, c.rms_eps)
-        return x + L.w2(silu(L.w1(h)) * L.w3(h))
+        return x + L.w2(swiglu(L.w1(h), L.w3(h)))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.output(rms_norm(x, self.output_norm, self.config.rms_eps))

@@ -4,28 +4,22 @@ Issue 4's bar: teacher-forced logits over 512 tokens of text, top-1 agreement >=
 and mean KL < 1e-3 against the reference emulating activation quantization, for the
 file as shipped (Q4_1) and for Q4_0/Q8_0/F16 re-encodings of it.
 
-On this model the Q8-activation computation is chaotic: perturbing the reference's
-own activations by 1e-7 (relative) before each quantization moves its logits as far
-as the C engine's are (top-1 95.9%, mean KL 3.6e-3 over these 512 tokens, Q4_1), because
-a few activations sit on a rounding boundary, flip by one int8 step, and the change
-grows over 30 layers. No engine whose floats are summed in another order can meet the
-bar end to end. So the comparison is teacher-forced layer by layer: every layer of the
-reference is run on the C engine's residual stream entering it and must reproduce the
-C engine's output of that layer (rows agree to ~1e-7; a row that met a rounding
-boundary to ~1e-3), and the logits the reference computes from the C engine's final
-residual stream must meet the bar. (The float F16 file has no rounding boundaries
-and also agrees end to end: KL ~1e-11 with a float32 cache.)
-
-Keys and values are rounded to fp16 for the KV cache, another rounding boundary that
-quantized weights often hit (values within float noise of a tie): each reference layer
-reads the C engine's cache of that layer in place of its own rounding (cache_from),
-after checking that the cache holds its k and v rounded, to within one fp16 step."""
+On this model the Q8-activation computation is chaotic: nudging the activations by
+1e-7 (relative) before each quantization flips a few int8 roundings, the change grows
+over 30 layers, and the logits move as far as llama.cpp's are from an exact float
+computation (top-1 ~96%, mean KL ~4e-3). So the bar needs the two engines to agree on
+every rounding. They do: both compute each value that is later quantized in double
+and round it to float once (ckernels/src/forward.c), and with quantized weights the
+logits are equal bit for bit, which is asserted too. With F16 weights there is no
+activation quantization and nothing to flip; the float products are summed in
+different orders and agree to rounding.
+"""
 import numpy as np
 import pytest
 
 from engine.model import Model
 from engine.reference import ReferenceLlama
-from tiny_models import cache_from, mean_kl
+from tiny_models import mean_kl
 
 TEXT = """\
 The lighthouse keeper had lived on the island for almost thirty years, and in that time
@@ -92,47 +86,22 @@ def _longest_match(text, vocab):
     return ids
 
 
-# every layer for the file as shipped; a sample for the re-encodings (same code paths,
-# other weight types), since each reference layer on 512 tokens costs about a second
-LAYERS = {"q4_1": range(30), "q4_0": (0, 1, 15, 29), "q8_0": (0, 1, 15, 29),
-          "f16": (0, 1, 15, 29)}
-
-
 @pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0", "f16"])
 def test_smollm2_matches_reference(smollm2_variant, tokens, variant):
     path = smollm2_variant(variant)
     with Model(path, n_ctx=N_TOKENS, n_threads=2) as m:
-        logits, trace = m.eval_trace(tokens)
-        caches = {i: m._forward.kv_cache(i, len(tokens)) for i in LAYERS[variant]}
-    ref = ReferenceLlama(path)
-    for i in LAYERS[variant]:
-        mismatched = []
-        with cache_from([caches[i]], mismatched.append):
-            want = ref.layer(i, trace[i])
-        # only rows that met an activation rounding boundary (see above) may differ more
-        n_mismatched = len(np.unique(np.concatenate(mismatched))) if mismatched else 0
-        assert n_mismatched <= 0.05 * len(tokens), f"layer {i}"
-        row_err = np.abs(trace[i + 1] - want).max(axis=1) / np.abs(want).max(axis=1)
-        assert np.median(row_err) < 1e-5, f"layer {i}"
-        assert row_err.max() < 1e-2, f"layer {i}"
-    want = ref.logits(trace[-1])
+        logits = m.eval(tokens, 0, logits_all=True)
+        single = np.stack([m.eval(tokens[i:i + 1], i) for i in range(16)])
+    want = ReferenceLlama(path)(tokens)
     agree = (logits.argmax(-1) == want.argmax(-1)).mean()
     kl = mean_kl(want, logits)
-    print(f"{variant}: top-1 agreement {agree:.4f}, mean KL {kl:.2e}")
+    print(f"{variant}: top-1 agreement {agree:.4f}, mean KL {kl:.2e}, "
+          f"bit-identical logits {np.mean(logits == want):.4f}")
     assert agree >= 0.99
     assert kl < 1e-3
-    assert np.abs(logits - want).max() <= 1e-3 * np.abs(want).max()
-
-
-def test_smollm2_f16_matches_reference_end_to_end(smollm2_variant, tokens):
-    """Without activation quantization there is nothing to flip: the whole forward
-    pass agrees with the float reference, not just layer by layer."""
-    path = smollm2_variant("f16")
-    with Model(path, n_ctx=N_TOKENS, n_threads=2) as m:
-        logits = m.eval(tokens[:128], 0, logits_all=True)
-    want = ReferenceLlama(path)(tokens[:128])
-    assert (logits.argmax(-1) == want.argmax(-1)).mean() >= 0.99
-    assert mean_kl(want, logits) < 1e-6
+    if variant != "f16":
+        np.testing.assert_array_equal(logits, want)
+    np.testing.assert_array_equal(single, logits[:16])  # token by token = batched
 
 
 def test_smollm2_f16_matches_llama_cpp(smollm2_variant, tokens):

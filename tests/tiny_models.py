@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -244,32 +243,3 @@ def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     lp, lq = log_softmax(ref_logits), log_softmax(logits)
     return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
 
-
-@contextmanager
-def cache_from(cache, on_mismatch=lambda rows: None):
-    """Within: engine/reference.py's fp16 rounding of k and v (called k, v per layer, in
-    order) returns the C engine's cached values instead: cache is [(keys, values)] per
-    layer, each (n_tokens, kv_dim), from Model._forward.kv_cache. Both engines round k
-    and v to fp16, and where a value lies within float noise of a tie (common with
-    quantized weights) they may round it apart by one step, which moves the attention
-    output far more than float noise. on_mismatch(rows) hears of the rows (ascending)
-    whose cached values are not the reference's k or v rounded, or one fp16 step from
-    that: there the engines differ by more than rounding."""
-    import engine.reference
-    fp16, arrays = engine.reference.fp16, [a for kv in cache for a in kv]
-
-    def substitute(x):
-        cached, rounded = arrays.pop(0).reshape(x.shape), fp16(x)
-        # one fp16 step of the value, or float noise of the head's largest value
-        # (a sum that cancels to near zero carries that noise)
-        step = np.maximum(np.abs(rounded) * 2.0**-10, np.abs(x).max(-1, keepdims=True) * 1e-5)
-        rows = np.nonzero((np.abs(cached - rounded) > step).reshape(len(x), -1).any(-1))[0]
-        if len(rows):
-            on_mismatch(rows)
-        return cached
-
-    engine.reference.fp16 = substitute
-    try:
-        yield
-    finally:
-        engine.reference.fp16 = fp16

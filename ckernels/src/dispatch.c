@@ -149,14 +149,15 @@ const kiln_isa_ops *kiln_ops(void) {
 
 const char *kiln_active_isa(void) { return kiln_ops()->name; }
 
-void kiln_attn_scores_f16(int R, float *scores, const float *const *q, const kiln_fp16 *keys_t,
-                          int n_keys, int head_dim, int n_ctx_pad, float scale) {
+void kiln_attn_scores_f16(int R, double *scores, const float *const *q, const kiln_fp16 *keys_t,
+                          int n_keys, int head_dim, int n_ctx_pad, double scale) {
     kiln_ops()->attn_scores_f16(R, scores, q, keys_t, n_keys, head_dim, n_ctx_pad, scale);
 }
 
-void kiln_attn_values_f16(float *out, const float *weights, const kiln_fp16 *values,
-                          int n_keys, int head_dim, int stride) {
-    kiln_ops()->attn_values_f16(out, weights, values, n_keys, head_dim, stride);
+void kiln_attn_values_f16(int R, float *const *out, const double *weights,
+                          const kiln_fp16 *values, int n_keys, int head_dim, int stride,
+                          int n_ctx_pad) {
+    kiln_ops()->attn_values_f16(R, out, weights, values, n_keys, head_dim, stride, n_ctx_pad);
 }
 
 int kiln_supported_isas(const char **names, int max_names) {

@@ -9,11 +9,20 @@
  *
  * The KV cache is fp16, as llama.cpp's default cache type is: keys and values are
  * rounded to the nearest half (round to nearest even, like ggml's fp32 -> fp16 copy)
- * when stored and widened to float when read, so the scores, the softmax and the
- * weighted sum of values are computed in float as before (engine/reference.py rounds
- * k and v the same way). Half the bytes also halves the attention's memory traffic.
- * Keys are stored transposed (dimension-major) so that scoring a query against many
- * keys is a run of vector multiply-adds across keys, with no horizontal sums. */
+ * when stored (engine/reference.py rounds k and v the same way). Half the bytes also
+ * halves the attention's memory traffic. Keys are stored transposed (dimension-major)
+ * so that scoring a query against many keys is a run of vector multiply-adds across
+ * keys, with no horizontal sums.
+ *
+ * Every value that is later quantized to 8 bits (the inputs of the quantized matrix
+ * products) is the correctly rounded float of a well-defined real computation, not of
+ * one particular order of float operations: matrix products, RoPE, the attention
+ * (scores, softmax, weighted values) and SwiGLU are computed in double and rounded to
+ * float once; RMSNorm is a fixed sequence of float operations after a double sum. The
+ * 8-bit rounding is a step function, so a last-bit difference in its input can flip a
+ * quantized value, and on a 30-layer model such flips compound into different logits.
+ * Computed this way, the result does not depend on the ISA, the thread count or the
+ * batch size, and engine/reference.py (float64 NumPy) reproduces it bit for bit. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,11 +68,11 @@ typedef struct {
     float *att_out;  /* (n_batch, n_head * head_dim) attention output, heads concatenated */
     float *hb;       /* (n_batch, n_ff) gate, then silu(gate) * up */
     float *hb2;      /* (n_batch, n_ff) up */
-    float *rope_cos; /* (n_batch, rope_dim / 2) */
-    float *rope_sin; /* (n_batch, rope_dim / 2) */
+    double *rope_cos; /* (n_batch, rope_dim / 2) */
+    double *rope_sin; /* (n_batch, rope_dim / 2) */
     float *k;        /* (n_batch, n_head_kv * head_dim) new keys, before the transposed store */
     float *v;        /* (n_batch, n_head_kv * head_dim) new values, before the store */
-    float *att;      /* (n_threads, ATT_TILE, n_ctx_pad) scores of a tile of queries */
+    double *att;     /* (n_threads, ATT_TILE, n_ctx_pad) scores of a tile of queries */
     /* the KV cache, fp16 */
     kiln_fp16 *key_cache;   /* (n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
     kiln_fp16 *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
@@ -145,11 +154,11 @@ static int build_run_state(RunState *s, const kiln_llama_config *c, int n_thread
     s->att_out = alloc_floats(B * q_dim);
     s->hb = alloc_floats(B * c->n_ff);
     s->hb2 = alloc_floats(B * c->n_ff);
-    s->rope_cos = alloc_floats(B * (c->rope_dim / 2));
-    s->rope_sin = alloc_floats(B * (c->rope_dim / 2));
+    s->rope_cos = malloc(sizeof(double) * (B * (c->rope_dim / 2) + 1));
+    s->rope_sin = malloc(sizeof(double) * (B * (c->rope_dim / 2) + 1));
     s->k = alloc_floats(B * kv_dim);
     s->v = alloc_floats(B * kv_dim);
-    s->att = alloc_floats((size_t)n_threads * ATT_TILE * s->n_ctx_pad);
+    s->att = malloc(sizeof(double) * (size_t)n_threads * ATT_TILE * s->n_ctx_pad);
     /* calloc: pages of the cache are touched only as positions fill */
     s->key_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
     s->value_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
@@ -229,15 +238,15 @@ static void task_add_rmsnorm(void *ctx, int ith, int nth) {
 }
 
 /* Rotates pairs (v[2i], v[2i+1]) of the first rope_dim dims of each head by
- * angle pos * inv_freq[i] (GGUF/Meta interleaved order). */
+ * angle pos * inv_freq[i] (GGUF/Meta interleaved order), in double. */
 static void rope_heads(float *v, int n_heads, int head_dim, int rope_dim,
-                       const float *cosv, const float *sinv) {
+                       const double *cosv, const double *sinv) {
     for (int h = 0; h < n_heads; h++) {
         float *hv = v + (size_t)h * head_dim;
         for (int i = 0; i < rope_dim / 2; i++) {
-            float x0 = hv[2 * i], x1 = hv[2 * i + 1];
-            hv[2 * i] = x0 * cosv[i] - x1 * sinv[i];
-            hv[2 * i + 1] = x0 * sinv[i] + x1 * cosv[i];
+            double x0 = hv[2 * i], x1 = hv[2 * i + 1];
+            hv[2 * i] = (float)(x0 * cosv[i] - x1 * sinv[i]);
+            hv[2 * i + 1] = (float)(x0 * sinv[i] + x1 * cosv[i]);
         }
     }
 }
@@ -253,7 +262,7 @@ static void task_rope_store(void *ctx, int ith, int nth) {
     kiln_fp16 *value_cache = s->value_cache + ((size_t)k->layer * c->n_ctx + k->n_past) * kv_dim;
     split_rows(k->n_tokens, ith, nth, &lo, &hi);
     for (int t = lo; t < hi; t++) {
-        const float *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
+        const double *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
         float *key = s->k + (size_t)t * kv_dim;
         const float *value = s->v + (size_t)t * kv_dim;
         rope_heads(s->q + (size_t)t * c->n_head * c->head_dim, c->n_head, c->head_dim,
@@ -265,32 +274,49 @@ static void task_rope_store(void *ctx, int ith, int nth) {
     }
 }
 
-/* e^x, within 2 ulp of expf for x <= 88 (Cephes' polynomial): written so the softmax
- * loop over keys vectorizes, which a call to libm's expf prevents. */
-static inline __attribute__((always_inline)) float exp_approx(float x) {
-    x = x < -87.33654f ? -87.33654f : x > 88.3762626f ? 88.3762626f : x;
-    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;  /* x - n*ln2 in two steps */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * kiln_bits_f32((uint32_t)((int32_t)n + 127) << 23);
+/* e^x in double, within a few ulp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
+ * then the degree-12 Taylor polynomial of e^r (its remainder is below 2e-16). Written
+ * without libm calls or branches so that the loops using it vectorize. Inputs are
+ * clamped to [-708, 709], where 2^n is a normal double: e^-708 stands in for anything
+ * smaller, which is 0 for every use here once rounded to float. */
+static inline __attribute__((always_inline)) double exp_f64(double x) {
+    x = x < -708.0 ? -708.0 : x > 709.0 ? 709.0 : x;
+    const double round = 0x1.8p52; /* adding it rounds to an integer */
+    double n = (x * 1.4426950408889634 + round) - round;
+    double r = (x - n * 0x1.62e42fee00000p-1) - n * 0x1.a39ef35793c76p-33;
+    double p = 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    /* 2^n: n + 1023 sits in the low mantissa bits of n + 2^52 + 1023 */
+    double biased = n + (0x1p52 + 1023.0);
+    uint64_t bits;
+    memcpy(&bits, &biased, sizeof bits);
+    bits <<= 52;
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
-/* a[p] = softmax(a)[p] over p < n */
+/* a[p] = softmax(a)[p] over p < n, in double */
 KILN_VECTOR_CLONES
-static void softmax(float *a, int n) {
-    float max = -INFINITY, sum = 0.0f;
+static void softmax(double *a, int n) {
+    double max = -INFINITY, sum = 0.0;
     for (int p = 0; p < n; p++) max = a[p] > max ? a[p] : max;
     for (int p = 0; p < n; p++) {
-        a[p] = exp_approx(a[p] - max);
+        a[p] = exp_f64(a[p] - max);
         sum += a[p];
     }
-    float inv_sum = 1.0f / sum;
+    double inv_sum = 1.0 / sum;
     for (int p = 0; p < n; p++) a[p] *= inv_sum;
 }
 
@@ -307,8 +333,8 @@ static void task_attention(void *ctx, int ith, int nth) {
     int q_dim = c->n_head * hd, n_tiles = (k->n_tokens + ATT_TILE - 1) / ATT_TILE;
     const kiln_fp16 *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
     const kiln_fp16 *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
-    float *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
-    float scale = 1.0f / sqrtf((float)hd);
+    double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
+    double scale = 1.0 / sqrt((double)hd);
     for (int item = ith; item < n_tiles * c->n_head_kv; item += nth) {
         int t0 = item / c->n_head_kv * ATT_TILE, g = item % c->n_head_kv;
         int n_q = k->n_tokens - t0 < ATT_TILE ? k->n_tokens - t0 : ATT_TILE;
@@ -321,28 +347,44 @@ static void task_attention(void *ctx, int ith, int nth) {
             int n_keys_tile = k->n_past + t0 + n_q;
             kiln_attn_scores_f16(n_q == 1 ? 1 : ATT_TILE, att, q, keys_t, n_keys_tile, hd,
                                  s->n_ctx_pad, scale);
+            /* each query's softmax covers its own keys; the weights of the tile's later
+             * keys are 0 for it, so the tile's value sum adds exact zeros */
+            float *out[ATT_TILE];
             for (int r = 0; r < n_q; r++) {
-                float *a = att + (size_t)r * s->n_ctx_pad;
+                double *a = att + (size_t)r * s->n_ctx_pad;
                 int n_keys = k->n_past + t0 + r + 1;
                 softmax(a, n_keys);
-                kiln_attn_values_f16(s->att_out + (size_t)(t0 + r) * q_dim + h_off, a,
-                                 value_cache + (size_t)g * hd, n_keys, hd, kv_dim);
+                for (int p = n_keys; p < n_keys_tile; p++) a[p] = 0.0;
+                out[r] = s->att_out + (size_t)(t0 + r) * q_dim + h_off;
             }
+            if (n_q == 1 || n_q == ATT_TILE)
+                kiln_attn_values_f16(n_q, out, att, value_cache + (size_t)g * hd, n_keys_tile, hd,
+                                     kv_dim, s->n_ctx_pad);
+            else /* a short last tile */
+                for (int r = 0; r < n_q; r++)
+                    kiln_attn_values_f16(1, out + r, att + (size_t)r * s->n_ctx_pad,
+                                         value_cache + (size_t)g * hd, k->n_past + t0 + r + 1, hd,
+                                         kv_dim, s->n_ctx_pad);
         }
     }
 }
 
-/* hb = silu(hb) * hb2 (SwiGLU) */
+/* hb[i] = silu(hb[i]) * hb2[i] (SwiGLU), in double */
+KILN_VECTOR_CLONES
+static void swiglu(float *hb, const float *hb2, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        double g = hb[i];
+        hb[i] = (float)(g / (1.0 + exp_f64(-g)) * hb2[i]);
+    }
+}
+
 static void task_swiglu(void *ctx, int ith, int nth) {
     Task *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int lo, hi;
     split_rows(k->n_tokens, ith, nth, &lo, &hi);
-    for (size_t i = (size_t)lo * c->n_ff; i < (size_t)hi * c->n_ff; i++) {
-        float g = s->hb[i];
-        s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
-    }
+    swiglu(s->hb + (size_t)lo * c->n_ff, s->hb2 + (size_t)lo * c->n_ff, (size_t)(hi - lo) * c->n_ff);
 }
 
 /* ---- forward ---- */
@@ -362,8 +404,8 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
                             s->x + (size_t)t * c->n_embd, c->n_embd);
         for (int i = 0; i < half; i++) {
             double theta = (double)(n_past + t) * w->rope_inv_freq[i];
-            s->rope_cos[(size_t)t * half + i] = (float)cos(theta);
-            s->rope_sin[(size_t)t * half + i] = (float)sin(theta);
+            s->rope_cos[(size_t)t * half + i] = cos(theta);
+            s->rope_sin[(size_t)t * half + i] = sin(theta);
         }
     }
 

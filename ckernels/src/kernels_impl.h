@@ -124,10 +124,11 @@ typedef struct {
     void (*qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
     void (*fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
     uint64_t (*stream_sum)(const void *p, size_t n); /* bandwidth yardstick */
-    void (*attn_scores_f16)(int R, float *scores, const float *const *q, const kiln_fp16 *keys_t,
-                            int n_keys, int head_dim, int n_ctx_pad, float scale);
-    void (*attn_values_f16)(float *out, const float *weights, const kiln_fp16 *values,
-                            int n_keys, int head_dim, int stride);
+    void (*attn_scores_f16)(int R, double *scores, const float *const *q, const kiln_fp16 *keys_t,
+                            int n_keys, int head_dim, int n_ctx_pad, double scale);
+    void (*attn_values_f16)(int R, float *const *out, const double *weights,
+                            const kiln_fp16 *values, int n_keys, int head_dim, int stride,
+                            int n_ctx_pad);
 } kiln_isa_ops;
 
 /* A 64-byte aligned buffer of at least size bytes owned by the pool, valid until the

@@ -2,7 +2,14 @@
  * weighted sum of value rows. Compiled once per ISA variant like the matrix kernels
  * (F16C / AVX512 conversions where the variant has them: the compiler does not
  * vectorize half -> float conversions on its own); forward.c reaches them through
- * kiln_attn_scores_f16 / kiln_attn_values_f16 (kernels.h). */
+ * kiln_attn_scores_f16 / kiln_attn_values_f16 (kernels.h).
+ *
+ * Both sum in double. A float query times an fp16 key (or a double weight times an
+ * fp16 value) is exact in double, so a sum is the exact one up to rounding far below
+ * float's: the attention output, rounded to float once at the end, does not depend on
+ * the ISA or the order of the sums, and a float64 NumPy computation (the reference
+ * model) gives the same floats. It feeds the 8-bit quantization of the output
+ * projection's input, where a last-bit difference can flip a rounding (qgemm.c). */
 #include "isa.h"
 #include "kernels.h"
 
@@ -25,16 +32,16 @@
  * ATT_BLOCK). R is a compile-time constant in each caller, so acc stays in registers.
  */
 static inline __attribute__((always_inline)) void
-scores_tile_scalar(float *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
-                   int n_keys, int head_dim, int n_ctx_pad, float scale) {
+scores_tile_scalar(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
+                   int n_keys, int head_dim, int n_ctx_pad, double scale) {
     for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
-        float acc[ATT_TILE][ATT_BLOCK] = {{0}};
+        double acc[ATT_TILE][ATT_BLOCK] = {{0}};
         for (int d = 0; d < head_dim; d++) {
             const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
-            float kf[ATT_BLOCK];
+            double kf[ATT_BLOCK];
             for (int j = 0; j < ATT_BLOCK; j++) kf[j] = kiln_fp16_to_fp32(kd[j]);
             for (int r = 0; r < R; r++)
-                for (int j = 0; j < ATT_BLOCK; j++) acc[r][j] += q[r][d] * kf[j];
+                for (int j = 0; j < ATT_BLOCK; j++) acc[r][j] += (double)q[r][d] * kf[j];
         }
         for (int r = 0; r < R; r++)
             for (int j = 0; j < ATT_BLOCK; j++)
@@ -43,90 +50,94 @@ scores_tile_scalar(float *scores, const float *const *q, const int R, const kiln
 }
 
 #ifdef ATT_AVX2
+/* 8 keys per pass: 4 doubles per register, so R x 2 accumulators fit the 16 registers */
 static inline __attribute__((always_inline)) void
-scores_tile_avx2(float *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
-                 int n_keys, int head_dim, int n_ctx_pad, float scale) {
-    for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
-        __m256 acc[ATT_TILE][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+scores_tile_avx2(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
+                 int n_keys, int head_dim, int n_ctx_pad, double scale) {
+    for (int p0 = 0; p0 < n_keys; p0 += 8) {
+        __m256d acc[ATT_TILE][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
         for (int d = 0; d < head_dim; d++) {
             const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
-            __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)kd));
-            __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kd + 8)));
+            __m256 k8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)kd));
+            __m256d k0 = _mm256_cvtps_pd(_mm256_castps256_ps128(k8));
+            __m256d k1 = _mm256_cvtps_pd(_mm256_extractf128_ps(k8, 1));
             for (int r = 0; r < R; r++) {
-                __m256 qd = _mm256_set1_ps(q[r][d]);
-                acc[r][0] = _mm256_fmadd_ps(qd, k0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(qd, k1, acc[r][1]);
+                __m256d qd = _mm256_set1_pd(q[r][d]);
+                acc[r][0] = _mm256_fmadd_pd(qd, k0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_pd(qd, k1, acc[r][1]);
             }
         }
-        __m256 sc = _mm256_set1_ps(scale);
+        __m256d sc = _mm256_set1_pd(scale);
         for (int r = 0; r < R; r++) {
-            float *out = scores + (size_t)r * n_ctx_pad + p0;
-            _mm256_storeu_ps(out, _mm256_mul_ps(acc[r][0], sc));
-            _mm256_storeu_ps(out + 8, _mm256_mul_ps(acc[r][1], sc));
+            double *out = scores + (size_t)r * n_ctx_pad + p0;
+            _mm256_storeu_pd(out, _mm256_mul_pd(acc[r][0], sc));
+            _mm256_storeu_pd(out + 4, _mm256_mul_pd(acc[r][1], sc));
         }
     }
 }
 
-#endif
-
-#ifdef ATT_AVX512
-static inline __attribute__((always_inline)) void
-scores_tile_avx512(float *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
-                   int n_keys, int head_dim, int n_ctx_pad, float scale) {
-    for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
-        __m512 acc[ATT_TILE];
-        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-        for (int d = 0; d < head_dim; d++) {
-            const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
-            __m512 kv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kd));
-            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), kv, acc[r]);
-        }
-        for (int r = 0; r < R; r++)
-            _mm512_storeu_ps(scores + (size_t)r * n_ctx_pad + p0,
-                             _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
-    }
-}
-
-#endif
-
-#ifdef ATT_AVX2
-static void scores_avx2_1(float *s, const float *const *q, const kiln_fp16 *k,
-                                           int n, int hd, int pad, float scale) {
+static void scores_avx2_1(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
+                          int pad, double scale) {
     scores_tile_avx2(s, q, 1, k, n, hd, pad, scale);
 }
-static void scores_avx2_tile(float *s, const float *const *q, const kiln_fp16 *k,
-                                              int n, int hd, int pad, float scale) {
+static void scores_avx2_tile(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
+                             int pad, double scale) {
     scores_tile_avx2(s, q, ATT_TILE, k, n, hd, pad, scale);
 }
 #endif
 
 #ifdef ATT_AVX512
-static void scores_avx512_1(float *s, const float *const *q, const kiln_fp16 *k,
-                                               int n, int hd, int pad, float scale) {
+static inline __attribute__((always_inline)) void
+scores_tile_avx512(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
+                   int n_keys, int head_dim, int n_ctx_pad, double scale) {
+    for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
+        __m512d acc[ATT_TILE][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
+        for (int d = 0; d < head_dim; d++) {
+            const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
+            __m512 k16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kd));
+            __m512d k0 = _mm512_cvtps_pd(_mm512_castps512_ps256(k16));
+            __m512d k1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(k16), 1)));
+            for (int r = 0; r < R; r++) {
+                __m512d qd = _mm512_set1_pd(q[r][d]);
+                acc[r][0] = _mm512_fmadd_pd(qd, k0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_pd(qd, k1, acc[r][1]);
+            }
+        }
+        __m512d sc = _mm512_set1_pd(scale);
+        for (int r = 0; r < R; r++) {
+            double *out = scores + (size_t)r * n_ctx_pad + p0;
+            _mm512_storeu_pd(out, _mm512_mul_pd(acc[r][0], sc));
+            _mm512_storeu_pd(out + 8, _mm512_mul_pd(acc[r][1], sc));
+        }
+    }
+}
+
+static void scores_avx512_1(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
+                            int pad, double scale) {
     scores_tile_avx512(s, q, 1, k, n, hd, pad, scale);
 }
-static void scores_avx512_tile(float *s, const float *const *q,
-                                                  const kiln_fp16 *k, int n, int hd, int pad,
-                                                  float scale) {
+static void scores_avx512_tile(double *s, const float *const *q, const kiln_fp16 *k, int n,
+                               int hd, int pad, double scale) {
     scores_tile_avx512(s, q, ATT_TILE, k, n, hd, pad, scale);
 }
 #endif
 
-static void scores_scalar_1(float *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
-                            int pad, float scale) {
+static void scores_scalar_1(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
+                            int pad, double scale) {
     scores_tile_scalar(s, q, 1, k, n, hd, pad, scale);
 }
-static void scores_scalar_tile(float *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
-                               int pad, float scale) {
+static void scores_scalar_tile(double *s, const float *const *q, const kiln_fp16 *k, int n,
+                               int hd, int pad, double scale) {
     scores_tile_scalar(s, q, ATT_TILE, k, n, hd, pad, scale);
 }
 
 /* Scores of R = 1 or ATT_TILE queries (see scores_tile_scalar), on the widest loops this
  * variant was compiled for. */
-void KILN_FN(kiln_attn_scores_f16)(int R, float *scores, const float *const *q,
+void KILN_FN(kiln_attn_scores_f16)(int R, double *scores, const float *const *q,
                                    const kiln_fp16 *keys_t, int n_keys, int head_dim,
-                                   int n_ctx_pad, float scale) {
+                                   int n_ctx_pad, double scale) {
 #if defined(ATT_AVX512)
     (R == 1 ? scores_avx512_1 : scores_avx512_tile)(scores, q, keys_t, n_keys, head_dim,
                                                     n_ctx_pad, scale);
@@ -139,93 +150,110 @@ void KILN_FN(kiln_attn_scores_f16)(int R, float *scores, const float *const *q,
 #endif
 }
 
-/* out = sum over p < n_keys of weights[p] * value row p (fp16 rows `stride` halves apart),
- * summed in order of p for each dimension on every path. Blocks of 4 * ATT_BLOCK dims
- * first, so each weight is loaded once for them. */
-static void attention_values_scalar(float *out, const float *weights, const kiln_fp16 *values,
-                                    int n_keys, int head_dim, int stride) {
+/* out[r][d] = sum over p < n_keys of weights[r][p] * value row p [d] for r < R (1 or
+ * ATT_TILE; weight rows n_ctx_pad apart, 0 past a query's own keys), value rows fp16,
+ * `stride` halves apart; in double, rounded to float once. Each value block is loaded
+ * and widened once for all R queries. */
+static inline __attribute__((always_inline)) void
+values_tile_scalar(float *const *out, const double *weights, const int R, const kiln_fp16 *values,
+                   int n_keys, int head_dim, int stride, int n_ctx_pad) {
     for (int d = 0; d < head_dim; d++) {
-        float acc = 0.0f;
-        for (int p = 0; p < n_keys; p++)
-            acc += weights[p] * kiln_fp16_to_fp32(values[(size_t)p * stride + d]);
-        out[d] = acc;
+        double acc[ATT_TILE] = {0};
+        for (int p = 0; p < n_keys; p++) {
+            double v = kiln_fp16_to_fp32(values[(size_t)p * stride + d]);
+            for (int r = 0; r < R; r++) acc[r] += weights[(size_t)r * n_ctx_pad + p] * v;
+        }
+        for (int r = 0; r < R; r++) out[r][d] = (float)acc[r];
     }
 }
 
 #ifdef ATT_AVX2
-static void attention_values_avx2(float *out, const float *weights,
-                                                   const kiln_fp16 *values, int n_keys,
-                                                   int head_dim, int stride) {
+/* 8 dimensions per pass: R x 2 accumulators of 4 doubles */
+static inline __attribute__((always_inline)) void
+values_tile_avx2(float *const *out, const double *weights, const int R, const kiln_fp16 *values,
+                 int n_keys, int head_dim, int stride, int n_ctx_pad) {
     int d0 = 0;
-    for (; d0 + 32 <= head_dim; d0 += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int p = 0; p < n_keys; p++) {
-            const kiln_fp16 *v = values + (size_t)p * stride + d0;
-            __m256 w = _mm256_set1_ps(weights[p]);
-            a0 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v)), a0);
-            a1 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8))), a1);
-            a2 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 16))), a2);
-            a3 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 24))), a3);
-        }
-        _mm256_storeu_ps(out + d0, a0);
-        _mm256_storeu_ps(out + d0 + 8, a1);
-        _mm256_storeu_ps(out + d0 + 16, a2);
-        _mm256_storeu_ps(out + d0 + 24, a3);
-    }
     for (; d0 + 8 <= head_dim; d0 += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int p = 0; p < n_keys; p++)
-            a = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]),
-                                _mm256_cvtph_ps(_mm_loadu_si128(
-                                    (const __m128i *)(values + (size_t)p * stride + d0))), a);
-        _mm256_storeu_ps(out + d0, a);
+        __m256d acc[ATT_TILE][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
+        for (int p = 0; p < n_keys; p++) {
+            __m256 v8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(values + (size_t)p * stride + d0)));
+            __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v8));
+            __m256d v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v8, 1));
+            for (int r = 0; r < R; r++) {
+                __m256d w = _mm256_set1_pd(weights[(size_t)r * n_ctx_pad + p]);
+                acc[r][0] = _mm256_fmadd_pd(w, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_pd(w, v1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            _mm_storeu_ps(out[r] + d0, _mm256_cvtpd_ps(acc[r][0]));
+            _mm_storeu_ps(out[r] + d0 + 4, _mm256_cvtpd_ps(acc[r][1]));
+        }
     }
-    if (d0 < head_dim)
-        attention_values_scalar(out + d0, weights, values + d0, n_keys, head_dim - d0, stride);
+    if (d0 < head_dim) {
+        float *rest[ATT_TILE];
+        for (int r = 0; r < R; r++) rest[r] = out[r] + d0;
+        values_tile_scalar(rest, weights, R, values + d0, n_keys, head_dim - d0, stride, n_ctx_pad);
+    }
 }
-
 #endif
 
 #ifdef ATT_AVX512
-static void attention_values_avx512(float *out, const float *weights,
-                                                       const kiln_fp16 *values, int n_keys,
-                                                       int head_dim, int stride) {
+/* 2 * ATT_BLOCK dimensions per pass: R x 4 accumulators of 8 doubles */
+static inline __attribute__((always_inline)) void
+values_tile_avx512(float *const *out, const double *weights, const int R, const kiln_fp16 *values,
+                   int n_keys, int head_dim, int stride, int n_ctx_pad) {
     int d0 = 0;
-    for (; d0 + 4 * ATT_BLOCK <= head_dim; d0 += 4 * ATT_BLOCK) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; d0 + 2 * ATT_BLOCK <= head_dim; d0 += 2 * ATT_BLOCK) {
+        __m512d acc[ATT_TILE][4];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_pd();
         for (int p = 0; p < n_keys; p++) {
             const kiln_fp16 *v = values + (size_t)p * stride + d0;
-            __m512 w = _mm512_set1_ps(weights[p]);
-            a0 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v)), a0);
-            a1 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16))), a1);
-            a2 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 32))), a2);
-            a3 = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 48))), a3);
+            __m512 va = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v));
+            __m512 vb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + ATT_BLOCK)));
+            __m512d vd[4] = {
+                _mm512_cvtps_pd(_mm512_castps512_ps256(va)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(va), 1))),
+                _mm512_cvtps_pd(_mm512_castps512_ps256(vb)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(vb), 1))),
+            };
+            for (int r = 0; r < R; r++) {
+                __m512d w = _mm512_set1_pd(weights[(size_t)r * n_ctx_pad + p]);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_pd(w, vd[j], acc[r][j]);
+            }
         }
-        _mm512_storeu_ps(out + d0, a0);
-        _mm512_storeu_ps(out + d0 + 16, a1);
-        _mm512_storeu_ps(out + d0 + 32, a2);
-        _mm512_storeu_ps(out + d0 + 48, a3);
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(out[r] + d0 + 8 * j, _mm512_cvtpd_ps(acc[r][j]));
     }
-    for (; d0 + ATT_BLOCK <= head_dim; d0 += ATT_BLOCK) {
-        __m512 a = _mm512_setzero_ps();
-        for (int p = 0; p < n_keys; p++)
-            a = _mm512_fmadd_ps(_mm512_set1_ps(weights[p]),
-                                _mm512_cvtph_ps(_mm256_loadu_si256(
-                                    (const __m256i *)(values + (size_t)p * stride + d0))), a);
-        _mm512_storeu_ps(out + d0, a);
+    if (d0 < head_dim) {
+        float *rest[ATT_TILE];
+        for (int r = 0; r < R; r++) rest[r] = out[r] + d0;
+        values_tile_scalar(rest, weights, R, values + d0, n_keys, head_dim - d0, stride, n_ctx_pad);
     }
-    if (d0 < head_dim)
-        attention_values_scalar(out + d0, weights, values + d0, n_keys, head_dim - d0, stride);
 }
 #endif
 
-void KILN_FN(kiln_attn_values_f16)(float *out, const float *weights, const kiln_fp16 *values,
-                                   int n_keys, int head_dim, int stride) {
 #if defined(ATT_AVX512)
-    attention_values_avx512(out, weights, values, n_keys, head_dim, stride);
+#define VALUES_TILE values_tile_avx512
 #elif defined(ATT_AVX2)
-    attention_values_avx2(out, weights, values, n_keys, head_dim, stride);
+#define VALUES_TILE values_tile_avx2
 #else
-    attention_values_scalar(out, weights, values, n_keys, head_dim, stride);
+#define VALUES_TILE values_tile_scalar
 #endif
+
+static void values_1(float *const *out, const double *w, const kiln_fp16 *v, int n, int hd,
+                     int stride, int pad) {
+    VALUES_TILE(out, w, 1, v, n, hd, stride, pad);
+}
+static void values_tile(float *const *out, const double *w, const kiln_fp16 *v, int n, int hd,
+                        int stride, int pad) {
+    VALUES_TILE(out, w, ATT_TILE, v, n, hd, stride, pad);
+}
+
+void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, const double *weights,
+                                   const kiln_fp16 *values, int n_keys, int head_dim, int stride,
+                                   int n_ctx_pad) {
+    (R == 1 ? values_1 : values_tile)(out, weights, values, n_keys, head_dim, stride, n_ctx_pad);
 }

@@ -7,11 +7,12 @@ void KILN_FN(kiln_quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n);
 void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
 void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
 uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n);
-void KILN_FN(kiln_attn_scores_f16)(int R, float *scores, const float *const *q,
+void KILN_FN(kiln_attn_scores_f16)(int R, double *scores, const float *const *q,
                                    const kiln_fp16 *keys_t, int n_keys, int head_dim,
-                                   int n_ctx_pad, float scale);
-void KILN_FN(kiln_attn_values_f16)(float *out, const float *weights, const kiln_fp16 *values,
-                                   int n_keys, int head_dim, int stride);
+                                   int n_ctx_pad, double scale);
+void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, const double *weights,
+                                   const kiln_fp16 *values, int n_keys, int head_dim, int stride,
+                                   int n_ctx_pad);
 
 const kiln_isa_ops KILN_FN(kiln_ops) = {
     KILN_STR(KILN_ISA),

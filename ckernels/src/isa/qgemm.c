@@ -6,8 +6,17 @@
  *
  * The dot-product instructions leave 4 int32 lanes per block and row; the SIMD
  * variants sum those lanes across the 4 rows at once (a 4x4 transpose-add), which
- * leaves one lane per (block, row) in the order of the packed scales, so one convert
- * and one multiply-add per token serve 4 rows and 4 blocks (512-bit). */
+ * leaves one lane per (block, row) in the order of the packed scales.
+ *
+ * The blocks of a row are summed in double and the result is rounded to float once.
+ * Each block's term is exact in double (|isum| < 2^20 times d_w * d_x, itself exact in
+ * float: two fp16 significands; for Q4_1 also m_w * s_x, two fp16 values), so the
+ * output is the exact dot product of the quantized operands up to one double rounding
+ * per block, whatever the order: every ISA variant, thread count and batch size gives
+ * the same float, and a float64 NumPy product of the dequantized operands (the
+ * reference model) gives it too. That matters because the next layer quantizes these
+ * values to 8 bits again: a last-bit difference can move a value across a rounding
+ * boundary, and over 30 layers such flips compound into visibly different logits. */
 #include "isa.h"
 #include "kernels_impl.h"
 
@@ -36,7 +45,7 @@ static inline __m512i kiln_tsum4(__m512i s0, __m512i s1, __m512i s2, __m512i s3)
 /* One block group (nb blocks; lm masks their quant bytes) of a row group: four blocks
  * per step, one 512-bit vpdpbusd covering 4 blocks' lo or hi halves. */
 static inline __attribute__((always_inline)) void
-kiln_qstep(__m512 *acc, const kiln_packed_view *w, const kiln_act *act, int64_t rg, int64_t g,
+kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t rg, int64_t g,
            int nb, __mmask64 lm, const int nt_tok, const int type) {
     const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
     const size_t bb = q8 ? 32 : 16;
@@ -68,11 +77,19 @@ kiln_qstep(__m512 *acc, const kiln_packed_view *w, const kiln_act *act, int64_t 
             s[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wl[r], al), wh[r], ah);
         __m512i T = kiln_tsum4(s[0], s[1], s[2], s[3]);
         T = _mm512_add_epi32(T, _mm512_loadu_si512(act[t].off + g * KILN_KG * 4));
-        __m512 dx = _mm512_loadu_ps(act[t].dx + g * KILN_KG * 4);
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(dw, dx), acc[t]);
+        /* lanes [b][r]: blocks 0, 1 in the low half, 2, 3 in the high half */
+        __m512 dd = _mm512_mul_ps(dw, _mm512_loadu_ps(act[t].dx + g * KILN_KG * 4));
+        acc[t] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(T)),
+                                 _mm512_cvtps_pd(_mm512_castps512_ps256(dd)), acc[t]);
+        acc[t] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(T, 1)),
+                                 _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dd), 1))),
+                                 acc[t]);
         if (q41) {
             __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_m(w, rg, g)));
-            acc[t] = _mm512_fmadd_ps(m, _mm512_loadu_ps(act[t].sx + g * KILN_KG * 4), acc[t]);
+            __m512 ms = _mm512_mul_ps(m, _mm512_loadu_ps(act[t].sx + g * KILN_KG * 4));
+            acc[t] = _mm512_add_pd(acc[t], _mm512_cvtps_pd(_mm512_castps512_ps256(ms)));
+            acc[t] = _mm512_add_pd(acc[t], _mm512_cvtps_pd(_mm256_castpd_ps(
+                                               _mm512_extractf64x4_pd(_mm512_castps_pd(ms), 1))));
         }
     }
 }
@@ -81,10 +98,10 @@ static inline __attribute__((always_inline)) void
 kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
     kiln_act act[KILN_NT];
-    __m512 acc[KILN_NT];
+    __m512d acc[KILN_NT]; /* lanes [b % 2][r] */
     for (int t = 0; t < nt_tok; t++) {
         act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
-        acc[t] = _mm512_setzero_ps();
+        acc[t] = _mm512_setzero_pd();
     }
     const int64_t n_full = w->nb / KILN_KG;
     for (int64_t g = 0; g < n_full; g++)
@@ -94,10 +111,9 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
         kiln_qstep(acc, w, act, rg, n_full, nb, ((__mmask64)1 << (nb * 16)) - 1, nt_tok, type);
     }
     for (int t = 0; t < nt_tok; t++) {
-        /* lanes [b][r] -> sum over b */
-        __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
-        __m128 y4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        /* lanes [b % 2][r] -> sum over b */
+        __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(acc[t]), _mm512_extractf64x4_pd(acc[t], 1));
+        __m128 y4 = _mm256_cvtpd_ps(h);
         float tmp[4];
         _mm_storeu_ps(tmp, y4);
         kiln_store_rows(a, rg, t0 + t, tmp);
@@ -149,10 +165,10 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     const int signed_w = q8; /* Q8 weights turned back to signed: no offset term */
 #endif
     kiln_act act[KILN_NT];
-    __m256 acc[KILN_NT];
+    __m256d acc[KILN_NT]; /* lanes [r] */
     for (int t = 0; t < nt_tok; t++) {
         act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
-        acc[t] = _mm256_setzero_ps();
+        acc[t] = _mm256_setzero_pd();
     }
     const __m256i mask4 = _mm256_set1_epi8(0x0f);
     const __m256i sign8 = _mm256_set1_epi8((char)0x80);
@@ -191,17 +207,23 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
                 for (int r = 0; r < KILN_RG; r++) s[r] = kiln_dot2(wl[r], wh[r], al, ah, q8);
                 __m256i T = kiln_tsum4(s[0], s[1], s[2], s[3]);
                 if (!signed_w) T = _mm256_add_epi32(T, _mm256_loadu_si256((const __m256i *)(act[t].off + lane)));
-                __m256 dx = _mm256_loadu_ps(act[t].dx + lane);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(dw, dx), acc[t]);
+                /* lanes [b][r] for blocks 2h, 2h + 1 */
+                __m256 dd = _mm256_mul_ps(dw, _mm256_loadu_ps(act[t].dx + lane));
+                acc[t] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(T)),
+                                         _mm256_cvtps_pd(_mm256_castps256_ps128(dd)), acc[t]);
+                acc[t] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(T, 1)),
+                                         _mm256_cvtps_pd(_mm256_extractf128_ps(dd, 1)), acc[t]);
                 if (q41) {
                     __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kiln_rg_m(w, rg, g) + 2 * h * KILN_RG)));
-                    acc[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(act[t].sx + lane), acc[t]);
+                    __m256 ms = _mm256_mul_ps(m, _mm256_loadu_ps(act[t].sx + lane));
+                    acc[t] = _mm256_add_pd(acc[t], _mm256_cvtps_pd(_mm256_castps256_ps128(ms)));
+                    acc[t] = _mm256_add_pd(acc[t], _mm256_cvtps_pd(_mm256_extractf128_ps(ms, 1)));
                 }
             }
         }
     }
     for (int t = 0; t < nt_tok; t++) {
-        __m128 y4 = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        __m128 y4 = _mm256_cvtpd_ps(acc[t]);
         float tmp[4];
         _mm_storeu_ps(tmp, y4);
         kiln_store_rows(a, rg, t0 + t, tmp);
@@ -219,10 +241,10 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
     const size_t bb = q8 ? 32 : 16;
     kiln_act act[KILN_NT];
-    float32x4_t acc[KILN_NT];
+    float64x2_t acc[KILN_NT][2]; /* rows 0, 1 and rows 2, 3 */
     for (int t = 0; t < nt_tok; t++) {
         act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
-        acc[t] = vdupq_n_f32(0.0f);
+        acc[t][0] = acc[t][1] = vdupq_n_f64(0.0);
     }
     const uint8x16_t mask4 = vdupq_n_u8(0x0f);
     const uint8x16_t sign8 = vdupq_n_u8(0x80);
@@ -252,24 +274,28 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
                     s[r] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), wl[r], al), wh[r], ah);
                 int32x4_t T = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
                 if (!q8) T = vaddq_s32(T, vld1q_s32(act[t].off + lane));
-                acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(T), vmulq_f32(dw, vld1q_f32(act[t].dx + lane)));
+                float32x4_t dd = vmulq_f32(dw, vld1q_f32(act[t].dx + lane));
+                acc[t][0] = vfmaq_f64(acc[t][0], vcvtq_f64_s64(vmovl_s32(vget_low_s32(T))),
+                                      vcvt_f64_f32(vget_low_f32(dd)));
+                acc[t][1] = vfmaq_f64(acc[t][1], vcvtq_f64_s64(vmovl_high_s32(T)), vcvt_high_f64_f32(dd));
                 if (q41) {
                     float32x4_t m = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(kiln_rg_m(w, rg, g) + b * KILN_RG)));
-                    acc[t] = vfmaq_f32(acc[t], m, vld1q_f32(act[t].sx + lane));
+                    float32x4_t ms = vmulq_f32(m, vld1q_f32(act[t].sx + lane));
+                    acc[t][0] = vaddq_f64(acc[t][0], vcvt_f64_f32(vget_low_f32(ms)));
+                    acc[t][1] = vaddq_f64(acc[t][1], vcvt_high_f64_f32(ms));
                 }
             }
         }
     }
     for (int t = 0; t < nt_tok; t++) {
         float tmp[4];
-        vst1q_f32(tmp, acc[t]);
+        vst1q_f32(tmp, vcvt_high_f32_f64(vcvt_f32_f64(acc[t][0]), acc[t][1]));
         kiln_store_rows(a, rg, t0 + t, tmp);
     }
 }
 
 #else
-/* Scalar reference over the same packed layout: blocks in order, one float
- * multiply-add per block. */
+/* Scalar reference over the same packed layout: blocks in order, summed in double. */
 static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
     const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
@@ -279,7 +305,7 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
         for (int r = 0; r < KILN_RG; r++) {
             int64_t row = rg * KILN_RG + r;
             if (row >= w->rows) break;
-            float sum = 0.0f;
+            double sum = 0.0;
             for (int64_t g = 0; g < w->ng; g++) {
                 const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
                 const uint8_t *rq = kiln_rg_qs(w, rg, g) + (size_t)r * nb * bb;
@@ -292,11 +318,12 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
                         if (q8) isum += rq[16 * b + j] * al[j] + rq[nb * 16 + 16 * b + j] * ah[j];
                         else isum += (rq[16 * b + j] & 15) * al[j] + (rq[16 * b + j] >> 4) * ah[j];
                     }
-                    sum += (float)isum * (kiln_fp16_to_fp32(kiln_rg_d(w, rg, g)[b * KILN_RG + r]) * act.dx[lane]);
-                    if (q41) sum += kiln_fp16_to_fp32(kiln_rg_m(w, rg, g)[b * KILN_RG + r]) * act.sx[lane];
+                    float dd = kiln_fp16_to_fp32(kiln_rg_d(w, rg, g)[b * KILN_RG + r]) * act.dx[lane];
+                    sum += (double)isum * dd;
+                    if (q41) sum += (double)(kiln_fp16_to_fp32(kiln_rg_m(w, rg, g)[b * KILN_RG + r]) * act.sx[lane]);
                 }
             }
-            a->y[(size_t)t * w->rows + row] = sum;
+            a->y[(size_t)t * w->rows + row] = (float)sum;
         }
     }
 }
