@@ -17,31 +17,38 @@ def smollm2_path():
 SMOLLM2_VARIANTS = {"q4_0": ("Q4_0", "Q8_0"), "q8_0": ("Q8_0", "Q8_0"), "f16": ("F16", "F16")}
 
 
+def make_smollm2_variant(src, name, out):
+    """Write SmolLM2 `src` (the Q4_1 file) re-encoded as variant `name` ("q4_0" | "q8_0" |
+    "f16") to `out`. Deterministic: the same input gives the same bytes, so token ids
+    recorded from a variant stay valid (tests/test_llm_greedy.py)."""
+    import formats
+    file_types = {"Q4_0": 2, "Q8_0": 7, "F16": 1}
+    wtype, etype = (formats.GGMLType[t] for t in SMOLLM2_VARIANTS[name])
+    with formats.read_gguf(src) as f:
+        md = f.metadata.copy()
+        md["general.file_type"] = file_types[wtype.name]
+        tensors = []
+        for t in f.tensors.values():
+            data = t.data
+            if len(t.shape) == 2:
+                new = etype if t.name == "token_embd.weight" else wtype
+                data = formats.quantize(formats.dequantize(t.data, t.type, t.shape), new)
+                tensors.append((t.name, new, tuple(t.shape), data))
+            else:
+                tensors.append((t.name, t.type, tuple(t.shape), data))
+        formats.write_gguf(out, md, tensors)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def smollm2_variant(smollm2_path, tmp_path_factory):
     """smollm2_variant("q4_0" | "q8_0" | "f16" | "q4_1") -> path; made once per session."""
-    import formats
     made = {"q4_1": smollm2_path}
-    file_types = {"Q4_0": 2, "Q8_0": 7, "F16": 1}
 
     def make(name):
         if name not in made:
-            wtype, etype = (formats.GGMLType[t] for t in SMOLLM2_VARIANTS[name])
             out = tmp_path_factory.mktemp("smollm2") / f"SmolLM2-135M-Instruct.{name.upper()}.gguf"
-            with formats.read_gguf(smollm2_path) as f:
-                md = f.metadata.copy()
-                md["general.file_type"] = file_types[wtype.name]
-                tensors = []
-                for t in f.tensors.values():
-                    data = t.data
-                    if len(t.shape) == 2:
-                        new = etype if t.name == "token_embd.weight" else wtype
-                        data = formats.quantize(formats.dequantize(t.data, t.type, t.shape), new)
-                        tensors.append((t.name, new, tuple(t.shape), data))
-                    else:
-                        tensors.append((t.name, t.type, tuple(t.shape), data))
-                formats.write_gguf(out, md, tensors)
-            made[name] = str(out)
+            made[name] = make_smollm2_variant(smollm2_path, name, out)
         return made[name]
     return make
 
