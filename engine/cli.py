@@ -221,13 +221,15 @@ def cmd_perplexity(args) -> int:
         base = LLM(base_path, n_ctx=args.ctx, n_threads=args.threads) if base_path else None
         try:
             err = sys.stderr
-            print(f"perplexity: {os.path.basename(path)}"
-                  + (f" vs base {os.path.basename(base_path)}" if base_path else "")
-                  + f", chunks of {args.ctx} tokens, scoring the last {args.ctx - 1 - args.ctx // 2}"
-                  " of each", file=err, flush=True)
 
             def progress(r, n_total):
-                print(f"[{r.n_chunks}]{r.chunk_ppls[-1]:.4f},", end="", file=err, flush=True)
+                if r is None:   # the inputs passed the checks: say what is about to run
+                    print(f"perplexity: {os.path.basename(path)}"
+                          + (f" vs base {os.path.basename(base_path)}" if base_path else "")
+                          + f", {n_total} chunks of {args.ctx} tokens, scoring the last "
+                          f"{args.ctx - 1 - args.ctx // 2} of each", file=err, flush=True)
+                else:
+                    print(f"[{r.n_chunks}]{r.chunk_ppls[-1]:.4f},", end="", file=err, flush=True)
 
             result = pp.perplexity(llm, text, n_ctx=args.ctx, base=base, n_chunks=args.chunks,
                                    progress=progress)

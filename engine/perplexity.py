@@ -167,7 +167,8 @@ def perplexity(llm, text: str, n_ctx: int = 512, base=None, n_chunks: int | None
     """Perplexity of `llm` (an engine.LLM) on `text`, in chunks of n_ctx tokens; with
     `base` (another LLM on the same vocabulary) also the KL divergence from it.
     n_chunks None = every whole chunk of the text. progress(result_so_far, n_chunks_total)
-    is called after each chunk."""
+    is called once with None when the chunks are known (the inputs are valid), then after
+    each chunk."""
     check_n_ctx(n_ctx, _n_ctx_train(llm))
     if n_chunks is not None and (isinstance(n_chunks, bool) or n_chunks < 1):
         raise PerplexityError(f"the number of chunks must be >= 1, got {n_chunks!r}")
@@ -184,6 +185,8 @@ def perplexity(llm, text: str, n_ctx: int = 512, base=None, n_chunks: int | None
     first = n_ctx // 2
     nll, base_nll, kl, same_top = [], [], [], []
     result = None
+    if progress is not None:
+        progress(None, len(chunks))
     t0 = time.perf_counter()
     for chunk in chunks:
         targets = chunk[first + 1:]
