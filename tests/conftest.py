@@ -1,4 +1,7 @@
 """Shared fixtures. The real model is pulled once (into $KILN_HOME or ~/.cache/kiln)."""
+import subprocess
+import sys
+
 import pytest
 
 
@@ -14,30 +17,55 @@ def smollm2_path():
 SMOLLM2_VARIANTS = {"q4_0": ("Q4_0", "Q8_0"), "q8_0": ("Q8_0", "Q8_0"), "f16": ("F16", "F16")}
 
 
+def make_smollm2_variant(src, name, out):
+    """Write SmolLM2 `src` (the Q4_1 file) re-encoded as variant `name` ("q4_0" | "q8_0" |
+    "f16") to `out`. Deterministic: the same input gives the same bytes, so token ids
+    recorded from a variant stay valid (tests/test_llm_greedy.py)."""
+    import formats
+    file_types = {"Q4_0": 2, "Q8_0": 7, "F16": 1}
+    wtype, etype = (formats.GGMLType[t] for t in SMOLLM2_VARIANTS[name])
+    with formats.read_gguf(src) as f:
+        md = f.metadata.copy()
+        md["general.file_type"] = file_types[wtype.name]
+        tensors = []
+        for t in f.tensors.values():
+            data = t.data
+            if len(t.shape) == 2:
+                new = etype if t.name == "token_embd.weight" else wtype
+                data = formats.quantize(formats.dequantize(t.data, t.type, t.shape), new)
+                tensors.append((t.name, new, tuple(t.shape), data))
+            else:
+                tensors.append((t.name, t.type, tuple(t.shape), data))
+        formats.write_gguf(out, md, tensors)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def smollm2_variant(smollm2_path, tmp_path_factory):
     """smollm2_variant("q4_0" | "q8_0" | "f16" | "q4_1") -> path; made once per session."""
-    import formats
     made = {"q4_1": smollm2_path}
-    file_types = {"Q4_0": 2, "Q8_0": 7, "F16": 1}
 
     def make(name):
         if name not in made:
-            wtype, etype = (formats.GGMLType[t] for t in SMOLLM2_VARIANTS[name])
             out = tmp_path_factory.mktemp("smollm2") / f"SmolLM2-135M-Instruct.{name.upper()}.gguf"
-            with formats.read_gguf(smollm2_path) as f:
-                md = f.metadata.copy()
-                md["general.file_type"] = file_types[wtype.name]
-                tensors = []
-                for t in f.tensors.values():
-                    data = t.data
-                    if len(t.shape) == 2:
-                        new = etype if t.name == "token_embd.weight" else wtype
-                        data = formats.quantize(formats.dequantize(t.data, t.type, t.shape), new)
-                        tensors.append((t.name, new, tuple(t.shape), data))
-                    else:
-                        tensors.append((t.name, t.type, tuple(t.shape), data))
-                formats.write_gguf(out, md, tensors)
-            made[name] = str(out)
+            made[name] = make_smollm2_variant(smollm2_path, name, out)
         return made[name]
     return make
+
+
+@pytest.fixture(scope="session")
+def botchan(tmp_path_factory):
+    """botchan.txt from the sentencepiece source distribution (a public-domain novel, the
+    text DESIGN.md names for perplexity); skips when the sdist cannot be downloaded."""
+    d = tmp_path_factory.mktemp("sp-sdist")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                           ":all:", "-q", "-d", str(d), "sentencepiece==0.2.1"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot download the sentencepiece sdist: {proc.stderr[-200:]}")
+    import tarfile
+    (sdist,) = d.glob("sentencepiece-*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith("/test/botchan.txt"))
+        (d / "botchan.txt").write_bytes(tf.extractfile(member).read())
+    return d / "botchan.txt"

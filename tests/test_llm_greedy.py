@@ -1,12 +1,15 @@
 """Greedy generation on SmolLM2 equals llama.cpp's on the same file.
 
 The reference tokens were recorded from llama.cpp (llama-cpp-python 0.3.36) into
-tests/fixtures/greedy_smollm2_q4_1.json, so the check runs without it; where llama_cpp is
-importable the same comparison also runs live, on the shipped Q4_1 file and on Q4_0/Q8_0
-files made from it. llama.cpp runs in a child process: a llama.cpp build whose
-instructions this CPU lacks dies of SIGILL, which must not take pytest down with it.
+tests/fixtures/greedy_smollm2_{q4_1,f16}.json, so the check runs without it; where
+llama_cpp is importable the same comparison also runs live. The F16 file is made from the
+shipped Q4_1 file deterministically (conftest.make_smollm2_variant), so its recorded ids
+stay valid. llama.cpp runs in a child process: a llama.cpp build whose instructions this
+CPU lacks dies of SIGILL, which must not take pytest down with it.
+tools/greedy_vs_llamacpp.py uses these helpers to measure how far llama.cpp agrees with
+itself under other settings.
 
-Re-record with:  .venv/bin/python tests/test_llm_greedy.py --record
+Re-record with:  .venv/bin/python tests/test_llm_greedy.py --record [q4_1] [f16]
 """
 import json
 import subprocess
@@ -15,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-FIXTURE = Path(__file__).parent / "fixtures" / "greedy_smollm2_q4_1.json"
+FIXTURES = {v: Path(__file__).parent / "fixtures" / f"greedy_smollm2_{v}.json"
+            for v in ("q4_1", "f16")}
+FIXTURE = FIXTURES["q4_1"]
 N_TOKENS = 16
 PROMPTS = [
     "The capital of France is",
@@ -31,12 +36,17 @@ PROMPTS = [
 ]
 
 
-def llamacpp_greedy(path, prompts, n_tokens=N_TOKENS):
+# The settings the fixtures were recorded with; llama_kwargs override them (the tool
+# varies n_batch, n_threads and flash_attn).
+LLAMACPP_SETTINGS = {"n_ctx": 256, "n_threads": 2}
+
+
+def llamacpp_greedy(path, prompts, n_tokens=N_TOKENS, **llama_kwargs):
     """Prompt ids and the first n_tokens greedy ids (argmax of llama.cpp's logits,
     end tokens included) for each prompt."""
     import numpy as np
     from llama_cpp import Llama
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    llm = Llama(model_path=str(path), verbose=False, **{**LLAMACPP_SETTINGS, **llama_kwargs})
     n_vocab = llm.n_vocab()
     add_bos = llm._model.add_bos_token()  # the file's tokenizer.ggml.add_bos_token
     cases = []
@@ -67,6 +77,15 @@ def llamacpp_greedy_in_child(path, prompts):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def load_cases(variant="q4_1"):
+    return json.loads(FIXTURES[variant].read_text())["cases"]
+
+
+def count_equal(tokens_a, tokens_b, n_tokens=N_TOKENS):
+    """How many prompts' token lists agree on their first n_tokens."""
+    return sum(a[:n_tokens] == b[:n_tokens] for a, b in zip(tokens_a, tokens_b, strict=True))
+
+
 def kiln_greedy(llm, prompts, n_tokens=N_TOKENS):
     return [llm.generate(p, max_tokens=n_tokens, temperature=0, ignore_eos=True).tokens for p in prompts]
 
@@ -85,14 +104,17 @@ def smollm2(smollm2_path):
         yield llm
 
 
-def test_fixture_is_complete():
-    data = json.loads(FIXTURE.read_text())
-    assert [c["prompt"] for c in data["cases"]] == PROMPTS
-    assert all(len(c["tokens"]) == N_TOKENS for c in data["cases"])
+@pytest.mark.parametrize("variant", sorted(FIXTURES))
+def test_fixture_is_complete(variant):
+    cases = load_cases(variant)
+    assert [c["prompt"] for c in cases] == PROMPTS
+    assert all(len(c["tokens"]) == N_TOKENS for c in cases)
+    # both files carry the same tokenizer
+    assert [c["prompt_tokens"] for c in cases] == [c["prompt_tokens"] for c in load_cases()]
 
 
 def test_prompts_tokenize_like_llamacpp(smollm2):
-    cases = json.loads(FIXTURE.read_text())["cases"]
+    cases = load_cases()
     assert [smollm2.tokenize(c["prompt"], special=True) for c in cases] == \
         [c["prompt_tokens"] for c in cases]
 
@@ -114,13 +136,13 @@ def greedy_tokens(smollm2):
 
 @NUMERICS_GAP
 def test_greedy_matches_recorded_llamacpp(greedy_tokens):
-    assert_mostly_equal(greedy_tokens, json.loads(FIXTURE.read_text())["cases"])
+    assert_mostly_equal(greedy_tokens, load_cases())
 
 
 def test_greedy_follows_recorded_llamacpp_for_8_tokens(greedy_tokens):
     # a floor below the issue's bar that holds today: a broken engine, sampler, tokenizer
     # or cache reuse would agree on no prompt at all
-    assert_mostly_equal(greedy_tokens, json.loads(FIXTURE.read_text())["cases"], min_equal=8,
+    assert_mostly_equal(greedy_tokens, load_cases(), min_equal=8,
                         n_tokens=8)
 
 
@@ -130,14 +152,48 @@ def test_greedy_matches_llamacpp_live(smollm2_path, greedy_tokens):
     assert_mostly_equal(greedy_tokens, llamacpp_greedy_in_child(smollm2_path, PROMPTS))
 
 
-if __name__ == "__main__" and "--record" in sys.argv:
+# -- F16: no activation quantization on either side, so the two engines' logits agree to a
+# mean KL of ~1e-6 and greedy paths should not part at all.
+
+@pytest.fixture(scope="module")
+def f16_greedy_tokens(smollm2_variant):
+    from engine import LLM
+    with LLM(smollm2_variant("f16"), n_ctx=256, n_threads=2) as llm:
+        return kiln_greedy(llm, PROMPTS)
+
+
+def test_f16_greedy_matches_recorded_llamacpp(f16_greedy_tokens):
+    assert_mostly_equal(f16_greedy_tokens, load_cases("f16"))
+
+
+def test_f16_greedy_matches_llamacpp_live(smollm2_variant, f16_greedy_tokens):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (MEASURE.md)")
+    assert_mostly_equal(f16_greedy_tokens,
+                        llamacpp_greedy_in_child(smollm2_variant("f16"), PROMPTS))
+
+
+def record(variants):
+    """Write the fixtures of `variants` from llama.cpp (run in this process)."""
+    import tempfile
     sys.path.insert(0, str(Path(__file__).parent.parent))
+    from conftest import make_smollm2_variant
     from engine.hub import pull
     import llama_cpp
     FIXTURE.parent.mkdir(exist_ok=True)
-    data = {"source": f"llama-cpp-python {llama_cpp.__version__}, argmax of logits, n_ctx 256",
-            "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_tokens": N_TOKENS,
-            "cases": llamacpp_greedy(pull(), PROMPTS)}
-    FIXTURE.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    for c in data["cases"]:
-        print(repr(c["prompt"]), "->", repr(c["text"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            name = f"SmolLM2-135M-Instruct.{variant.upper()}.gguf"
+            path = pull() if variant == "q4_1" else \
+                make_smollm2_variant(pull(), variant, Path(tmp) / name)
+            made = "" if variant == "q4_1" else ", made by conftest.make_smollm2_variant"
+            data = {"source": f"llama-cpp-python {llama_cpp.__version__}, argmax of logits, "
+                              f"n_ctx 256",
+                    "model": name + made, "n_tokens": N_TOKENS,
+                    "cases": llamacpp_greedy(path, PROMPTS)}
+            FIXTURES[variant].write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+            for c in data["cases"]:
+                print(variant, repr(c["prompt"]), "->", repr(c["text"]))
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    record([a for a in sys.argv[1:] if a != "--record"] or sorted(FIXTURES))
