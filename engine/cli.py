@@ -3,6 +3,7 @@
     kiln chat [MODEL]        terminal chat            kiln generate [MODEL] -p PROMPT
     kiln info [MODEL]        what is in a GGUF file   kiln pull   fetch the default model
     kiln convert SRC -o OUT  checkpoint -> GGUF       kiln bench [MODEL]   speed
+    kiln perplexity [MODEL] -f TEXT   perplexity (and --kl-base KL divergence), as llama-perplexity
 
 MODEL may be omitted: the default model is fetched on first use (engine.hub). Errors a
 user can cause print one line on stderr and exit 1; `--debug` shows the traceback.
@@ -102,12 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
         # Listed here for `kiln --help`; main() hands their arguments to their module.
         sub.add_parser(name, help=help_text, add_help=False)
 
-    p = sub.add_parser("perplexity", parents=[common], help="measure perplexity on a text (not available yet)")
+    p = sub.add_parser("perplexity", parents=[common], help="measure perplexity on a text",
+                       description="Perplexity of MODEL on a text file, computed as llama.cpp's "
+                                   "llama-perplexity does: non-overlapping chunks of --ctx tokens, "
+                                   "the second half of each chunk scored. Running estimates go to "
+                                   "stderr, the final estimate to stdout. With --kl-base, also the "
+                                   "KL divergence from a base model (same vocabulary) and how often "
+                                   "both pick the same top token.")
     _add_model(p)
-    p.add_argument("-f", "--file", metavar="TEXT", help="text file")
-    p.add_argument("--ctx", type=int, default=512, metavar="N")
-    p.add_argument("--kl-base", metavar="BASE.gguf")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-f", "--file", required=True, metavar="TEXT", help="UTF-8 text file")
+    p.add_argument("--ctx", "-c", type=int, default=512, metavar="N",
+                   help="tokens per chunk (default: %(default)s)")
+    p.add_argument("--chunks", type=int, default=None, metavar="N",
+                   help="evaluate at most N chunks (default: all)")
+    p.add_argument("--kl-base", metavar="BASE.gguf",
+                   help="also compare with this model: KL(base || model), top-token agreement")
+    p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
+                   help="compute threads (default: physical cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("info", parents=[common], help="show what is inside a GGUF file",
@@ -191,7 +204,80 @@ def cmd_generate(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    raise KilnError("`kiln perplexity` is not available yet")
+    import json
+    from engine import perplexity as pp
+    _positive("--threads", args.threads)
+    if args.chunks is not None:
+        _positive("--chunks", args.chunks)
+    pp.check_n_ctx(args.ctx)
+    text = pp.read_text(args.file)
+    path = resolve_model(args.model)
+    base_path = resolve_model(args.kl_base) if args.kl_base else None
+    # The training context is checked before loading: the KV cache is sized by --ctx.
+    for p in filter(None, (path, base_path)):
+        pp.check_n_ctx(args.ctx, _n_ctx_train(p))
+    from engine import LLM
+    with LLM(path, n_ctx=args.ctx, n_threads=args.threads) as llm:
+        base = LLM(base_path, n_ctx=args.ctx, n_threads=args.threads) if base_path else None
+        try:
+            err = sys.stderr
+            print(f"perplexity: {os.path.basename(path)}"
+                  + (f" vs base {os.path.basename(base_path)}" if base_path else "")
+                  + f", chunks of {args.ctx} tokens, scoring the last {args.ctx - 1 - args.ctx // 2}"
+                  " of each", file=err, flush=True)
+
+            def progress(r, n_total):
+                print(f"[{r.n_chunks}]{r.chunk_ppls[-1]:.4f},", end="", file=err, flush=True)
+
+            result = pp.perplexity(llm, text, n_ctx=args.ctx, base=base, n_chunks=args.chunks,
+                                   progress=progress)
+            print(file=err)
+            print(f"perplexity: {result.n_chunks} chunks, {result.n_tokens_scored} tokens scored "
+                  f"in {result.seconds:.1f} s", file=err, flush=True)
+        finally:
+            if base is not None:
+                base.close()
+    if args.json:
+        d = result.as_dict()
+        d.pop("chunk_ppls")
+        d.update(model=path, **({"base_model": base_path} if base_path else {}))
+        print(json.dumps(d))
+    else:
+        print(format_perplexity(result))
+    return 0
+
+
+def _n_ctx_train(path) -> int | None:
+    import formats
+    from engine.config import LlamaConfig
+    with formats.read_gguf(path) as f:
+        return LlamaConfig.from_metadata(f.metadata).n_ctx_train
+
+
+def format_perplexity(r) -> str:
+    """The final estimate as llama-perplexity prints it; with a base model, its
+    --kl-divergence statistics too."""
+    lines = []
+    if r.kl is not None:
+        k = r.kl
+        lines += [
+            "====== Perplexity statistics ======",
+            f"Mean PPL(Q)                   : {r.ppl:10.6f} +/- {r.ppl_err:10.6f}",
+            f"Mean PPL(base)                : {k.base_ppl:10.6f} +/- {k.base_ppl_err:10.6f}",
+            f"Mean ln(PPL(Q)/PPL(base))     : {k.ln_ppl_ratio:10.6f} +/- {k.ln_ppl_ratio_err:10.6f}",
+            "",
+            "====== KL divergence statistics ======",
+            f"Mean    KLD: {k.mean_kl:10.6f} +/- {k.kl_err:10.6f}",
+            f"Maximum KLD: {k.kl_max:10.6f}",
+            f"99.0%   KLD: {k.kl_p99:10.6f}",
+            f"Median  KLD: {k.kl_median:10.6f}",
+            "",
+            "====== Token probability statistics ======",
+            f"Same top p: {100 * k.top1_agreement:6.3f} +/- {100 * k.top1_agreement_err:5.3f} %",
+            "",
+        ]
+    lines.append(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:

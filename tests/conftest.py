@@ -1,4 +1,7 @@
 """Shared fixtures. The real model is pulled once (into $KILN_HOME or ~/.cache/kiln)."""
+import subprocess
+import sys
+
 import pytest
 
 
@@ -48,3 +51,21 @@ def smollm2_variant(smollm2_path, tmp_path_factory):
             made[name] = make_smollm2_variant(smollm2_path, name, out)
         return made[name]
     return make
+
+
+@pytest.fixture(scope="session")
+def botchan(tmp_path_factory):
+    """botchan.txt from the sentencepiece source distribution (a public-domain novel, the
+    text DESIGN.md names for perplexity); skips when the sdist cannot be downloaded."""
+    d = tmp_path_factory.mktemp("sp-sdist")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                           ":all:", "-q", "-d", str(d), "sentencepiece==0.2.1"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot download the sentencepiece sdist: {proc.stderr[-200:]}")
+    import tarfile
+    (sdist,) = d.glob("sentencepiece-*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith("/test/botchan.txt"))
+        (d / "botchan.txt").write_bytes(tf.extractfile(member).read())
+    return d / "botchan.txt"

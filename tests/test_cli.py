@@ -76,7 +76,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         (["info", str(tmp_path / "missing.gguf")], "model file not found"),
         (["chat", str(tmp_path)], "is a directory"),
         (["generate", str(tmp_path / "nope.gguf"), "-p", "x"], "model file not found"),
-        (["perplexity"], "not available yet"),
+        (["perplexity", "-f", str(tmp_path / "missing.txt")], "text file not found"),
         (["chat", "--ctx", "0", str(tmp_path)], "--ctx must be a positive"),
     ]
     for argv, message in cases:
@@ -87,15 +87,15 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback_and_bugs_are_one_line(monkeypatch, capsys):
-    with pytest.raises(KilnError, match="not available yet"):
-        cli.main(["--debug", "perplexity"])
+    with pytest.raises(KilnError, match="text file not found"):
+        cli.main(["--debug", "perplexity", "-f", "/nonexistent/text.txt"])
     with pytest.raises(KilnError):
-        cli.main(["perplexity", "--debug"])
+        cli.main(["perplexity", "-f", "/nonexistent/text.txt", "--debug"])
 
     def boom(args):
         raise ZeroDivisionError("x")
     monkeypatch.setattr(cli, "cmd_perplexity", boom)
-    assert cli.main(["perplexity"]) == 1
+    assert cli.main(["perplexity", "-f", "text.txt"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: ZeroDivisionError" in err and "--debug" in err
 
@@ -107,7 +107,7 @@ def test_errors_from_a_real_process(tmp_path):
         r = run_kiln(*args)
         assert r.returncode == 1 and r.stdout == ""
         assert r.stderr.count("\n") == 1 and "not found" in r.stderr
-    r = run_kiln("--debug", "perplexity")
+    r = run_kiln("--debug", "perplexity", "-f", str(tmp_path / "missing.txt"))
     assert r.returncode == 1 and "Traceback" in r.stderr
     r = run_kiln("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr

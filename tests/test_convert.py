@@ -222,23 +222,6 @@ def test_transformers_agrees_with_kiln_on_smollm2(smol_hf, smol_f32):
     _assert_logits_close(llm.logits(ids), hf)
 
 
-@pytest.fixture(scope="session")
-def botchan(tmp_path_factory):
-    """botchan.txt from the sentencepiece source distribution (a public-domain novel)."""
-    d = tmp_path_factory.mktemp("sp-sdist")
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                           ":all:", "-q", "-d", str(d), "sentencepiece==0.2.1"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot download the sentencepiece sdist: {proc.stderr[-200:]}")
-    import tarfile
-    (sdist,) = d.glob("sentencepiece-*.tar.gz")
-    with tarfile.open(sdist) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith("/test/botchan.txt"))
-        (d / "botchan.txt").write_bytes(tf.extractfile(member).read())
-    return d / "botchan.txt"
-
-
 def test_transformers_agrees_with_kiln_on_a_tiny_sentencepiece_llama(botchan, tmp_path):
     torch = _torch()
     import sentencepiece as spm
