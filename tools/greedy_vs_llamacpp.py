@@ -119,13 +119,8 @@ def run_kiln(path: str, token_by_token=False, n_threads=2, ids=None, n_tokens=16
 
 # -- comparison ---------------------------------------------------------------------------
 
-def log_softmax(x):
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def compare(other: dict, base: dict) -> dict:
+    from engine.perplexity import log_softmax
     if "error" in other or "error" in base:
         return {"error": other.get("error") or base.get("error")}
     r = {"eq8": count_equal(other["tokens"], base["tokens"], 8),
