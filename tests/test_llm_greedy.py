@@ -119,13 +119,17 @@ def test_prompts_tokenize_like_llamacpp(smollm2):
         [c["prompt_tokens"] for c in cases]
 
 
-# The C engine's logits differ from llama.cpp's by a mean KL of about 0.0036 on this file
-# (teacher-forced, 512 tokens; top-1 95-96%), with the KV cache in fp16 in both as with
-# kiln's old fp32 cache: the gap is the chaotic Q8 activation rounding (kiln is that far
-# from its own Q8-emulating reference too, see test_model_smollm2.py), so greedy paths
-# part at near-ties: 6/10 prompts agree for 16 tokens (Q4_1; 7/10 on Q4_0 and Q8_0).
-# The bar stays the issue's; the marker goes when the engine's numerics are fixed.
-NUMERICS_GAP = pytest.mark.xfail(reason="kiln vs llama.cpp logits: mean KL ~0.003 (see comment)",
+# With Q4/Q8 weights both engines quantize activations to 8 bits on the fly, and which side
+# of a rounding step a value lands on depends on float summation order; over 30 layers
+# such flips compound. tools/greedy_vs_llamacpp.py measures it (teacher-forced over 512
+# tokens of botchan; greedy prompts agreeing for 16 tokens): kiln vs llama.cpp on Q4_1 has
+# a mean KL of 5e-3, top-1 96%, 5/10 prompts (7/10 on Q4_0, 8/10 on Q8_0) -- and llama.cpp
+# vs itself with only flash_attn switched on is just as far apart: KL 5e-3, 5/10 (Q4_1),
+# 6/10 (Q4_0, Q8_0); with the prompt evaluated token by token, KL 4-5e-3, 8/10 on Q4_0 and
+# Q8_0. On F16 (no activation quantization) everything agrees 10/10 at KL < 1e-5, which
+# the F16 tests below hold kiln to. The bar here stays the issue's.
+NUMERICS_GAP = pytest.mark.xfail(reason="Q8 activation rounding: llama.cpp vs itself with flash_attn "
+                                         "also agrees on 5/10 (see comment)",
                                   strict=False)
 
 
