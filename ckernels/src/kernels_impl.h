@@ -23,7 +23,8 @@
  *
  * Activation layout (one per token, kiln_act_size bytes), block group g:
  *   qs  [g][2][KILN_KG * 16] int8: lo halves of the group's blocks, then hi halves
- *   dx  [g][KILN_KG * 4]   float: d of block b repeated in lanes 4b..4b+3
+ *   dx  [g][KILN_KG * 4]   double: d of block b repeated in lanes 4b..4b+3 (double:
+ *                          the kernels sum in double, see qgemm.c)
  *   off [g][KILN_KG * 4]   int32: -offset * sum(q of block b) in lanes 4b..4b+3
  *   sx  [g][KILN_KG * 4]   float: s of block b (Q8_1, for Q4_1) in lanes 4b..4b+3
  * Padding blocks are zero everywhere, so they add exactly 0.
@@ -62,7 +63,7 @@ static inline kiln_act_layout kiln_act_layout_for(int64_t cols) {
     l.ng = (cols / QK + KILN_KG - 1) / KILN_KG;
     l.off_qs = 0;
     l.off_dx = l.off_qs + (size_t)l.ng * KILN_KG * QK;
-    l.off_off = l.off_dx + (size_t)l.ng * KILN_KG * 4 * sizeof(float);
+    l.off_off = l.off_dx + (size_t)l.ng * KILN_KG * 4 * sizeof(double);
     l.off_sx = l.off_off + (size_t)l.ng * KILN_KG * 4 * sizeof(int32_t);
     l.size = l.off_sx + (size_t)l.ng * KILN_KG * 4 * sizeof(float);
     l.size = (l.size + 63) & ~(size_t)63;
@@ -72,7 +73,7 @@ static inline kiln_act_layout kiln_act_layout_for(int64_t cols) {
 /* One token's activations in the kernel layout. */
 typedef struct {
     const int8_t *qs;
-    const float *dx;
+    const double *dx;
     const int32_t *off;
     const float *sx;
 } kiln_act;
@@ -80,7 +81,7 @@ typedef struct {
 static inline kiln_act kiln_act_at(const uint8_t *base, const kiln_act_layout *l) {
     kiln_act a;
     a.qs = (const int8_t *)(base + l->off_qs);
-    a.dx = (const float *)(base + l->off_dx);
+    a.dx = (const double *)(base + l->off_dx);
     a.off = (const int32_t *)(base + l->off_off);
     a.sx = (const float *)(base + l->off_sx);
     return a;

@@ -198,7 +198,7 @@ void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64
     int64_t nb = cols / QK;
     memset(dst, 0, l->size);
     int8_t *qs = (int8_t *)(dst + l->off_qs);
-    float *dx = (float *)(dst + l->off_dx);
+    double *dx = (double *)(dst + l->off_dx);
     int32_t *off = (int32_t *)(dst + l->off_off);
     float *sx = (float *)(dst + l->off_sx);
     int offset = wtype == KILN_TYPE_Q4_0 ? 8 : wtype == KILN_TYPE_Q8_0 ? 128 : 0;

@@ -68,7 +68,10 @@ kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t
             wh[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask4);
         }
     }
+    /* d_w of lanes [b][r] in double, for every token */
     __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_d(w, rg, g)));
+    __m512d dw_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(dw));
+    __m512d dw_hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dw), 1)));
     for (int t = 0; t < nt_tok; t++) {
         const int8_t *aq = act[t].qs + g * KILN_KG * QK;
         __m512i al = _mm512_loadu_si512(aq), ah = _mm512_loadu_si512(aq + KILN_KG * 16);
@@ -78,12 +81,11 @@ kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t
         __m512i T = kiln_tsum4(s[0], s[1], s[2], s[3]);
         T = _mm512_add_epi32(T, _mm512_loadu_si512(act[t].off + g * KILN_KG * 4));
         /* lanes [b][r]: blocks 0, 1 in the low half, 2, 3 in the high half */
-        __m512 dd = _mm512_mul_ps(dw, _mm512_loadu_ps(act[t].dx + g * KILN_KG * 4));
+        const double *dx = act[t].dx + g * KILN_KG * 4;
         acc[t] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(T)),
-                                 _mm512_cvtps_pd(_mm512_castps512_ps256(dd)), acc[t]);
+                                 _mm512_mul_pd(dw_lo, _mm512_loadu_pd(dx)), acc[t]);
         acc[t] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(T, 1)),
-                                 _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dd), 1))),
-                                 acc[t]);
+                                 _mm512_mul_pd(dw_hi, _mm512_loadu_pd(dx + 8)), acc[t]);
         if (q41) {
             __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_m(w, rg, g)));
             __m512 ms = _mm512_mul_ps(m, _mm512_loadu_ps(act[t].sx + g * KILN_KG * 4));
@@ -199,6 +201,8 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
             }
             const size_t lane = (size_t)g * KILN_KG * 4 + 8 * h; /* act lanes of block 2h */
             __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kiln_rg_d(w, rg, g) + 2 * h * KILN_RG)));
+            __m256d dw_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(dw));
+            __m256d dw_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(dw, 1));
             for (int t = 0; t < nt_tok; t++) {
                 const int8_t *aq = act[t].qs + g * KILN_KG * QK + 32 * h;
                 __m256i al = _mm256_loadu_si256((const __m256i *)aq);
@@ -208,11 +212,10 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
                 __m256i T = kiln_tsum4(s[0], s[1], s[2], s[3]);
                 if (!signed_w) T = _mm256_add_epi32(T, _mm256_loadu_si256((const __m256i *)(act[t].off + lane)));
                 /* lanes [b][r] for blocks 2h, 2h + 1 */
-                __m256 dd = _mm256_mul_ps(dw, _mm256_loadu_ps(act[t].dx + lane));
                 acc[t] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(T)),
-                                         _mm256_cvtps_pd(_mm256_castps256_ps128(dd)), acc[t]);
+                                         _mm256_mul_pd(dw_lo, _mm256_loadu_pd(act[t].dx + lane)), acc[t]);
                 acc[t] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(T, 1)),
-                                         _mm256_cvtps_pd(_mm256_extractf128_ps(dd, 1)), acc[t]);
+                                         _mm256_mul_pd(dw_hi, _mm256_loadu_pd(act[t].dx + lane + 4)), acc[t]);
                 if (q41) {
                     __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kiln_rg_m(w, rg, g) + 2 * h * KILN_RG)));
                     __m256 ms = _mm256_mul_ps(m, _mm256_loadu_ps(act[t].sx + lane));
@@ -266,6 +269,7 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
             }
             const size_t lane = (size_t)(g * KILN_KG + b) * 4;
             float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(kiln_rg_d(w, rg, g) + b * KILN_RG)));
+            float64x2_t dw_lo = vcvt_f64_f32(vget_low_f32(dw)), dw_hi = vcvt_high_f64_f32(dw);
             for (int t = 0; t < nt_tok; t++) {
                 const int8_t *aq = act[t].qs + g * KILN_KG * QK + 16 * b;
                 int8x16_t al = vld1q_s8(aq), ah = vld1q_s8(aq + KILN_KG * 16);
@@ -274,10 +278,10 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
                     s[r] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), wl[r], al), wh[r], ah);
                 int32x4_t T = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
                 if (!q8) T = vaddq_s32(T, vld1q_s32(act[t].off + lane));
-                float32x4_t dd = vmulq_f32(dw, vld1q_f32(act[t].dx + lane));
                 acc[t][0] = vfmaq_f64(acc[t][0], vcvtq_f64_s64(vmovl_s32(vget_low_s32(T))),
-                                      vcvt_f64_f32(vget_low_f32(dd)));
-                acc[t][1] = vfmaq_f64(acc[t][1], vcvtq_f64_s64(vmovl_high_s32(T)), vcvt_high_f64_f32(dd));
+                                      vmulq_f64(dw_lo, vld1q_f64(act[t].dx + lane)));
+                acc[t][1] = vfmaq_f64(acc[t][1], vcvtq_f64_s64(vmovl_high_s32(T)),
+                                      vmulq_f64(dw_hi, vld1q_f64(act[t].dx + lane + 2)));
                 if (q41) {
                     float32x4_t m = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(kiln_rg_m(w, rg, g) + b * KILN_RG)));
                     float32x4_t ms = vmulq_f32(m, vld1q_f32(act[t].sx + lane));
@@ -318,7 +322,7 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
                         if (q8) isum += rq[16 * b + j] * al[j] + rq[nb * 16 + 16 * b + j] * ah[j];
                         else isum += (rq[16 * b + j] & 15) * al[j] + (rq[16 * b + j] >> 4) * ah[j];
                     }
-                    float dd = kiln_fp16_to_fp32(kiln_rg_d(w, rg, g)[b * KILN_RG + r]) * act.dx[lane];
+                    double dd = kiln_fp16_to_fp32(kiln_rg_d(w, rg, g)[b * KILN_RG + r]) * act.dx[lane];
                     sum += (double)isum * dd;
                     if (q41) sum += (double)(kiln_fp16_to_fp32(kiln_rg_m(w, rg, g)[b * KILN_RG + r]) * act.sx[lane]);
                 }
