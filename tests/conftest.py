@@ -53,19 +53,27 @@ def smollm2_variant(smollm2_path, tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
-def botchan(tmp_path_factory):
+def fetch_botchan(directory):
     """botchan.txt from the sentencepiece source distribution (a public-domain novel, the
-    text DESIGN.md names for perplexity); skips when the sdist cannot be downloaded."""
-    d = tmp_path_factory.mktemp("sp-sdist")
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                           ":all:", "-q", "-d", str(d), "sentencepiece==0.2.1"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot download the sentencepiece sdist: {proc.stderr[-200:]}")
+    text DESIGN.md names for perplexity), extracted into directory; raises
+    subprocess.CalledProcessError when the sdist cannot be downloaded."""
     import tarfile
+    from pathlib import Path
+    d = Path(directory)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "-q", "-d", str(d), "sentencepiece==0.2.1"], check=True, capture_output=True,
+                   text=True)
     (sdist,) = d.glob("sentencepiece-*.tar.gz")
     with tarfile.open(sdist) as tf:
         member = next(m for m in tf.getmembers() if m.name.endswith("/test/botchan.txt"))
         (d / "botchan.txt").write_bytes(tf.extractfile(member).read())
     return d / "botchan.txt"
+
+
+@pytest.fixture(scope="session")
+def botchan(tmp_path_factory):
+    """botchan.txt (fetch_botchan); skips when the sdist cannot be downloaded."""
+    try:
+        return fetch_botchan(tmp_path_factory.mktemp("sp-sdist"))
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"cannot download the sentencepiece sdist: {e.stderr[-200:]}")

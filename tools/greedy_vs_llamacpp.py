@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import fetch_botchan  # noqa: E402
 from test_llm_greedy import LLAMACPP_SETTINGS, PROMPTS, count_equal, kiln_greedy, llamacpp_greedy  # noqa: E402
 
 # Each llama.cpp setting overrides LLAMACPP_SETTINGS (the test's). n_threads_batch is
@@ -132,20 +133,6 @@ def compare(other: dict, base: dict) -> dict:
         r["kl"] = float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
         r["top1"] = float((lp.argmax(-1) == lq.argmax(-1)).mean())
     return r
-
-
-def fetch_botchan(directory: str) -> Path:
-    """botchan.txt from the sentencepiece source distribution (a public-domain novel), as
-    the botchan fixture of tests/test_convert.py gets it."""
-    import tarfile
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "-q", "-d", directory, "sentencepiece==0.2.1"], check=True)
-    (sdist,) = Path(directory).glob("sentencepiece-*.tar.gz")
-    with tarfile.open(sdist) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith("/test/botchan.txt"))
-        out = Path(directory) / "botchan.txt"
-        out.write_bytes(tf.extractfile(member).read())
-    return out
 
 
 def measure(path: str, ids: list[int] | None, tmp: str) -> dict:
