@@ -255,8 +255,10 @@ class LLM:
         Returns a Completion, or with stream=True an iterator of str pieces (valid UTF-8;
         `llm.last_completion` holds the Completion once the iterator is exhausted).
         Generation ends at an end-of-generation token (unless ignore_eos), at a stop
-        string (never part of the text), after max_tokens tokens, or when the context is
-        full (finish_reason "length"). temperature=0 is greedy.
+        string (never part of the text; a stop string that is a special token's text,
+        such as '<|im_end|>', also stops when that token is sampled, since special tokens
+        add no text), after max_tokens tokens, or when the context is full
+        (finish_reason "length"). temperature=0 is greedy.
         """
         self._check_open()
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -285,6 +287,7 @@ class LLM:
         timings.prompt_seconds = t1 - t0
 
         eog = set() if ignore_eos else set(self.tokenizer.eog_ids)
+        stop_ids = {i for i in map(self.tokenizer.special_token_id, matcher.stop) if i is not None}
         decoder = self.tokenizer.streaming_decoder()
         limit = self.n_ctx - len(ids)          # the context holds the prompt and the reply
         if max_tokens is not None:
@@ -300,7 +303,7 @@ class LLM:
                                    "being read; finish or drop a stream before the next call")
             recent = self._cache_tokens[-penalty_n:] if penalty_n else ()
             token = sampler.sample(logits, recent)
-            if token in eog:
+            if token in eog or token in stop_ids:
                 finish = "stop"
                 break
             tokens.append(token)

@@ -42,6 +42,9 @@ class ByteTokenizer:
     def token_bytes(self, i):
         return bytes([i]) if i < 256 else b""
 
+    def special_token_id(self, text):
+        return SPECIAL.get(text)
+
     def decode(self, ids):
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
 

@@ -27,6 +27,9 @@ class ScriptedTokenizer:
     def token_bytes(self, i):
         return bytes([i]) if i < 256 else b""
 
+    def special_token_id(self, text):
+        return {"</s>": EOS, "<s>": BOS}.get(text)
+
     def decode(self, ids):
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
 
@@ -127,6 +130,20 @@ def test_stop_strings_are_never_emitted(make_llm, stop, text):
     for s in ([stop] if isinstance(stop, str) else stop):
         if s:
             assert all(s not in "".join(pieces[:i + 1]) for i in range(len(pieces)))
+
+
+def test_stop_string_that_is_a_special_tokens_text_stops_at_that_token(make_llm):
+    # "<s>" adds no text when sampled, so only its id can match the stop string (as a
+    # chat template's end-of-turn marker that the file does not list as end of generation)
+    llm = make_llm(list(b"ab") + [BOS] + list(b"cd"))
+    out = llm.generate("Q:", temperature=0, stop=["<s>"])
+    assert (out.text, out.tokens, out.finish_reason) == ("ab", list(b"ab"), "stop")
+    assert "".join(llm.generate("Q:", temperature=0, stop="<s>", stream=True)) == "ab"
+    # with ignore_eos the stop string still applies, and plain text is no special token
+    out = llm.generate("Q:", temperature=0, stop=["<s>"], ignore_eos=True, max_tokens=8)
+    assert out.tokens == list(b"ab")
+    out = llm.generate("Q:", temperature=0, stop="s>", max_tokens=8)
+    assert out.tokens == list(b"ab") + [BOS] + list(b"cd")
 
 
 def test_stop_string_held_back_until_resolved_while_streaming(make_llm):

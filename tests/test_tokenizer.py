@@ -529,3 +529,12 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
         record(Path(d), str(pull()))
     print("recorded", SPM_FIXTURE, BPE_FIXTURE)
+
+
+def test_special_token_id_finds_control_tokens_by_text(bpe_toks, spm_tok):
+    tok = bpe_toks["file"]  # SmolLM2: <|im_end|> is a control token, id 2
+    assert tok.special_token_id("<|im_end|>") == 2
+    assert tok.decode([2]) == ""               # adds no text: stop strings cannot see it
+    assert tok.special_token_id("Hello") is None          # ordinary text
+    assert tok.special_token_id("<|im_end|>x") is None    # more than the token
+    assert spm_tok.special_token_id(spm_tok.token_text(spm_tok.eos_id)) == spm_tok.eos_id

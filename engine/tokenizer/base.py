@@ -74,6 +74,15 @@ class Tokenizer:
         """The token's text as stored in the vocabulary (e.g. '▁the', 'Ġthe', '<|im_end|>')."""
         return self.vocab.tokens[self._check_id(token_id)]
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of the special token whose text is `text` (e.g. '<|im_end|>'), if there
+        is one: such a token adds nothing to decoded text, so a stop string equal to its
+        text has to be recognized by id."""
+        ids = self.encode(text, add_bos=False, special=True)
+        if len(ids) == 1 and not self.token_bytes(ids[0]) and self.token_text(ids[0]) == text:
+            return ids[0]
+        return None
+
     def token_bytes(self, token_id: int, special: bool = False) -> bytes:
         """The bytes the token adds to the text (llama_token_to_piece). Control tokens add
         nothing unless `special`; a byte token may be part of a multi-byte character."""
