@@ -320,11 +320,14 @@ static void softmax(double *a, int n) {
     for (int p = 0; p < n; p++) a[p] *= inv_sum;
 }
 
-/* Causal attention: (tile of up to ATT_TILE tokens, key/value head g) pairs dealt
- * round-robin, so the triangle of a prompt's work spreads evenly; each pair, with the
- * `group` query heads that share head g (GQA), is computed whole by one thread. A tile
- * scores all its queries against the keys the last of them sees; each token's softmax
- * then covers only its own keys. */
+/* Causal attention. Work items are (tile of up to ATT_TILE tokens, key/value head g)
+ * pairs, dealt round-robin so the triangle of a prompt's work spreads evenly; each is
+ * computed whole by one thread. An item's query rows, its tokens times the `group`
+ * query heads that share head g (GQA), go through the kernels up to ATT_TILE rows at a
+ * time, so each key and value block read from the cache is widened once for all of
+ * them: in generation, the rows are the group's heads. Each row's softmax covers its own
+ * keys; its weights for the later keys another row of the same pass sees are 0, so the
+ * value sum adds exact zeros there. */
 static void task_attention(void *ctx, int ith, int nth) {
     Task *k = ctx;
     const kiln_llama_config *c = &k->m->c;
@@ -339,32 +342,26 @@ static void task_attention(void *ctx, int ith, int nth) {
         int t0 = item / c->n_head_kv * ATT_TILE, g = item % c->n_head_kv;
         int n_q = k->n_tokens - t0 < ATT_TILE ? k->n_tokens - t0 : ATT_TILE;
         const kiln_fp16 *keys_t = key_cache + (size_t)g * hd * s->n_ctx_pad;
-        for (int j = 0; j < group; j++) {
-            size_t h_off = (size_t)(g * group + j) * hd;
+        for (int row0 = 0; row0 < n_q * group; row0 += ATT_TILE) {
+            int R = n_q * group - row0 < ATT_TILE ? n_q * group - row0 : ATT_TILE;
             const float *q[ATT_TILE];
-            for (int r = 0; r < ATT_TILE; r++)  /* a short tile repeats its last query */
-                q[r] = s->q + (size_t)(t0 + (r < n_q ? r : n_q - 1)) * q_dim + h_off;
-            int n_keys_tile = k->n_past + t0 + n_q;
-            kiln_attn_scores_f16(n_q == 1 ? 1 : ATT_TILE, att, q, keys_t, n_keys_tile, hd,
-                                 s->n_ctx_pad, scale);
-            /* each query's softmax covers its own keys; the weights of the tile's later
-             * keys are 0 for it, so the tile's value sum adds exact zeros */
             float *out[ATT_TILE];
-            for (int r = 0; r < n_q; r++) {
-                double *a = att + (size_t)r * s->n_ctx_pad;
-                int n_keys = k->n_past + t0 + r + 1;
-                softmax(a, n_keys);
-                for (int p = n_keys; p < n_keys_tile; p++) a[p] = 0.0;
-                out[r] = s->att_out + (size_t)(t0 + r) * q_dim + h_off;
+            int n_keys[ATT_TILE], n_keys_max = 0;
+            for (int r = 0; r < R; r++) {  /* row = token-major, then head in the group */
+                int t = t0 + (row0 + r) / group, h = g * group + (row0 + r) % group;
+                q[r] = s->q + (size_t)t * q_dim + (size_t)h * hd;
+                out[r] = s->att_out + (size_t)t * q_dim + (size_t)h * hd;
+                n_keys[r] = k->n_past + t + 1;
+                n_keys_max = n_keys[r] > n_keys_max ? n_keys[r] : n_keys_max;
             }
-            if (n_q == 1 || n_q == ATT_TILE)
-                kiln_attn_values_f16(n_q, out, att, value_cache + (size_t)g * hd, n_keys_tile, hd,
-                                     kv_dim, s->n_ctx_pad);
-            else /* a short last tile */
-                for (int r = 0; r < n_q; r++)
-                    kiln_attn_values_f16(1, out + r, att + (size_t)r * s->n_ctx_pad,
-                                         value_cache + (size_t)g * hd, k->n_past + t0 + r + 1, hd,
-                                         kv_dim, s->n_ctx_pad);
+            kiln_attn_scores_f16(R, att, q, keys_t, n_keys_max, hd, s->n_ctx_pad, scale);
+            for (int r = 0; r < R; r++) {
+                double *a = att + (size_t)r * s->n_ctx_pad;
+                softmax(a, n_keys[r]);
+                for (int p = n_keys[r]; p < n_keys_max; p++) a[p] = 0.0;
+            }
+            kiln_attn_values_f16(R, out, att, value_cache + (size_t)g * hd, n_keys_max, hd,
+                                 kv_dim, s->n_ctx_pad);
         }
     }
 }

@@ -61,16 +61,17 @@ void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, con
 
 /* ---- attention over an fp16 KV cache ---- */
 #define KILN_ATT_BLOCK 16 /* keys scored / value dimensions summed per step */
-#define KILN_ATT_TILE 4   /* most queries scored per pass over the keys */
+#define KILN_ATT_TILE 4   /* most queries scored per pass over the keys (the kernels are
+                                 * instantiated for 1..4) */
 
-/* scores[r][p] = scale * q[r] . key p for r < R (1 or KILN_ATT_TILE), p < n_keys, in double.
+/* scores[r][p] = scale * q[r] . key p for r < R (1 .. KILN_ATT_TILE), p < n_keys, in double.
  * keys_t is (head_dim, n_ctx_pad) halves, key p of dimension d at d * n_ctx_pad + p;
  * score rows are n_ctx_pad apart and are written in whole KILN_ATT_BLOCKs, so n_ctx_pad
  * must be a multiple of KILN_ATT_BLOCK. */
 void kiln_attn_scores_f16(int R, double *scores, const float *const *q, const kiln_fp16 *keys_t,
                           int n_keys, int head_dim, int n_ctx_pad, double scale);
 /* out[r][d] = sum over p < n_keys of weights[r][p] * values[p * stride + d] for r < R
- * (1 or KILN_ATT_TILE), d < head_dim; weight rows are n_ctx_pad apart and must be 0
+ * (1 .. KILN_ATT_TILE), d < head_dim; weight rows are n_ctx_pad apart and must be 0
  * past each query's own keys. */
 void kiln_attn_values_f16(int R, float *const *out, const double *weights,
                           const kiln_fp16 *values, int n_keys, int head_dim, int stride,

@@ -25,6 +25,7 @@
 
 #define ATT_BLOCK KILN_ATT_BLOCK
 #define ATT_TILE KILN_ATT_TILE
+_Static_assert(ATT_TILE == 4, "the kernels below are instantiated for 1..4 queries");
 
 /* scores[r][p] = scale * q[r] . key p for r < R, p < n_keys, each key block loaded
  * (and widened) once for all R queries; keys_t is (head_dim, n_ctx_pad) halves, score
@@ -77,14 +78,6 @@ scores_tile_avx2(double *scores, const float *const *q, const int R, const kiln_
     }
 }
 
-static void scores_avx2_1(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
-                          int pad, double scale) {
-    scores_tile_avx2(s, q, 1, k, n, hd, pad, scale);
-}
-static void scores_avx2_tile(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
-                             int pad, double scale) {
-    scores_tile_avx2(s, q, ATT_TILE, k, n, hd, pad, scale);
-}
 #endif
 
 #ifdef ATT_AVX512
@@ -114,43 +107,38 @@ scores_tile_avx512(double *scores, const float *const *q, const int R, const kil
     }
 }
 
-static void scores_avx512_1(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
-                            int pad, double scale) {
-    scores_tile_avx512(s, q, 1, k, n, hd, pad, scale);
-}
-static void scores_avx512_tile(double *s, const float *const *q, const kiln_fp16 *k, int n,
-                               int hd, int pad, double scale) {
-    scores_tile_avx512(s, q, ATT_TILE, k, n, hd, pad, scale);
-}
 #endif
 
-static void scores_scalar_1(double *s, const float *const *q, const kiln_fp16 *k, int n, int hd,
-                            int pad, double scale) {
-    scores_tile_scalar(s, q, 1, k, n, hd, pad, scale);
-}
-static void scores_scalar_tile(double *s, const float *const *q, const kiln_fp16 *k, int n,
-                               int hd, int pad, double scale) {
-    scores_tile_scalar(s, q, ATT_TILE, k, n, hd, pad, scale);
-}
+#if defined(ATT_AVX512)
+#define SCORES_TILE scores_tile_avx512
+#elif defined(ATT_AVX2)
+#define SCORES_TILE scores_tile_avx2
+#else
+#define SCORES_TILE scores_tile_scalar
+#endif
 
-/* Scores of R = 1 or ATT_TILE queries (see scores_tile_scalar), on the widest loops this
+/* One instance per query count, so the accumulators of each stay in registers. */
+#define SCORES_R(R_)                                                                        \
+    static void scores_##R_(double *s, const float *const *q, const kiln_fp16 *k, int n,    \
+                            int hd, int pad, double scale) {                                \
+        SCORES_TILE(s, q, R_, k, n, hd, pad, scale);                                        \
+    }
+SCORES_R(1)
+SCORES_R(2)
+SCORES_R(3)
+SCORES_R(4)
+
+/* Scores of R (1 .. ATT_TILE) queries (see scores_tile_scalar), on the widest loops this
  * variant was compiled for. */
 void KILN_FN(kiln_attn_scores_f16)(int R, double *scores, const float *const *q,
                                    const kiln_fp16 *keys_t, int n_keys, int head_dim,
                                    int n_ctx_pad, double scale) {
-#if defined(ATT_AVX512)
-    (R == 1 ? scores_avx512_1 : scores_avx512_tile)(scores, q, keys_t, n_keys, head_dim,
-                                                    n_ctx_pad, scale);
-#elif defined(ATT_AVX2)
-    (R == 1 ? scores_avx2_1 : scores_avx2_tile)(scores, q, keys_t, n_keys, head_dim, n_ctx_pad,
-                                                scale);
-#else
-    (R == 1 ? scores_scalar_1 : scores_scalar_tile)(scores, q, keys_t, n_keys, head_dim,
-                                                    n_ctx_pad, scale);
-#endif
+    static void (*const by_r[])(double *, const float *const *, const kiln_fp16 *, int, int, int,
+                                double) = {scores_1, scores_2, scores_3, scores_4};
+    by_r[R - 1](scores, q, keys_t, n_keys, head_dim, n_ctx_pad, scale);
 }
 
-/* out[r][d] = sum over p < n_keys of weights[r][p] * value row p [d] for r < R (1 or
+/* out[r][d] = sum over p < n_keys of weights[r][p] * value row p [d] for r < R (1 ..
  * ATT_TILE; weight rows n_ctx_pad apart, 0 past a query's own keys), value rows fp16,
  * `stride` halves apart; in double, rounded to float once. Each value block is loaded
  * and widened once for all R queries. */
@@ -243,17 +231,20 @@ values_tile_avx512(float *const *out, const double *weights, const int R, const 
 #define VALUES_TILE values_tile_scalar
 #endif
 
-static void values_1(float *const *out, const double *w, const kiln_fp16 *v, int n, int hd,
-                     int stride, int pad) {
-    VALUES_TILE(out, w, 1, v, n, hd, stride, pad);
-}
-static void values_tile(float *const *out, const double *w, const kiln_fp16 *v, int n, int hd,
-                        int stride, int pad) {
-    VALUES_TILE(out, w, ATT_TILE, v, n, hd, stride, pad);
-}
+#define VALUES_R(R_)                                                                        \
+    static void values_##R_(float *const *out, const double *w, const kiln_fp16 *v, int n,  \
+                            int hd, int stride, int pad) {                                  \
+        VALUES_TILE(out, w, R_, v, n, hd, stride, pad);                                     \
+    }
+VALUES_R(1)
+VALUES_R(2)
+VALUES_R(3)
+VALUES_R(4)
 
 void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, const double *weights,
                                    const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                                    int n_ctx_pad) {
-    (R == 1 ? values_1 : values_tile)(out, weights, values, n_keys, head_dim, stride, n_ctx_pad);
+    static void (*const by_r[])(float *const *, const double *, const kiln_fp16 *, int, int, int,
+                                int) = {values_1, values_2, values_3, values_4};
+    by_r[R - 1](out, weights, values, n_keys, head_dim, stride, n_ctx_pad);
 }
