@@ -26,6 +26,10 @@ def _value(v):
     return v
 
 
+# the attention kernels hold a query head in double on the stack (KILN_ATT_MAX_HEAD_DIM)
+MAX_HEAD_DIM = 256
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     n_vocab: int
@@ -78,6 +82,9 @@ class LlamaConfig:
             raise ModelError(f"attention.head_count {n_head} is not a positive multiple "
                              f"of attention.head_count_kv {n_head_kv}")
         head_dim = get("attention.key_length", n_embd // n_head)
+        if not 0 < head_dim <= MAX_HEAD_DIM:
+            raise ModelError(f"head size {head_dim} (attention.key_length) is outside the "
+                             f"1..{MAX_HEAD_DIM} kiln supports")
         if get("attention.value_length", head_dim) != head_dim:
             raise ModelError("attention.value_length differs from attention.key_length; "
                              "kiln needs equal key and value head sizes")

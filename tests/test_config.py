@@ -68,6 +68,7 @@ def test_missing_key_is_named():
     ("llama.rope.scaling.type", "yarn", "yarn"),
     ("llama.attention.value_length", 32, "value_length"),
     ("llama.block_count", "many", "block_count"),
+    ("llama.attention.key_length", 512, "head size 512"),
 ])
 def test_bad_values_are_refused(key, value, match):
     with pytest.raises(ModelError, match=match):

@@ -169,7 +169,8 @@ static int build_run_state(RunState *s, const kiln_llama_config *c, int n_thread
 kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
                               int n_threads) {
     if (n_threads < 1 || cfg->n_batch < 1 || cfg->n_ctx < 1 || cfg->n_head_kv < 1 ||
-        cfg->n_head % cfg->n_head_kv || cfg->rope_dim > cfg->head_dim || cfg->rope_dim % 2)
+        cfg->n_head % cfg->n_head_kv || cfg->rope_dim > cfg->head_dim || cfg->rope_dim % 2 ||
+        cfg->head_dim < 1 || cfg->head_dim > KILN_ATT_MAX_HEAD_DIM)
         return NULL;
     kiln_llama *m = calloc(1, sizeof *m);
     if (!m) return NULL;

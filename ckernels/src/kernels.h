@@ -61,6 +61,7 @@ void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, con
 
 /* ---- attention over an fp16 KV cache ---- */
 #define KILN_ATT_BLOCK 16 /* keys scored / value dimensions summed per step */
+#define KILN_ATT_MAX_HEAD_DIM 256 /* largest head size (engine/config.py checks it) */
 #define KILN_ATT_TILE 4   /* most queries scored per pass over the keys (the kernels are
                                  * instantiated for 1..4) */
 

@@ -55,6 +55,9 @@ scores_tile_scalar(double *scores, const float *const *q, const int R, const kil
 static inline __attribute__((always_inline)) void
 scores_tile_avx2(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
                  int n_keys, int head_dim, int n_ctx_pad, double scale) {
+    double qd_all[ATT_TILE][KILN_ATT_MAX_HEAD_DIM];
+    for (int r = 0; r < R; r++)
+        for (int d = 0; d < head_dim; d++) qd_all[r][d] = q[r][d];
     for (int p0 = 0; p0 < n_keys; p0 += 8) {
         __m256d acc[ATT_TILE][2];
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
@@ -64,7 +67,7 @@ scores_tile_avx2(double *scores, const float *const *q, const int R, const kiln_
             __m256d k0 = _mm256_cvtps_pd(_mm256_castps256_ps128(k8));
             __m256d k1 = _mm256_cvtps_pd(_mm256_extractf128_ps(k8, 1));
             for (int r = 0; r < R; r++) {
-                __m256d qd = _mm256_set1_pd(q[r][d]);
+                __m256d qd = _mm256_set1_pd(qd_all[r][d]);
                 acc[r][0] = _mm256_fmadd_pd(qd, k0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_pd(qd, k1, acc[r][1]);
             }
@@ -84,6 +87,9 @@ scores_tile_avx2(double *scores, const float *const *q, const int R, const kiln_
 static inline __attribute__((always_inline)) void
 scores_tile_avx512(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
                    int n_keys, int head_dim, int n_ctx_pad, double scale) {
+    double qd_all[ATT_TILE][KILN_ATT_MAX_HEAD_DIM];
+    for (int r = 0; r < R; r++)
+        for (int d = 0; d < head_dim; d++) qd_all[r][d] = q[r][d];
     for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
         __m512d acc[ATT_TILE][2];
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
@@ -93,7 +99,7 @@ scores_tile_avx512(double *scores, const float *const *q, const int R, const kil
             __m512d k0 = _mm512_cvtps_pd(_mm512_castps512_ps256(k16));
             __m512d k1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(k16), 1)));
             for (int r = 0; r < R; r++) {
-                __m512d qd = _mm512_set1_pd(q[r][d]);
+                __m512d qd = _mm512_set1_pd(qd_all[r][d]);
                 acc[r][0] = _mm512_fmadd_pd(qd, k0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_pd(qd, k1, acc[r][1]);
             }
