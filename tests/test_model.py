@@ -239,16 +239,21 @@ def test_kv_cache_holds_roped_keys_and_values(tmp_path):
             x = ref.layer(i, x)
 
 
-def test_attention_loops_of_every_isa(tmp_path):
+@pytest.mark.parametrize("n_head, n_head_kv, head_dim, n_tokens", [
+    (8, 2, 36, 37),   # head size 36 leaves a tail after the vector blocks of every variant
+    (6, 2, 48, 39),   # 3 query heads per KV head: passes of 4, 3 and 1 query rows
+    (6, 2, 48, 38),   # ... and of 2
+])
+def test_attention_loops_of_every_isa(tmp_path, n_head, n_head_kv, head_dim, n_tokens):
     """The loops reading the fp16 cache come per ISA (portable, F16C/AVX2, AVX512), chosen
-    by the kernels' active ISA: each gives the reference's logits bit for bit, batched
-    and token by token, with a head size (36) that leaves a tail after the vector blocks
-    of every variant."""
+    by the kernels' active ISA, and take 1 to 4 query rows per pass (a tile's tokens
+    times the query heads sharing a KV head): each gives the reference's logits bit for
+    bit, batched and token by token."""
     import ckernels
-    path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, n_embd=64, n_head=8, n_head_kv=2,
-                           head_dim=36, n_ff=96, ftype="q8_0", seed=3)
+    path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, n_embd=64, n_head=n_head,
+                           n_head_kv=n_head_kv, head_dim=head_dim, n_ff=96, ftype="q8_0", seed=3)
     ref = ReferenceLlama(path)
-    tokens = np.random.default_rng(2).integers(0, ref.config.n_vocab, 37)
+    tokens = np.random.default_rng(2).integers(0, ref.config.n_vocab, n_tokens)
     want = ref(tokens)
     before = ckernels.active_isa()
     try:
