@@ -266,3 +266,23 @@ def test_attention_loops_of_every_isa(tmp_path, n_head, n_head_kv, head_dim, n_t
             np.testing.assert_array_equal(single, want, err_msg=isa)
     finally:
         ckernels.set_isa(before)
+
+
+@pytest.mark.parametrize("n_head, n_head_kv", [(6, 2), (4, 4)])
+def test_long_context_token_splits_keys_over_threads(tmp_path, n_head, n_head_kv):
+    """Past 256 keys, one token's attention is split over the threads by key segments
+    and the partial softmaxes are joined (forward.c, task_attention_split): the logits
+    are still the reference's bit for bit, and the same as on one thread (no split)."""
+    path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, n_embd=64, n_head=n_head,
+                           n_head_kv=n_head_kv, head_dim=32 if n_head == 6 else 16, n_ff=96,
+                           ftype="q4_0", seed=5)
+    ref = ReferenceLlama(path)
+    tokens = np.random.default_rng(4).integers(0, ref.config.n_vocab, 300)
+    want = ref(tokens)
+    out = []
+    for n_threads in (1, 2, 3):
+        with Model(path, n_ctx=320, n_threads=n_threads) as m:
+            m.eval(tokens[:250], 0)
+            out.append(np.stack([m.eval(tokens[i:i + 1], i) for i in range(250, 300)]))
+    for got in out:
+        np.testing.assert_array_equal(got, want[250:])

@@ -154,10 +154,10 @@ void kiln_attn_scores_f16(int R, double *scores, const float *const *q, const ki
     kiln_ops()->attn_scores_f16(R, scores, q, keys_t, n_keys, head_dim, n_ctx_pad, scale);
 }
 
-void kiln_attn_values_f16(int R, float *const *out, const double *weights,
+void kiln_attn_values_f16(int R, float *const *out, double *const *dout, const double *weights,
                           const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                           int n_ctx_pad) {
-    kiln_ops()->attn_values_f16(R, out, weights, values, n_keys, head_dim, stride, n_ctx_pad);
+    kiln_ops()->attn_values_f16(R, out, dout, weights, values, n_keys, head_dim, stride, n_ctx_pad);
 }
 
 int kiln_supported_isas(const char **names, int max_names) {

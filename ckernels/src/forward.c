@@ -33,6 +33,8 @@
 
 #define ATT_BLOCK KILN_ATT_BLOCK
 #define ATT_TILE KILN_ATT_TILE
+/* from this many keys on, one token's attention is split over the threads by keys */
+#define ATT_SPLIT_MIN_KEYS 256
 
 /* The softmax is float-only code outside the kernels: compile it for the wider vector
  * units too and let the loader pick (GCC/clang function clones, which need glibc's
@@ -73,6 +75,8 @@ typedef struct {
     float *k;        /* (n_batch, n_head_kv * head_dim) new keys, before the transposed store */
     float *v;        /* (n_batch, n_head_kv * head_dim) new values, before the store */
     double *att;     /* (n_threads, ATT_TILE, n_ctx_pad) scores of a tile of queries */
+    double *att_part; /* (n_head, n_threads, head_dim + 2) split attention: the unnormalized
+                       * value sum, max score and exp sum of each head over a key segment */
     /* the KV cache, fp16 */
     kiln_fp16 *key_cache;   /* (n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
     kiln_fp16 *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
@@ -135,7 +139,7 @@ static int build_weights(Weights *w, const kiln_llama_config *c, const kiln_llam
 
 static void free_run_state(RunState *s) {
     void *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->hb, s->hb2, s->rope_cos,
-                    s->rope_sin, s->k, s->v, s->att, s->key_cache, s->value_cache};
+                    s->rope_sin, s->k, s->v, s->att, s->att_part, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
@@ -159,11 +163,13 @@ static int build_run_state(RunState *s, const kiln_llama_config *c, int n_thread
     s->k = alloc_floats(B * kv_dim);
     s->v = alloc_floats(B * kv_dim);
     s->att = malloc(sizeof(double) * (size_t)n_threads * ATT_TILE * s->n_ctx_pad);
+    s->att_part = malloc(sizeof(double) * (size_t)c->n_head * n_threads * (c->head_dim + 2));
     /* calloc: pages of the cache are touched only as positions fill */
     s->key_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
     s->value_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
     return s->x && s->xb && s->xb2 && s->q && s->att_out && s->hb && s->hb2 && s->rope_cos &&
-                   s->rope_sin && s->k && s->v && s->att && s->key_cache && s->value_cache ? 0 : -1;
+                   s->rope_sin && s->k && s->v && s->att && s->att_part && s->key_cache &&
+                   s->value_cache ? 0 : -1;
 }
 
 kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
@@ -308,16 +314,23 @@ static inline __attribute__((always_inline)) double exp_f64(double x) {
     return p * scale;
 }
 
-/* a[p] = softmax(a)[p] over p < n, in double */
+/* a[p] = e^(a[p] - max) over p < n, in double; returns their sum, max in *max_out */
 KILN_VECTOR_CLONES
-static void softmax(double *a, int n) {
+static double exp_shifted(double *a, int n, double *max_out) {
     double max = -INFINITY, sum = 0.0;
     for (int p = 0; p < n; p++) max = a[p] > max ? a[p] : max;
     for (int p = 0; p < n; p++) {
         a[p] = exp_f64(a[p] - max);
         sum += a[p];
     }
-    double inv_sum = 1.0 / sum;
+    *max_out = max;
+    return sum;
+}
+
+/* a[p] = softmax(a)[p] over p < n, in double */
+KILN_VECTOR_CLONES
+static void softmax(double *a, int n) {
+    double max, inv_sum = 1.0 / exp_shifted(a, n, &max);
     for (int p = 0; p < n; p++) a[p] *= inv_sum;
 }
 
@@ -361,8 +374,79 @@ static void task_attention(void *ctx, int ith, int nth) {
                 softmax(a, n_keys[r]);
                 for (int p = n_keys[r]; p < n_keys_max; p++) a[p] = 0.0;
             }
-            kiln_attn_values_f16(R, out, att, value_cache + (size_t)g * hd, n_keys_max, hd,
+            kiln_attn_values_f16(R, out, NULL, att, value_cache + (size_t)g * hd, n_keys_max, hd,
                                  kv_dim, s->n_ctx_pad);
+        }
+    }
+}
+
+/* One token deep in a context (generation) has only n_head_kv work items above, too few
+ * to keep every thread busy. Instead each key/value head's keys are split into one
+ * segment per thread (whole ATT_BLOCKs); a thread computes, for the group's heads over
+ * its segment, the scores, their max m, the exps e^(score - m), their sum l and the
+ * unnormalized value sum o (in double); attention_combine then joins the segments:
+ * out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), M the largest m_s. In exact
+ * arithmetic that is the softmax-weighted sum; in double it rounds to the same float. */
+static void task_attention_split(void *ctx, int ith, int nth) {
+    Task *k = ctx;
+    const kiln_llama_config *c = &k->m->c;
+    RunState *s = &k->m->s;
+    int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
+    int n_keys = k->n_past + 1, n_blocks = (n_keys + ATT_BLOCK - 1) / ATT_BLOCK;
+    const kiln_fp16 *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
+    const kiln_fp16 *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
+    double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
+    double scale = 1.0 / sqrt((double)hd);
+    for (int item = ith; item < c->n_head_kv * nth; item += nth) {
+        int g = item / nth, seg = item % nth;
+        int k0 = (int)((int64_t)n_blocks * seg / nth) * ATT_BLOCK;
+        int k1 = (int)((int64_t)n_blocks * (seg + 1) / nth) * ATT_BLOCK;
+        k1 = k1 < n_keys ? k1 : n_keys;
+        for (int row0 = 0; row0 < group; row0 += ATT_TILE) {
+            int R = group - row0 < ATT_TILE ? group - row0 : ATT_TILE;
+            const float *q[ATT_TILE];
+            double *part[ATT_TILE];
+            for (int r = 0; r < R; r++) {
+                int h = g * group + row0 + r;
+                q[r] = s->q + (size_t)h * hd;
+                part[r] = s->att_part + ((size_t)h * nth + seg) * (hd + 2);
+                part[r][hd] = -INFINITY;  /* an empty segment adds nothing */
+                part[r][hd + 1] = 0.0;
+            }
+            if (k0 >= k1) {
+                for (int r = 0; r < R; r++) memset(part[r], 0, sizeof(double) * hd);
+                continue;
+            }
+            kiln_attn_scores_f16(R, att, q, key_cache + (size_t)g * hd * s->n_ctx_pad + k0,
+                                 k1 - k0, hd, s->n_ctx_pad, scale);
+            for (int r = 0; r < R; r++)
+                part[r][hd + 1] = exp_shifted(att + (size_t)r * s->n_ctx_pad, k1 - k0, &part[r][hd]);
+            kiln_attn_values_f16(R, NULL, part, att, value_cache + (size_t)k0 * kv_dim + (size_t)g * hd,
+                                 k1 - k0, hd, kv_dim, s->n_ctx_pad);
+        }
+    }
+}
+
+/* Joins task_attention_split's segments into the token's attention output. */
+static void attention_combine(kiln_llama *m, int n_seg) {
+    const kiln_llama_config *c = &m->c;
+    RunState *s = &m->s;
+    int hd = c->head_dim;
+    for (int h = 0; h < c->n_head; h++) {
+        const double *part = s->att_part + (size_t)h * n_seg * (hd + 2);
+        double max = -INFINITY;
+        for (int seg = 0; seg < n_seg; seg++)
+            max = part[seg * (hd + 2) + hd] > max ? part[seg * (hd + 2) + hd] : max;
+        double w[64], l = 0.0; /* n_seg <= pool size, see forward_chunk */
+        for (int seg = 0; seg < n_seg; seg++) {
+            const double *ps = part + (size_t)seg * (hd + 2);
+            w[seg] = ps[hd] == -INFINITY ? 0.0 : exp(ps[hd] - max);
+            l += ps[hd + 1] * w[seg];
+        }
+        for (int d = 0; d < hd; d++) {
+            double o = 0.0;
+            for (int seg = 0; seg < n_seg; seg++) o += part[(size_t)seg * (hd + 2) + d] * w[seg];
+            s->att_out[(size_t)h * hd + d] = (float)(o / l);
         }
     }
 }
@@ -410,6 +494,7 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
     if (trace) memcpy(trace, s->x, sizeof(float) * n * c->n_embd);
 
     Task k = {.m = m, .n_tokens = n, .n_past = n_past};
+    int nth = kiln_pool_size(m->pool);
     for (int l = 0; l < c->n_layer; l++) {
         Layer *L = &w->layers[l];
         k.layer = l;
@@ -422,7 +507,12 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
         kiln_matmul(m->pool, &L->wk, s->xb, n, s->k);
         kiln_matmul(m->pool, &L->wv, s->xb, n, s->v);
         run_rows(m->pool, task_rope_store, &k, n);
-        kiln_pool_run(m->pool, task_attention, &k);
+        if (n == 1 && nth > 1 && nth <= 64 && n_past + 1 >= ATT_SPLIT_MIN_KEYS) {
+            kiln_pool_run(m->pool, task_attention_split, &k);
+            attention_combine(m, nth);
+        } else {
+            kiln_pool_run(m->pool, task_attention, &k);
+        }
         kiln_matmul(m->pool, &L->wo, s->att_out, n, s->xb2);
 
         /* feed-forward: w_down(silu(w_gate(x)) * w_up(x)) */

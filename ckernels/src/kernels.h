@@ -73,8 +73,9 @@ void kiln_attn_scores_f16(int R, double *scores, const float *const *q, const ki
                           int n_keys, int head_dim, int n_ctx_pad, double scale);
 /* out[r][d] = sum over p < n_keys of weights[r][p] * values[p * stride + d] for r < R
  * (1 .. KILN_ATT_TILE), d < head_dim; weight rows are n_ctx_pad apart and must be 0
- * past each query's own keys. */
-void kiln_attn_values_f16(int R, float *const *out, const double *weights,
+ * past each query's own keys. Summed in double and rounded to float into out, or, when
+ * dout is not NULL, left in double in dout (out unused). */
+void kiln_attn_values_f16(int R, float *const *out, double *const *dout, const double *weights,
                           const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                           int n_ctx_pad);
 

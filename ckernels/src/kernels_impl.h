@@ -127,7 +127,7 @@ typedef struct {
     uint64_t (*stream_sum)(const void *p, size_t n); /* bandwidth yardstick */
     void (*attn_scores_f16)(int R, double *scores, const float *const *q, const kiln_fp16 *keys_t,
                             int n_keys, int head_dim, int n_ctx_pad, double scale);
-    void (*attn_values_f16)(int R, float *const *out, const double *weights,
+    void (*attn_values_f16)(int R, float *const *out, double *const *dout, const double *weights,
                             const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                             int n_ctx_pad);
 } kiln_isa_ops;

@@ -146,26 +146,30 @@ void KILN_FN(kiln_attn_scores_f16)(int R, double *scores, const float *const *q,
 
 /* out[r][d] = sum over p < n_keys of weights[r][p] * value row p [d] for r < R (1 ..
  * ATT_TILE; weight rows n_ctx_pad apart, 0 past a query's own keys), value rows fp16,
- * `stride` halves apart; in double, rounded to float once. Each value block is loaded
- * and widened once for all R queries. */
+ * `stride` halves apart; in double, rounded to float once, or left in double in dout
+ * (partial sums that forward.c combines) when dout is not NULL. Each value block is
+ * loaded and widened once for all R queries. */
 static inline __attribute__((always_inline)) void
-values_tile_scalar(float *const *out, const double *weights, const int R, const kiln_fp16 *values,
-                   int n_keys, int head_dim, int stride, int n_ctx_pad) {
+values_tile_scalar(float *const *out, double *const *dout, const double *weights, const int R,
+                   const kiln_fp16 *values, int n_keys, int head_dim, int stride, int n_ctx_pad) {
     for (int d = 0; d < head_dim; d++) {
         double acc[ATT_TILE] = {0};
         for (int p = 0; p < n_keys; p++) {
             double v = kiln_fp16_to_fp32(values[(size_t)p * stride + d]);
             for (int r = 0; r < R; r++) acc[r] += weights[(size_t)r * n_ctx_pad + p] * v;
         }
-        for (int r = 0; r < R; r++) out[r][d] = (float)acc[r];
+        for (int r = 0; r < R; r++) {
+            if (dout) dout[r][d] = acc[r];
+            else out[r][d] = (float)acc[r];
+        }
     }
 }
 
 #ifdef ATT_AVX2
 /* 8 dimensions per pass: R x 2 accumulators of 4 doubles */
 static inline __attribute__((always_inline)) void
-values_tile_avx2(float *const *out, const double *weights, const int R, const kiln_fp16 *values,
-                 int n_keys, int head_dim, int stride, int n_ctx_pad) {
+values_tile_avx2(float *const *out, double *const *dout, const double *weights, const int R,
+                 const kiln_fp16 *values, int n_keys, int head_dim, int stride, int n_ctx_pad) {
     int d0 = 0;
     for (; d0 + 8 <= head_dim; d0 += 8) {
         __m256d acc[ATT_TILE][2];
@@ -181,14 +185,24 @@ values_tile_avx2(float *const *out, const double *weights, const int R, const ki
             }
         }
         for (int r = 0; r < R; r++) {
-            _mm_storeu_ps(out[r] + d0, _mm256_cvtpd_ps(acc[r][0]));
-            _mm_storeu_ps(out[r] + d0 + 4, _mm256_cvtpd_ps(acc[r][1]));
+            if (dout) {
+                _mm256_storeu_pd(dout[r] + d0, acc[r][0]);
+                _mm256_storeu_pd(dout[r] + d0 + 4, acc[r][1]);
+            } else {
+                _mm_storeu_ps(out[r] + d0, _mm256_cvtpd_ps(acc[r][0]));
+                _mm_storeu_ps(out[r] + d0 + 4, _mm256_cvtpd_ps(acc[r][1]));
+            }
         }
     }
     if (d0 < head_dim) {
         float *rest[ATT_TILE];
-        for (int r = 0; r < R; r++) rest[r] = out[r] + d0;
-        values_tile_scalar(rest, weights, R, values + d0, n_keys, head_dim - d0, stride, n_ctx_pad);
+        double *drest[ATT_TILE];
+        for (int r = 0; r < R; r++) {
+            rest[r] = dout ? NULL : out[r] + d0;
+            drest[r] = dout ? dout[r] + d0 : NULL;
+        }
+        values_tile_scalar(rest, dout ? drest : NULL, weights, R, values + d0, n_keys,
+                           head_dim - d0, stride, n_ctx_pad);
     }
 }
 #endif
@@ -196,8 +210,8 @@ values_tile_avx2(float *const *out, const double *weights, const int R, const ki
 #ifdef ATT_AVX512
 /* 2 * ATT_BLOCK dimensions per pass: R x 4 accumulators of 8 doubles */
 static inline __attribute__((always_inline)) void
-values_tile_avx512(float *const *out, const double *weights, const int R, const kiln_fp16 *values,
-                   int n_keys, int head_dim, int stride, int n_ctx_pad) {
+values_tile_avx512(float *const *out, double *const *dout, const double *weights, const int R,
+                   const kiln_fp16 *values, int n_keys, int head_dim, int stride, int n_ctx_pad) {
     int d0 = 0;
     for (; d0 + 2 * ATT_BLOCK <= head_dim; d0 += 2 * ATT_BLOCK) {
         __m512d acc[ATT_TILE][4];
@@ -219,12 +233,20 @@ values_tile_avx512(float *const *out, const double *weights, const int R, const 
             }
         }
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < 4; j++) _mm256_storeu_ps(out[r] + d0 + 8 * j, _mm512_cvtpd_ps(acc[r][j]));
+            for (int j = 0; j < 4; j++) {
+                if (dout) _mm512_storeu_pd(dout[r] + d0 + 8 * j, acc[r][j]);
+                else _mm256_storeu_ps(out[r] + d0 + 8 * j, _mm512_cvtpd_ps(acc[r][j]));
+            }
     }
     if (d0 < head_dim) {
         float *rest[ATT_TILE];
-        for (int r = 0; r < R; r++) rest[r] = out[r] + d0;
-        values_tile_scalar(rest, weights, R, values + d0, n_keys, head_dim - d0, stride, n_ctx_pad);
+        double *drest[ATT_TILE];
+        for (int r = 0; r < R; r++) {
+            rest[r] = dout ? NULL : out[r] + d0;
+            drest[r] = dout ? dout[r] + d0 : NULL;
+        }
+        values_tile_scalar(rest, dout ? drest : NULL, weights, R, values + d0, n_keys,
+                           head_dim - d0, stride, n_ctx_pad);
     }
 }
 #endif
@@ -238,19 +260,19 @@ values_tile_avx512(float *const *out, const double *weights, const int R, const 
 #endif
 
 #define VALUES_R(R_)                                                                        \
-    static void values_##R_(float *const *out, const double *w, const kiln_fp16 *v, int n,  \
-                            int hd, int stride, int pad) {                                  \
-        VALUES_TILE(out, w, R_, v, n, hd, stride, pad);                                     \
+    static void values_##R_(float *const *out, double *const *dout, const double *w,        \
+                            const kiln_fp16 *v, int n, int hd, int stride, int pad) {       \
+        VALUES_TILE(out, dout, w, R_, v, n, hd, stride, pad);                               \
     }
 VALUES_R(1)
 VALUES_R(2)
 VALUES_R(3)
 VALUES_R(4)
 
-void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, const double *weights,
-                                   const kiln_fp16 *values, int n_keys, int head_dim, int stride,
-                                   int n_ctx_pad) {
-    static void (*const by_r[])(float *const *, const double *, const kiln_fp16 *, int, int, int,
-                                int) = {values_1, values_2, values_3, values_4};
-    by_r[R - 1](out, weights, values, n_keys, head_dim, stride, n_ctx_pad);
+void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, double *const *dout,
+                                   const double *weights, const kiln_fp16 *values, int n_keys,
+                                   int head_dim, int stride, int n_ctx_pad) {
+    static void (*const by_r[])(float *const *, double *const *, const double *, const kiln_fp16 *,
+                                int, int, int, int) = {values_1, values_2, values_3, values_4};
+    by_r[R - 1](out, dout, weights, values, n_keys, head_dim, stride, n_ctx_pad);
 }

@@ -10,9 +10,9 @@ uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n);
 void KILN_FN(kiln_attn_scores_f16)(int R, double *scores, const float *const *q,
                                    const kiln_fp16 *keys_t, int n_keys, int head_dim,
                                    int n_ctx_pad, double scale);
-void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, const double *weights,
-                                   const kiln_fp16 *values, int n_keys, int head_dim, int stride,
-                                   int n_ctx_pad);
+void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, double *const *dout,
+                                   const double *weights, const kiln_fp16 *values, int n_keys,
+                                   int head_dim, int stride, int n_ctx_pad);
 
 const kiln_isa_ops KILN_FN(kiln_ops) = {
     KILN_STR(KILN_ISA),
