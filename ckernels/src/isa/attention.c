@@ -50,75 +50,73 @@ scores_tile_scalar(double *scores, const float *const *q, const int R, const kil
     }
 }
 
-#ifdef ATT_AVX2
-/* 8 keys per pass: 4 doubles per register, so R x 2 accumulators fit the 16 registers */
+/* The vector variants differ only in width: a small layer of double vectors (VD_W
+ * lanes) lets one scores loop and one values loop serve AVX2 and AVX512. */
+#if defined(ATT_AVX512)
+#define ATT_SIMD 1
+typedef __m512d vd;
+#define VD_W 8
+#define VALUES_NV 4 /* vectors of dimensions per values pass: R x 4 accumulators of 32 */
+#define vd_zero _mm512_setzero_pd
+#define vd_set1 _mm512_set1_pd
+#define vd_fma _mm512_fmadd_pd
+#define vd_mul _mm512_mul_pd
+#define vd_store _mm512_storeu_pd
+static inline void vd_store_f32(float *p, vd v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
+/* 2 * VD_W halves from p, widened to doubles */
+static inline __attribute__((always_inline)) void vd_load2_f16(const kiln_fp16 *p, vd *lo, vd *hi) {
+    __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    *lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+    *hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+}
+#elif defined(ATT_AVX2)
+#define ATT_SIMD 1
+typedef __m256d vd;
+#define VD_W 4
+#define VALUES_NV 2 /* R x 2 accumulators fit the 16 registers */
+#define vd_zero _mm256_setzero_pd
+#define vd_set1 _mm256_set1_pd
+#define vd_fma _mm256_fmadd_pd
+#define vd_mul _mm256_mul_pd
+#define vd_store _mm256_storeu_pd
+static inline void vd_store_f32(float *p, vd v) { _mm_storeu_ps(p, _mm256_cvtpd_ps(v)); }
+static inline __attribute__((always_inline)) void vd_load2_f16(const kiln_fp16 *p, vd *lo, vd *hi) {
+    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+    *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+}
+#endif
+
+#ifdef ATT_SIMD
+/* 2 * VD_W keys per pass (R x 2 accumulators); the queries are widened to double once,
+ * so each multiply-add takes its broadcast straight from memory */
 static inline __attribute__((always_inline)) void
-scores_tile_avx2(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
+scores_tile_simd(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
                  int n_keys, int head_dim, int n_ctx_pad, double scale) {
     double qd_all[ATT_TILE][KILN_ATT_MAX_HEAD_DIM];
     for (int r = 0; r < R; r++)
         for (int d = 0; d < head_dim; d++) qd_all[r][d] = q[r][d];
-    for (int p0 = 0; p0 < n_keys; p0 += 8) {
-        __m256d acc[ATT_TILE][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
+    for (int p0 = 0; p0 < n_keys; p0 += 2 * VD_W) {
+        vd acc[ATT_TILE][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = vd_zero();
         for (int d = 0; d < head_dim; d++) {
-            const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
-            __m256 k8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)kd));
-            __m256d k0 = _mm256_cvtps_pd(_mm256_castps256_ps128(k8));
-            __m256d k1 = _mm256_cvtps_pd(_mm256_extractf128_ps(k8, 1));
+            vd k0, k1;
+            vd_load2_f16(keys_t + (size_t)d * n_ctx_pad + p0, &k0, &k1);
             for (int r = 0; r < R; r++) {
-                __m256d qd = _mm256_set1_pd(qd_all[r][d]);
-                acc[r][0] = _mm256_fmadd_pd(qd, k0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_pd(qd, k1, acc[r][1]);
+                vd qd = vd_set1(qd_all[r][d]);
+                acc[r][0] = vd_fma(qd, k0, acc[r][0]);
+                acc[r][1] = vd_fma(qd, k1, acc[r][1]);
             }
         }
-        __m256d sc = _mm256_set1_pd(scale);
+        vd sc = vd_set1(scale);
         for (int r = 0; r < R; r++) {
             double *out = scores + (size_t)r * n_ctx_pad + p0;
-            _mm256_storeu_pd(out, _mm256_mul_pd(acc[r][0], sc));
-            _mm256_storeu_pd(out + 4, _mm256_mul_pd(acc[r][1], sc));
+            vd_store(out, vd_mul(acc[r][0], sc));
+            vd_store(out + VD_W, vd_mul(acc[r][1], sc));
         }
     }
 }
-
-#endif
-
-#ifdef ATT_AVX512
-static inline __attribute__((always_inline)) void
-scores_tile_avx512(double *scores, const float *const *q, const int R, const kiln_fp16 *keys_t,
-                   int n_keys, int head_dim, int n_ctx_pad, double scale) {
-    double qd_all[ATT_TILE][KILN_ATT_MAX_HEAD_DIM];
-    for (int r = 0; r < R; r++)
-        for (int d = 0; d < head_dim; d++) qd_all[r][d] = q[r][d];
-    for (int p0 = 0; p0 < n_keys; p0 += ATT_BLOCK) {
-        __m512d acc[ATT_TILE][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
-        for (int d = 0; d < head_dim; d++) {
-            const kiln_fp16 *kd = keys_t + (size_t)d * n_ctx_pad + p0;
-            __m512 k16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kd));
-            __m512d k0 = _mm512_cvtps_pd(_mm512_castps512_ps256(k16));
-            __m512d k1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(k16), 1)));
-            for (int r = 0; r < R; r++) {
-                __m512d qd = _mm512_set1_pd(qd_all[r][d]);
-                acc[r][0] = _mm512_fmadd_pd(qd, k0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_pd(qd, k1, acc[r][1]);
-            }
-        }
-        __m512d sc = _mm512_set1_pd(scale);
-        for (int r = 0; r < R; r++) {
-            double *out = scores + (size_t)r * n_ctx_pad + p0;
-            _mm512_storeu_pd(out, _mm512_mul_pd(acc[r][0], sc));
-            _mm512_storeu_pd(out + 8, _mm512_mul_pd(acc[r][1], sc));
-        }
-    }
-}
-
-#endif
-
-#if defined(ATT_AVX512)
-#define SCORES_TILE scores_tile_avx512
-#elif defined(ATT_AVX2)
-#define SCORES_TILE scores_tile_avx2
+#define SCORES_TILE scores_tile_simd
 #else
 #define SCORES_TILE scores_tile_scalar
 #endif
@@ -165,77 +163,31 @@ values_tile_scalar(float *const *out, double *const *dout, const double *weights
     }
 }
 
-#ifdef ATT_AVX2
-/* 8 dimensions per pass: R x 2 accumulators of 4 doubles */
+#ifdef ATT_SIMD
+/* VALUES_NV * VD_W dimensions per pass: R x VALUES_NV accumulators; a tail of fewer
+ * dimensions goes to the scalar loop */
 static inline __attribute__((always_inline)) void
-values_tile_avx2(float *const *out, double *const *dout, const double *weights, const int R,
+values_tile_simd(float *const *out, double *const *dout, const double *weights, const int R,
                  const kiln_fp16 *values, int n_keys, int head_dim, int stride, int n_ctx_pad) {
+    const int step = VALUES_NV * VD_W;
     int d0 = 0;
-    for (; d0 + 8 <= head_dim; d0 += 8) {
-        __m256d acc[ATT_TILE][2];
-        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
-        for (int p = 0; p < n_keys; p++) {
-            __m256 v8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(values + (size_t)p * stride + d0)));
-            __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v8));
-            __m256d v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v8, 1));
-            for (int r = 0; r < R; r++) {
-                __m256d w = _mm256_set1_pd(weights[(size_t)r * n_ctx_pad + p]);
-                acc[r][0] = _mm256_fmadd_pd(w, v0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_pd(w, v1, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            if (dout) {
-                _mm256_storeu_pd(dout[r] + d0, acc[r][0]);
-                _mm256_storeu_pd(dout[r] + d0 + 4, acc[r][1]);
-            } else {
-                _mm_storeu_ps(out[r] + d0, _mm256_cvtpd_ps(acc[r][0]));
-                _mm_storeu_ps(out[r] + d0 + 4, _mm256_cvtpd_ps(acc[r][1]));
-            }
-        }
-    }
-    if (d0 < head_dim) {
-        float *rest[ATT_TILE];
-        double *drest[ATT_TILE];
-        for (int r = 0; r < R; r++) {
-            rest[r] = dout ? NULL : out[r] + d0;
-            drest[r] = dout ? dout[r] + d0 : NULL;
-        }
-        values_tile_scalar(rest, dout ? drest : NULL, weights, R, values + d0, n_keys,
-                           head_dim - d0, stride, n_ctx_pad);
-    }
-}
-#endif
-
-#ifdef ATT_AVX512
-/* 2 * ATT_BLOCK dimensions per pass: R x 4 accumulators of 8 doubles */
-static inline __attribute__((always_inline)) void
-values_tile_avx512(float *const *out, double *const *dout, const double *weights, const int R,
-                   const kiln_fp16 *values, int n_keys, int head_dim, int stride, int n_ctx_pad) {
-    int d0 = 0;
-    for (; d0 + 2 * ATT_BLOCK <= head_dim; d0 += 2 * ATT_BLOCK) {
-        __m512d acc[ATT_TILE][4];
+    for (; d0 + step <= head_dim; d0 += step) {
+        vd acc[ATT_TILE][VALUES_NV];
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_pd();
+            for (int j = 0; j < VALUES_NV; j++) acc[r][j] = vd_zero();
         for (int p = 0; p < n_keys; p++) {
-            const kiln_fp16 *v = values + (size_t)p * stride + d0;
-            __m512 va = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v));
-            __m512 vb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + ATT_BLOCK)));
-            __m512d vd[4] = {
-                _mm512_cvtps_pd(_mm512_castps512_ps256(va)),
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(va), 1))),
-                _mm512_cvtps_pd(_mm512_castps512_ps256(vb)),
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(vb), 1))),
-            };
+            vd v[VALUES_NV];
+            for (int j = 0; j < VALUES_NV; j += 2)
+                vd_load2_f16(values + (size_t)p * stride + d0 + j * VD_W, &v[j], &v[j + 1]);
             for (int r = 0; r < R; r++) {
-                __m512d w = _mm512_set1_pd(weights[(size_t)r * n_ctx_pad + p]);
-                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_pd(w, vd[j], acc[r][j]);
+                vd w = vd_set1(weights[(size_t)r * n_ctx_pad + p]);
+                for (int j = 0; j < VALUES_NV; j++) acc[r][j] = vd_fma(w, v[j], acc[r][j]);
             }
         }
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < 4; j++) {
-                if (dout) _mm512_storeu_pd(dout[r] + d0 + 8 * j, acc[r][j]);
-                else _mm256_storeu_ps(out[r] + d0 + 8 * j, _mm512_cvtpd_ps(acc[r][j]));
+            for (int j = 0; j < VALUES_NV; j++) {
+                if (dout) vd_store(dout[r] + d0 + j * VD_W, acc[r][j]);
+                else vd_store_f32(out[r] + d0 + j * VD_W, acc[r][j]);
             }
     }
     if (d0 < head_dim) {
@@ -249,12 +201,7 @@ values_tile_avx512(float *const *out, double *const *dout, const double *weights
                            head_dim - d0, stride, n_ctx_pad);
     }
 }
-#endif
-
-#if defined(ATT_AVX512)
-#define VALUES_TILE values_tile_avx512
-#elif defined(ATT_AVX2)
-#define VALUES_TILE values_tile_avx2
+#define VALUES_TILE values_tile_simd
 #else
 #define VALUES_TILE values_tile_scalar
 #endif
