@@ -236,10 +236,7 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
 
 def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
     """Mean over positions of KL(softmax(ref) || softmax(logits)), in float64."""
-    def log_softmax(z):
-        z = np.asarray(z, dtype=np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    from engine.perplexity import log_softmax
     lp, lq = log_softmax(ref_logits), log_softmax(logits)
     return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
 

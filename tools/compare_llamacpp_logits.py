@@ -21,6 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.perplexity import log_softmax  # noqa: E402
+
 LLAMA_CHILD = """
 import sys, numpy as np
 from llama_cpp import Llama
@@ -30,12 +32,6 @@ llm = Llama(path, n_ctx=len(ids) + 8, n_batch=len(ids), n_threads=2, logits_all=
 llm.eval(ids)
 np.save(out_path, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
 """
-
-
-def log_softmax(x):
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def compare(path: str, ids: list[int]) -> dict:
