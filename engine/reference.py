@@ -42,7 +42,6 @@ def _block_halves(blocks: np.ndarray, block_bytes: int, offset: int) -> np.ndarr
 
 class Linear:
     """y = x @ W.T over a dequantized weight."""
-    observe = None  # tests: callable(x, activation type) seeing x before it is quantized
 
     def __init__(self, t, emulate_q8: bool):
         self.act_type = ACTIVATION_TYPE.get(GGMLType(t.type)) if emulate_q8 else None
@@ -66,8 +65,6 @@ class Linear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.act_type is None:
             return x @ self.w.T
-        if Linear.observe is not None:
-            Linear.observe(x, self.act_type)
         xq = formats.quantize(np.ascontiguousarray(x, dtype=np.float32), self.act_type)
         y = np.asarray(formats.dequantize(xq, self.act_type, x.shape), np.float64) @ self.w.T
         if self.block_min is not None:
