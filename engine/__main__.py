@@ -1,6 +1,6 @@
 """`python -m engine` = `kiln`."""
 import sys
 
-from engine.cli import main
+from engine.cli.kiln import main
 
 sys.exit(main())

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from engine.chat_template import ChatTemplate, ChatTemplateError
 from engine.errors import ContextOverflowError, KilnError
-from engine.llm import Timings, stop_list
+from engine.completion import Timings, stop_list
+from engine.sampler import sampling_defaults
 
 ROLES = ("system", "user", "assistant")
 
@@ -97,8 +98,7 @@ class TurnStats:
         return cls(completion.timings, completion.finish_reason, dropped_messages)
 
 
-SAMPLING_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
-                         seed=None, max_tokens=None)
+SAMPLING_DEFAULTS = dict(sampling_defaults(), seed=None, max_tokens=None)
 
 
 class ChatSession:

@@ -7,106 +7,16 @@ new tokens (what a chat or an app re-sending a growing prompt needs).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from engine.chat import chat_completion
+from engine.completion import Completion, StopMatcher, Timings
 from engine.errors import ContextOverflowError
 from engine.model import Model
-from engine.sampler import Sampler, SamplingParams, check_seed
-from engine.tokenizer import Tokenizer
+from engine.sampler import DEFAULT_SAMPLING, Sampler, SamplingParams, check_seed
+from engine.tokenizer import load_tokenizer
 
 DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass
-class Timings:
-    """Where the time of one generate() call went. `prompt_tokens_evaluated` is what the
-    model actually ran after reusing the cached prefix."""
-    prompt_tokens: int = 0
-    prompt_tokens_evaluated: int = 0
-    prompt_seconds: float = 0.0
-    generated_tokens: int = 0
-    generation_seconds: float = 0.0
-
-    @property
-    def prompt_tokens_per_second(self) -> float:
-        return self.prompt_tokens_evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generation speed: generated tokens per second of generation time."""
-        return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens,
-                "prompt_tokens_evaluated": self.prompt_tokens_evaluated,
-                "prompt_seconds": self.prompt_seconds,
-                "prompt_tokens_per_second": self.prompt_tokens_per_second,
-                "generated_tokens": self.generated_tokens,
-                "generation_seconds": self.generation_seconds,
-                "tokens_per_second": self.tokens_per_second}
-
-
-@dataclass
-class Completion:
-    """Result of a blocking generate(). `tokens` are the sampled ids (no prompt, no
-    end-of-generation token); when a stop string ended the text, `text` is cut before it
-    while `tokens` still holds every token that was sampled."""
-    text: str
-    tokens: list[int]
-    finish_reason: str          # "stop" (end token or stop string) | "length"
-    timings: Timings = field(default_factory=Timings)
-    prompt_tokens: list[int] = field(default_factory=list)
-
-
-def stop_list(stop) -> list[str]:
-    """`stop` as generate() takes it (None, one string or several) as a list of strings."""
-    if stop is None:
-        return []
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    for s in stop:
-        if not isinstance(s, str):
-            raise ValueError(f"stop must be a string or a list of strings, got {s!r}")
-    return stop
-
-
-class _StopMatcher:
-    """Holds back generated text that could still turn into a stop string, so a stop
-    string is never emitted, even when split across tokens."""
-
-    def __init__(self, stop):
-        self.stop = [s for s in stop_list(stop) if s]
-        self.pending = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was found)."""
-        self.pending += piece
-        if not self.stop:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        keep = self._longest_stop_prefix_suffix(self.pending)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def _longest_stop_prefix_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-        longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:k]):
-                    longest = k
-                    break
-        return longest
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 def _check_max_tokens(max_tokens):
@@ -130,7 +40,7 @@ class LLM:
         self.model = Model(str(model_path), n_ctx=n_ctx, n_threads=n_threads)
         try:
             self.metadata = self.model.metadata
-            self.tokenizer = Tokenizer.from_metadata(self.metadata)
+            self.tokenizer = load_tokenizer(self.metadata)
         except BaseException:
             self.model.close()
             raise
@@ -246,9 +156,10 @@ class LLM:
         return np.asarray(out, dtype=np.float32).reshape(len(ids), -1)
 
     # --- generation --------------------------------------------------------------------
-    def generate(self, prompt, max_tokens: int | None = DEFAULT_MAX_TOKENS, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 repeat_penalty: float = 1.0, seed: int | None = None, stop=None,
+    def generate(self, prompt, max_tokens: int | None = DEFAULT_MAX_TOKENS, temperature: float = DEFAULT_SAMPLING.temperature,
+                 top_k: int = DEFAULT_SAMPLING.top_k, top_p: float = DEFAULT_SAMPLING.top_p,
+                 min_p: float = DEFAULT_SAMPLING.min_p,
+                 repeat_penalty: float = DEFAULT_SAMPLING.repeat_penalty, seed: int | None = None, stop=None,
                  stream: bool = False, ignore_eos: bool = False):
         """Continue `prompt` (a str or a list of token ids).
 
@@ -265,7 +176,7 @@ class LLM:
                                 repeat_penalty=repeat_penalty)
         seed = check_seed(seed)
         max_tokens = _check_max_tokens(max_tokens)
-        matcher = _StopMatcher(stop)
+        matcher = StopMatcher(stop)
         ids = self._prompt_ids(prompt)
         self._active_call += 1
         pieces = self._run(ids, max_tokens, Sampler(params, seed), matcher, ignore_eos,
@@ -335,5 +246,4 @@ class LLM:
     def chat(self, messages, stream: bool = False, **kwargs):
         """Reply to a conversation (a list of {"role", "content"} dicts) with the chat
         template from the GGUF; the rest of the arguments are generate()'s."""
-        from engine.chat import chat_completion
         return chat_completion(self, messages, stream=stream, **kwargs)

@@ -71,6 +71,18 @@ def check_seed(seed):
     return int(seed)
 
 
+# The one place the sampling defaults live: generate()'s signature, the chat session's
+# settings and the CLI's flags all read them from here.
+DEFAULT_SAMPLING = SamplingParams()
+# The knobs generate(), the chat and the CLI take (penalty_last_n is fixed).
+SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+
+
+def sampling_defaults() -> dict:
+    """{knob: default} for the knobs in SAMPLING_KNOBS."""
+    return {k: getattr(DEFAULT_SAMPLING, k) for k in SAMPLING_KNOBS}
+
+
 # --- the filters, each on a candidate set (ids, logits), both 1-D and aligned -------------
 
 def apply_repeat_penalty(logits: np.ndarray, recent_tokens, penalty: float) -> np.ndarray:

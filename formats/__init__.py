@@ -3,14 +3,15 @@
 Imports nothing else of kiln's. See DESIGN.md, "Lower-level contracts".
 """
 from .constants import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, FormatError,
-                        GGMLType, GGUFValueType, row_nbytes)
+                        GGMLType, GGUFValueType, LlamaFileType, file_type_of, row_nbytes)
 from .metadata import GGUFMetadata, GGUFValue
-from .quants import dequantize, quantize
+from .quants import DECODABLE_TYPES, ENCODABLE_TYPES, FLOAT_TYPES, dequantize, quantize
 from .reader import GGUFFile, Tensor, read_gguf
 from .writer import GGUFWriter, GGUFWriterError, write_gguf
 
 __all__ = [
     "GGML_QUANT_SIZES", "GGUF_DEFAULT_ALIGNMENT", "GGUF_VERSION", "FormatError", "GGMLType",
-    "GGUFValueType", "row_nbytes", "GGUFMetadata", "GGUFValue", "dequantize", "quantize",
+    "GGUFValueType", "LlamaFileType", "file_type_of", "row_nbytes", "DECODABLE_TYPES",
+    "ENCODABLE_TYPES", "FLOAT_TYPES", "GGUFMetadata", "GGUFValue", "dequantize", "quantize",
     "GGUFFile", "Tensor", "read_gguf", "GGUFWriter", "GGUFWriterError", "write_gguf",
 ]

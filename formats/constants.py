@@ -58,6 +58,39 @@ class GGMLType(IntEnum):
     MXFP4 = 39
 
 
+class LlamaFileType(IntEnum):
+    """`general.file_type`: llama.cpp's enum llama_ftype, the type most of a file's
+    weights have (the number llama.cpp's quantizer takes)."""
+    ALL_F32 = 0
+    MOSTLY_F16 = 1
+    MOSTLY_Q4_0 = 2
+    MOSTLY_Q4_1 = 3
+    MOSTLY_Q8_0 = 7
+    MOSTLY_Q5_0 = 8
+    MOSTLY_Q5_1 = 9
+    MOSTLY_Q2_K = 10
+    MOSTLY_Q3_K_S = 11
+    MOSTLY_Q3_K_M = 12
+    MOSTLY_Q3_K_L = 13
+    MOSTLY_Q4_K_S = 14
+    MOSTLY_Q4_K_M = 15
+    MOSTLY_Q5_K_S = 16
+    MOSTLY_Q5_K_M = 17
+    MOSTLY_Q6_K = 18
+    MOSTLY_IQ4_NL = 25
+    MOSTLY_IQ4_XS = 30
+    MOSTLY_BF16 = 32
+
+
+def file_type_of(type_: "GGMLType") -> LlamaFileType:
+    """The `general.file_type` of a file whose matrices are all `type_`."""
+    name = "ALL_F32" if type_ == GGMLType.F32 else "MOSTLY_" + GGMLType(type_).name
+    try:
+        return LlamaFileType[name]
+    except KeyError:
+        raise ValueError(f"no llama.cpp file type stores {GGMLType(type_).name} weights") from None
+
+
 class GGUFValueType(IntEnum):
     """GGUF metadata value types (enum gguf_type)."""
     UINT8 = 0

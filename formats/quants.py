@@ -124,6 +124,10 @@ _BLOCK_QUANTIZERS = {
 }
 
 
+# The element types: stored as NumPy floats (BF16 as its bits), no blocks.
+FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
     """ggml_compute_fp32_to_bf16: round to nearest even, NaN forced quiet."""
     u = x.view(np.uint32)
@@ -201,6 +205,11 @@ _BLOCK_DEQUANTIZERS = {
     GGMLType.Q8_0: lambda b, out: _dq_q8(b, out, 2),
     GGMLType.Q8_1: lambda b, out: _dq_q8(b, out, 4),  # s is only used by dot products
 }
+
+
+# What quantize() encodes and dequantize() decodes: the float types and each block codec.
+ENCODABLE_TYPES = FLOAT_TYPES + tuple(_BLOCK_QUANTIZERS)
+DECODABLE_TYPES = FLOAT_TYPES + tuple(_BLOCK_DEQUANTIZERS)
 
 
 def dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:

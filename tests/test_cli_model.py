@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("engine.model", reason="engine.model has not landed yet")
-import formats  # noqa: E402
-from engine import LLM, cli  # noqa: E402
+import formats
+from engine import LLM
+from engine.cli import kiln as cli
 
 
 def kiln(*args, input=None):

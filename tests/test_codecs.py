@@ -9,7 +9,8 @@ from ckernels import _ext
 from formats import GGMLType as T
 
 N = 256  # elements per adversarial row (8 blocks)
-BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
+# the block codecs of the weight types (Q8_1 is an activation format, tested below)
+BLOCK_TYPES = [t for t in formats.ENCODABLE_TYPES if t not in formats.FLOAT_TYPES and t != T.Q8_1]
 
 
 def _adversarial_rows():
@@ -97,7 +98,7 @@ def test_q8_1_layout_and_semantics():
     assert np.allclose(formats.dequantize(b, T.Q8_1, x.shape), x, atol=float(d.max()) / 2 + 1e-6)
 
 
-CODEC_TYPES = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q8_1, T.F16, T.BF16, T.F32]
+CODEC_TYPES = list(formats.ENCODABLE_TYPES)
 
 
 @pytest.mark.parametrize("qtype", CODEC_TYPES, ids=lambda t: t.name)

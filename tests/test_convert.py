@@ -18,9 +18,11 @@ import pytest
 
 import formats
 from engine import convert
+from engine.cli import convert as convert_cli
+from engine.convert import streaming
 from engine.errors import ConvertError
-from engine.export_hf import export
-from engine.hf_vocab import detect_pre
+from engine.convert.export_hf import export
+from engine.convert.vocab import detect_pre
 from formats import GGMLType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,14 +34,12 @@ TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein p
 
 
 def _engine():
-    # The C engine is another module's work; these end-to-end checks need it built.
-    pytest.importorskip("engine.model", reason="engine.model is not available")
     import engine
     return engine
 
 
 def run_convert(*argv):
-    return convert.main([str(a) for a in argv])
+    return convert_cli.main([str(a) for a in argv])
 
 
 def tensors_of(path):
@@ -193,9 +193,9 @@ def _assert_logits_close(kiln_logits, hf_logits):
 
 
 def kiln_tokenizer(path):
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
     with formats.read_gguf(path) as f:
-        return Tokenizer.from_metadata(f.metadata)
+        return load_tokenizer(f.metadata)
 
 
 def test_exported_tokenizer_tokenizes_like_the_gguf(smollm2_path, smol_hf, smol_f32):
@@ -308,7 +308,7 @@ def test_tensors_are_streamed_in_row_chunks(tiny_hf, tmp_path, monkeypatch, typ)
     largest tensor), and the chunking does not change a byte of the output."""
     assert run_convert(tiny_hf, "-o", tmp_path / "whole.gguf", "--type", typ, "--quiet") == 0
     n_embd = 64  # make_tiny_gguf's default: each chunk is at most 3 rows of float32
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 3 * 4 * n_embd)
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 3 * 4 * n_embd)
     chunks, wholes = [], []
     chunk, whole = formats.GGUFWriter.write_tensor_chunk, formats.GGUFWriter.write_tensor
     monkeypatch.setattr(formats.GGUFWriter, "write_tensor_chunk",
@@ -567,7 +567,7 @@ def test_merges_in_pair_format_read_like_strings(tiny_hf, tmp_path):
 def test_pre_tokenizer_named_by_structure_when_the_vocabulary_is_new(pre):
     # A vocabulary of just the 256 byte symbols: no known hash, so the structure decides.
     from tokenizers.pre_tokenizers import ByteLevel
-    from engine.export_hf import bpe_tokenizer_json
+    from engine.convert.export_hf import bpe_tokenizer_json
     md = {"tokenizer.ggml.tokens": sorted(ByteLevel.alphabet()), "tokenizer.ggml.pre": pre,
           "tokenizer.ggml.token_type": [1] * 256, "tokenizer.ggml.merges": []}
     tj = bpe_tokenizer_json(md)
@@ -593,7 +593,7 @@ def test_a_failure_mid_write_leaves_no_file(tiny_hf, tmp_path, monkeypatch):
         if len(calls) == 5:
             raise MemoryError("simulated")
         return formats.quantize(x, t)
-    monkeypatch.setattr(convert, "encode_rows", failing_encode)
+    monkeypatch.setattr(streaming, "encode_rows", failing_encode)
     with pytest.raises(MemoryError):
         run_convert(tiny_hf, "-o", out, "--type", "q8_0", "--quiet")
     assert out.read_bytes() == b"previous"  # the old file is untouched, no temp file left

@@ -115,7 +115,6 @@ def test_eos_ends_a_chat_turn(llm):
 
 
 def test_chat_delegates_to_the_chat_module(llm):
-    pytest.importorskip("engine.chat", reason="engine.chat has not landed yet")
     question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     out = llm.chat(question, temperature=0, max_tokens=32)
     assert "Paris" in out.text and out.finish_reason == "stop"

@@ -1,10 +1,10 @@
-"""`kiln bench` logic (engine.bench): a short run on SmolLM2 reports positive speeds, the
+"""`kiln bench` logic (engine.cli.bench): a short run on SmolLM2 reports positive speeds, the
 JSON and table outputs carry them, and bad arguments are refused."""
 import json
 
 import pytest
 
-from engine import bench
+from engine.cli import bench
 
 
 def test_bench_json(smollm2_path, capsys):

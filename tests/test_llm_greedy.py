@@ -187,7 +187,7 @@ def record(variants):
     import tempfile
     sys.path.insert(0, str(Path(__file__).parent.parent))
     from conftest import make_smollm2_variant
-    from engine.hub import pull
+    from engine.cli.pull import pull
     import llama_cpp
     FIXTURE.parent.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

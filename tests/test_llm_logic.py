@@ -75,7 +75,7 @@ class ScriptedModel:
 @pytest.fixture
 def make_llm(monkeypatch):
     monkeypatch.setattr(llm_mod, "Model", ScriptedModel)
-    monkeypatch.setattr(llm_mod.Tokenizer, "from_metadata", staticmethod(lambda md: ScriptedTokenizer()))
+    monkeypatch.setattr(llm_mod, "load_tokenizer", lambda md: ScriptedTokenizer())
 
     def make(reply, prompt="Q:", n_ctx=64):
         llm = llm_mod.LLM("scripted.gguf", n_ctx=n_ctx)

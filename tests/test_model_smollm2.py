@@ -61,9 +61,9 @@ N_TOKENS = 512
 def tokens(smollm2_path):
     import formats
     try:
-        from engine.tokenizer import Tokenizer
+        from engine.tokenizer import load_tokenizer
         with formats.read_gguf(smollm2_path) as f:
-            ids = Tokenizer.from_metadata(f.metadata).encode(TEXT)
+            ids = load_tokenizer(f.metadata).encode(TEXT)
     except ImportError:  # the tokenizer is not there: longest-match pieces of the text
         with formats.read_gguf(smollm2_path) as f:
             ids = _longest_match(TEXT, list(f.metadata["tokenizer.ggml.tokens"]))

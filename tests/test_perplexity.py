@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine import LLM
-from engine.cli import main
+from engine.cli.kiln import main
 from engine.perplexity import PerplexityError, perplexity, read_text
 from tiny_models import CORPUS, make_tiny_llama
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, hub
+from engine.cli import kiln as cli
+from engine.cli import pull as hub
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40
 

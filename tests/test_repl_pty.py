@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect (dev extra) drives the pseudo-terminal")
-pytest.importorskip("engine.model", reason="engine.model has not landed yet")
-pytest.importorskip("engine.tokenizer", reason="engine.tokenizer has not landed yet")
 
 TESTS = Path(__file__).resolve().parent
 PROMPT = ">>> "
@@ -26,7 +24,7 @@ ECHO_CHAT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import test_chat_session as t
     import engine.llm as llm_mod
-    from engine.cli import main
+    from engine.cli.kiln import main
 
     class SlowEcho(t.EchoModel):
         def _next(self, ctx):
@@ -38,7 +36,7 @@ ECHO_CHAT = textwrap.dedent("""
 
     open("echo.gguf", "wb").close()
     llm_mod.Model = SlowEcho
-    llm_mod.Tokenizer.from_metadata = staticmethod(lambda md: t.ByteTokenizer())
+    llm_mod.load_tokenizer = lambda md: t.ByteTokenizer()
     sys.exit(main(["chat", "echo.gguf"] + sys.argv[1:]))
 """)
 

@@ -227,8 +227,8 @@ def spm_gguf(tmp_path_factory, spm_fixture):
 
 @pytest.fixture(scope="module")
 def spm_tok(spm_gguf):
-    from engine.tokenizer import Tokenizer
-    return Tokenizer.from_metadata(_read_metadata(spm_gguf))
+    from engine.tokenizer import load_tokenizer
+    return load_tokenizer(_read_metadata(spm_gguf))
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +239,9 @@ def bpe_gguf(tmp_path_factory, smollm2_path):
 
 @pytest.fixture(scope="module")
 def bpe_toks(bpe_gguf, smollm2_path):
-    from engine.tokenizer import Tokenizer
-    toks = {pre: Tokenizer.from_metadata(_read_metadata(path)) for pre, path in bpe_gguf.items()}
-    toks["file"] = Tokenizer.from_metadata(_read_metadata(smollm2_path))
+    from engine.tokenizer import load_tokenizer
+    toks = {pre: load_tokenizer(_read_metadata(path)) for pre, path in bpe_gguf.items()}
+    toks["file"] = load_tokenizer(_read_metadata(smollm2_path))
     return toks
 
 
@@ -269,10 +269,10 @@ def test_spm_matches_llama_cpp_fixture(spm_tok, spm_fixture):
 
 @pytest.fixture(scope="module")
 def spm_no_prefix(tmp_path_factory, spm_fixture):
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
     path = write_vocab_gguf(tmp_path_factory.mktemp("spm-np") / "spm-np.gguf",
                             spm_metadata(spm_fixture["vocab"], add_space_prefix=False))
-    return path, Tokenizer.from_metadata(_read_metadata(path))
+    return path, load_tokenizer(_read_metadata(path))
 
 
 def test_spm_without_space_prefix_matches_llama_cpp(spm_no_prefix, spm_fixture):
@@ -348,14 +348,14 @@ def test_real_sentencepiece_model(tmp_path, model_file):
     import sentencepiece
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
     m = pb.ModelProto()
     m.ParseFromString(Path(model_file).read_bytes())
     vocab = {"tokens": [p.piece for p in m.pieces], "scores": [p.score for p in m.pieces],
              "token_type": [p.type for p in m.pieces]}  # same numbering as GGUF's token types
     path = write_vocab_gguf(tmp_path / "real.gguf",
                             spm_metadata(vocab, m.normalizer_spec.add_dummy_prefix))
-    tok = Tokenizer.from_metadata(_read_metadata(path))
+    tok = load_tokenizer(_read_metadata(path))
     texts = CORPUS + fuzz_texts(200, seed=5)
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
     assert [t for t in texts if sp.encode(t) != tok.encode(t, add_bos=False)] == []
@@ -411,26 +411,26 @@ def test_bos_follows_the_file(spm_tok, bpe_toks):
 
 def test_bos_default_follows_pre_tokenizer(smollm2_path):
     """llama.cpp adds BOS for llama3-style vocabularies unless the file says otherwise."""
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import Tokenizer, load_tokenizer
     md = bpe_metadata(smollm2_path, "llama-bpe")
     del md["tokenizer.ggml.add_bos_token"]
-    tok = Tokenizer.from_metadata(md)
+    tok = load_tokenizer(md)
     assert isinstance(tok, Tokenizer) and tok.add_bos and tok.encode("hi")[0] == tok.bos_id
     md["tokenizer.ggml.pre"] = "qwen2"
-    assert not Tokenizer.from_metadata(md).add_bos
+    assert not load_tokenizer(md).add_bos
 
 
 def test_control_looking_tokens(tmp_path):
     """Tokens typed normal but named like control tokens are made control tokens (never taken
     from user text; <|eot_id|> ends generation), and gpt-oss's <|channel|> is always split
     out, as llama.cpp does; checked live when llama-cpp-python is installed."""
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
     extra = ["▁", "a", "<|eot_id|>", "<PRE>", "<|channel|>"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + extra
     vocab = {"tokens": tokens, "scores": [0.0] * len(tokens),
              "token_type": [2, 3, 3] + [6] * 256 + [1] * len(extra)}
     path = write_vocab_gguf(tmp_path / "v.gguf", spm_metadata(vocab))
-    tok = Tokenizer.from_metadata(_read_metadata(path))
+    tok = load_tokenizer(_read_metadata(path))
     eot, pre, channel = (tokens.index(t) for t in ("<|eot_id|>", "<PRE>", "<|channel|>"))
     assert tok.eog_ids == {2, eot}
     assert tok.encode("a<|eot_id|>", special=True)[-1] == eot
@@ -500,18 +500,18 @@ def test_streaming_flush_of_truncated_character(bpe_toks):
 
 def test_errors(bpe_toks, spm_fixture):
     from engine.errors import ModelError
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import load_tokenizer
     md = spm_metadata(spm_fixture["vocab"])
     with pytest.raises(ModelError, match="'bert'"):
-        Tokenizer.from_metadata({**md, "tokenizer.ggml.model": "bert"})
+        load_tokenizer({**md, "tokenizer.ggml.model": "bert"})
     with pytest.raises(ModelError, match="tokenizer.ggml.model"):
-        Tokenizer.from_metadata({k: v for k, v in md.items() if k != "tokenizer.ggml.model"})
+        load_tokenizer({k: v for k, v in md.items() if k != "tokenizer.ggml.model"})
     with pytest.raises(ModelError, match="duplicate token"):
-        Tokenizer.from_metadata({**md, "tokenizer.ggml.tokens": ["<unk>", "<unk>"] + md["tokenizer.ggml.tokens"][2:]})
+        load_tokenizer({**md, "tokenizer.ggml.tokens": ["<unk>", "<unk>"] + md["tokenizer.ggml.tokens"][2:]})
     bpe = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
            "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "deepseek-coder"}
     with pytest.raises(ModelError, match="'deepseek-coder'"):
-        Tokenizer.from_metadata(bpe)
+        load_tokenizer(bpe)
     tok = bpe_toks["file"]
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([tok.n_vocab])
@@ -525,7 +525,7 @@ if __name__ == "__main__":
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from engine.hub import pull
+    from engine.cli.pull import pull
     with tempfile.TemporaryDirectory() as d:
         record(Path(d), str(pull()))
     print("recorded", SPM_FIXTURE, BPE_FIXTURE)

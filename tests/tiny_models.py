@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 
 import formats
+from engine.model import MATRIX_TYPES
 from formats import GGMLType
 
 CORPUS = """\
@@ -146,11 +147,8 @@ def llama_vocab(n_merges: int = 200) -> dict:
 # activation-rounding step anywhere moves every later logit by ~1%.
 BRANCH_GAIN = 0.3
 
-FTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16,
-          "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1, "q8_0": GGMLType.Q8_0}
-# general.file_type (llama_ftype) of each
-FILE_TYPES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q4_1: 3,
-              GGMLType.Q8_0: 7, GGMLType.BF16: 32}
+# name -> weight type, for every type the C engine runs
+FTYPES = {t.name.lower(): t for t in MATRIX_TYPES}
 
 
 def encode_tensor(x: np.ndarray, type_: GGMLType) -> np.ndarray:
@@ -212,7 +210,7 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
     metadata = {
         "general.architecture": "llama",
         "general.name": f"tiny-llama-{vocab}-{ftype}",
-        "general.file_type": FILE_TYPES.get(wtype, 0),
+        "general.file_type": int(formats.file_type_of(wtype)),
         "general.quantization_version": 2,
         "llama.block_count": n_layer,
         "llama.context_length": n_ctx_train,

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import formats  # noqa: E402
-from engine.export_hf import bpe_tokenizer_json, tokenizer_config  # noqa: E402
-from engine.hub import pull  # noqa: E402
+from engine.convert.export_hf import bpe_tokenizer_json, tokenizer_config  # noqa: E402
+from engine.cli.pull import pull  # noqa: E402
 from formats.safetensors import write_safetensors  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main(argv=None):
         out = Path(tmp.name) / f"bench-{typ}.gguf"
         # each conversion in its own child, which reports VmHWM (its own peak RSS; ru_maxrss
         # would count this parent's memory, inherited through fork before exec)
-        code = ("import sys; from engine.convert import main; "
+        code = ("import sys; from engine.cli.convert import main; "
                 "rc = main(sys.argv[1:]); "
                 "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')]; "
                 "print(hwm[0], file=sys.stderr); sys.exit(rc)")

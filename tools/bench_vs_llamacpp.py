@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.bench import bench_model, bench_prompt_tokens  # noqa: E402
+from engine.cli.bench import bench_model, bench_prompt_tokens  # noqa: E402
 
 LLAMA_FTYPES = {"Q4_0": 2, "Q8_0": 7, "F16": 1}   # llama_ftype values
 
@@ -48,7 +48,7 @@ def make_quantized(src: str, dst: str, ftype_name: str) -> str:
 
 
 def default_models() -> list[str]:
-    from engine.hub import pull
+    from engine.cli.pull import pull
     src = str(pull())
     return [make_quantized(src, src.replace(".Q4_1.gguf", f".{t}.gguf"), t) for t in ("Q4_0", "Q8_0")]
 

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.export_hf import main  # noqa: E402
+from engine.cli.export_hf import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,36 +3,12 @@ streaming UTF-8 decoding. Subclasses (spm.SPMTokenizer, bpe.BPETokenizer) supply
 `_encode_fragment` and `_normal_piece`."""
 from __future__ import annotations
 
-from ..errors import ModelError
 from .vocab import (TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN,
                     TOKEN_TYPE_USER_DEFINED, Vocab)
 
 
 class Tokenizer:
-    """A GGUF file's tokenizer; build it with Tokenizer.from_metadata(metadata)."""
-
-    @staticmethod
-    def from_metadata(md) -> "Tokenizer":
-        """The tokenizer tokenizer.ggml.model names: "llama" (SentencePiece) or "gpt2"
-        (byte-level BPE with the pre-tokenizer tokenizer.ggml.pre names)."""
-        model = md.get("tokenizer.ggml.model")
-        if model == "llama":
-            from .spm import SPMTokenizer
-            # llama.cpp's SPM defaults: BOS 1, EOS 2, UNK 0, BOS added, dummy-prefix space.
-            vocab = Vocab.from_metadata(md, default_add_bos=True,
-                                        default_ids={"bos": 1, "eos": 2, "unk": 0})
-            vocab.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
-            return SPMTokenizer(vocab)
-        if model == "gpt2":
-            from .bpe import BPETokenizer, pre_tokenizer_settings
-            regexes, ignore_merges, add_bos = pre_tokenizer_settings(md.get("tokenizer.ggml.pre", ""))
-            vocab = Vocab.from_metadata(md, default_add_bos=add_bos,
-                                        default_ids={"bos": 11, "eos": 11})
-            return BPETokenizer(vocab, regexes, ignore_merges)
-        if model is None:
-            raise ModelError("the model file has no tokenizer (tokenizer.ggml.model is missing)")
-        raise ModelError(f"tokenizer.ggml.model {model!r} is not supported "
-                         "(kiln reads 'llama' = SentencePiece and 'gpt2' = byte-level BPE)")
+    """A GGUF file's tokenizer; build it with engine.tokenizer.load_tokenizer(metadata)."""
 
     def __init__(self, vocab: Vocab):
         self.vocab = vocab

@@ -5,7 +5,7 @@
     kiln convert SRC -o OUT  checkpoint -> GGUF       kiln bench [MODEL]   speed
     kiln perplexity [MODEL] -f TEXT   perplexity (and --kl-base KL divergence), as llama-perplexity
 
-MODEL may be omitted: the default model is fetched on first use (engine.hub). Errors a
+MODEL may be omitted: the default model is fetched on first use (engine.cli.pull). Errors a
 user can cause print one line on stderr and exit 1; `--debug` shows the traceback.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import KilnError
+from engine.sampler import DEFAULT_SAMPLING
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -23,8 +24,8 @@ EXIT_INTERRUPTED = 130
 # Subcommands whose argument parsing lives in their own module (one implementation with
 # the tools/ scripts): everything after the name is handed over as is.
 DELEGATED = {
-    "convert": ("engine.convert", "convert a Hugging Face checkpoint to GGUF (= python tools/convert.py)"),
-    "bench": ("engine.bench", "measure prompt and generation speed"),
+    "convert": ("engine.cli.convert", "convert a Hugging Face checkpoint to GGUF (= python tools/convert.py)"),
+    "bench": ("engine.cli.bench", "measure prompt and generation speed"),
 }
 
 
@@ -42,13 +43,14 @@ def _add_runtime(p, ctx_default=None):
                    help="context window in tokens (default: %(default)s)")
 
 
-def _add_sampling(p, temp_default=0.8):
-    p.add_argument("--temp", type=float, default=temp_default, metavar="F",
+def _add_sampling(p):
+    d = DEFAULT_SAMPLING
+    p.add_argument("--temp", type=float, default=d.temperature, metavar="F",
                    help="temperature; 0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=40, metavar="K", help="top-k, 0 = off (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="top-p, 1 = off (default: %(default)s)")
-    p.add_argument("--min-p", type=float, default=0.05, metavar="P", help="min-p, 0 = off (default: %(default)s)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, metavar="F",
+    p.add_argument("--top-k", type=int, default=d.top_k, metavar="K", help="top-k, 0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=d.top_p, metavar="P", help="top-p, 1 = off (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=d.min_p, metavar="P", help="min-p, 0 = off (default: %(default)s)")
+    p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, metavar="F",
                    help="repetition penalty, 1 = off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: random)")
 
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_model(model: str | None) -> str:
     """The model path to open: MODEL as given (checked), or the default model (pulled)."""
     if model is None:
-        from engine.hub import pull
+        from engine.cli.pull import pull
         return str(pull())
     p = Path(model)
     if not p.exists():
@@ -176,7 +178,7 @@ def load_llm(args):
 
 def cmd_chat(args) -> int:
     from engine.chat import ChatSession
-    from engine.repl import run_repl
+    from engine.cli.repl import run_repl
     if args.max_tokens is not None:
         _positive("--max-tokens", args.max_tokens)
     llm = load_llm(args)
@@ -198,7 +200,7 @@ def cmd_generate(args) -> int:
     out.flush()
     if args.timings and llm.last_completion is not None:
         from engine.chat import TurnStats
-        from engine.repl import stats_line
+        from engine.cli.repl import stats_line
         print(stats_line(TurnStats.from_completion(llm.last_completion)), file=sys.stderr)
     return 0
 
@@ -283,14 +285,14 @@ def format_perplexity(r) -> str:
 
 
 def cmd_info(args) -> int:
-    from engine.info import format_info, format_info_json, model_info
+    from engine.cli.info import format_info, format_info_json, model_info
     info = model_info(resolve_model(args.model))
     print(format_info_json(info) if args.json else format_info(info))
     return 0
 
 
 def cmd_pull(args) -> int:
-    from engine.hub import pull
+    from engine.cli.pull import pull
     pull(quiet=False)
     return 0
 

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         raise SystemExit("kiln bench: --threads must be >= 1")
     models = args.model
     if not models:
-        from engine.hub import pull
+        from engine.cli.pull import pull
         models = [str(pull())]
     results = []
     for path in models:

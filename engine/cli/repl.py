@@ -113,7 +113,7 @@ class Repl:
         except ImportError:         # e.g. Windows without pyreadline: plain input()
             return
         self._readline = readline
-        from engine.hub import cache_dir
+        from engine.cli.pull import cache_dir
         self._history = cache_dir() / "chat_history"
         try:
             readline.read_history_file(self._history)

@@ -1,4 +1,4 @@
-"""`tools/export_hf.py GGUF OUTDIR`: a llama GGUF file as a Hugging Face checkpoint directory.
+"""A llama GGUF file as a Hugging Face checkpoint directory (`python tools/export_hf.py`).
 
 The inverse of `kiln convert`: tensors are dequantized (to F32 by default), Q and K rows are
 permuted back into Hugging Face's rotate-half order, and `config.json`,
@@ -9,19 +9,17 @@ checkpoint from real weights without any download, and lets `transformers` check
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 import formats
-from engine.convert import HF_LAYER_NAMES, HF_TENSOR_NAMES, permute_qk
+from engine.convert.naming import HF_LAYER_NAMES, HF_TENSOR_NAMES, permute_qk
+from engine.convert.vocab import (SPECIAL_KEYS, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNUSED,
+                                  TOKEN_USER_DEFINED, pre_tokenizer_json)
 from engine.errors import ConvertError
-from engine.hf_vocab import (SPECIAL_KEYS, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNUSED,
-                             TOKEN_USER_DEFINED, pre_tokenizer_json)
 from formats.safetensors import write_safetensors
 
 GGUF_TO_HF = {v: k for k, v in HF_TENSOR_NAMES.items()}
@@ -234,27 +232,3 @@ def _write_json(path: Path, obj):
     with open(tmp, "w", encoding="utf-8") as fp:
         json.dump(obj, fp, ensure_ascii=False, indent=2)
     os.replace(tmp, path)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="export_hf", description=(
-        "Write a llama GGUF file as a Hugging Face checkpoint directory (config.json, "
-        "safetensors, tokenizer files)."))
-    p.add_argument("gguf", metavar="GGUF")
-    p.add_argument("outdir", metavar="OUTDIR")
-    p.add_argument("--dtype", choices=list(DTYPES), default="f32",
-                   help="dtype of the 2-D weights (default f32; vectors stay f32)")
-    p.add_argument("--shards", type=int, default=1,
-                   help="split the weights into N safetensors files with an index")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = export(args.gguf, args.outdir, args.dtype, args.shards)
-    except (ConvertError, formats.FormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0

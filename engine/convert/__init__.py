@@ -1,0 +1,52 @@
+"""The converter: Hugging Face checkpoints and GGUF files to block-quantized GGUF.
+
+    from engine import convert
+    p = convert.plan("path/to/hf-model", "out.gguf", "q4_0")   # checks everything, writes nothing
+    try:
+        convert.write(p, "out.gguf")                            # streams the tensors, atomically
+    finally:
+        p.close()
+
+SRC is a Hugging Face model directory (LlamaForCausalLM / MistralForCausalLM, safetensors
+weights in F32/F16/BF16, one file or sharded; a SentencePiece `tokenizer.model` or a
+byte-level BPE `tokenizer.json`) or a GGUF file (requantized, metadata kept). Names and
+metadata keys follow llama.cpp's convert_hf_to_gguf.py so that llama.cpp loads what we
+write. The rooms: `plan` (the plan's types), `hf` and `gguf_source` (reading each kind of
+source), `naming` (tensor names, Q/K permutation), `vocab` (tokenizers), `mixes` (which type
+each tensor gets), `streaming` (writing), `export_hf` (GGUF back to a checkpoint).
+`kiln convert` (engine.cli.convert) is the program.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.convert.gguf_source import plan_gguf
+from engine.convert.hf import plan_hf
+from engine.convert.mixes import OUT_TYPES, default_embed_type
+from engine.convert.plan import Plan, TensorPlan
+from engine.convert.streaming import write
+from engine.errors import ConvertError
+
+__all__ = ["plan", "write", "Plan", "TensorPlan", "OUT_TYPES"]
+
+
+def plan(src, out, out_type: str = "q8_0", embed_type: str | None = None) -> Plan:
+    """Read and check everything the conversion needs; raises ConvertError, writes nothing."""
+    src, out = Path(src), Path(out)
+    target = OUT_TYPES[out_type]
+    embed = OUT_TYPES[embed_type] if embed_type else default_embed_type(target)
+    if not src.exists():
+        raise ConvertError(f"{src}: no such file or directory")
+    if out.is_dir():
+        raise ConvertError(f"output {out} is a directory; give a file path such as "
+                           f"{out / 'model.gguf'}")
+    if not out.resolve().parent.is_dir():
+        raise ConvertError(f"output directory {out.resolve().parent} does not exist")
+    if src.is_dir():
+        return plan_hf(src, out, target, embed)
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ConvertError(f"{src}: not a GGUF file or a Hugging Face model directory")
+    return plan_gguf(src, out, target, embed)
+

@@ -1,0 +1,64 @@
+"""Planning the requantization of a GGUF file: metadata kept, each tensor dequantized
+from its type (or copied when the type does not change)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+import formats
+from engine.convert.mixes import QUANTIZATION_VERSION, choose_type, is_block_type
+from engine.convert.plan import Plan, TensorPlan
+from engine.errors import ConvertError
+
+GGMLType = formats.GGMLType
+
+
+def plan_gguf(src: Path, out: Path, target: GGMLType, embed_type: GGMLType) -> Plan:
+    if os.path.realpath(src) == os.path.realpath(out):
+        raise ConvertError(f"output {out} is the source file; write the GGUF to another path")
+    try:
+        f = formats.read_gguf(src)
+    except formats.FormatError as e:
+        raise ConvertError(f"{src}: {e}") from None
+    plan = Plan({}, {}, [], sources=[f])
+    try:
+        arch = f.metadata.get("general.architecture")
+        if arch != "llama":
+            raise ConvertError(f"{src}: unsupported architecture {arch!r}; supported: llama")
+        plan.metadata = dict(f.metadata)
+        plan.types = {k: tuple(v) for k, v in f.metadata.types.items()}
+        plan.metadata["general.file_type"] = int(formats.file_type_of(target))
+        plan.types["general.file_type"] = (formats.GGUFValueType.UINT32,)
+        if is_block_type(target) or any(is_block_type(t.type) for t in f.tensors.values()):
+            plan.metadata["general.quantization_version"] = QUANTIZATION_VERSION
+            plan.types["general.quantization_version"] = (formats.GGUFValueType.UINT32,)
+        for t in f.tensors.values():
+            plan.tensors.append(_gguf_tensor_plan(src, t, target, embed_type))
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+def _gguf_tensor_plan(src, t, target, embed_type) -> TensorPlan:
+    shape = tuple(t.shape)
+    out_type, note = choose_type(t.name, shape, target, embed_type)
+    if t.type == out_type:
+        # Same type: copy the bytes, so requantizing never loses more than it must.
+        return TensorPlan(t.name, shape, t.type.name, out_type, None, raw=lambda: t.data,
+                          note=note)
+    if t.type not in formats.DECODABLE_TYPES:
+        raise ConvertError(f"{src}: tensor {t.name} has type {t.type.name}; supported "
+                           f"source types: {', '.join(x.name for x in formats.DECODABLE_TYPES)}")
+    n = shape[-1]
+    n_rows = t.n_elements // n
+    row_bytes = formats.row_nbytes(t.type, n)
+
+    def read_rows(i, j):
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n_rows, row_bytes)
+        return formats.dequantize(raw[i:j], t.type, (j - i, n)).astype(np.float32, copy=False)
+
+    return TensorPlan(t.name, shape, t.type.name, out_type, read_rows, note=note)
+

@@ -1,0 +1,264 @@
+"""Planning the conversion of a Hugging Face Llama checkpoint: config.json's
+hyperparameters, the safetensors shards, the tensors the llama graph needs, and the GGUF
+metadata (keys as llama.cpp's convert_hf_to_gguf.py writes them)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+import formats
+from engine.convert.mixes import QUANTIZATION_VERSION, choose_type, is_block_type
+from engine.convert.naming import _gguf_order, hf_to_gguf_name, unpermute_rows
+from engine.convert.plan import Plan, TensorPlan
+from engine.convert.vocab import SPECIAL_KEYS, SPECIAL_KINDS, Vocab, read_hf_tokenizer, read_json
+from engine.errors import ConvertError
+from formats.safetensors import READABLE_DTYPES, SafetensorsFile, bf16_to_f32
+
+GGMLType = formats.GGMLType
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def _hf_weight_files(src: Path) -> dict:
+    """{tensor name: shard path} from model.safetensors or the sharded index."""
+    index_path = src / "model.safetensors.index.json"
+    single = src / "model.safetensors"
+    if index_path.is_file():
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConvertError(f"{index_path}: no weight_map")
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            p = src / shard
+            if not p.is_file():
+                raise ConvertError(f"{index_path} lists shard {shard} but {p} is missing")
+            files[shard] = p
+        return {name: files[shard] for name, shard in weight_map.items()}
+    if single.is_file():
+        return {None: single}
+    if list(src.glob("*.bin")) or list(src.glob("*.pth")):
+        raise ConvertError(f"{src}: only PyTorch pickle weights found; "
+                           f"supported: model.safetensors or sharded safetensors with "
+                           f"model.safetensors.index.json")
+    raise ConvertError(f"{src}: no model.safetensors or model.safetensors.index.json")
+
+
+def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
+    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConvertError(f"{cfg_path}: unsupported architecture {arch!r}; "
+                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    try:
+        n_embd = int(cfg["hidden_size"])
+        n_head = int(cfg["num_attention_heads"])
+        hp = dict(
+            n_vocab=int(cfg["vocab_size"]), n_embd=n_embd, n_layer=int(cfg["num_hidden_layers"]),
+            n_head=n_head, n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+            n_ff=int(cfg["intermediate_size"]),
+            n_ctx=int(cfg.get("max_position_embeddings") or 2048),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConvertError(f"{cfg_path}: missing or invalid hyperparameter {e}") from None
+    scaling = cfg.get("rope_scaling")
+    hp["rope_scaling"] = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "linear":
+            hp["rope_scaling"] = ("linear", float(scaling["factor"]))
+        elif kind == "llama3":
+            hp["rope_scaling"] = ("llama3", scaling)
+        elif kind not in (None, "default"):
+            raise ConvertError(f"{cfg_path}: rope_scaling type {kind!r} is not supported; "
+                               f"supported: linear, llama3")
+    return hp
+
+
+def plan_hf(src: Path, out: Path, target: GGMLType, embed_type: GGMLType) -> Plan:
+    cfg_path = src / "config.json"
+    cfg = read_json(cfg_path)
+    hp = hf_hparams(cfg, cfg_path)
+    weight_files = _hf_weight_files(src)
+    out_real = os.path.realpath(out)
+    for p in set(weight_files.values()):
+        if os.path.realpath(p) == out_real:
+            raise ConvertError(f"output {out} is one of the source's weight files; "
+                               f"write the GGUF to another path")
+    vocab = read_hf_tokenizer(src, hp["n_vocab"], cfg)
+
+    # Open every shard and index its tensors (headers only).
+    opened = {}
+    plan = Plan({}, {}, [])
+    try:
+        for p in sorted(set(weight_files.values())):
+            try:
+                opened[p] = SafetensorsFile(p)
+            except formats.FormatError as e:
+                raise ConvertError(str(e)) from None
+            plan.sources.append(opened[p])
+        located = {}
+        for p, st in opened.items():
+            for name in st.tensors:
+                located[name] = st
+        plan.metadata, plan.types = hf_metadata(src, cfg, hp, vocab, target)
+        plan.tensors = _hf_tensor_plans(located, hp, target, embed_type)
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+def _hf_tensor_plans(located: dict, hp: dict, target, embed_type) -> list:
+    plans = {}
+    for hf_name, st in located.items():
+        name = hf_to_gguf_name(hf_name)
+        if name is None:
+            continue
+        if name == "output.weight" and hp["tied"]:
+            continue  # tied: the output matrix is token_embd, written once
+        info = st.tensors[hf_name]
+        if info.dtype not in READABLE_DTYPES:
+            raise ConvertError(f"{st.path}: tensor {hf_name!r} has dtype {info.dtype}; "
+                               f"supported: {', '.join(READABLE_DTYPES)}")
+        n_head = {"attn_q.weight": hp["n_head"], "attn_k.weight": hp["n_head_kv"]}.get(
+            name.split(".", 2)[-1])
+        plans[name] = _safetensors_plan(name, st, hf_name, n_head, target, embed_type)
+
+    # Every tensor the llama graph needs must be there, with the right shape.
+    hd, kv = hp["head_dim"], hp["n_head_kv"] * hp["head_dim"]
+    want = {"token_embd.weight": (hp["n_vocab"], hp["n_embd"]),
+            "output_norm.weight": (hp["n_embd"],)}
+    if not hp["tied"]:
+        want["output.weight"] = (hp["n_vocab"], hp["n_embd"])
+    for i in range(hp["n_layer"]):
+        want.update({
+            f"blk.{i}.attn_norm.weight": (hp["n_embd"],),
+            f"blk.{i}.attn_q.weight": (hp["n_head"] * hd, hp["n_embd"]),
+            f"blk.{i}.attn_k.weight": (kv, hp["n_embd"]),
+            f"blk.{i}.attn_v.weight": (kv, hp["n_embd"]),
+            f"blk.{i}.attn_output.weight": (hp["n_embd"], hp["n_head"] * hd),
+            f"blk.{i}.ffn_norm.weight": (hp["n_embd"],),
+            f"blk.{i}.ffn_gate.weight": (hp["n_ff"], hp["n_embd"]),
+            f"blk.{i}.ffn_up.weight": (hp["n_ff"], hp["n_embd"]),
+            f"blk.{i}.ffn_down.weight": (hp["n_embd"], hp["n_ff"]),
+        })
+    for name, shape in want.items():
+        if name not in plans:
+            if name == "output.weight":
+                raise ConvertError("checkpoint has no lm_head.weight and "
+                                   "tie_word_embeddings is false")
+            raise ConvertError(f"checkpoint lacks the tensor for {name}")
+        if tuple(plans[name].shape) != shape:
+            raise ConvertError(f"tensor {name} has shape {tuple(plans[name].shape)}; "
+                               f"config.json implies {shape}")
+    extra = sorted(set(plans) - set(want))
+    if extra:
+        raise ConvertError(f"tensor {extra[0]} does not fit config.json "
+                           f"(num_hidden_layers={hp['n_layer']})")
+    ordered = [plans[n] for n in _gguf_order(want)]
+    if hp["rope_scaling"] and hp["rope_scaling"][0] == "llama3":
+        factors = llama3_rope_factors(hp["rope_scaling"][1], hp["rope_theta"], hp["head_dim"])
+        ordered.insert(0, TensorPlan("rope_freqs.weight", factors.shape, "F32", GGMLType.F32,
+                                     lambda i, j: factors.reshape(1, -1)))
+    return ordered
+
+
+def llama3_rope_factors(scaling: dict, base: float, dim: int) -> np.ndarray:
+    """Llama 3.1's per-frequency RoPE divisors, which llama.cpp stores as rope_freqs.weight:
+    1 for short wavelengths, `factor` for long ones, a smooth blend in between."""
+    factor = float(scaling.get("factor", 8.0))
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, out)
+    out = np.where(wavelen > old_ctx / low, factor, out)
+    return out.astype(np.float32)
+
+
+def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, target, embed_type):
+    info = st.tensors[hf_name]
+    shape = info.shape
+    out_type, note = choose_type(name, shape, target, embed_type)
+    n = shape[-1] if shape else 1
+    n_rows = info.n_elements // max(1, n)  # a vector is one row
+    rows_idx = unpermute_rows(n_rows, n_head) if n_head else None
+
+    def read_rows(i, j):
+        view = st.tensor(hf_name).reshape(n_rows, n)
+        rows = view[rows_idx[i:j]] if rows_idx is not None else view[i:j]
+        if info.dtype == "BF16":
+            return bf16_to_f32(rows)
+        return np.asarray(rows, dtype=np.float32)
+
+    def release(i, j):
+        if rows_idx is None:  # permuted rows come from all over the tensor: released at the end
+            st.release(hf_name, i * row_bytes, j * row_bytes)
+        elif j == n_rows:
+            st.release(hf_name)
+
+    row_bytes = n * (4 if info.dtype == "F32" else 2)
+    return TensorPlan(name, shape, info.dtype, out_type, read_rows, release=release, note=note)
+
+
+def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, target) -> tuple[dict, dict]:
+    VT = formats.GGUFValueType
+    md, ty = {}, {}
+
+    def put(key, value, vtype):
+        md[key], ty[key] = value, vtype
+
+    name = cfg.get("_name_or_path") or src.resolve().name
+    put("general.architecture", "llama", VT.STRING)
+    put("general.name", Path(str(name)).name or "model", VT.STRING)
+    put("general.file_type", int(formats.file_type_of(target)), VT.UINT32)
+    if is_block_type(target):
+        put("general.quantization_version", QUANTIZATION_VERSION, VT.UINT32)
+    put("llama.vocab_size", hp["n_vocab"], VT.UINT32)
+    put("llama.context_length", hp["n_ctx"], VT.UINT32)
+    put("llama.embedding_length", hp["n_embd"], VT.UINT32)
+    put("llama.block_count", hp["n_layer"], VT.UINT32)
+    put("llama.feed_forward_length", hp["n_ff"], VT.UINT32)
+    put("llama.rope.dimension_count", hp["head_dim"], VT.UINT32)
+    put("llama.attention.head_count", hp["n_head"], VT.UINT32)
+    put("llama.attention.head_count_kv", hp["n_head_kv"], VT.UINT32)
+    put("llama.attention.layer_norm_rms_epsilon", hp["rms_eps"], VT.FLOAT32)
+    put("llama.rope.freq_base", hp["rope_theta"], VT.FLOAT32)
+    if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
+        put("llama.attention.key_length", hp["head_dim"], VT.UINT32)
+        put("llama.attention.value_length", hp["head_dim"], VT.UINT32)
+    if hp["rope_scaling"] and hp["rope_scaling"][0] == "linear":
+        put("llama.rope.scaling.type", "linear", VT.STRING)
+        put("llama.rope.scaling.factor", hp["rope_scaling"][1], VT.FLOAT32)
+    put("tokenizer.ggml.model", vocab.model, VT.STRING)
+    if vocab.pre is not None:
+        put("tokenizer.ggml.pre", vocab.pre, VT.STRING)
+    put("tokenizer.ggml.tokens", vocab.tokens, (VT.ARRAY, VT.STRING))
+    if vocab.scores is not None:
+        put("tokenizer.ggml.scores", [float(s) for s in vocab.scores], (VT.ARRAY, VT.FLOAT32))
+    put("tokenizer.ggml.token_type", vocab.types, (VT.ARRAY, VT.INT32))
+    if vocab.merges:
+        put("tokenizer.ggml.merges", vocab.merges, (VT.ARRAY, VT.STRING))
+    if vocab.add_space_prefix is not None:
+        put("tokenizer.ggml.add_space_prefix", vocab.add_space_prefix, VT.BOOL)
+    for kind in SPECIAL_KINDS:
+        if kind in vocab.special:
+            put(SPECIAL_KEYS[kind], vocab.special[kind], VT.UINT32)
+    for kind in ("bos", "eos"):
+        if kind in vocab.add_special:
+            put(f"tokenizer.ggml.add_{kind}_token", vocab.add_special[kind], VT.BOOL)
+    if vocab.chat_template:
+        put("tokenizer.chat_template", vocab.chat_template, VT.STRING)
+    return md, ty
+

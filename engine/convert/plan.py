@@ -1,0 +1,51 @@
+"""The conversion plan: everything about the output, found before a byte is written.
+
+`plan()` reads only headers and JSON and returns the metadata and a list of `TensorPlan`s
+(name, shape, source and target type, and a way to read rows); `engine.convert.write` then
+streams the tensors one at a time, in chunks of rows, into formats.GGUFWriter (which writes
+atomically), so peak memory is bounded by a chunk, not by the largest tensor."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import formats
+from engine.errors import ConvertError
+
+GGMLType = formats.GGMLType
+
+
+@dataclass
+class TensorPlan:
+    name: str                       # GGUF tensor name
+    shape: tuple                    # NumPy order, GGUF layout
+    src_type: str                   # "F32", "BF16", "Q4_1", ...
+    out_type: GGMLType
+    read_rows: Callable             # (i, j) -> float32 rows i..j of the 2-D view (n_rows, n)
+    raw: Callable | None = None     # () -> bytes/array already in out_type (GGUF copy)
+    release: Callable = lambda i, j: None   # rows i..j are done: drop their source pages
+    note: str | None = None
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def out_nbytes(self) -> int:
+        block, size = formats.GGML_QUANT_SIZES[self.out_type]
+        return self.n_elements // block * size
+
+
+@dataclass
+class Plan:
+    metadata: dict                  # key -> value, typed per `types`
+    types: dict                     # key -> formats.GGUFValueType (scalars) or (ARRAY, elem)
+    tensors: list
+    sources: list = field(default_factory=list)   # objects with .close()
+
+    def close(self):
+        for s in self.sources:
+            s.close()

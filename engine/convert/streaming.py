@@ -1,0 +1,88 @@
+"""Writing a conversion plan: tensors streamed in chunks of rows through
+formats.GGUFWriter (atomic), with a progress bar and the error of each tensor."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+import formats
+from engine.convert.plan import Plan, TensorPlan
+
+GGMLType = formats.GGMLType
+
+
+CHUNK_BYTES = 16 << 20  # float32 rows converted at a time: bounds the temporaries
+
+
+def encode_rows(x: np.ndarray, t: GGMLType) -> np.ndarray:
+    """float32 rows -> raw bytes of type t, row for row (uint8, (rows, row bytes))."""
+    return formats.quantize(x, t)
+
+
+def decode_rows(q: np.ndarray, t: GGMLType, shape) -> np.ndarray:
+    return formats.dequantize(q, t, shape)
+
+
+def convert_tensor(w, tp: TensorPlan, want_rmse: bool, progress=lambda n: None) -> float:
+    """Write tensor tp into GGUFWriter w in its output type, one chunk of rows at a time
+    (read from the memory-mapped source, encoded, written, its source pages released), so
+    memory holds one chunk, never the whole tensor in either type. Returns the RMSE."""
+    if tp.raw is not None:
+        w.write_tensor(tp.name, tp.raw())  # the writer copies it in bounded pieces
+        progress(tp.out_nbytes)
+        return 0.0
+    n = tp.shape[-1] if tp.shape else 1
+    n_rows = tp.n_elements // n if n else 0
+    step = max(1, CHUNK_BYTES // (4 * max(1, n)))
+    sq_err = 0.0
+    for i in range(0, n_rows, step):
+        j = min(n_rows, i + step)
+        x = tp.read_rows(i, j).reshape(j - i, n)
+        q = encode_rows(x, tp.out_type)
+        if want_rmse and tp.out_type != GGMLType.F32:
+            d = decode_rows(q, tp.out_type, (j - i, n)) - x
+            sq_err += float(np.dot(d.ravel(), d.ravel()))
+        w.write_tensor_chunk(tp.name, q.view(np.uint8).reshape(-1))
+        progress(q.nbytes)
+        del x, q
+        tp.release(i, j)
+    if n_rows == 0:
+        w.write_tensor(tp.name, np.zeros(0, np.uint8))  # an empty tensor still takes its turn
+    return (sq_err / max(1, tp.n_elements)) ** 0.5
+
+
+def _key_type(t) -> tuple:
+    if t is None:
+        return ()
+    return tuple(t) if isinstance(t, tuple) else (t,)
+
+
+def write(plan: Plan, out, quiet: bool = False) -> dict:
+    """Stream the planned tensors into `out` (atomically) and return summary numbers."""
+    from tqdm import tqdm
+    for tp in plan.tensors:
+        if tp.note:
+            print(tp.note, file=sys.stderr)
+    total = sum(tp.out_nbytes for tp in plan.tensors)
+    n_params = sum(tp.n_elements for tp in plan.tensors)
+    with formats.GGUFWriter(out) as w:
+        types = getattr(plan.metadata, "types", {})
+        for key, value in plan.metadata.items():
+            w.add_key(key, value, *_key_type(plan.types.get(key, types.get(key))))
+        for tp in plan.tensors:
+            w.add_tensor_info(tp.name, tp.out_type, tp.shape)
+        w.write_header()
+        width = max(len(tp.name) for tp in plan.tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
+                  desc="writing", leave=False, file=sys.stderr) as bar:
+            for k, tp in enumerate(plan.tensors):
+                rmse = convert_tensor(w, tp, want_rmse=not quiet, progress=bar.update)
+                if not quiet:
+                    shape = "x".join(str(d) for d in tp.shape)
+                    bar.write(f"[{k + 1:{len(str(len(plan.tensors)))}d}/{len(plan.tensors)}] "
+                              f"{tp.name:<{width}} {shape:>12} {tp.src_type:>5} -> "
+                              f"{tp.out_type.name:<5} rmse {rmse:.2e}", file=sys.stdout)
+    return {"n_params": n_params, "tensor_bytes": total,
+            "bpw": 8.0 * total / max(1, n_params)}
+
