@@ -1,6 +1,6 @@
 """GGUF files and ggml block formats: reader, writer, NumPy reference codecs.
 
-Imports nothing else of kiln's. See DESIGN.md, "Lower-level contracts".
+Imports nothing else of kiln's.
 """
 from .constants import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, FormatError,
                         GGMLType, GGUFValueType, LlamaFileType, file_type_of, row_nbytes)

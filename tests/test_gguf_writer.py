@@ -463,10 +463,12 @@ def _run_llama_cpp(script, *paths):
     return r.stdout.strip()
 
 
+@pytest.mark.oracle
 def test_llama_cpp_loads_what_kiln_writes(smollm2_path, kiln_rewrite):
     """llama.cpp loads the kiln-written file: same vocabulary, tokens and metadata."""
     assert _run_llama_cpp(_LLAMA_CPP_LOAD, smollm2_path, kiln_rewrite) == "same"
 
 
+@pytest.mark.oracle
 def test_llama_cpp_computes_the_same_logits_from_kiln_file(smollm2_path, kiln_rewrite):
     assert _run_llama_cpp(_LLAMA_CPP_EVAL, smollm2_path, kiln_rewrite) == "same"

@@ -4,11 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tiny_models import make_tiny_llama
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "greedy_vs_llamacpp.py"
 
 
+@pytest.mark.oracle
 def test_tool_prints_the_table_on_a_tiny_model(tmp_path):
     path = make_tiny_llama(tmp_path / "tiny.gguf", ftype="f16")
     text = tmp_path / "text.txt"
@@ -23,6 +26,6 @@ def test_tool_prints_the_table_on_a_tiny_model(tmp_path):
         ["kiln prompt token by token", "kiln"], ["kiln 1 thread", "kiln"]]
     if importlib.util.find_spec("llama_cpp"):
         assert not [r for r in rows if "failed" in r[3]], proc.stdout
-    # kiln's results do not depend on the thread count (DESIGN.md), so this row is exact
+    # kiln's results do not depend on the thread count, so this row is exact
     # whether or not llama.cpp is installed
     assert rows[-1][3:] == ["10/10", "10/10", "100.0%", "0.00e+00 |"]

@@ -73,7 +73,7 @@ def llamacpp_greedy_in_child(path, prompts, **llama_kwargs):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if proc.returncode < 0:
         pytest.skip(f"llama.cpp died of signal {-proc.returncode} (a build using instructions this "
-                    f"CPU lacks: see MEASURE.md's flags)")
+                    f"CPU lacks: .ci/run builds it for the CPU at hand)")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -133,7 +133,7 @@ def test_prompts_tokenize_like_llamacpp(smollm2):
 # Q8_0. (kiln's own logits are identical batched or token by token, on any ISA.) So on the
 # quantized file kiln is held to agree with llama.cpp's default at least as often as
 # llama.cpp's flash-attention path does; on F16 (no activation quantization) everything
-# agrees 10/10 at KL < 1e-5, and the F16 tests below hold kiln to the 9/10.
+# agrees 10/10 at KL < 1e-5, and the F16 tests below hold kiln to 9/10.
 
 @pytest.fixture(scope="module")
 def greedy_tokens(smollm2):
@@ -155,8 +155,9 @@ def test_greedy_follows_recorded_llamacpp_for_8_tokens(greedy_tokens):
     assert_mostly_equal(greedy_tokens, load_cases(), min_equal=8, n_tokens=8)
 
 
+@pytest.mark.oracle
 def test_greedy_agrees_with_llamacpp_live_as_llamacpp_with_itself(smollm2_path, greedy_tokens):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (MEASURE.md)")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run builds it)")
     assert_as_close_as_llamacpp_to_itself(
         greedy_tokens, llamacpp_greedy_in_child(smollm2_path, PROMPTS),
         llamacpp_greedy_in_child(smollm2_path, PROMPTS, flash_attn=True))
@@ -176,8 +177,9 @@ def test_f16_greedy_matches_recorded_llamacpp(f16_greedy_tokens):
     assert_mostly_equal(f16_greedy_tokens, load_cases("f16"))
 
 
+@pytest.mark.oracle
 def test_f16_greedy_matches_llamacpp_live(smollm2_variant, f16_greedy_tokens):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (MEASURE.md)")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run builds it)")
     assert_mostly_equal(f16_greedy_tokens,
                         llamacpp_greedy_in_child(smollm2_variant("f16"), PROMPTS))
 

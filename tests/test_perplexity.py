@@ -155,8 +155,9 @@ np.savez(out, chunks=np.asarray(chunks), logits=np.stack(logits), n_tokens=len(i
 """
 
 
+@pytest.mark.oracle
 def test_smollm2_f16_ppl_matches_llamacpp(smollm2_variant, botchan, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle (MEASURE.md)")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle (.ci/run builds it)")
     n_ctx, n_chunks = 256, 2
     path = smollm2_variant("f16")
     text = read_text(botchan)
@@ -167,7 +168,7 @@ def test_smollm2_f16_ppl_matches_llamacpp(smollm2_variant, botchan, tmp_path):
                            str(n_chunks), str(out)], capture_output=True, text=True, timeout=600)
     if proc.returncode < 0:
         pytest.skip(f"llama.cpp died of signal {-proc.returncode} (a build using instructions "
-                    f"this CPU lacks: see MEASURE.md's flags)")
+                    f"this CPU lacks: .ci/run builds it for the CPU at hand)")
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = np.load(out)
     with LLM(path, n_ctx=n_ctx) as llm:

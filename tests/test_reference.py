@@ -82,6 +82,7 @@ def _llama_cpp_logits(path, tokens):
     return out
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("n_head,n_head_kv,head_dim,vocab", [(4, 2, 32, "gpt2"),
                                                              (2, 2, 64, "llama")])
 def test_reference_matches_llama_cpp_on_float_weights(tmp_path, n_head, n_head_kv, head_dim, vocab):

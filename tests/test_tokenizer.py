@@ -275,6 +275,7 @@ def spm_no_prefix(tmp_path_factory, spm_fixture):
     return path, load_tokenizer(_read_metadata(path))
 
 
+@pytest.mark.oracle
 def test_spm_without_space_prefix_matches_llama_cpp(spm_no_prefix, spm_fixture):
     """tokenizer.ggml.add_space_prefix = false: no dummy-prefix space, none stripped."""
     path, tok = spm_no_prefix
@@ -310,17 +311,20 @@ def _live_cases(path, texts):
     return record_cases(llama_vocab(path), texts, ALL_VARIANTS)
 
 
+@pytest.mark.oracle
 def test_spm_matches_llama_cpp_live(spm_tok, spm_gguf):
     texts = CORPUS + fuzz_texts(200, seed=99)
     assert _mismatches(spm_tok, _live_cases(spm_gguf, texts)) == []
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("pre", BPE_PRES)
 def test_bpe_matches_llama_cpp_live(bpe_toks, bpe_gguf, pre):
     texts = CORPUS + fuzz_texts(200, seed=99)
     assert _mismatches(bpe_toks[pre], _live_cases(bpe_gguf[pre], texts)) == []
 
 
+@pytest.mark.oracle
 def test_pieces_and_eog_match_llama_cpp_live(spm_tok, bpe_toks, spm_gguf, bpe_gguf):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (the tokenizer oracle) is not installed")
     for tok, path in ((spm_tok, spm_gguf), (bpe_toks["smollm"], bpe_gguf["smollm"])):
@@ -340,6 +344,7 @@ def _real_spm_models():
     return sorted(str(p) for p in data.glob("*.model.v[13]"))
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("model_file", _real_spm_models() or [pytest.param(None, marks=pytest.mark.skip(
     reason="no real SentencePiece model installed (pip install mistral-common)"))])
 def test_real_sentencepiece_model(tmp_path, model_file):
@@ -420,6 +425,7 @@ def test_bos_default_follows_pre_tokenizer(smollm2_path):
     assert not load_tokenizer(md).add_bos
 
 
+@pytest.mark.oracle
 def test_control_looking_tokens(tmp_path):
     """Tokens typed normal but named like control tokens are made control tokens (never taken
     from user text; <|eot_id|> ends generation), and gpt-oss's <|channel|> is always split

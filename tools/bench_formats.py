@@ -3,7 +3,7 @@
 
     python tools/bench_formats.py [--model PATH] [--params N] [--repeat R] [--json]
 
-Targets (issue 2): quantize to Q4_0 in < 3 s, open in < 50 ms.
+Targets: quantize to Q4_0 in < 3 s, open in < 50 ms.
 """
 from __future__ import annotations
 

@@ -4,14 +4,14 @@
     python tools/bench_vs_llamacpp.py                 # SmolLM2 Q4_0 and Q8_0, 2 threads
     python tools/bench_vs_llamacpp.py a.gguf b.gguf -t 2 -p 512 -n 128 -r 3 [--json]
 
-Per MEASURE.md: prompt = one n_prompt-token evaluation from an empty cache, generation =
+Method: prompt = one n_prompt-token evaluation from an empty cache, generation =
 n_gen greedy tokens after a one-token prompt; both engines get the same token ids. Runs
 alternate kiln / llama.cpp, each run in a fresh process (so neither engine's idle threads
 compete with the other's), and the best of `-r` runs is reported. kiln is timed through
 `LLM.generate`; llama.cpp through `Llama.eval` with the same greedy loop in Python (the
 last sampled token is not evaluated, as in kiln). Without file arguments, Q4_0 and Q8_0
 files are made from the default SmolLM2 Q4_1 with llama.cpp's quantizer (cached).
-llama-cpp-python must be importable (MEASURE.md gives the build flags).
+llama-cpp-python must be importable (.ci/run builds it for the CPU at hand).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
 For each file: both engines score the same n tokens (kiln's tokenization of TEXT, with
 BOS); prints the mean KL divergence of kiln's next-token distribution from llama.cpp's,
 the top-1 agreement, and both perplexities. llama.cpp runs in a child process so that a
-crash there cannot take this script down. Needs llama-cpp-python (MEASURE.md).
+crash there cannot take this script down. Needs llama-cpp-python (.ci/run builds it for the CPU at hand).
 """
 from __future__ import annotations
 

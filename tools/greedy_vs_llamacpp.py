@@ -18,7 +18,7 @@ flips at a near-tie when nothing but the summation order changes.
 
 llama.cpp runs in a child process per setting, so that a crash (a build using
 instructions this CPU lacks dies of SIGILL) shows in the table instead of ending the run.
-Needs llama-cpp-python (../shared/MEASURE.md).
+Needs llama-cpp-python (.ci/run builds it for the CPU at hand).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`kiln bench`: prompt and generation speed of a GGUF file, as an app sees it.
 
-Both numbers are timed through `LLM.generate` (MEASURE.md): the prompt test evaluates
+Both numbers are timed through `LLM.generate`: the prompt test evaluates
 `n_prompt` tokens from an empty cache (pp, like llama-bench's pp512), the generation test
 samples `n_gen` tokens greedily after a one-token prompt (tg, like tg128), ignoring
 end tokens. Each test runs `repetitions` times and the best is reported, since on a
