@@ -36,6 +36,7 @@ def test_round_trip_all_float_dtypes(tmp_path):
         np.testing.assert_array_equal(st.tensor("a"), a)
 
 
+@pytest.mark.oracle
 def test_reads_files_written_by_the_reference_library(tmp_path):
     st_lib = pytest.importorskip("safetensors.numpy", reason="safetensors not installed")
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
