@@ -1,4 +1,5 @@
 """Shared fixtures. The real model is pulled once (into $KILN_HOME or ~/.cache/kiln)."""
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if DOWNLOADING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.model)
+
+
+# .ci/run installs every oracle and sets KILN_REQUIRE_ORACLES=1: there a skip (a missing
+# oracle, download or tool) is a failure, so a green CI run has run everything.
+REQUIRE_ALL = os.environ.get("KILN_REQUIRE_ORACLES") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under KILN_REQUIRE_ORACLES=1 (nothing may skip in CI): {reason}"
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,11 @@ import formats
 from engine import convert
 from engine.cli import convert as convert_cli
 from engine.convert import streaming
-from engine.errors import ConvertError
 from engine.convert.export_hf import export
 from engine.convert.vocab import detect_pre
+from engine.errors import ConvertError
 from formats import GGMLType
+from oracles import run_oracle
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four "
@@ -475,12 +476,8 @@ def llama_cpp_greedy(path, prompt, n=16):
     """llama.cpp's greedy tokens, run in a child process: a llama.cpp build made for another
     CPU dies of SIGILL, which must skip this check rather than kill the test run."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
-    proc = subprocess.run([sys.executable, "-c", _LLAMA_CPP_SCRIPT, str(path), prompt, str(n)],
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode < 0:
-        pytest.skip(f"llama-cpp-python died of signal {-proc.returncode} on this CPU "
-                    f"(built for other instructions)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_oracle([sys.executable, "-c", _LLAMA_CPP_SCRIPT, str(path), prompt, str(n)],
+                      timeout=300)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -1,6 +1,5 @@
 """formats.read_gguf on the real SmolLM2 file, checked key by key and tensor by tensor
 against gguf-py (the reference reader)."""
-import time
 
 import numpy as np
 import pytest
@@ -75,21 +74,14 @@ def test_tensor_views_are_zero_copy_and_read_only(smol):
     assert not isinstance(base, np.ndarray)  # ends at the memory map, not a copy
 
 
-def test_open_is_fast_and_lazy_metadata_survives_close(smollm2_path):
-    best = min(_time_open(smollm2_path) for _ in range(3))
-    assert best < 0.5  # the 50 ms target is measured by tools/bench_formats.py
+def test_lazy_metadata_survives_close(smollm2_path):
+    # how fast opening is (the 50 ms target) is measured by tools/bench_formats.py
     with formats.read_gguf(smollm2_path) as f:
         md = f.metadata
         t = f.tensors["output_norm.weight"]
     assert md["tokenizer.ggml.tokens"][2] == "<|im_end|>"  # decoded after close
     assert dict(md)["tokenizer.ggml.merges"][0] == "Ġ t"
     assert np.isfinite(t.data).all()  # the view keeps the map alive
-
-
-def _time_open(path):
-    t0 = time.perf_counter()
-    formats.read_gguf(path).close()
-    return time.perf_counter() - t0
 
 
 def test_reads_what_gguf_py_writes(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import formats
 from formats import GGMLType, GGUFValue, GGUFWriter, GGUFWriterError
 from formats import GGUFValueType as VT
+from oracles import run_oracle
 
 
 def _sample(rng):
@@ -456,10 +457,7 @@ def kiln_rewrite(smollm2_path, tmp_path_factory):
 
 
 def _run_llama_cpp(script, *paths):
-    r = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=300)
-    if r.returncode < 0:  # e.g. SIGILL: a llama.cpp build with ISA extensions this CPU lacks
-        pytest.skip(f"llama-cpp-python died of signal {-r.returncode} on this CPU")
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_oracle([sys.executable, "-c", script, *paths], timeout=300)
     return r.stdout.strip()
 
 

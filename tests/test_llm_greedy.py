@@ -12,11 +12,12 @@ itself under other settings.
 Re-record with:  .venv/bin/python tests/test_llm_greedy.py --record [q4_1] [f16]
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from oracles import run_oracle
 
 FIXTURES = {v: Path(__file__).parent / "fixtures" / f"greedy_smollm2_{v}.json"
             for v in ("q4_1", "f16")}
@@ -70,11 +71,7 @@ def llamacpp_greedy_in_child(path, prompts, **llama_kwargs):
     code = ("import json, sys; sys.path.insert(0, %r); import test_llm_greedy as t; "
             "print(json.dumps(t.llamacpp_greedy(%r, %r, **%r)))"
             % (str(Path(__file__).parent), str(path), prompts, llama_kwargs))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if proc.returncode < 0:
-        pytest.skip(f"llama.cpp died of signal {-proc.returncode} (a build using instructions this "
-                    f"CPU lacks: .ci/run builds it for the CPU at hand)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_oracle([sys.executable, "-c", code], timeout=600)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -5,7 +5,6 @@ tiny random models; on the real SmolLM2 (F16, where kiln's logits match llama.cp
 KL of ~1e-6) the same rule applied to llama.cpp's own logits gives the same perplexity.
 """
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from engine import LLM
 from engine.cli.kiln import main
 from engine.perplexity import PerplexityError, perplexity, read_text
+from oracles import run_oracle
 from tiny_models import CORPUS, make_tiny_llama
 
 
@@ -164,12 +164,8 @@ def test_smollm2_f16_ppl_matches_llamacpp(smollm2_variant, botchan, tmp_path):
     text_path = tmp_path / "text.txt"
     text_path.write_bytes(text.encode("utf-8"))
     out = tmp_path / "llamacpp.npz"
-    proc = subprocess.run([sys.executable, "-c", LLAMA_CHILD, path, str(text_path), str(n_ctx),
-                           str(n_chunks), str(out)], capture_output=True, text=True, timeout=600)
-    if proc.returncode < 0:
-        pytest.skip(f"llama.cpp died of signal {-proc.returncode} (a build using instructions "
-                    f"this CPU lacks: .ci/run builds it for the CPU at hand)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_oracle([sys.executable, "-c", LLAMA_CHILD, path, str(text_path), str(n_ctx),
+                str(n_chunks), str(out)], timeout=600)
     theirs = np.load(out)
     with LLM(path, n_ctx=n_ctx) as llm:
         r = perplexity(llm, text, n_ctx=n_ctx, n_chunks=n_chunks)
