@@ -161,9 +161,13 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
                     n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None,
                     n_ff: int = 128, tied: bool = True, ftype="f32", seed: int = 0,
                     n_ctx_train: int = 512, rope_freq_base: float = 10000.0,
-                    rms_eps: float = 1e-5, vocab_from=None) -> str:
+                    rms_eps: float = 1e-5, vocab_from=None, rope_dim: int | None = None,
+                    rope_scaling_factor: float | None = None,
+                    rope_freqs: np.ndarray | None = None) -> str:
     """Write a random-weight llama GGUF to path; returns str(path). Weights (the
-    matrices and token_embd) are stored in ftype, norms in F32."""
+    matrices and token_embd) are stored in ftype, norms in F32. rope_dim < head_dim is
+    partial RoPE; rope_scaling_factor is linear RoPE scaling; rope_freqs (rope_dim // 2
+    floats) is Llama 3.1's per-frequency divisors tensor."""
     if vocab_from is not None:
         with formats.read_gguf(vocab_from) as src:
             tok = {k: v for k, v in src.metadata.items() if k.startswith("tokenizer.")}
@@ -220,9 +224,15 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
         "llama.attention.head_count_kv": n_head_kv,
         "llama.attention.layer_norm_rms_epsilon": float(rms_eps),
         "llama.rope.freq_base": float(rope_freq_base),
-        "llama.rope.dimension_count": head_dim,
+        "llama.rope.dimension_count": rope_dim or head_dim,
         "llama.vocab_size": n_vocab,
     }
+    if rope_scaling_factor is not None:
+        metadata["llama.rope.scaling.type"] = "linear"
+        metadata["llama.rope.scaling.factor"] = float(rope_scaling_factor)
+    if rope_freqs is not None:
+        tensors.insert(0, ("rope_freqs.weight", ((rope_dim or head_dim) // 2,),
+                           np.asarray(rope_freqs, np.float32), GGMLType.F32))
     if head_dim != n_embd // n_head:
         metadata["llama.attention.key_length"] = head_dim
         metadata["llama.attention.value_length"] = head_dim
