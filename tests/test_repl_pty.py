@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,13 @@ def test_echo_chat_multiline_ctrl_d_and_double_ctrl_c(tmp_path):
     child.sendline('def"""')
     child.expect("ABC")         # the echo model repeats the first line of the message
     child.expect_exact(PROMPT)
+    # A SIGINT that lands after readline prints the prompt but before it waits for input
+    # is only noticed at the next key (CPython's readline loop), so give it time to wait.
+    time.sleep(0.5)
     child.sendintr()
     child.expect("Ctrl-C again")
     child.expect_exact(PROMPT)
+    time.sleep(0.5)
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()
