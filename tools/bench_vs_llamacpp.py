@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import formats  # noqa: E402
 from engine.cli.bench import bench_model, bench_prompt_tokens  # noqa: E402
 
-LLAMA_FTYPES = {"Q4_0": 2, "Q8_0": 7, "F16": 1}   # llama_ftype values
 
 
 def make_quantized(src: str, dst: str, ftype_name: str) -> str:
@@ -36,7 +36,7 @@ def make_quantized(src: str, dst: str, ftype_name: str) -> str:
     if os.path.exists(dst):
         return dst
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[ftype_name]
+    params.ftype = int(formats.file_type_of(formats.GGMLType[ftype_name]))
     params.allow_requantize = True
     params.nthread = 2
     tmp = dst + ".tmp-quant"
