@@ -254,3 +254,22 @@ def test_repl_at_a_terminal_notes_dropped_turns_and_stats(llm, monkeypatch, tmp_
     assert text.count("[prompt: ") == 4 and "\x1b[" not in text        # no colour: not a tty
     assert s.messages[-2:] == [{"role": "user", "content": "multi\nline"},
                                {"role": "assistant", "content": "MULTI"}]
+
+
+def test_repl_set_reaches_generate(llm):
+    """Each /set knob lands in the keyword generate() gets for the next reply."""
+    s = ChatSession(llm(), temperature=0)
+    calls = []
+    real = s.llm.generate
+    s.llm.generate = lambda prompt, **kw: calls.append(kw) or real(prompt, **kw)
+    script = "\n".join(["/set temp 0.25", "/set top_k 7", "/set top_p 0.5", "/set min_p 0.125",
+                        "/set repeat_penalty 1.5", "/set seed 99", "/set max_tokens 3",
+                        "hello"]) + "\n"
+    err = io.StringIO()
+    assert Repl(s, stdin=io.StringIO(script), stdout=io.StringIO(), stderr=err,
+                interactive=False).run() == 0, err.getvalue()
+    kw, = calls
+    assert {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                               "seed", "max_tokens")} == dict(
+        temperature=0.25, top_k=7, top_p=0.5, min_p=0.125, repeat_penalty=1.5, seed=99,
+        max_tokens=3)
