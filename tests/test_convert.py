@@ -601,3 +601,29 @@ def test_a_failure_mid_write_leaves_no_file(tiny_hf, tmp_path, monkeypatch):
         run_convert(tiny_hf, "-o", out, "--type", "q8_0", "--quiet")
     assert out.read_bytes() == b"previous"  # the old file is untouched, no temp file left
     assert [p.name for p in out.parent.iterdir()] == ["m.gguf"]
+
+
+def test_tools_export_hf_script_round_trips(tmp_path):
+    """`python tools/export_hf.py GGUF OUTDIR --dtype --shards` as a user runs it: the
+    directory converts back to the same tensors, and bad input is one line, exit 1."""
+    from tiny_models import make_tiny_llama
+    src = make_tiny_llama(tmp_path / "tiny.gguf", ftype="f32", tied=False)
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), src, str(out),
+                        "--dtype", "f32", "--shards", "2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(list(out.glob("model-*.safetensors"))) == 2
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    back = tmp_path / "back.gguf"
+    assert run_convert(out, "-o", back, "--type", "f32", "--quiet") == 0
+    want, got = tensors_of(src), tensors_of(back)
+    assert sorted(got) == sorted(want)
+    with formats.read_gguf(src) as a, formats.read_gguf(back) as b:
+        for name in want:
+            np.testing.assert_array_equal(np.asarray(b.tensors[name].data),
+                                          np.asarray(a.tensors[name].data), err_msg=name)
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"),
+                        str(tmp_path / "missing.gguf"), str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1

@@ -29,5 +29,8 @@ def main(argv=None) -> int:
     except (ConvertError, formats.FormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a missing or unreadable GGUF, an unwritable OUTDIR
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
