@@ -13,6 +13,7 @@ order than NumPy's), so there the logits agree to rounding, well inside the bar.
 import numpy as np
 import pytest
 
+import ckernels
 from engine.errors import ContextOverflowError, ModelError
 from engine.model import Model, physical_cores
 from engine.reference import ReferenceLlama
@@ -153,9 +154,21 @@ def test_bad_arguments(small_path):
         Model(small_path, n_ctx=0)
 
 
+def test_thread_count_above_the_pool_limit_is_refused(small_path):
+    import ckernels
+    from ckernels._ext import LlamaForward
+
+    limit = ckernels.MAX_THREADS
+    with pytest.raises(ValueError, match=rf"n_threads \({limit + 1}\).*limit of {limit}"):
+        Model(small_path, n_ctx=8, n_threads=limit + 1)
+    # the binding checks too, before it looks at anything else
+    with pytest.raises(ValueError, match=rf"between 1 and {limit}.*got {limit + 1}"):
+        LlamaForward({}, None, [], 0, None, np.zeros(0), limit + 1)
+
+
 def test_default_threads_and_metadata(small_path):
     with Model(small_path, n_ctx=8) as m:
-        assert m.n_threads == physical_cores() >= 1
+        assert m.n_threads == min(physical_cores(), ckernels.MAX_THREADS) >= 1
         assert m.metadata["general.architecture"] == "llama"
         assert m.n_ctx == 8 and m.config.n_layer == 1
 
