@@ -160,6 +160,14 @@ void kiln_attn_values_f16(int R, float *const *out, double *const *dout, const d
     kiln_ops()->attn_values_f16(R, out, dout, weights, values, n_keys, head_dim, stride, n_ctx_pad);
 }
 
+double kiln_exp_shifted_f64(double *a, int n, double *max_out) {
+    return kiln_ops()->exp_shifted_f64(a, n, max_out);
+}
+
+void kiln_softmax_f64(double *a, int n) { kiln_ops()->softmax_f64(a, n); }
+
+void kiln_swiglu_f32(float *gate, const float *up, size_t n) { kiln_ops()->swiglu_f32(gate, up, n); }
+
 int kiln_supported_isas(const char **names, int max_names) {
     int n = 0;
     for (int i = 0; i < KILN_N_VARIANTS; i++)

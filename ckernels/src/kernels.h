@@ -91,6 +91,14 @@ void kiln_attn_values_f16(int R, float *const *out, double *const *dout, const d
                           const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                           int n_ctx_pad);
 
+/* ---- float activations, in double, rounded once: the same bits on every ISA ---- */
+/* a[p] = e^(a[p] - max) over p < n, max the largest a[p] (in *max_out); returns the sum */
+double kiln_exp_shifted_f64(double *a, int n, double *max_out);
+/* a = softmax(a) over p < n */
+void kiln_softmax_f64(double *a, int n);
+/* gate[i] = silu(gate[i]) * up[i] for i < n (SwiGLU) */
+void kiln_swiglu_f32(float *gate, const float *up, size_t n);
+
 /* ---- ISA dispatch ---- */
 const char *kiln_active_isa(void);
 /* Names of the variants this CPU supports (and this build contains), best last. */

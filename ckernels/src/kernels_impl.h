@@ -131,6 +131,9 @@ typedef struct {
     void (*attn_values_f16)(int R, float *const *out, double *const *dout, const double *weights,
                             const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                             int n_ctx_pad);
+    double (*exp_shifted_f64)(double *a, int n, double *max_out);
+    void (*softmax_f64)(double *a, int n);
+    void (*swiglu_f32)(float *gate, const float *up, size_t n);
 } kiln_isa_ops;
 
 /* A 64-byte aligned buffer of at least size bytes owned by the pool, valid until the
