@@ -25,6 +25,7 @@ cdef extern from "kernels.h":
     void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
                            int n_tokens, float *const *ys) nogil
     const char *kiln_active_isa()
+    int kiln_known_isas(const char **names, int max_names)
     int kiln_supported_isas(const char **names, int max_names)
     int kiln_set_isa(const char *name)
 
@@ -87,6 +88,13 @@ def _check_n_threads(int n_threads):
 def active_isa():
     """Name of the ISA variant the kernels use (scalar, avx2, avxvnni, avx512vnni, neon)."""
     return kiln_active_isa().decode()
+
+
+def known_isas():
+    """Every ISA variant kiln knows, on any architecture (ckernels/src/isa_variants.h)."""
+    cdef const char *names[16]
+    cdef int n = kiln_known_isas(names, 16)
+    return [names[i].decode() for i in range(min(n, 16))]
 
 
 def supported_isas():

@@ -101,6 +101,9 @@ void kiln_swiglu_f32(float *gate, const float *up, size_t n);
 
 /* ---- ISA dispatch ---- */
 const char *kiln_active_isa(void);
+/* Names of every variant kiln knows, on any architecture (isa_variants.h). Returns the
+ * count; at most max_names are stored. */
+int kiln_known_isas(const char **names, int max_names);
 /* Names of the variants this CPU supports (and this build contains), best last. */
 int kiln_supported_isas(const char **names, int max_names);
 /* Force a variant; returns 0, or -1 if the CPU or build lacks it. */
