@@ -1,14 +1,14 @@
 """The C forward pass against the NumPy reference on tiny random-weight Llamas.
 
-Bar (issue 4): max |difference| <= 1e-3 * max |logit| against the reference that
-emulates the kernels' Q8 activation quantization, mean KL < 1e-3 against the plain
-float reference; 1 and 2 threads bit-identical.
+Required: max |difference| <= 1e-3 * max |logit| against the reference that emulates
+the kernels' Q8 activation quantization, mean KL < 1e-3 against the plain float
+reference; 1 and 2 threads bit-identical.
 
 With quantized weights the engines agree bit for bit, at every position: both compute
 the quantized products, RoPE, attention and SwiGLU in double and round once
 (forward.c), so no activation can land on the other side of an 8-bit rounding boundary
 in one engine only. With float weights the C products are summed in float (in another
-order than NumPy's), so there the logits agree to rounding, well inside the bar.
+order than NumPy's), so there the logits agree to rounding, well inside that bound.
 """
 import numpy as np
 import pytest
