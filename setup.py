@@ -9,6 +9,7 @@ and the dispatcher picks a variant at run time from cpuid / getauxval. Never
 import glob
 import os
 import platform
+import re
 
 import numpy
 from Cython.Build import cythonize
@@ -18,30 +19,28 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join("ckernels", "src")
 
-# ISA variant -> compiler flags, per target architecture. "scalar" is the portable
-# reference and is always built.
-X86_VARIANTS = {
-    "scalar": [],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
-    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
-                   "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
-}
-ARM_VARIANTS = {
-    "scalar": [],
-    "neon": ["-march=armv8.2-a+dotprod+fp16"],
-}
+# ISA variant -> compiler flags, per target architecture, from ckernels/src/isa_variants.h
+# (tests/c/Makefile reads the same lines).
+VARIANT_LINE = re.compile(r'^KILN_VARIANT\((\w+), (\w+), "([^"]*)"\)$')
+
+
+def read_variants(path=os.path.join(ROOT, SRC, "isa_variants.h")):
+    """{arch: {variant: [flags]}} from the KILN_VARIANT lines of isa_variants.h."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            m = VARIANT_LINE.match(line.strip())
+            if m:
+                out.setdefault(m[1], {})[m[2]] = m[3].split()
+    return out
 
 
 def isa_variants():
     machine = platform.machine().lower()
     if os.environ.get("KILN_BUILD_SCALAR_ONLY"):
         return {"scalar": []}
-    if machine in ("x86_64", "amd64", "i686", "x86"):
-        return X86_VARIANTS
-    if machine in ("aarch64", "arm64"):
-        return ARM_VARIANTS
-    return {"scalar": []}
+    arch = {"amd64": "x86_64", "i686": "x86_64", "x86": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return read_variants().get(arch, {"scalar": []})
 
 
 # -ffp-contract=off: the compiler must not fuse a separate multiply and add into one

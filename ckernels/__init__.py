@@ -3,11 +3,11 @@ pool, the C forward pass. Knows nothing of files or tokenizers."""
 import os as _os
 
 from . import _ext  # noqa: F401
-from ._ext import (Matrix, Pool, matmul, matmul_multi, quantize_act_q8_0,  # noqa: F401
-                   quantize_act_q8_1,
-                   set_isa, stream_read)
+from ._ext import (MAX_THREADS, BlockType, Matrix, Pool, block_types,  # noqa: F401
+                   matmul, matmul_multi, quantize_act_q8_0, quantize_act_q8_1, set_isa,
+                   stream_read, weight_types)
 
-ISA_NAMES = ("scalar", "avx2", "avxvnni", "avx512vnni", "neon")
+ISA_NAMES = tuple(_ext.known_isas())  # every variant, any architecture
 
 
 def supported_isas() -> list[str]:

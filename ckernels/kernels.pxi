@@ -2,9 +2,11 @@
 # contiguity and shapes, then calls C. The forward pass calls the C API directly; this
 # binding serves tests, benchmarks and `kiln info`.
 from libc.stdint cimport int64_t, uint8_t, uint64_t
+from collections import namedtuple
 import numpy as np
 
 cdef extern from "kernels.h":
+    enum: KILN_MAX_THREADS
     ctypedef struct kiln_pool:
         pass
     ctypedef struct kiln_matrix:
@@ -23,6 +25,7 @@ cdef extern from "kernels.h":
     void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
                            int n_tokens, float *const *ys) nogil
     const char *kiln_active_isa()
+    int kiln_known_isas(const char **names, int max_names)
     int kiln_supported_isas(const char **names, int max_names)
     int kiln_set_isa(const char *name)
 
@@ -33,13 +36,65 @@ cdef extern from "kernels_impl.h":
     const kiln_isa_ops *kiln_ops()
     uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n) nogil
 
-# ggml type id -> (elements per block, bytes per block) for the weight types kiln_matmul takes
-_KILN_MATMUL_TYPES = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34)}
+cdef extern from "type_traits.h":
+    ctypedef struct kiln_type_traits:
+        const char *name
+        int type, block_size, type_size, is_weight, act_type, packed_block_bytes
+    const kiln_type_traits *kiln_type_traits_of(int type)
+    const kiln_type_traits *kiln_type_traits_at(int i)
+
+MAX_THREADS = KILN_MAX_THREADS
+
+BlockType = namedtuple("BlockType", "name ggml_id block_size type_size act_type repacked weight")
+BlockType.__doc__ = """A block type of the C type table (ckernels/src/type_traits.c).
+name: ggml's name ("Q4_1"); ggml_id: its ggml type id; block_size, type_size: elements
+and bytes per block; act_type: name of the type the activations are quantized to when
+it is a weight (None: they stay float); repacked: kiln_matrix_init keeps a packed copy;
+weight: a weight type of ckernels.Matrix (False: a codec only, e.g. Q8_1)."""
+
+
+cdef object _block_type(const kiln_type_traits *t):
+    cdef const kiln_type_traits *act = kiln_type_traits_of(t.act_type)
+    # None for float weights (act_type F32: the activations stay float) and non-weights
+    act_name = act.name.decode() if act != NULL and act.block_size > 1 else None
+    return BlockType(t.name.decode(), t.type, t.block_size, t.type_size, act_name,
+                     t.packed_block_bytes > 0, bool(t.is_weight))
+
+
+def block_types():
+    """Every block type the C code knows (weights and activation formats), in ggml id
+    order, as BlockType tuples."""
+    out = []
+    cdef int i = 0
+    cdef const kiln_type_traits *t = kiln_type_traits_at(0)
+    while t != NULL:
+        out.append(_block_type(t))
+        i += 1
+        t = kiln_type_traits_at(i)
+    return tuple(out)
+
+
+def weight_types():
+    """The block types ckernels.Matrix (kiln_matmul) takes."""
+    return tuple(b for b in block_types() if b.weight)
+
+
+def _check_n_threads(int n_threads):
+    if n_threads < 1 or n_threads > KILN_MAX_THREADS:
+        raise ValueError(f"n_threads must be between 1 and {KILN_MAX_THREADS} "
+                         f"(the thread pool's limit, KILN_MAX_THREADS), got {n_threads}")
 
 
 def active_isa():
     """Name of the ISA variant the kernels use (scalar, avx2, avxvnni, avx512vnni, neon)."""
     return kiln_active_isa().decode()
+
+
+def known_isas():
+    """Every ISA variant kiln knows, on any architecture (ckernels/src/isa_variants.h)."""
+    cdef const char *names[16]
+    cdef int n = kiln_known_isas(names, 16)
+    return [names[i].decode() for i in range(min(n, 16))]
 
 
 def supported_isas():
@@ -60,8 +115,7 @@ cdef class Pool:
     cdef kiln_pool *pool
 
     def __cinit__(self, int n_threads=1):
-        if n_threads < 1:
-            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        _check_n_threads(n_threads)
         self.pool = kiln_pool_create(n_threads)
         if self.pool == NULL:
             raise MemoryError("could not start the thread pool")
@@ -84,9 +138,12 @@ cdef class Matrix:
 
     def __cinit__(self, int type, int64_t rows, int64_t cols, data):
         self.ready = False
-        if type not in _KILN_MATMUL_TYPES:
-            raise ValueError(f"unsupported weight type {type}")
-        per_block, block_bytes = _KILN_MATMUL_TYPES[type]
+        cdef const kiln_type_traits *t = kiln_type_traits_of(type)
+        if t == NULL or not t.is_weight:
+            what = f"{t.name.decode()} (ggml type {type})" if t != NULL else f"ggml type {type}"
+            raise ValueError(f"unsupported weight type {what}: the kernels take "
+                             f"{', '.join(b.name for b in weight_types())}")
+        per_block, block_bytes = t.block_size, t.type_size
         if rows < 1 or cols < 1 or cols % per_block:
             raise ValueError(f"bad shape ({rows}, {cols}) for type {type}")
         arr = np.ascontiguousarray(data).view(np.uint8).reshape(-1)

@@ -60,6 +60,7 @@ cdef class LlamaForward:
         cdef kiln_layer_weights *lw
         cdef int i
         self.model = NULL
+        _check_n_threads(n_threads)
         c.n_vocab = config["n_vocab"]
         c.n_embd = config["n_embd"]
         c.n_layer = config["n_layer"]

@@ -11,22 +11,23 @@ import threading
 
 import numpy as np
 
+import ckernels
 import formats
 from formats import GGMLType
 
 from .config import LlamaConfig
 from .errors import ContextOverflowError, ModelError
 
-# Types kiln_matmul multiplies (and codecs.c dequantizes, for embedding rows).
-MATRIX_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16,
-                GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+# Types kiln_matmul multiplies (and codecs.c dequantizes, for embedding rows): the
+# weight types of the C type table.
+MATRIX_TYPES = tuple(GGMLType(b.ggml_id) for b in ckernels.weight_types())
 N_BATCH = 512  # prompt tokens per internal chunk: bounds the activation buffers
 
 
 # Weight types the kernels repack at load time (kernels.h: they never read the file's
 # blocks again after kiln_matrix_init). token_embd's rows are still looked up in the
 # file, one row per token: those few pages simply fault back in.
-REPACKED_TYPES = (formats.GGMLType.Q4_0, formats.GGMLType.Q4_1, formats.GGMLType.Q8_0)
+REPACKED_TYPES = tuple(GGMLType(b.ggml_id) for b in ckernels.weight_types() if b.repacked)
 
 
 def physical_cores() -> int:
@@ -105,15 +106,18 @@ class Model:
 
     def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = N_BATCH):
-        """n_threads None = physical cores; n_batch = prompt tokens per internal chunk
-        (an eval of more tokens is still one call)."""
+        """n_threads None = physical cores (at most ckernels.MAX_THREADS); n_batch =
+        prompt tokens per internal chunk (an eval of more tokens is still one call)."""
         from ckernels._ext import LlamaForward
 
         if n_threads is None:
-            n_threads = physical_cores()
+            n_threads = min(physical_cores(), ckernels.MAX_THREADS)
         if int(n_ctx) < 1 or int(n_threads) < 1 or int(n_batch) < 1:
             raise ValueError(f"n_ctx ({n_ctx}), n_threads ({n_threads}) and n_batch "
                              f"({n_batch}) must be >= 1")
+        if int(n_threads) > ckernels.MAX_THREADS:
+            raise ValueError(f"n_threads ({n_threads}) is above the thread pool's limit of "
+                             f"{ckernels.MAX_THREADS}")
         self.path = str(path)
         self._file = formats.read_gguf(path)  # the mmap the C engine reads: kept open
         try:

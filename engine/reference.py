@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import numpy as np
 
+import ckernels
 import formats
 from formats import GGMLType
 
 from .config import LlamaConfig
 
-# activation codec of the C kernels, per weight type (float weights: float activations)
-ACTIVATION_TYPE = {GGMLType.Q4_0: GGMLType.Q8_0, GGMLType.Q8_0: GGMLType.Q8_0,
-                   GGMLType.Q4_1: GGMLType.Q8_1}
+# activation codec of the C kernels, per weight type, from the C type table (float
+# weights are absent: their activations stay float)
+ACTIVATION_TYPE = {GGMLType(b.ggml_id): GGMLType[b.act_type]
+                   for b in ckernels.weight_types() if b.act_type is not None}
 
 
 def dequantize_tensor(t) -> np.ndarray:
@@ -49,9 +51,9 @@ class Linear:
         if self.act_type == GGMLType.Q8_1:
             # Q4_1 x Q8_1 is computed per block as d_w*d_x*sum(q_w*q_x) + m_w*s_x with
             # s_x = fp16(d_x * sum(q_x)): split W = q*d + m into its two parts.
-            rows = t.shape[0]
-            raw = np.array(t.data, dtype=np.uint8).reshape(rows, -1, 20)
-            self.block_min = _block_halves(raw.reshape(rows, -1), 20, 2)  # (rows, n_blocks)
+            rows, block_bytes = t.shape[0], formats.GGML_QUANT_SIZES[GGMLType(t.type)][1]
+            raw = np.array(t.data, dtype=np.uint8).reshape(rows, -1, block_bytes)
+            self.block_min = _block_halves(raw.reshape(rows, -1), block_bytes, 2)  # (rows, n_blocks)
             raw[..., 2:4] = 0                                  # m = 0 leaves q*d
             self.w = np.asarray(formats.dequantize(raw.reshape(rows, -1), t.type, t.shape),
                                 dtype=np.float32)
@@ -68,7 +70,8 @@ class Linear:
         xq = formats.quantize(np.ascontiguousarray(x, dtype=np.float32), self.act_type)
         y = np.asarray(formats.dequantize(xq, self.act_type, x.shape), np.float64) @ self.w.T
         if self.block_min is not None:
-            y += _block_halves(xq, 36, 2).astype(np.float64) @ self.block_min.T
+            act_bytes = formats.GGML_QUANT_SIZES[self.act_type][1]
+            y += _block_halves(xq, act_bytes, 2).astype(np.float64) @ self.block_min.T
         return y.astype(np.float32)
 
 

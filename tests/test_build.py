@@ -33,3 +33,13 @@ def test_kiln_isa_refuses_a_variant_the_cpu_lacks():
     r = subprocess.run([sys.executable, "-c", "import ckernels"], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "KILN_ISA": missing[0]})
     assert r.returncode != 0 and f"KILN_ISA={missing[0]!r}" in r.stderr
+
+
+def test_isa_names_are_the_variants_setup_py_builds_from():
+    import os
+    import re
+    header = os.path.join(os.path.dirname(ckernels.__file__), "src", "isa_variants.h")
+    with open(header) as f:
+        names = re.findall(r"^KILN_VARIANT\(\w+, (\w+), \"[^\"]*\"\)$", f.read(), re.M)
+    assert ckernels.ISA_NAMES == tuple(dict.fromkeys(names))
+    assert set(ckernels.supported_isas()) <= set(ckernels.ISA_NAMES)

@@ -17,9 +17,13 @@ import ckernels
 
 ISAS = ckernels.supported_isas()
 COLS = [32, 64, 576, 1536, 4096, 11008]
-F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
-QUANT_TYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}
-FLOAT_TYPES = {"f32": F32, "f16": F16, "bf16": BF16}
+# ggml type ids by name, and the weight types the kernels take (the C type table):
+# block types with quantized activations, and float types
+TYPE = {b.name: b.ggml_id for b in ckernels.block_types()}
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (TYPE[n] for n in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "BF16"))
+QUANT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types() if b.act_type}
+ACT_TYPE = {b.ggml_id: b.act_type for b in ckernels.weight_types()}
+FLOAT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types() if not b.act_type}
 
 
 @pytest.fixture
@@ -93,7 +97,7 @@ def dequant_act(blocks, q8_1=False):
 def quantized_x(type_, x):
     """The kernels' activation quantization of each row of x (active variant), as
     float64 values."""
-    q81 = type_ == Q4_1
+    q81 = ACT_TYPE[type_] == "Q8_1"
     fn = ckernels.quantize_act_q8_1 if q81 else ckernels.quantize_act_q8_0
     return np.stack([dequant_act(fn(row), q81) for row in x])
 
@@ -201,8 +205,8 @@ def test_quantized_matmul_is_the_rounded_exact_product(isa, name, cols):
 def test_results_do_not_depend_on_thread_count(isa):
     rng = np.random.default_rng(5)
     rows, cols = 101, 1536
-    for type_ in (Q4_0, Q4_1, Q8_0, F16):
-        if type_ == F16:
+    for type_ in list(QUANT_TYPES.values()) + list(FLOAT_TYPES.values()):
+        if type_ in FLOAT_TYPES.values():
             data, _ = make_float_weights(type_, rows, cols, rng)
         else:
             data, _ = make_quant_weights(type_, rows, cols, rng)

@@ -1,18 +1,19 @@
 """The C forward pass against the NumPy reference on tiny random-weight Llamas.
 
-Held to: max |difference| <= 1e-3 * max |logit| against the reference that
-emulates the kernels' Q8 activation quantization, mean KL < 1e-3 against the plain
-float reference; 1 and 2 threads bit-identical.
+Required: max |difference| <= 1e-3 * max |logit| against the reference that emulates
+the kernels' Q8 activation quantization, mean KL < 1e-3 against the plain float
+reference; 1 and 2 threads bit-identical.
 
 With quantized weights the engines agree bit for bit, at every position: both compute
 the quantized products, RoPE, attention and SwiGLU in double and round once
 (forward.c), so no activation can land on the other side of an 8-bit rounding boundary
 in one engine only. With float weights the C products are summed in float (in another
-order than NumPy's), so there the logits agree to rounding, well inside the bar.
+order than NumPy's), so there the logits agree to rounding, well inside that bound.
 """
 import numpy as np
 import pytest
 
+import ckernels
 from engine.errors import ContextOverflowError, ModelError
 from engine.model import Model, physical_cores
 from engine.reference import ReferenceLlama
@@ -153,9 +154,21 @@ def test_bad_arguments(small_path):
         Model(small_path, n_ctx=0)
 
 
+def test_thread_count_above_the_pool_limit_is_refused(small_path):
+    import ckernels
+    from ckernels._ext import LlamaForward
+
+    limit = ckernels.MAX_THREADS
+    with pytest.raises(ValueError, match=rf"n_threads \({limit + 1}\).*limit of {limit}"):
+        Model(small_path, n_ctx=8, n_threads=limit + 1)
+    # the binding checks too, before it looks at anything else
+    with pytest.raises(ValueError, match=rf"between 1 and {limit}.*got {limit + 1}"):
+        LlamaForward({}, None, [], 0, None, np.zeros(0), limit + 1)
+
+
 def test_default_threads_and_metadata(small_path):
     with Model(small_path, n_ctx=8) as m:
-        assert m.n_threads == physical_cores() >= 1
+        assert m.n_threads == min(physical_cores(), ckernels.MAX_THREADS) >= 1
         assert m.metadata["general.architecture"] == "llama"
         assert m.n_ctx == 8 and m.config.n_layer == 1
 

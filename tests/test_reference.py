@@ -4,6 +4,7 @@ whole model against llama.cpp where llama-cpp-python is installed."""
 import numpy as np
 import pytest
 
+import ckernels
 import formats
 from formats import GGMLType
 from engine.reference import Linear, ReferenceLlama, rope
@@ -37,13 +38,14 @@ def _ggml_dot(wq, wtype, xq, xtype):
     sumi = np.einsum("rbk,tbk->trb", qw, qx)
     y = (_halves(wq, wsize, 0)[None] * _halves(xq, xb.shape[-1], 0)[:, None] * sumi).sum(-1)
     if wtype == GGMLType.Q4_1:
-        y += _halves(xq, 36, 2) @ _halves(wq, wsize, 2).T
+        y += _halves(xq, xb.shape[-1], 2) @ _halves(wq, wsize, 2).T
     return y
 
 
-@pytest.mark.parametrize("wtype,xtype", [(GGMLType.Q4_0, GGMLType.Q8_0),
-                                         (GGMLType.Q8_0, GGMLType.Q8_0),
-                                         (GGMLType.Q4_1, GGMLType.Q8_1)])
+# each block weight type with the activation format the kernels pair it with
+@pytest.mark.parametrize("wtype,xtype", [(GGMLType(b.ggml_id), GGMLType[b.act_type])
+                                         for b in ckernels.weight_types() if b.act_type],
+                         ids=str)
 def test_linear_emulates_integer_block_dot(wtype, xtype):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((48, 256)).astype(np.float32)

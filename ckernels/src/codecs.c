@@ -4,6 +4,7 @@
 #include <math.h>
 #include <float.h>
 #include "codecs.h"
+#include "type_traits.h"
 
 /* x*id + 8.5f must round twice, as in ggml's reference and NumPy: never fuse it into an
  * FMA (arm64 has FMA in its baseline and GCC contracts by default in gnu11 mode). */
@@ -145,48 +146,22 @@ void kiln_dequantize_row_bf16(const kiln_bf16 *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = kiln_bf16_to_fp32(x[i]);
 }
 
-static int is_block_type(int type) {
-    return type == KILN_TYPE_Q4_0 || type == KILN_TYPE_Q4_1 || type == KILN_TYPE_Q8_0 ||
-           type == KILN_TYPE_Q8_1;
-}
-
 int64_t kiln_row_size(int type, int64_t n) {
-    if (n < 0 || (is_block_type(type) && n % QK)) return 0;
-    switch (type) {
-    case KILN_TYPE_F32: return n * 4;
-    case KILN_TYPE_F16: case KILN_TYPE_BF16: return n * 2;
-    case KILN_TYPE_Q4_0: return n / QK * (int64_t)sizeof(block_q4_0);
-    case KILN_TYPE_Q4_1: return n / QK * (int64_t)sizeof(block_q4_1);
-    case KILN_TYPE_Q8_0: return n / QK * (int64_t)sizeof(block_q8_0);
-    case KILN_TYPE_Q8_1: return n / QK * (int64_t)sizeof(block_q8_1);
-    default: return 0;
-    }
+    const kiln_type_traits *tt = kiln_type_traits_of(type);
+    if (!tt || n < 0 || n % tt->block_size) return 0;
+    return n / tt->block_size * tt->type_size;
 }
 
 int kiln_quantize_row(int type, const float *x, void *y, int64_t n) {
-    if (kiln_row_size(type, n) == 0 && n != 0) return -1;
-    switch (type) {
-    case KILN_TYPE_F32: memcpy(y, x, (size_t)n * sizeof(float)); return 0;
-    case KILN_TYPE_F16: kiln_quantize_row_f16(x, y, n); return 0;
-    case KILN_TYPE_BF16: kiln_quantize_row_bf16(x, y, n); return 0;
-    case KILN_TYPE_Q4_0: kiln_quantize_row_q4_0(x, y, n); return 0;
-    case KILN_TYPE_Q4_1: kiln_quantize_row_q4_1(x, y, n); return 0;
-    case KILN_TYPE_Q8_0: kiln_quantize_row_q8_0(x, y, n); return 0;
-    case KILN_TYPE_Q8_1: kiln_quantize_row_q8_1(x, y, n); return 0;
-    default: return -1;
-    }
+    const kiln_type_traits *tt = kiln_type_traits_of(type);
+    if (!tt || (kiln_row_size(type, n) == 0 && n != 0)) return -1;
+    tt->quantize_row(x, y, n);
+    return 0;
 }
 
 int kiln_dequantize_row(int type, const void *x, float *y, int64_t n) {
-    if (kiln_row_size(type, n) == 0 && n != 0) return -1;
-    switch (type) {
-    case KILN_TYPE_F32: memcpy(y, x, (size_t)n * sizeof(float)); return 0;
-    case KILN_TYPE_F16: kiln_dequantize_row_f16(x, y, n); return 0;
-    case KILN_TYPE_BF16: kiln_dequantize_row_bf16(x, y, n); return 0;
-    case KILN_TYPE_Q4_0: kiln_dequantize_row_q4_0(x, y, n); return 0;
-    case KILN_TYPE_Q4_1: kiln_dequantize_row_q4_1(x, y, n); return 0;
-    case KILN_TYPE_Q8_0: kiln_dequantize_row_q8_0(x, y, n); return 0;
-    case KILN_TYPE_Q8_1: kiln_dequantize_row_q8_1(x, y, n); return 0;
-    default: return -1;
-    }
+    const kiln_type_traits *tt = kiln_type_traits_of(type);
+    if (!tt || (kiln_row_size(type, n) == 0 && n != 0)) return -1;
+    tt->dequantize_row(x, y, n);
+    return 0;
 }

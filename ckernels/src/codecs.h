@@ -21,7 +21,8 @@ void kiln_dequantize_row_q8_1(const block_q8_1 *x, float *y, int64_t n);
 void kiln_dequantize_row_f16(const kiln_fp16 *x, float *y, int64_t n);
 void kiln_dequantize_row_bf16(const kiln_bf16 *x, float *y, int64_t n);
 
-/* By type id (F32 is a copy). Returns 0, or -1 for a type without a codec. */
+/* By type id, through the type table (F32 is a copy). Returns 0, or -1 for a type the
+ * table lacks or an n that is not a whole number of blocks. */
 int kiln_quantize_row(int type, const float *x, void *y, int64_t n);
 int kiln_dequantize_row(int type, const void *x, float *y, int64_t n);
 /* Bytes in a row of n elements of this type, or 0 for an unknown type / bad n. */

@@ -160,6 +160,34 @@ void kiln_attn_values_f16(int R, float *const *out, double *const *dout, const d
     kiln_ops()->attn_values_f16(R, out, dout, weights, values, n_keys, head_dim, stride, n_ctx_pad);
 }
 
+double kiln_exp_shifted_f64(double *a, int n, double *max_out) {
+    return kiln_ops()->exp_shifted_f64(a, n, max_out);
+}
+
+void kiln_softmax_f64(double *a, int n) { kiln_ops()->softmax_f64(a, n); }
+
+void kiln_swiglu_f32(float *gate, const float *up, size_t n) { kiln_ops()->swiglu_f32(gate, up, n); }
+
+/* Every variant of every architecture in isa_variants.h, in its order (a name listed
+ * for several architectures, like scalar, once). */
+static const char *const kiln_variant_names[] = {
+#define KILN_VARIANT(arch, name, flags) #name,
+#include "isa_variants.h"
+#undef KILN_VARIANT
+};
+
+int kiln_known_isas(const char **names, int max_names) {
+    int n = 0;
+    for (size_t i = 0; i < sizeof kiln_variant_names / sizeof kiln_variant_names[0]; i++) {
+        int seen = 0;
+        for (size_t j = 0; j < i; j++) seen |= strcmp(kiln_variant_names[i], kiln_variant_names[j]) == 0;
+        if (seen) continue;
+        if (n < max_names) names[n] = kiln_variant_names[i];
+        n++;
+    }
+    return n;
+}
+
 int kiln_supported_isas(const char **names, int max_names) {
     int n = 0;
     for (int i = 0; i < KILN_N_VARIANTS; i++)

@@ -3,9 +3,12 @@
  * Mirrors the reference line by line: embed, then per layer RMSNorm -> Q/K/V ->
  * RoPE -> KV cache -> causal GQA attention -> output projection -> residual ->
  * RMSNorm -> SwiGLU FFN -> residual; final RMSNorm and logits. Matrix products go
- * through kiln_matmul (which splits rows over the pool); everything else here is
- * split over the pool by rows or (token tile, key/value head) pairs. Every output is
- * computed by one thread in a fixed order, so results do not depend on the thread count.
+ * through kiln_matmul (which splits rows over the pool; Q/K/V and gate/up each share
+ * one activation quantization and one pass of the pool through kiln_matmul_multi);
+ * the softmax, SwiGLU and the loops over the KV cache are kernels too, dispatched per
+ * ISA. Everything else here is split over the pool by rows or (token tile, key/value
+ * head) pairs. Every output is computed by one thread in a fixed order, so results do
+ * not depend on the thread count.
  *
  * The KV cache is fp16, as llama.cpp's default cache type is: keys and values are
  * rounded to the nearest half (round to nearest even, like ggml's fp32 -> fp16 copy)
@@ -35,16 +38,6 @@
 #define ATT_TILE KILN_ATT_TILE
 /* from this many keys on, one token's attention is split over the threads by keys */
 #define ATT_SPLIT_MIN_KEYS 256
-
-/* The softmax is float-only code outside the kernels: compile it for the wider vector
- * units too and let the loader pick (GCC/clang function clones, which need glibc's
- * ifunc). The loops reading the fp16 cache are kernels (kiln_attn_scores_f16,
- * kiln_attn_values_f16), compiled per ISA and dispatched like the matrix products. */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)
-#define KILN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KILN_VECTOR_CLONES
-#endif
 
 typedef struct {
     kiln_matrix wq, wk, wv, wo;   /* see kiln_layer_weights for shapes */
@@ -201,47 +194,72 @@ int kiln_llama_n_threads(const kiln_llama *m) { return kiln_pool_size(m->pool); 
 
 /* ---- the pieces of a layer, each split over the pool ---- */
 
-/* Rows [*lo, *hi) of n for thread ith of nth. */
-static void split_rows(int n, int ith, int nth, int *lo, int *hi) {
-    *lo = (int)((int64_t)n * ith / nth);
-    *hi = (int)((int64_t)n * (ith + 1) / nth);
-}
-
 /* A single row is not worth waking the workers for. */
 static void run_rows(kiln_pool *pool, kiln_task_fn fn, void *ctx, int n_rows) {
     if (n_rows == 1) fn(ctx, 0, 1);
     else kiln_pool_run(pool, fn, ctx);
 }
 
-static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
-    double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float scale = (float)(1.0 / sqrt(ss / n + eps));
-    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+/* Keys of a layer's key/value head g: (head_dim, n_ctx_pad) halves, key p of dimension
+ * d at d * n_ctx_pad + p (so the next head's keys follow at + head_dim * n_ctx_pad). */
+static kiln_fp16 *key_cache_at(const kiln_llama *m, int layer, int g) {
+    size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
+    return m->s.key_cache + ((size_t)layer * kv_dim + (size_t)g * m->c.head_dim) * m->s.n_ctx_pad;
+}
+
+/* Values of a layer at position p: (n_head_kv * head_dim) halves, the next position's
+ * right after. */
+static kiln_fp16 *value_cache_at(const kiln_llama *m, int layer, int p) {
+    size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
+    return m->s.value_cache + ((size_t)layer * m->c.n_ctx + p) * kv_dim;
 }
 
 typedef struct {
-    kiln_llama *m;
-    int n_tokens, n_past, layer;
-    const float *norm_weight;  /* rmsnorm task */
-    const float *residual;     /* add_rmsnorm: added to x first (NULL: none) */
-} Task;
+    float *out;          /* (n, dim) */
+    const float *x;      /* (n, dim) */
+    const float *weight; /* (dim) */
+    int n, dim;
+    float eps;
+} RmsnormRows;
 
-/* x[t] += residual[t] (when given); xb[t] = rmsnorm(x[t]) * norm_weight */
-static void task_add_rmsnorm(void *ctx, int ith, int nth) {
-    Task *k = ctx;
-    const kiln_llama_config *c = &k->m->c;
-    RunState *s = &k->m->s;
-    int lo, hi;
-    split_rows(k->n_tokens, ith, nth, &lo, &hi);
-    for (int t = lo; t < hi; t++) {
-        float *x = s->x + (size_t)t * c->n_embd;
-        if (k->residual) {
-            const float *r = k->residual + (size_t)t * c->n_embd;
-            for (int i = 0; i < c->n_embd; i++) x[i] += r[i];
-        }
-        rmsnorm(s->xb + (size_t)t * c->n_embd, x, k->norm_weight, c->n_embd, c->rms_eps);
+static void task_rmsnorm(void *ctx, int ith, int nth) {
+    const RmsnormRows *a = ctx;
+    int64_t lo, hi;
+    kiln_share(a->n, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        const float *x = a->x + (size_t)t * a->dim;
+        float *out = a->out + (size_t)t * a->dim;
+        double ss = 0.0;
+        for (int i = 0; i < a->dim; i++) ss += (double)x[i] * x[i];
+        float scale = (float)(1.0 / sqrt(ss / a->dim + a->eps));
+        for (int i = 0; i < a->dim; i++) out[i] = x[i] * scale * a->weight[i];
     }
+}
+
+/* out[t] = rmsnorm(x[t]) * weight for the n rows of dim floats */
+static void rmsnorm_rows(kiln_pool *pool, float *out, const float *x, const float *weight, int n,
+                         int dim, float eps) {
+    RmsnormRows a = {out, x, weight, n, dim, eps};
+    run_rows(pool, task_rmsnorm, &a, n);
+}
+
+typedef struct {
+    float *x;       /* (n, dim) */
+    const float *r; /* (n, dim) */
+    int n, dim;
+} AddRows;
+
+static void task_add(void *ctx, int ith, int nth) {
+    const AddRows *a = ctx;
+    int64_t lo, hi;
+    kiln_share(a->n, ith, nth, &lo, &hi);
+    for (size_t i = (size_t)lo * a->dim; i < (size_t)hi * a->dim; i++) a->x[i] += a->r[i];
+}
+
+/* x += r over n rows of dim floats: a sublayer's output joins the residual stream */
+static void add_rows(kiln_pool *pool, float *x, const float *r, int n, int dim) {
+    AddRows a = {x, r, n, dim};
+    run_rows(pool, task_add, &a, n);
 }
 
 /* Rotates pairs (v[2i], v[2i+1]) of the first rope_dim dims of each head by
@@ -258,80 +276,34 @@ static void rope_heads(float *v, int n_heads, int head_dim, int rope_dim,
     }
 }
 
+/* The attention steps of one layer for a chunk of n_tokens tokens at positions n_past..
+ * (queries in s.q, new keys and values in s.k and s.v, output to s.att_out). */
+typedef struct {
+    kiln_llama *m;
+    int layer, n_tokens, n_past;
+} AttentionStep;
+
 /* RoPE on the chunk's queries and new keys; the keys (transposed) and values then go
  * into the fp16 cache */
 static void task_rope_store(void *ctx, int ith, int nth) {
-    Task *k = ctx;
+    const AttentionStep *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
-    int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2, lo, hi;
-    kiln_fp16 *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
-    kiln_fp16 *value_cache = s->value_cache + ((size_t)k->layer * c->n_ctx + k->n_past) * kv_dim;
-    split_rows(k->n_tokens, ith, nth, &lo, &hi);
-    for (int t = lo; t < hi; t++) {
+    int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2;
+    kiln_fp16 *keys = key_cache_at(k->m, k->layer, 0) + k->n_past;
+    int64_t lo, hi;
+    kiln_share(k->n_tokens, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
         const double *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
         float *key = s->k + (size_t)t * kv_dim;
-        const float *value = s->v + (size_t)t * kv_dim;
         rope_heads(s->q + (size_t)t * c->n_head * c->head_dim, c->n_head, c->head_dim,
                    c->rope_dim, cs, sn);
         rope_heads(key, c->n_head_kv, c->head_dim, c->rope_dim, cs, sn);
         for (int i = 0; i < kv_dim; i++)  /* i = kv_head * head_dim + d */
-            key_cache[(size_t)i * s->n_ctx_pad + k->n_past + t] = kiln_fp32_to_fp16(key[i]);
-        kiln_quantize_row_f16(value, value_cache + (size_t)t * kv_dim, kv_dim);
+            keys[(size_t)i * s->n_ctx_pad + t] = kiln_fp32_to_fp16(key[i]);
+        kiln_quantize_row_f16(s->v + (size_t)t * kv_dim,
+                              value_cache_at(k->m, k->layer, k->n_past + (int)t), kv_dim);
     }
-}
-
-/* e^x in double, within a few ulp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
- * then the degree-12 Taylor polynomial of e^r (its remainder is below 2e-16). Written
- * without libm calls or branches so that the loops using it vectorize. Inputs are
- * clamped to [-708, 709], where 2^n is a normal double: e^-708 stands in for anything
- * smaller, which is 0 for every use here once rounded to float. */
-static inline __attribute__((always_inline)) double exp_f64(double x) {
-    x = x < -708.0 ? -708.0 : x > 709.0 ? 709.0 : x;
-    const double round = 0x1.8p52; /* adding it rounds to an integer */
-    double n = (x * 1.4426950408889634 + round) - round;
-    double r = (x - n * 0x1.62e42fee00000p-1) - n * 0x1.a39ef35793c76p-33;
-    double p = 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    /* 2^n: n + 1023 sits in the low mantissa bits of n + 2^52 + 1023 */
-    double biased = n + (0x1p52 + 1023.0);
-    uint64_t bits;
-    memcpy(&bits, &biased, sizeof bits);
-    bits <<= 52;
-    double scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-/* a[p] = e^(a[p] - max) over p < n, in double; returns their sum, max in *max_out */
-KILN_VECTOR_CLONES
-static double exp_shifted(double *a, int n, double *max_out) {
-    double max = -INFINITY, sum = 0.0;
-    for (int p = 0; p < n; p++) max = a[p] > max ? a[p] : max;
-    for (int p = 0; p < n; p++) {
-        a[p] = exp_f64(a[p] - max);
-        sum += a[p];
-    }
-    *max_out = max;
-    return sum;
-}
-
-/* a[p] = softmax(a)[p] over p < n, in double */
-KILN_VECTOR_CLONES
-static void softmax(double *a, int n) {
-    double max, inv_sum = 1.0 / exp_shifted(a, n, &max);
-    for (int p = 0; p < n; p++) a[p] *= inv_sum;
 }
 
 /* Causal attention. Work items are (tile of up to ATT_TILE tokens, key/value head g)
@@ -343,19 +315,18 @@ static void softmax(double *a, int n) {
  * keys; its weights for the later keys another row of the same pass sees are 0, so the
  * value sum adds exact zeros there. */
 static void task_attention(void *ctx, int ith, int nth) {
-    Task *k = ctx;
+    const AttentionStep *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
     int q_dim = c->n_head * hd, n_tiles = (k->n_tokens + ATT_TILE - 1) / ATT_TILE;
-    const kiln_fp16 *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
-    const kiln_fp16 *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
     double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
     double scale = 1.0 / sqrt((double)hd);
     for (int item = ith; item < n_tiles * c->n_head_kv; item += nth) {
         int t0 = item / c->n_head_kv * ATT_TILE, g = item % c->n_head_kv;
         int n_q = k->n_tokens - t0 < ATT_TILE ? k->n_tokens - t0 : ATT_TILE;
-        const kiln_fp16 *keys_t = key_cache + (size_t)g * hd * s->n_ctx_pad;
+        const kiln_fp16 *keys_t = key_cache_at(k->m, k->layer, g);
+        const kiln_fp16 *values = value_cache_at(k->m, k->layer, 0) + (size_t)g * hd;
         for (int row0 = 0; row0 < n_q * group; row0 += ATT_TILE) {
             int R = n_q * group - row0 < ATT_TILE ? n_q * group - row0 : ATT_TILE;
             const float *q[ATT_TILE];
@@ -371,10 +342,10 @@ static void task_attention(void *ctx, int ith, int nth) {
             kiln_attn_scores_f16(R, att, q, keys_t, n_keys_max, hd, s->n_ctx_pad, scale);
             for (int r = 0; r < R; r++) {
                 double *a = att + (size_t)r * s->n_ctx_pad;
-                softmax(a, n_keys[r]);
+                kiln_softmax_f64(a, n_keys[r]);
                 for (int p = n_keys[r]; p < n_keys_max; p++) a[p] = 0.0;
             }
-            kiln_attn_values_f16(R, out, NULL, att, value_cache + (size_t)g * hd, n_keys_max, hd,
+            kiln_attn_values_f16(R, out, NULL, att, values, n_keys_max, hd,
                                  kv_dim, s->n_ctx_pad);
         }
     }
@@ -388,20 +359,18 @@ static void task_attention(void *ctx, int ith, int nth) {
  * out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), M the largest m_s. In exact
  * arithmetic that is the softmax-weighted sum; in double it rounds to the same float. */
 static void task_attention_split(void *ctx, int ith, int nth) {
-    Task *k = ctx;
+    const AttentionStep *k = ctx;
     const kiln_llama_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
     int n_keys = k->n_past + 1, n_blocks = (n_keys + ATT_BLOCK - 1) / ATT_BLOCK;
-    const kiln_fp16 *key_cache = s->key_cache + (size_t)k->layer * kv_dim * s->n_ctx_pad;
-    const kiln_fp16 *value_cache = s->value_cache + (size_t)k->layer * c->n_ctx * kv_dim;
     double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
     double scale = 1.0 / sqrt((double)hd);
     for (int item = ith; item < c->n_head_kv * nth; item += nth) {
         int g = item / nth, seg = item % nth;
-        int k0 = (int)((int64_t)n_blocks * seg / nth) * ATT_BLOCK;
-        int k1 = (int)((int64_t)n_blocks * (seg + 1) / nth) * ATT_BLOCK;
-        k1 = k1 < n_keys ? k1 : n_keys;
+        int64_t b0, b1;
+        kiln_share(n_blocks, seg, nth, &b0, &b1);
+        int k0 = (int)b0 * ATT_BLOCK, k1 = (int)b1 * ATT_BLOCK < n_keys ? (int)b1 * ATT_BLOCK : n_keys;
         for (int row0 = 0; row0 < group; row0 += ATT_TILE) {
             int R = group - row0 < ATT_TILE ? group - row0 : ATT_TILE;
             const float *q[ATT_TILE];
@@ -417,11 +386,11 @@ static void task_attention_split(void *ctx, int ith, int nth) {
                 for (int r = 0; r < R; r++) memset(part[r], 0, sizeof(double) * hd);
                 continue;
             }
-            kiln_attn_scores_f16(R, att, q, key_cache + (size_t)g * hd * s->n_ctx_pad + k0,
-                                 k1 - k0, hd, s->n_ctx_pad, scale);
+            kiln_attn_scores_f16(R, att, q, key_cache_at(k->m, k->layer, g) + k0, k1 - k0, hd,
+                                 s->n_ctx_pad, scale);
             for (int r = 0; r < R; r++)
-                part[r][hd + 1] = exp_shifted(att + (size_t)r * s->n_ctx_pad, k1 - k0, &part[r][hd]);
-            kiln_attn_values_f16(R, NULL, part, att, value_cache + (size_t)k0 * kv_dim + (size_t)g * hd,
+                part[r][hd + 1] = kiln_exp_shifted_f64(att + (size_t)r * s->n_ctx_pad, k1 - k0, &part[r][hd]);
+            kiln_attn_values_f16(R, NULL, part, att, value_cache_at(k->m, k->layer, k0) + (size_t)g * hd,
                                  k1 - k0, hd, kv_dim, s->n_ctx_pad);
         }
     }
@@ -437,7 +406,7 @@ static void attention_combine(kiln_llama *m, int n_seg) {
         double max = -INFINITY;
         for (int seg = 0; seg < n_seg; seg++)
             max = part[seg * (hd + 2) + hd] > max ? part[seg * (hd + 2) + hd] : max;
-        double w[64], l = 0.0; /* n_seg <= pool size, see forward_chunk */
+        double w[KILN_MAX_THREADS], l = 0.0; /* n_seg = the pool's size */
         for (int seg = 0; seg < n_seg; seg++) {
             const double *ps = part + (size_t)seg * (hd + 2);
             w[seg] = ps[hd] == -INFINITY ? 0.0 : exp(ps[hd] - max);
@@ -451,22 +420,24 @@ static void attention_combine(kiln_llama *m, int n_seg) {
     }
 }
 
-/* hb[i] = silu(hb[i]) * hb2[i] (SwiGLU), in double */
-KILN_VECTOR_CLONES
-static void swiglu(float *hb, const float *hb2, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        double g = hb[i];
-        hb[i] = (float)(g / (1.0 + exp_f64(-g)) * hb2[i]);
-    }
-}
+typedef struct {
+    float *gate;     /* (n, n_ff) */
+    const float *up; /* (n, n_ff) */
+    int n, n_ff;
+} SwigluRows;
 
 static void task_swiglu(void *ctx, int ith, int nth) {
-    Task *k = ctx;
-    const kiln_llama_config *c = &k->m->c;
-    RunState *s = &k->m->s;
-    int lo, hi;
-    split_rows(k->n_tokens, ith, nth, &lo, &hi);
-    swiglu(s->hb + (size_t)lo * c->n_ff, s->hb2 + (size_t)lo * c->n_ff, (size_t)(hi - lo) * c->n_ff);
+    const SwigluRows *a = ctx;
+    int64_t lo, hi;
+    kiln_share(a->n, ith, nth, &lo, &hi);
+    kiln_swiglu_f32(a->gate + (size_t)lo * a->n_ff, a->up + (size_t)lo * a->n_ff,
+                    (size_t)(hi - lo) * a->n_ff);
+}
+
+/* gate = silu(gate) * up over n rows of n_ff floats */
+static void swiglu_rows(kiln_pool *pool, float *gate, const float *up, int n, int n_ff) {
+    SwigluRows a = {gate, up, n, n_ff};
+    run_rows(pool, task_swiglu, &a, n);
 }
 
 /* ---- forward ---- */
@@ -478,7 +449,8 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
     const kiln_llama_config *c = &m->c;
     Weights *w = &m->w;
     RunState *s = &m->s;
-    int half = c->rope_dim / 2;
+    int half = c->rope_dim / 2, nth = kiln_pool_size(m->pool);
+    size_t chunk = (size_t)n * c->n_embd; /* floats of the chunk's residual stream */
 
     for (int t = 0; t < n; t++) {
         kiln_dequantize_row(w->token_embd.type,
@@ -490,59 +462,44 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
             s->rope_sin[(size_t)t * half + i] = sin(theta);
         }
     }
+    if (trace) memcpy(trace, s->x, sizeof(float) * chunk);
 
-    if (trace) memcpy(trace, s->x, sizeof(float) * n * c->n_embd);
-
-    Task k = {.m = m, .n_tokens = n, .n_past = n_past};
-    int nth = kiln_pool_size(m->pool);
     for (int l = 0; l < c->n_layer; l++) {
         Layer *L = &w->layers[l];
-        k.layer = l;
 
-        /* attention; the previous layer's FFN output joins the residual stream here */
-        k.norm_weight = L->attn_norm;
-        k.residual = l > 0 ? s->xb2 : NULL;
-        run_rows(m->pool, task_add_rmsnorm, &k, n);
-        kiln_matmul(m->pool, &L->wq, s->xb, n, s->q);
-        kiln_matmul(m->pool, &L->wk, s->xb, n, s->k);
-        kiln_matmul(m->pool, &L->wv, s->xb, n, s->v);
-        run_rows(m->pool, task_rope_store, &k, n);
-        if (n == 1 && nth > 1 && nth <= 64 && n_past + 1 >= ATT_SPLIT_MIN_KEYS) {
-            kiln_pool_run(m->pool, task_attention_split, &k);
+        /* attention: x += wo(attention(rope(wq xb), rope(wk xb), wv xb)), xb = rmsnorm(x) */
+        rmsnorm_rows(m->pool, s->xb, s->x, L->attn_norm, n, c->n_embd, c->rms_eps);
+        const kiln_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        float *qkv_out[3] = {s->q, s->k, s->v};
+        kiln_matmul_multi(m->pool, 3, qkv, s->xb, n, qkv_out);
+        AttentionStep step = {m, l, n, n_past};
+        run_rows(m->pool, task_rope_store, &step, n);
+        if (n == 1 && nth > 1 && n_past + 1 >= ATT_SPLIT_MIN_KEYS) {
+            kiln_pool_run(m->pool, task_attention_split, &step);
             attention_combine(m, nth);
         } else {
-            kiln_pool_run(m->pool, task_attention, &k);
+            kiln_pool_run(m->pool, task_attention, &step);
         }
         kiln_matmul(m->pool, &L->wo, s->att_out, n, s->xb2);
+        add_rows(m->pool, s->x, s->xb2, n, c->n_embd);
 
-        /* feed-forward: w_down(silu(w_gate(x)) * w_up(x)) */
-        k.norm_weight = L->ffn_norm;
-        k.residual = s->xb2;
-        run_rows(m->pool, task_add_rmsnorm, &k, n);
-        kiln_matmul(m->pool, &L->w_gate, s->xb, n, s->hb);
-        kiln_matmul(m->pool, &L->w_up, s->xb, n, s->hb2);
-        run_rows(m->pool, task_swiglu, &k, n);
+        /* feed-forward: x += w_down(silu(w_gate xb) * w_up xb), xb = rmsnorm(x) */
+        rmsnorm_rows(m->pool, s->xb, s->x, L->ffn_norm, n, c->n_embd, c->rms_eps);
+        const kiln_matrix *gate_up[2] = {&L->w_gate, &L->w_up};
+        float *gate_up_out[2] = {s->hb, s->hb2};
+        kiln_matmul_multi(m->pool, 2, gate_up, s->xb, n, gate_up_out);
+        swiglu_rows(m->pool, s->hb, s->hb2, n, c->n_ff);
         kiln_matmul(m->pool, &L->w_down, s->hb, n, s->xb2);
-        if (trace) { /* the residual stream after this layer */
-            float *out = trace + (size_t)(l + 1) * trace_stride;
-            for (size_t i = 0; i < (size_t)n * c->n_embd; i++) out[i] = s->x[i] + s->xb2[i];
-        }
+        add_rows(m->pool, s->x, s->xb2, n, c->n_embd);
+
+        if (trace) memcpy(trace + (size_t)(l + 1) * trace_stride, s->x, sizeof(float) * chunk);
     }
     if (first_logit >= n) return;
 
-    /* final norm of the rows that need logits (x + last FFN output), then the output
-     * matrix; rows are moved to the front of x so the matmul reads them contiguously */
+    /* final norm of the rows that need logits, then the output matrix */
     int n_out = n - first_logit;
-    for (int t = 0; t < n_out; t++) {
-        float *x = s->x + (size_t)t * c->n_embd;
-        const float *src = s->x + (size_t)(first_logit + t) * c->n_embd;
-        const float *r = s->xb2 + (size_t)(first_logit + t) * c->n_embd;
-        for (int i = 0; i < c->n_embd; i++) x[i] = src[i] + r[i];
-    }
-    k.n_tokens = n_out;
-    k.norm_weight = w->output_norm;
-    k.residual = NULL;
-    run_rows(m->pool, task_add_rmsnorm, &k, n_out);
+    rmsnorm_rows(m->pool, s->xb, s->x + (size_t)first_logit * c->n_embd, w->output_norm, n_out,
+                 c->n_embd, c->rms_eps);
     kiln_matmul(m->pool, &w->output, s->xb, n_out, logits);
 }
 
@@ -572,11 +529,10 @@ int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float 
     const kiln_llama_config *c = &m->c;
     if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, pad = m->s.n_ctx_pad;
-    const kiln_fp16 *key_cache = m->s.key_cache + (size_t)layer * kv_dim * pad;
+    const kiln_fp16 *key_cache = key_cache_at(m, layer, 0);
     for (int p = 0; p < n; p++)
         for (size_t i = 0; i < kv_dim; i++)
             keys[p * kv_dim + i] = kiln_fp16_to_fp32(key_cache[i * pad + p]);
-    kiln_dequantize_row_f16(m->s.value_cache + (size_t)layer * c->n_ctx * kv_dim, values,
-                            (int64_t)n * kv_dim);
+    kiln_dequantize_row_f16(value_cache_at(m, layer, 0), values, (int64_t)n * kv_dim);
     return 0;
 }

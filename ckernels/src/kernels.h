@@ -13,7 +13,11 @@
 /* ---- thread pool: persistent workers, created once per model ---- */
 typedef struct kiln_pool kiln_pool;
 
-/* n_threads >= 1 (the caller's thread is worker 0). NULL on failure. */
+/* The most threads a pool has: per-thread partial results live in arrays of this size. */
+#define KILN_MAX_THREADS 64
+
+/* 1 <= n_threads <= KILN_MAX_THREADS (the caller's thread is worker 0). NULL on failure
+ * or for a count outside that range. */
 kiln_pool *kiln_pool_create(int n_threads);
 void kiln_pool_free(kiln_pool *pool);
 int kiln_pool_size(const kiln_pool *pool);
@@ -24,31 +28,39 @@ int kiln_pool_size(const kiln_pool *pool);
 typedef void (*kiln_task_fn)(void *ctx, int ith, int nth);
 void kiln_pool_run(kiln_pool *pool, kiln_task_fn fn, void *ctx);
 
+/* Items [*i0, *i1) of n for thread ith of nth: contiguous shares, so the same item
+ * always gets the same arithmetic whichever thread runs it. */
+static inline void kiln_share(int64_t n, int ith, int nth, int64_t *i0, int64_t *i1) {
+    *i0 = n * ith / nth;
+    *i1 = n * (ith + 1) / nth;
+}
+
 /* ---- weight matrices ---- */
 /* rows = output features (ggml ne[1]), cols = input features (ne[0]); data points at
  * rows * row_size bytes in GGUF layout (usually inside the mmap, not owned). A matrix
  * may keep a repacked copy of its blocks for faster kernels; resident memory must stay
  * about one copy of the weights. */
 typedef struct kiln_matrix {
-    int type;             /* enum kiln_ggml_type: F32, F16, BF16, Q4_0, Q4_1, Q8_0 */
+    int type;             /* enum kiln_ggml_type: a weight type of the type table */
     int64_t rows, cols;
     const void *data;     /* GGUF row-major blocks */
     void *packed;         /* kernel-private layout, or NULL; owned */
     size_t packed_size;
 } kiln_matrix;
 
-/* Returns 0, or -1 (unsupported type, cols not a multiple of 32 for a block type,
- * out of memory). */
+/* Returns 0, or -1 (a type that is not a weight type of the table, cols not a whole
+ * number of blocks, out of memory). */
 int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data);
-/* (For Q4_0, Q4_1 and Q8_0 the kernels read only m->packed after init, so a caller
- * whose data lies in a file mapping may release those pages, e.g. madvise(MADV_DONTNEED),
- * to keep resident memory at one copy; F32/F16/BF16 keep reading m->data.) */
+/* (For the repacked types, those with m->packed set, the kernels read only m->packed
+ * after init, so a caller whose data lies in a file mapping may release those pages,
+ * e.g. madvise(MADV_DONTNEED), to keep resident memory at one copy; the others, the
+ * float types, keep reading m->data.) */
 void kiln_matrix_free(kiln_matrix *m);
 
 /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < rows.
  * x is (n_tokens, cols) float32, y is (n_tokens, rows) float32. Activations are
- * quantized on the fly to Q8_0 (Q8_1 for Q4_1 weights); F32/F16/BF16 weights use
- * float activations. Rows are split over the pool's threads; every output element is
+ * quantized on the fly to the weight type's activation type in the table (Q8_0, or
+ * Q8_1 for Q4_1 weights); F32/F16/BF16 weights use float activations. Rows are split over the pool's threads; every output element is
  * computed by exactly one thread in a fixed order, so results do not depend on the
  * thread count. n_tokens == 1 is the token-generation (matrix x vector) path. */
 void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens, float *y);
@@ -79,8 +91,19 @@ void kiln_attn_values_f16(int R, float *const *out, double *const *dout, const d
                           const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                           int n_ctx_pad);
 
+/* ---- float activations, in double, rounded once: the same bits on every ISA ---- */
+/* a[p] = e^(a[p] - max) over p < n, max the largest a[p] (in *max_out); returns the sum */
+double kiln_exp_shifted_f64(double *a, int n, double *max_out);
+/* a = softmax(a) over p < n */
+void kiln_softmax_f64(double *a, int n);
+/* gate[i] = silu(gate[i]) * up[i] for i < n (SwiGLU) */
+void kiln_swiglu_f32(float *gate, const float *up, size_t n);
+
 /* ---- ISA dispatch ---- */
 const char *kiln_active_isa(void);
+/* Names of every variant kiln knows, on any architecture (isa_variants.h). Returns the
+ * count; at most max_names are stored. */
+int kiln_known_isas(const char **names, int max_names);
 /* Names of the variants this CPU supports (and this build contains), best last. */
 int kiln_supported_isas(const char **names, int max_names);
 /* Force a variant; returns 0, or -1 if the CPU or build lacks it. */

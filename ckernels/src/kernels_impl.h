@@ -17,8 +17,8 @@
  *   d (and m) of block group g: KILN_KG * KILN_RG fp16 values, [b][r], 0 for padding.
  *
  * Weights are therefore unsigned (u4 or u8); the signed zero point is folded into the
- * activation side: each activation block carries -offset * sum(q) (offset 8 for Q4_0,
- * 128 for Q8_0, 0 for Q4_1), added once per block and row, so the integer dot of a block
+ * activation side: each activation block carries -offset * sum(q) (the type table's
+ * act_offset: 8 for Q4_0, 128 for Q8_0, 0 for Q4_1), added once per block and row, so the integer dot of a block
  * is exact: sum((w - offset) * a) = sum(w * a) - offset * sum(a).
  *
  * Activation layout (one per token, kiln_act_size bytes), block group g:
@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include "ggml_types.h"
 #include "kernels.h"
+#include "type_traits.h"
 
 #define KILN_RG 4 /* rows per row group */
 #define KILN_KG 4 /* blocks per block group */
@@ -130,6 +131,9 @@ typedef struct {
     void (*attn_values_f16)(int R, float *const *out, double *const *dout, const double *weights,
                             const kiln_fp16 *values, int n_keys, int head_dim, int stride,
                             int n_ctx_pad);
+    double (*exp_shifted_f64)(double *a, int n, double *max_out);
+    void (*softmax_f64)(double *a, int n);
+    void (*swiglu_f32)(float *gate, const float *up, size_t n);
 } kiln_isa_ops;
 
 /* A 64-byte aligned buffer of at least size bytes owned by the pool, valid until the
@@ -163,8 +167,9 @@ static inline const kiln_fp16 *kiln_rg_m(const kiln_packed_view *v, int64_t rg, 
  * a checksum (so the reads cannot be optimized away). For benchmarks. */
 uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n);
 
-/* Fills one token's activation layout from its float row, with the given variant's
- * Q8 quantizer; scratch holds cols / QK Q8_1 blocks. */
+/* Fills one token's activation layout for weights of the repacked type wtype (its
+ * activation type and zero point from the type table) from its float row, with the
+ * given variant's Q8 quantizer; scratch holds cols / QK Q8_1 blocks. */
 void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64_t cols,
                        const kiln_act_layout *l, uint8_t *dst, void *scratch);
 

@@ -9,23 +9,23 @@
 #include "kernels.h"
 #include "kernels_impl.h"
 
-static int kiln_is_quantized(int type) {
-    return type == KILN_TYPE_Q4_0 || type == KILN_TYPE_Q4_1 || type == KILN_TYPE_Q8_0;
+/* The type's row of the table; NULL (refused by kiln_matrix_init) for unknown types. */
+static const kiln_type_traits *kiln_weight_traits(int type) {
+    const kiln_type_traits *tt = kiln_type_traits_of(type);
+    return tt && tt->is_weight ? tt : NULL;
 }
 
-/* Bytes per row per block of the packed quants. */
-static size_t kiln_packed_block_bytes(int type) { return type == KILN_TYPE_Q8_0 ? 32 : 16; }
-
 kiln_packed_view kiln_packed_view_of(int type, int64_t rows, int64_t cols, const void *packed) {
+    const kiln_type_traits *tt = kiln_weight_traits(type);
+    assert(tt && tt->packed_block_bytes);
     kiln_packed_view v;
     v.type = type;
     v.rows = rows;
     v.nb = cols / QK;
     v.ng = (v.nb + KILN_KG - 1) / KILN_KG;
-    v.qs_bytes = kiln_packed_block_bytes(type) * KILN_KG;
-    size_t n_scale_sets = type == KILN_TYPE_Q4_1 ? 2 : 1;
-    size_t size = (size_t)KILN_RG * (size_t)v.nb * kiln_packed_block_bytes(type) +
-                  n_scale_sets * (size_t)v.ng * KILN_RG * KILN_KG * sizeof(kiln_fp16);
+    v.qs_bytes = (size_t)tt->packed_block_bytes * KILN_KG;
+    size_t size = (size_t)KILN_RG * (size_t)v.nb * (size_t)tt->packed_block_bytes +
+                  (size_t)tt->n_scale_sets * (size_t)v.ng * KILN_RG * KILN_KG * sizeof(kiln_fp16);
     v.rg_size = (size + 63) & ~(size_t)63;
     v.data = packed;
     return v;
@@ -39,9 +39,10 @@ size_t kiln_packed_size(int type, int64_t rows, int64_t cols) {
 /* Copies GGUF blocks into the packed layout (see kernels_impl.h). */
 void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, int64_t cols,
                     const void *src) {
+    const kiln_type_traits *tt = kiln_weight_traits(type);
     *v = kiln_packed_view_of(type, rows, cols, dst);
     int64_t nrg = (rows + KILN_RG - 1) / KILN_RG;
-    size_t bb = kiln_packed_block_bytes(type);
+    size_t bb = (size_t)tt->packed_block_bytes;
     memset(dst, 0, (size_t)nrg * v->rg_size);
     for (int64_t rg = 0; rg < nrg; rg++) {
         for (int64_t g = 0; g < v->ng; g++) {
@@ -49,30 +50,16 @@ void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, i
             int nt = (int)(v->nb - b0 < KILN_KG ? v->nb - b0 : KILN_KG);
             uint8_t *qs = (uint8_t *)kiln_rg_qs(v, rg, g);
             kiln_fp16 *d = (kiln_fp16 *)kiln_rg_d(v, rg, g);
-            kiln_fp16 *m = type == KILN_TYPE_Q4_1 ? (kiln_fp16 *)kiln_rg_m(v, rg, g) : NULL;
+            kiln_fp16 *m = tt->n_scale_sets > 1 ? (kiln_fp16 *)kiln_rg_m(v, rg, g) : NULL;
             for (int r = 0; r < KILN_RG; r++) {
                 int64_t row = rg * KILN_RG + r;
                 if (row >= rows) break; /* padding rows stay zero */
                 uint8_t *rq = qs + (size_t)r * nt * bb;
                 for (int b = 0; b < nt; b++) {
-                    int64_t ib = row * v->nb + b0 + b;
-                    if (type == KILN_TYPE_Q4_0) {
-                        const block_q4_0 *blk = (const block_q4_0 *)src + ib;
-                        memcpy(rq + 16 * b, blk->qs, 16);
-                        d[b * KILN_RG + r] = blk->d;
-                    } else if (type == KILN_TYPE_Q4_1) {
-                        const block_q4_1 *blk = (const block_q4_1 *)src + ib;
-                        memcpy(rq + 16 * b, blk->qs, 16);
-                        d[b * KILN_RG + r] = blk->d;
-                        m[b * KILN_RG + r] = blk->m;
-                    } else {
-                        const block_q8_0 *blk = (const block_q8_0 *)src + ib;
-                        for (int j = 0; j < 16; j++) {
-                            rq[16 * b + j] = (uint8_t)(blk->qs[j] + 128);
-                            rq[16 * nt + 16 * b + j] = (uint8_t)(blk->qs[j + 16] + 128);
-                        }
-                        d[b * KILN_RG + r] = blk->d;
-                    }
+                    const uint8_t *blk = (const uint8_t *)src +
+                                         (size_t)(row * v->nb + b0 + b) * (size_t)tt->type_size;
+                    tt->pack_block(blk, rq + 16 * b, (size_t)16 * nt, &d[b * KILN_RG + r],
+                                   m ? &m[b * KILN_RG + r] : NULL);
                 }
             }
         }
@@ -160,21 +147,13 @@ static void kiln_free_packed(void *p) {
 
 int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const void *data) {
     memset(m, 0, sizeof *m);
-    if (rows < 1 || cols < 1 || !data) return -1;
-    switch (type) {
-    case KILN_TYPE_F32: case KILN_TYPE_F16: case KILN_TYPE_BF16:
-        break;
-    case KILN_TYPE_Q4_0: case KILN_TYPE_Q4_1: case KILN_TYPE_Q8_0:
-        if (cols % QK != 0) return -1;
-        break;
-    default:
-        return -1;
-    }
+    const kiln_type_traits *tt = kiln_weight_traits(type);
+    if (!tt || rows < 1 || cols < 1 || !data || cols % tt->block_size) return -1;
     m->type = type;
     m->rows = rows;
     m->cols = cols;
     m->data = data;
-    if (kiln_is_quantized(type)) {
+    if (tt->packed_block_bytes) {
         size_t size = kiln_packed_size(type, rows, cols);
         void *packed = kiln_alloc_packed(size);
         if (!packed) return -1;
@@ -195,19 +174,21 @@ void kiln_matrix_free(kiln_matrix *m) {
 
 void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64_t cols,
                        const kiln_act_layout *l, uint8_t *dst, void *scratch) {
+    const kiln_type_traits *tt = kiln_weight_traits(wtype);
+    assert(tt && (tt->act_type == KILN_TYPE_Q8_0 || tt->act_type == KILN_TYPE_Q8_1));
+    const int q8_1 = tt->act_type == KILN_TYPE_Q8_1, offset = tt->act_offset;
     int64_t nb = cols / QK;
     memset(dst, 0, l->size);
     int8_t *qs = (int8_t *)(dst + l->off_qs);
     double *dx = (double *)(dst + l->off_dx);
     int32_t *off = (int32_t *)(dst + l->off_off);
     float *sx = (float *)(dst + l->off_sx);
-    int offset = wtype == KILN_TYPE_Q4_0 ? 8 : wtype == KILN_TYPE_Q8_0 ? 128 : 0;
-    if (wtype == KILN_TYPE_Q4_1) ops->quantize_row_q8_1(x, (block_q8_1 *)scratch, cols);
+    if (q8_1) ops->quantize_row_q8_1(x, (block_q8_1 *)scratch, cols);
     else ops->quantize_row_q8_0(x, (block_q8_0 *)scratch, cols);
     for (int64_t ib = 0; ib < nb; ib++) {
         const int8_t *q;
         float d, s = 0.0f;
-        if (wtype == KILN_TYPE_Q4_1) {
+        if (q8_1) {
             const block_q8_1 *b = (const block_q8_1 *)scratch + ib;
             q = b->qs;
             d = kiln_fp16_to_fp32(b->d);
@@ -236,10 +217,6 @@ void kiln_quantize_act(const kiln_isa_ops *ops, int wtype, const float *x, int64
 
 #define KILN_MULTI_MAX 8
 
-/* Activation kinds: the layout's offsets depend on the weight type. */
-static int kiln_act_kind(int type) { return type == KILN_TYPE_Q4_0 ? 0 : type == KILN_TYPE_Q4_1 ? 1 : 2; }
-static const int kiln_kind_type[3] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q8_0};
-
 typedef struct {
     const kiln_isa_ops *ops;
     int n;
@@ -249,9 +226,12 @@ typedef struct {
     int64_t cols;
     int n_tokens;
     int64_t units[KILN_MULTI_MAX + 1]; /* prefix sums of row groups over the matrices */
-    /* quantized activations, one per kind in use */
-    int kind_used[3];
-    uint8_t *act[3];
+    /* quantized activations: one per distinct layout (activation type and zero point)
+     * among the matrices; act_wtype[k] is a weight type that reads layout k */
+    int n_acts;
+    int act_wtype[KILN_MULTI_MAX];
+    uint8_t *act[KILN_MULTI_MAX];
+    int act_of[KILN_MULTI_MAX]; /* the layout matrix i reads (quantized weights) */
     kiln_act_layout al;
     uint8_t *qscratch; /* per thread: cols / QK Q8_1 blocks */
     size_t qscratch_stride;
@@ -259,29 +239,20 @@ typedef struct {
 
 static void kiln_task_quantize(void *p, int ith, int nth) {
     kiln_matmul_ctx *c = p;
-    for (int k = 0; k < 3; k++) {
-        if (!c->kind_used[k]) continue;
+    for (int k = 0; k < c->n_acts; k++)
         for (int t = ith; t < c->n_tokens; t += nth)
-            kiln_quantize_act(c->ops, kiln_kind_type[k], c->x + (size_t)t * c->cols, c->cols, &c->al,
+            kiln_quantize_act(c->ops, c->act_wtype[k], c->x + (size_t)t * c->cols, c->cols, &c->al,
                               c->act[k] + (size_t)t * c->al.size,
                               c->qscratch + (size_t)ith * c->qscratch_stride);
-    }
-}
-
-/* Contiguous share of n items for thread ith; the same item always gets the same
- * arithmetic whichever thread runs it. */
-static void kiln_share(int64_t n, int ith, int nth, int64_t *i0, int64_t *i1) {
-    *i0 = n * ith / nth;
-    *i1 = n * (ith + 1) / nth;
 }
 
 /* Row groups [rg0, rg1) of matrix i. */
 static void kiln_gemm_part(const kiln_matmul_ctx *c, int i, int64_t rg0, int64_t rg1) {
     const kiln_matrix *w = c->ws[i];
-    if (kiln_is_quantized(w->type)) {
+    if (w->packed) {
         kiln_qgemm_args q;
         q.w = kiln_packed_view_of(w->type, w->rows, w->cols, w->packed);
-        q.act = c->act[kiln_act_kind(w->type)];
+        q.act = c->act[c->act_of[i]];
         q.act_stride = c->al.size;
         q.al = c->al;
         q.n_tokens = c->n_tokens;
@@ -308,6 +279,17 @@ static void kiln_task_gemm(void *p, int ith, int nth) {
     }
 }
 
+/* The activation layout matrix type wtype reads, added to c's list if new. */
+static int kiln_act_for(kiln_matmul_ctx *c, int wtype) {
+    const kiln_type_traits *tt = kiln_weight_traits(wtype);
+    for (int k = 0; k < c->n_acts; k++) {
+        const kiln_type_traits *tk = kiln_weight_traits(c->act_wtype[k]);
+        if (tk->act_type == tt->act_type && tk->act_offset == tt->act_offset) return k;
+    }
+    c->act_wtype[c->n_acts] = wtype;
+    return c->n_acts++;
+}
+
 void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, const float *x,
                        int n_tokens, float *const *ys) {
     if (n_tokens < 1 || n < 1) return;
@@ -325,30 +307,22 @@ void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, con
     c.x = x;
     c.cols = ws[0]->cols;
     c.n_tokens = n_tokens;
-    int n_kinds = 0;
     for (int i = 0; i < n; i++) {
         assert(ws[i]->cols == c.cols);
         c.units[i + 1] = c.units[i] + (ws[i]->rows + KILN_RG - 1) / KILN_RG;
-        if (kiln_is_quantized(ws[i]->type) && !c.kind_used[kiln_act_kind(ws[i]->type)]) {
-            c.kind_used[kiln_act_kind(ws[i]->type)] = 1;
-            n_kinds++;
-        }
+        if (ws[i]->packed) c.act_of[i] = kiln_act_for(&c, ws[i]->type);
     }
     void *buf = NULL;
-    if (n_kinds) {
+    if (c.n_acts) {
         int nth = kiln_pool_size(pool);
         c.al = kiln_act_layout_for(c.cols);
         c.qscratch_stride = ((size_t)(c.cols / QK) * sizeof(block_q8_1) + 63) & ~(size_t)63;
         size_t act_bytes = (size_t)n_tokens * c.al.size;
-        size_t need = (size_t)n_kinds * act_bytes + (size_t)nth * c.qscratch_stride;
+        size_t need = (size_t)c.n_acts * act_bytes + (size_t)nth * c.qscratch_stride;
         buf = pool ? kiln_pool_scratch(pool, need) : aligned_alloc(64, (need + 63) & ~(size_t)63);
         if (!buf) abort(); /* a few KB to MB: out of memory here leaves nothing sane to do */
         uint8_t *at = buf;
-        for (int k = 0; k < 3; k++)
-            if (c.kind_used[k]) {
-                c.act[k] = at;
-                at += act_bytes;
-            }
+        for (int k = 0; k < c.n_acts; k++, at += act_bytes) c.act[k] = at;
         c.qscratch = at;
         if (n_tokens == 1 || nth == 1) kiln_task_quantize(&c, 0, 1); /* not worth a wake-up */
         else kiln_pool_run(pool, kiln_task_quantize, &c);
@@ -365,15 +339,14 @@ typedef struct {
     const kiln_isa_ops *ops;
     const uint8_t *p;
     size_t n;
-    uint64_t sums[64];
+    uint64_t sums[KILN_MAX_THREADS];
 } kiln_stream_ctx;
 
 static void kiln_task_stream(void *p, int ith, int nth) {
     kiln_stream_ctx *c = p;
     int64_t i0, i1;
     kiln_share((int64_t)(c->n / 64), ith, nth, &i0, &i1);
-    uint64_t s = c->ops->stream_sum(c->p + i0 * 64, (size_t)(i1 - i0) * 64);
-    if (ith < 64) c->sums[ith] = s;
+    c->sums[ith] = c->ops->stream_sum(c->p + i0 * 64, (size_t)(i1 - i0) * 64);
 }
 
 uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n) {
@@ -384,6 +357,6 @@ uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n) {
     c.n = n;
     kiln_pool_run(pool, kiln_task_stream, &c);
     uint64_t s = 0;
-    for (int i = 0; i < 64; i++) s += c.sums[i];
+    for (int i = 0; i < KILN_MAX_THREADS; i++) s += c.sums[i];
     return s;
 }

@@ -78,7 +78,7 @@ static void *kiln_worker_main(void *p) {
 }
 
 kiln_pool *kiln_pool_create(int n_threads) {
-    if (n_threads < 1) return NULL;
+    if (n_threads < 1 || n_threads > KILN_MAX_THREADS) return NULL;
     kiln_pool *pool = calloc(1, sizeof *pool);
     if (!pool) return NULL;
     pool->n_threads = n_threads;

@@ -38,18 +38,10 @@ static float rnd_unit(void) { return (float)((rnd() >> 11) * (1.0 / 900719925474
 
 static const int64_t COLS[] = {32, 64, 576, 1536, 4096, 11008};
 #define N_COLS (int)(sizeof COLS / sizeof COLS[0])
-static const int QTYPES[] = {KILN_TYPE_Q4_0, KILN_TYPE_Q4_1, KILN_TYPE_Q8_0};
-static const int FTYPES[] = {KILN_TYPE_F32, KILN_TYPE_F16, KILN_TYPE_BF16};
+static size_t row_bytes(int type, int64_t cols) { return (size_t)kiln_row_size(type, cols); }
 
-static size_t row_bytes(int type, int64_t cols) {
-    switch (type) {
-    case KILN_TYPE_Q4_0: return (size_t)cols / QK * sizeof(block_q4_0);
-    case KILN_TYPE_Q4_1: return (size_t)cols / QK * sizeof(block_q4_1);
-    case KILN_TYPE_Q8_0: return (size_t)cols / QK * sizeof(block_q8_0);
-    case KILN_TYPE_F32: return (size_t)cols * 4;
-    default: return (size_t)cols * 2;
-    }
-}
+/* Repacked weights with quantized activations (else float weights and activations). */
+static int is_quant(int type) { return kiln_type_traits_of(type)->packed_block_bytes > 0; }
 
 /* Random weights; with pow2, every scale is 1 or 1/2 so all float arithmetic in the
  * kernels is exact and results must match the reference bit for bit. */
@@ -59,7 +51,7 @@ static void *make_weights(int type, int64_t rows, int64_t cols, int pow2) {
     int64_t nb = cols / QK;
     for (int64_t r = 0; r < rows; r++) {
         uint8_t *row = w + rb * (size_t)r;
-        for (int64_t b = 0; b < (type == KILN_TYPE_F32 || type == KILN_TYPE_F16 || type == KILN_TYPE_BF16 ? 0 : nb); b++) {
+        for (int64_t b = 0; b < (is_quant(type) ? nb : 0); b++) {
             float d = pow2 ? (rnd() & 1 ? 1.0f : 0.5f) : rnd_unit() * 0.02f;
             if (type == KILN_TYPE_Q4_0) {
                 block_q4_0 *blk = (block_q4_0 *)row + b;
@@ -130,7 +122,7 @@ static double *reference(int type, const void *w, int64_t rows, int64_t cols, co
     float *xq = malloc(sizeof(float) * (size_t)cols);
     double *sx = malloc(sizeof(double) * (size_t)(nb + 1));
     block_q8_1 *q = malloc(sizeof(block_q8_1) * (size_t)(nb + 1));
-    int quant = type == KILN_TYPE_Q4_0 || type == KILN_TYPE_Q4_1 || type == KILN_TYPE_Q8_0;
+    int quant = is_quant(type);
     for (int t = 0; t < n_tokens; t++) {
         const float *xt = x + (size_t)t * cols;
         if (quant) {
@@ -171,7 +163,7 @@ static void test_matmul(const char *isa, int type, int64_t rows, int64_t cols, i
     kiln_matmul(NULL, &m, x, n_tokens, y_scalar);
     kiln_set_isa(isa);
     double scale = 0;
-    int quant = type == KILN_TYPE_Q4_0 || type == KILN_TYPE_Q4_1 || type == KILN_TYPE_Q8_0;
+    int quant = is_quant(type);
     for (size_t i = 0; i < ny; i++) scale = fmax(scale, fabs(ref[i]));
     for (int n_threads = 1; n_threads <= 3; n_threads++) {
         kiln_pool *pool = kiln_pool_create(n_threads);
@@ -279,6 +271,10 @@ static void test_pool(void) {
         kiln_pool_free(pool);
     }
     CHECK(kiln_pool_create(0) == NULL, "pool of 0 threads is refused");
+    CHECK(kiln_pool_create(KILN_MAX_THREADS + 1) == NULL, "pool above KILN_MAX_THREADS is refused");
+    kiln_pool *max = kiln_pool_create(KILN_MAX_THREADS);
+    CHECK(max && kiln_pool_size(max) == KILN_MAX_THREADS, "pool of KILN_MAX_THREADS");
+    kiln_pool_free(max);
 }
 
 int main(void) {
@@ -291,7 +287,9 @@ int main(void) {
     test_pool();
     kiln_matrix bad;
     CHECK(kiln_matrix_init(&bad, KILN_TYPE_Q4_0, 4, 48, "") == -1, "cols not a multiple of 32");
-    CHECK(kiln_matrix_init(&bad, 12, 4, 64, "") == -1, "unsupported type");
+    const int not_weights[] = {KILN_TYPE_Q8_1, 12 /* Q4_K */, 4, 999, -1};
+    for (int i = 0; i < 5; i++)
+        CHECK(kiln_matrix_init(&bad, not_weights[i], 4, 64, "") == -1, "type %d refused", not_weights[i]);
     CHECK(kiln_set_isa("bogus") == -1, "unknown variant refused");
     for (int i = 0; i < n; i++) {
         const char *isa = names[i];
@@ -301,10 +299,12 @@ int main(void) {
             /* the reference is O(rows * cols) in double: fewer rows for long rows */
             int64_t rows = cols > 2000 ? 9 : 37;
             test_quantize(isa, cols);
-            for (int k = 0; k < 3; k++) {
-                test_matmul(isa, QTYPES[k], rows, cols, 13, 1); /* 13 = 8 + 4 + 1 tokens */
-                test_matmul(isa, QTYPES[k], rows, cols, 3, 0);
-                test_matmul(isa, FTYPES[k], rows, cols, 3, 0);
+            /* every weight type of the table */
+            for (int k = 0; kiln_type_traits_at(k); k++) {
+                const kiln_type_traits *tt = kiln_type_traits_at(k);
+                if (!tt->is_weight) continue;
+                if (is_quant(tt->type)) test_matmul(isa, tt->type, rows, cols, 13, 1); /* 8 + 4 + 1 tokens */
+                test_matmul(isa, tt->type, rows, cols, 3, 0);
             }
         }
         test_matmul(isa, KILN_TYPE_F32, 7, 45, 2, 0); /* float rows need not be whole blocks */

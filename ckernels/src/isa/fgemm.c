@@ -1,6 +1,8 @@
 /* Unquantized weights (F32, F16, BF16 rows in GGUF layout) times float32
  * activations, for files stored without quantization. Rows [r0, r1), every token;
  * up to KILN_FNT tokens share each weight load. */
+#include <stdlib.h>
+
 #include "isa.h"
 #include "kernels_impl.h"
 
@@ -228,7 +230,8 @@ void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1) {
     switch (a->type) {
     case KILN_TYPE_F32: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F32); break;
     case KILN_TYPE_F16: kiln_fgemm_t(a, r0, r1, KILN_TYPE_F16); break;
-    default: kiln_fgemm_t(a, r0, r1, KILN_TYPE_BF16); break;
+    case KILN_TYPE_BF16: kiln_fgemm_t(a, r0, r1, KILN_TYPE_BF16); break;
+    default: abort(); /* kiln_matrix_init takes no other float type */
     }
 }
 #endif

@@ -13,14 +13,20 @@ void KILN_FN(kiln_attn_scores_f16)(int R, double *scores, const float *const *q,
 void KILN_FN(kiln_attn_values_f16)(int R, float *const *out, double *const *dout,
                                    const double *weights, const kiln_fp16 *values, int n_keys,
                                    int head_dim, int stride, int n_ctx_pad);
+double KILN_FN(kiln_exp_shifted_f64)(double *a, int n, double *max_out);
+void KILN_FN(kiln_softmax_f64)(double *a, int n);
+void KILN_FN(kiln_swiglu_f32)(float *gate, const float *up, size_t n);
 
 const kiln_isa_ops KILN_FN(kiln_ops) = {
-    KILN_STR(KILN_ISA),
-    KILN_FN(kiln_quantize_row_q8_0),
-    KILN_FN(kiln_quantize_row_q8_1),
-    KILN_FN(kiln_qgemm),
-    KILN_FN(kiln_fgemm),
-    KILN_FN(kiln_stream_sum),
-    KILN_FN(kiln_attn_scores_f16),
-    KILN_FN(kiln_attn_values_f16),
+    .name = KILN_STR(KILN_ISA),
+    .quantize_row_q8_0 = KILN_FN(kiln_quantize_row_q8_0),
+    .quantize_row_q8_1 = KILN_FN(kiln_quantize_row_q8_1),
+    .qgemm = KILN_FN(kiln_qgemm),
+    .fgemm = KILN_FN(kiln_fgemm),
+    .stream_sum = KILN_FN(kiln_stream_sum),
+    .attn_scores_f16 = KILN_FN(kiln_attn_scores_f16),
+    .attn_values_f16 = KILN_FN(kiln_attn_values_f16),
+    .exp_shifted_f64 = KILN_FN(kiln_exp_shifted_f64),
+    .softmax_f64 = KILN_FN(kiln_softmax_f64),
+    .swiglu_f32 = KILN_FN(kiln_swiglu_f32),
 };

@@ -24,6 +24,7 @@
 #define KILN_PREFETCH 4096     /* bytes ahead in the weight stream, into L1 */
 #define KILN_PREFETCH_L2 16384 /* and into L2, far enough ahead to cover DRAM latency */
 
+#include <stdlib.h>
 #include <string.h>
 
 /* Token t's results for the rows of row group rg (fewer in a last, partial group). */
@@ -344,9 +345,11 @@ kiln_qgemm_rows(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, int t0, cons
     case KILN_TYPE_Q4_1:
         for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q4_1);
         break;
-    default:
+    case KILN_TYPE_Q8_0:
         for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q8_0);
         break;
+    default: /* kiln_matrix_init packs no other type */
+        abort();
     }
 }
 

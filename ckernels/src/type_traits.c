@@ -1,0 +1,90 @@
+/* The table of block types (type_traits.h). */
+#include <stddef.h>
+#include <string.h>
+
+#include "codecs.h"
+#include "type_traits.h"
+
+/* The codecs with untyped pointers, as the table holds them. */
+#define KILN_CODECS(name, elem)                                                         \
+    static void quantize_##name(const float *x, void *y, int64_t n) {                   \
+        kiln_quantize_row_##name(x, (elem *)y, n);                                      \
+    }                                                                                   \
+    static void dequantize_##name(const void *x, float *y, int64_t n) {                 \
+        kiln_dequantize_row_##name((const elem *)x, y, n);                              \
+    }
+KILN_CODECS(f16, kiln_fp16)
+KILN_CODECS(bf16, kiln_bf16)
+KILN_CODECS(q4_0, block_q4_0)
+KILN_CODECS(q4_1, block_q4_1)
+KILN_CODECS(q8_0, block_q8_0)
+KILN_CODECS(q8_1, block_q8_1)
+
+static void quantize_f32(const float *x, void *y, int64_t n) { memcpy(y, x, (size_t)n * sizeof(float)); }
+static void dequantize_f32(const void *x, float *y, int64_t n) { memcpy(y, x, (size_t)n * sizeof(float)); }
+
+/* Packing (kernels_impl.h): 4-bit quants keep GGUF's byte order, both halves in one
+ * 16-byte run; 8-bit quants are split into their two halves and offset to unsigned. */
+static void pack_q4_0(const void *block, uint8_t *q, size_t hi, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q4_0 *b = block;
+    (void)hi, (void)m;
+    memcpy(q, b->qs, 16);
+    *d = b->d;
+}
+
+static void pack_q4_1(const void *block, uint8_t *q, size_t hi, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q4_1 *b = block;
+    (void)hi;
+    memcpy(q, b->qs, 16);
+    *d = b->d;
+    *m = b->m;
+}
+
+static void pack_q8_0(const void *block, uint8_t *q, size_t hi, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q8_0 *b = block;
+    (void)m;
+    for (int j = 0; j < 16; j++) {
+        q[j] = (uint8_t)(b->qs[j] + 128);
+        q[hi + j] = (uint8_t)(b->qs[j + 16] + 128);
+    }
+    *d = b->d;
+}
+
+/* F32, F16 and BF16 weights take float activations; Q8_1 is an activation format only. */
+static const kiln_type_traits kiln_types[] = {
+    {.name = "F32", .type = KILN_TYPE_F32, .block_size = 1, .type_size = 4,
+     .is_weight = 1, .act_type = KILN_TYPE_F32,
+     .quantize_row = quantize_f32, .dequantize_row = dequantize_f32},
+    {.name = "F16", .type = KILN_TYPE_F16, .block_size = 1, .type_size = 2,
+     .is_weight = 1, .act_type = KILN_TYPE_F32,
+     .quantize_row = quantize_f16, .dequantize_row = dequantize_f16},
+    {.name = "Q4_0", .type = KILN_TYPE_Q4_0, .block_size = QK, .type_size = sizeof(block_q4_0),
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
+     .packed_block_bytes = 16, .n_scale_sets = 1, .act_offset = 8, .pack_block = pack_q4_0,
+     .quantize_row = quantize_q4_0, .dequantize_row = dequantize_q4_0},
+    {.name = "Q4_1", .type = KILN_TYPE_Q4_1, .block_size = QK, .type_size = sizeof(block_q4_1),
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_1,
+     .packed_block_bytes = 16, .n_scale_sets = 2, .act_offset = 0, .pack_block = pack_q4_1,
+     .quantize_row = quantize_q4_1, .dequantize_row = dequantize_q4_1},
+    {.name = "Q8_0", .type = KILN_TYPE_Q8_0, .block_size = QK, .type_size = sizeof(block_q8_0),
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
+     .packed_block_bytes = 32, .n_scale_sets = 1, .act_offset = 128, .pack_block = pack_q8_0,
+     .quantize_row = quantize_q8_0, .dequantize_row = dequantize_q8_0},
+    {.name = "Q8_1", .type = KILN_TYPE_Q8_1, .block_size = QK, .type_size = sizeof(block_q8_1),
+     .is_weight = 0, .act_type = -1,
+     .quantize_row = quantize_q8_1, .dequantize_row = dequantize_q8_1},
+    {.name = "BF16", .type = KILN_TYPE_BF16, .block_size = 1, .type_size = 2,
+     .is_weight = 1, .act_type = KILN_TYPE_F32,
+     .quantize_row = quantize_bf16, .dequantize_row = dequantize_bf16},
+};
+#define KILN_N_TYPES ((int)(sizeof kiln_types / sizeof kiln_types[0]))
+
+const kiln_type_traits *kiln_type_traits_of(int type) {
+    for (int i = 0; i < KILN_N_TYPES; i++)
+        if (kiln_types[i].type == type) return &kiln_types[i];
+    return NULL;
+}
+
+const kiln_type_traits *kiln_type_traits_at(int i) {
+    return i >= 0 && i < KILN_N_TYPES ? &kiln_types[i] : NULL;
+}
