@@ -15,9 +15,9 @@ import pytest
 
 import ckernels
 from engine.errors import ContextOverflowError, ModelError
-from engine.model import Model, physical_cores
+from engine.model import MATRIX_TYPES, Model, physical_cores
 from engine.reference import ReferenceLlama
-from formats import GGMLType
+from formats import FLOAT_TYPES, GGMLType
 from cpu_isas import expected_isas
 from tiny_models import make_tiny_llama, mean_kl
 
@@ -36,7 +36,7 @@ CASES = [
     ("llama", 8, 2, 32, False, "q8_0"),
 ]
 N_TOKENS = 40
-QUANTIZED = ("q4_0", "q4_1", "q8_0")
+QUANTIZED = {t.name.lower() for t in MATRIX_TYPES if t not in FLOAT_TYPES}  # block types
 
 
 def case_id(c):
@@ -216,7 +216,7 @@ def test_misshaped_tensor_is_named(small_path, tmp_path):
 
 
 def test_unsupported_tensor_type_is_named(small_path, tmp_path):
-    from formats import GGMLType
+    from formats import FLOAT_TYPES, GGMLType
 
     def retype(ts):  # an F32 matrix relabelled I32: same bytes, a type kiln cannot multiply
         return [(n, GGMLType.I32 if n == "blk.0.ffn_gate.weight" else t, s, d.view(np.int32)

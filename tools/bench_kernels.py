@@ -14,29 +14,16 @@ import time
 import numpy as np
 
 import ckernels
+import formats
 
-TYPES = {"q4_0": (2, 18), "q4_1": (3, 20), "q8_0": (8, 34), "f16": (1, 64), "bf16": (30, 64),
-         "f32": (0, 128)}  # type id, bytes per 32 columns
+# --types name -> ggml type id, for every weight type the kernels run
+TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types()}
 
 
 def random_blocks(type_id, rows, cols, rng):
-    """Valid random GGUF bytes for (rows, cols): finite scales, any quants."""
-    per32 = TYPES_BY_ID[type_id]
-    if type_id in (0, 1, 30):
-        w = rng.standard_normal((rows, cols)).astype(np.float32)
-        if type_id == 0:
-            return w.view(np.uint8)
-        if type_id == 1:
-            return w.astype(np.float16).view(np.uint8)
-        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    data = rng.integers(0, 256, size=(rows, cols // 32, per32), dtype=np.uint8)
-    n_scales = 2 if type_id == 3 else 1
-    scales = rng.uniform(-0.01, 0.01, size=(rows, cols // 32, n_scales)).astype(np.float16)
-    data[..., : 2 * n_scales] = scales.view(np.uint8)
-    return data.reshape(rows, -1)
-
-
-TYPES_BY_ID = {tid: per32 for tid, per32 in TYPES.values()}
+    """Valid GGUF bytes for (rows, cols) of random weights, encoded by formats' codecs."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(0.01)
+    return np.ascontiguousarray(formats.quantize(w, formats.GGMLType(type_id))).view(np.uint8).reshape(rows, -1)
 
 
 def best_time(fn, seconds=0.25, repeats=3):
@@ -85,7 +72,7 @@ def main(argv=None):
         header += f" {'batch ' + str(args.prompt) + ' tok/s':>16}"
     print(header)
     for name in args.types:
-        type_id, per32 = TYPES[name]
+        type_id = TYPES[name]
         data = random_blocks(type_id, rows, cols, rng)
         nbytes = data.nbytes
         copies = max(1, (96 << 20) // nbytes) if args.dram else 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert a Hugging Face Llama checkpoint or a GGUF file to GGUF (= `kiln convert`).
 
-    python tools/convert.py SRC -o OUT.gguf --type q4_0|q4_1|q8_0|f16|bf16|f32
+    python tools/convert.py SRC -o OUT.gguf --type TYPE      (--help lists the types)
 """
 import os
 import sys
