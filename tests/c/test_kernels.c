@@ -1,9 +1,9 @@
 /* Standalone harness for the kernels: every ISA variant this CPU (or qemu) supports,
  * against the scalar variant (bit for bit, except the float matrix product) and
- * against double-precision references computed here straight from the GGUF blocks.
- * Built natively, under ASan+UBSan, and for aarch64 (run under qemu-aarch64) by
- * tests/c/Makefile. KILN_TEST_SMALL=1 takes fewer sizes (for qemu). Exit status 0 =
- * all passed. */
+ * against double-precision references computed here straight from the GGUF blocks;
+ * then a tiny model's forward pass per variant (test_forward.c). Built natively, under
+ * ASan+UBSan, and for aarch64 (run under qemu-aarch64) by tests/c/Makefile.
+ * KILN_TEST_SMALL=1 takes fewer sizes (for qemu). Exit status 0 = all passed. */
 #include <math.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -433,6 +433,9 @@ int main(void) {
         test_multi(isa);
         printf("%-11s kernels %s\n", isa, n_failed == before ? "ok" : "FAILED");
     }
+    int before = n_failed;
+    test_forward(names, n);
+    printf("forward     %s\n", n_failed == before ? "ok" : "FAILED");
     for (int t = 1; t <= 3; t++) kiln_pool_free(pools[t]);
     printf("%d checks, %d failed\n", n_checked, n_failed);
     return n_failed ? 1 : 0;
