@@ -3,6 +3,10 @@
  * against double-precision references computed here straight from the GGUF blocks;
  * then a tiny model's forward pass per variant (test_forward.c). Built natively, under
  * ASan+UBSan, and for aarch64 (run under qemu-aarch64) by tests/c/Makefile.
+ *
+ * KILN_EXPECT_ISAS (required) lists the variants the harness must find supported, in
+ * kiln_supported_isas order ("scalar avx2"): the Makefile derives it from the CPU's
+ * flags, so a variant that silently stops being built, detected or run fails the run.
  * KILN_TEST_SMALL=1 takes fewer sizes (for qemu). Exit status 0 = all passed. */
 #include <math.h>
 #include <stdarg.h>
@@ -358,7 +362,7 @@ static void test_multi(const char *isa) {
     free(y1);
 }
 
-/* ---- the pool, refusals ---- */
+/* ---- the pool, refusals, the variants found ---- */
 
 typedef struct {
     _Atomic int calls[8];
@@ -401,6 +405,26 @@ static void test_refusals(void) {
     CHECK(kiln_set_isa("bogus") == -1, "kiln_set_isa", "-", "unknown variant refused");
 }
 
+/* The supported variants, space-separated, must be exactly KILN_EXPECT_ISAS. */
+static void test_expected_isas(const char **names, int n) {
+    char got[256] = "", want[256] = "";
+    for (int i = 0; i < n; i++) snprintf(got + strlen(got), sizeof got - strlen(got), "%s%s", i ? " " : "", names[i]);
+    const char *env = getenv("KILN_EXPECT_ISAS");
+    if (!env) {
+        fail("KILN_EXPECT_ISAS", "-", "not set: give the variants this CPU must run, e.g. "
+             "KILN_EXPECT_ISAS=\"%s\" (tests/c/Makefile derives it from /proc/cpuinfo)", got);
+        return;
+    }
+    /* normalize the spacing */
+    for (const char *p = env; *p;) {
+        while (*p == ' ') p++;
+        size_t len = strcspn(p, " ");
+        if (len) snprintf(want + strlen(want), sizeof want - strlen(want), "%s%.*s", *want ? " " : "", (int)len, p);
+        p += len;
+    }
+    CHECK(strcmp(got, want) == 0, "kiln_supported_isas", "-", "\"%s\", expected \"%s\"", got, want);
+}
+
 int main(void) {
     small_sizes = getenv("KILN_TEST_SMALL") && strcmp(getenv("KILN_TEST_SMALL"), "1") == 0;
     const char *names[8];
@@ -409,6 +433,7 @@ int main(void) {
     printf("supported:");
     for (int i = 0; i < n; i++) printf(" %s", names[i]);
     printf("\n");
+    test_expected_isas(names, n);
     test_pool();
     test_refusals();
     for (int t = 1; t <= 3; t++) pools[t] = kiln_pool_create(t);
