@@ -1,7 +1,22 @@
 /* A plain streaming read (sum of 64-bit words with the variant's widest loads): the
- * memory-bandwidth yardstick tools/bench_kernels.py puts next to the matmul figures. */
+ * memory-bandwidth yardstick tools/bench_kernels.py puts next to the matmul figures.
+ * Every variant returns the same sum: the 64-bit words, then the trailing bytes. */
+#include <string.h>
+
 #include "isa.h"
 #include "kernels_impl.h"
+
+/* The words and bytes from i on, as the scalar variant sums them. */
+static inline uint64_t stream_tail(const uint8_t *b, size_t i, size_t n) {
+    uint64_t s = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, b + i, 8);
+        s += w;
+    }
+    for (; i < n; i++) s += b[i];
+    return s;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -16,8 +31,7 @@ uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n) {
         s3 = _mm512_add_epi64(s3, _mm512_loadu_si512(b + i + 192));
     }
     uint64_t s = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
-    for (; i < n; i++) s += b[i];
-    return s;
+    return s + stream_tail(b, i, n);
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
@@ -33,22 +47,8 @@ uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n) {
     }
     uint64_t lanes[4];
     _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
-    uint64_t s = lanes[0] + lanes[1] + lanes[2] + lanes[3];
-    for (; i < n; i++) s += b[i];
-    return s;
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3] + stream_tail(b, i, n);
 }
 #else
-#include <string.h>
-uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n) {
-    const uint8_t *b = p;
-    uint64_t s = 0;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t w;
-        memcpy(&w, b + i, 8);
-        s += w;
-    }
-    for (; i < n; i++) s += b[i];
-    return s;
-}
+uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n) { return stream_tail(p, 0, n); }
 #endif
