@@ -5,6 +5,7 @@ import argparse
 import sys
 
 import formats
+from engine.cli.kiln import error_message
 from engine.convert.export_hf import DTYPES, export
 from engine.errors import ConvertError
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a missing or unreadable GGUF, an unwritable OUTDIR
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

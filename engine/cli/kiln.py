@@ -335,7 +335,8 @@ def _user_error_types():
     return tuple(types)
 
 
-def _message(e: BaseException) -> str:
+def error_message(e: BaseException) -> str:
+    """One line saying what went wrong, for the user (no traceback)."""
     if isinstance(e, FileNotFoundError) and e.filename:
         return f"file not found: {e.filename}"
     if isinstance(e, OSError) and e.strerror:
@@ -375,12 +376,12 @@ def main(argv=None) -> int:
     except _user_error_types() as e:
         if debug:
             raise
-        print(f"kiln: error: {_message(e)}", file=sys.stderr)
+        print(f"kiln: error: {error_message(e)}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - a bug: still one line unless --debug
         if debug:
             raise
-        print(f"kiln: internal error: {type(e).__name__}: {_message(e)} "
+        print(f"kiln: internal error: {type(e).__name__}: {error_message(e)} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
 
