@@ -157,14 +157,8 @@ static void check_values(const kiln_isa_ops *ops, const kiln_isa_ops *scalar, in
     char where[96];
     snprintf(where, sizeof where, "R %d head_dim %d keys %d", R, head_dim, n_keys);
     check_bits("attn_values_f16 out", ops->name, got, want, n, 4, where);
-    /* The double partial sums (split attention's segments) are summed in each variant's
-     * own order, so they agree to rounding (as the reference check below), not to the bit; what the forward pass
-     * rounds from them agreed bit for bit in every test so far (the forward-pass checks). */
-    for (size_t i = 0; i < n; i++)
-        CHECK(fabs(dgot[i] - dwant[i]) <= 1e-12 * (fabs(dwant[i]) + 1) ||
-                  (dgot[i] == dwant[i]),
-              "attn_values_f16 dout", ops->name, "%s: [%zu] = %.17g, scalar %.17g", where, i,
-              dgot[i], dwant[i]);
+    /* the double partial sums (split attention's segments) too: forward.c combines them */
+    check_bits("attn_values_f16 dout", ops->name, dgot, dwant, n, 8, where);
     for (int r = 0; r < R; r++)
         for (int d = 0; d < head_dim; d++) {
             double s = 0;

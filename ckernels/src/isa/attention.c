@@ -4,12 +4,16 @@
  * vectorize half -> float conversions on its own); forward.c reaches them through
  * kiln_attn_scores_f16 / kiln_attn_values_f16 (kernels.h).
  *
- * Both sum in double. A float query times an fp16 key (or a double weight times an
- * fp16 value) is exact in double, so a sum is the exact one up to rounding far below
- * float's: the attention output, rounded to float once at the end, does not depend on
- * the ISA or the order of the sums, and a float64 NumPy computation (the reference
- * model) gives the same floats. It feeds the 8-bit quantization of the output
- * projection's input, where a last-bit difference can flip a rounding (qgemm.c). */
+ * Both sum in double, so a sum is the exact one up to rounding far below float's: the
+ * attention output, rounded to float once at the end, is the same float whatever the
+ * ISA, and a float64 NumPy computation (the reference model) gives it too. It feeds the
+ * 8-bit quantization of the output projection's input, where a last-bit difference can
+ * flip a rounding (qgemm.c).
+ *
+ * Every variant also gives the same doubles, which split attention's partial sums
+ * (dout) need: a float query times an fp16 key is exact in double (24 + 11 significant
+ * bits), so the scores may fuse multiply and add; a double weight times an fp16 value
+ * is not, so the values loops multiply, round, then add, in key order, as scalar does. */
 #include "isa.h"
 #include "kernels.h"
 
@@ -61,6 +65,7 @@ typedef __m512d vd;
 #define vd_set1 _mm512_set1_pd
 #define vd_fma _mm512_fmadd_pd
 #define vd_mul _mm512_mul_pd
+#define vd_add _mm512_add_pd
 #define vd_store _mm512_storeu_pd
 static inline void vd_store_f32(float *p, vd v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
 /* 2 * VD_W halves from p, widened to doubles */
@@ -78,6 +83,7 @@ typedef __m256d vd;
 #define vd_set1 _mm256_set1_pd
 #define vd_fma _mm256_fmadd_pd
 #define vd_mul _mm256_mul_pd
+#define vd_add _mm256_add_pd
 #define vd_store _mm256_storeu_pd
 static inline void vd_store_f32(float *p, vd v) { _mm_storeu_ps(p, _mm256_cvtpd_ps(v)); }
 static inline __attribute__((always_inline)) void vd_load2_f16(const kiln_fp16 *p, vd *lo, vd *hi) {
@@ -181,7 +187,8 @@ values_tile_simd(float *const *out, double *const *dout, const double *weights, 
                 vd_load2_f16(values + (size_t)p * stride + d0 + j * VD_W, &v[j], &v[j + 1]);
             for (int r = 0; r < R; r++) {
                 vd w = vd_set1(weights[(size_t)r * n_ctx_pad + p]);
-                for (int j = 0; j < VALUES_NV; j++) acc[r][j] = vd_fma(w, v[j], acc[r][j]);
+                /* not fused: see the top of the file */
+                for (int j = 0; j < VALUES_NV; j++) acc[r][j] = vd_add(acc[r][j], vd_mul(w, v[j]));
             }
         }
         for (int r = 0; r < R; r++)
