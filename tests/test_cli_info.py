@@ -23,6 +23,9 @@ def test_info_json_matches_gguf_py(smollm2_path, capsys):
     assert info["file_size"] == os.path.getsize(smollm2_path) == 98_362_432
     assert info["n_tensors"] == len(r.tensors) == 272
     assert info["tensor_types"] == dict(types) == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+    file_type = r.fields["general.file_type"]
+    assert info["file_type"] == int(file_type.parts[file_type.data[0]][0]) == 3
+    assert info["file_type_name"] == "Q4_1"
     assert info["n_params"] == n_params
     assert info["bits_per_weight"] == pytest.approx(n_bytes * 8 / n_params, abs=1e-3)
     h = info["hparams"]
@@ -42,6 +45,7 @@ def test_info_text(smollm2_path, capsys):
     assert cli.main(["info", smollm2_path]) == 0
     out = capsys.readouterr().out
     for text in ("architecture:  llama", "n_layer:", "byte-level BPE", "tensors:       272",
+                 "file type:     Q4_1 (general.file_type 3)",
                  "Q4_1: 210", "bits/weight:   5.744", "kernel ISA:"):
         assert text in out, text
 
@@ -59,3 +63,10 @@ def test_info_on_files_that_are_not_models(tmp_path, smollm2_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("kiln: error: ") and err.count("\n") == 1, err
         assert "internal error" not in err
+
+
+def test_file_type_names_are_llama_cpps():
+    from engine.cli.info import file_type_name
+    assert [file_type_name(v) for v in (0, 1, 15, 18, 30, 32)] == [
+        "F32", "F16", "Q4_K_M", "Q6_K", "IQ4_XS", "BF16"]
+    assert file_type_name(None) is None and file_type_name(4) is None and file_type_name("x") is None

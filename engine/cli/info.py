@@ -87,6 +87,7 @@ def model_info(path) -> dict:
         "name": md.get("general.name"),
         "architecture": arch,
         "file_type": md.get("general.file_type"),
+        "file_type_name": file_type_name(md.get("general.file_type")),
         "hparams": hparams,
         "tokenizer": tokenizer,
         "chat_template": (detect_template(template) or "custom") if isinstance(template, str) else None,
@@ -98,6 +99,16 @@ def model_info(path) -> dict:
         "bits_per_weight": round(tensor_bytes * 8 / n_params, 3) if n_params else None,
         "isa": _isa(),
     }
+
+
+def file_type_name(value) -> str | None:
+    """llama.cpp's name of a `general.file_type` (the mix a quantizer was asked for, e.g.
+    Q4_K_M), or None when the file has none or one llama.cpp does not define."""
+    try:
+        ft = formats.LlamaFileType(int(value))
+    except (TypeError, ValueError):
+        return None
+    return "F32" if ft == formats.LlamaFileType.ALL_F32 else ft.name.removeprefix("MOSTLY_")
 
 
 def _type_name(t) -> str:
@@ -132,6 +143,9 @@ def format_info(info: dict) -> str:
     lines.append(f"  bos/eos:      {tok['bos_token_id']} / {tok['eos_token_id']}"
                  f" (add_bos={tok['add_bos_token']})")
     lines.append(f"chat template: {info['chat_template'] or 'none (a built-in is used)'}")
+    if info["file_type"] is not None:
+        lines.append(f"file type:     {info['file_type_name'] or 'unknown'}"
+                     f" (general.file_type {info['file_type']})")
     types = ", ".join(f"{k}: {v}" for k, v in info["tensor_types"].items())
     lines.append(f"tensors:       {info['n_tensors']} ({types})")
     lines.append(f"parameters:    {_human_count(info['n_params'])} ({info['n_params']:,})")
