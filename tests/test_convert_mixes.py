@@ -323,3 +323,31 @@ def test_plan_matches_llama_cpp_quantize(ftype, llamacpp_quantized, smollm2_vari
     assert p.metadata["general.file_type"] == their_file_type
     if ftype == "Q4_K_M":
         assert counts(theirs) == {"Q4_K": 16, "Q6_K": 14, "Q5_0": 166, "Q8_0": 15, "F32": 61}
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("ftype", ["Q5_0", "Q4_K_M", "IQ4_XS"])
+def test_convert_writes_llama_cpps_bytes(ftype, llamacpp_quantized, smollm2_variant,
+                                         tmp_path, capsys):
+    """The whole file end to end: with every codec present kiln's tensors are llama.cpp's
+    byte for byte; with one missing the conversion names it and writes nothing."""
+    import numpy as np
+    out = tmp_path / "kiln.gguf"
+    rc = convert_cli.main([smollm2_variant("f16"), "-o", str(out), "--type", ftype.lower(),
+                           "--quiet"])
+    err = capsys.readouterr().err
+    with formats.read_gguf(llamacpp_quantized(ftype)) as theirs:
+        missing = {t.type.name for t in theirs.tensors.values()
+                   if t.type not in formats.ENCODABLE_TYPES}
+        if missing:
+            assert rc == 1 and not out.exists()
+            assert "cannot encode" in err and all(name in err for name in missing), err
+            return
+        assert rc == 0, err
+        with formats.read_gguf(out) as ours:
+            assert ours.metadata["general.file_type"] == theirs.metadata["general.file_type"]
+            differ = [n for n, t in theirs.tensors.items()
+                      if ours.tensors[n].type != t.type or not np.array_equal(
+                          np.asarray(ours.tensors[n].data).view(np.uint8).ravel(),
+                          np.asarray(t.data).view(np.uint8).ravel())]
+    assert not differ, f"{len(differ)} tensors differ from llama.cpp's: {differ[:8]}"
