@@ -77,6 +77,37 @@ def smollm2_variant(smollm2_path, tmp_path_factory):
     return make
 
 
+# llama.cpp's own quantizer, run in a child process so that a crash fails the test
+QUANTIZE_CHILD = """
+import sys, llama_cpp
+src, out, ftype = sys.argv[1], sys.argv[2], int(sys.argv[3])
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = ftype
+sys.exit(llama_cpp.llama_model_quantize(src.encode(), out.encode(), params))
+"""
+
+
+@pytest.fixture(scope="session")
+def llamacpp_quantized(smollm2_variant, tmp_path_factory):
+    """llamacpp_quantized("Q4_K_M" | "Q5_0" | ..., a llama_ftype name without MOSTLY_) ->
+    path of SmolLM2's F16 variant quantized by llama.cpp (llama_model_quantize with its
+    default parameters); each made once per session. Skips without llama-cpp-python."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+    import formats
+    from oracles import run_oracle
+    made = {}
+
+    def make(ftype_name):
+        if ftype_name not in made:
+            ftype = formats.LlamaFileType["MOSTLY_" + ftype_name]
+            out = tmp_path_factory.mktemp("llamacpp") / f"SmolLM2-135M-Instruct.{ftype_name}.gguf"
+            run_oracle([sys.executable, "-c", QUANTIZE_CHILD, smollm2_variant("f16"), str(out),
+                        str(int(ftype))], timeout=600)
+            made[ftype_name] = str(out)
+        return made[ftype_name]
+    return make
+
+
 def fetch_botchan(directory):
     """botchan.txt from the sentencepiece source distribution (a public-domain novel, the
     text kiln's perplexity tests read), extracted into directory; raises

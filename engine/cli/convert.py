@@ -4,29 +4,51 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
+from collections import Counter
 
 import formats
 from engine import convert
-from engine.convert.mixes import OUT_TYPES
+from engine.convert.mixes import FALLBACK, MIXES, NAMED_TYPES
 from engine.errors import ConvertError
+
+
+def types_help() -> str:
+    """The --type table: each mix's main type with its bits per weight and its exceptions."""
+    width = max(len(n) for n in MIXES)
+    lines = textwrap.wrap("types (--type): the main type and its bits per weight, then the "
+                          "tensors that differ (\"output\" includes a tied token_embd); the "
+                          "summary prints the bits per weight of the file written:", 88)
+    for name, mix in MIXES.items():
+        lines += textwrap.wrap(mix.describe(), 88, initial_indent=f"  {name:<{width}}  ",
+                               subsequent_indent=" " * (width + 4))
+    falls = ", ".join(f"{a.name} -> {b.name}" for a, b in FALLBACK.items())
+    lines += textwrap.wrap(
+        "Norms and other vectors stay F32. A matrix whose rows its type's block does not "
+        f"divide falls back to a type with smaller blocks ({falls}), else to F16.", 88)
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kiln convert",
         description="Convert a Hugging Face Llama checkpoint directory or a GGUF file to a "
-                    "block-quantized GGUF file.")
+                    "block-quantized GGUF file; the k-quant and IQ4 mixes choose each "
+                    "tensor's type as llama.cpp's quantizer does.",
+        epilog=types_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC",
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer) "
                         "or a .gguf file to requantize")
     p.add_argument("-o", "--outfile", dest="out", metavar="OUT.gguf", required=True,
                    help="output GGUF path (written atomically)")
-    p.add_argument("--type", dest="type", default="q8_0", choices=list(OUT_TYPES),
-                   help="weight type of the 2-D tensors (default q8_0)")
-    p.add_argument("--embed-type", dest="embed_type", default=None, choices=list(OUT_TYPES),
-                   help="type of token_embd/output (default: q8_0 for 4-bit --type, "
-                        "else --type)")
+    p.add_argument("--type", dest="type", default="q8_0", choices=list(MIXES),
+                   metavar="TYPE", help="type or mix of the 2-D tensors (default q8_0; "
+                                        "the table below)")
+    p.add_argument("--embed-type", dest="embed_type", default=None,
+                   choices=list(NAMED_TYPES), metavar="T",
+                   help="type of token_embd and output, overriding the mix's choice "
+                        f"({', '.join(NAMED_TYPES)})")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no per-tensor lines")
     return p
@@ -50,6 +72,12 @@ def main(argv=None) -> int:
     size = os.path.getsize(args.out)
     print(f"wrote {args.out}: {size / 2**20:.1f} MiB, {stats['n_params'] / 1e6:.1f} M "
           f"parameters, {stats['bpw']:.2f} bits per weight, {len(p.tensors)} tensors "
-          f"in {time.perf_counter() - t0:.1f} s")
+          f"({type_counts(p)}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
+
+
+def type_counts(p) -> str:
+    """"Q4_K 16, Q6_K 14, ...": how many tensors took each type, most first."""
+    counts = Counter(tp.out_type.name for tp in p.tensors)
+    return ", ".join(f"{t} {n}" for t, n in counts.most_common())

@@ -22,19 +22,27 @@ from pathlib import Path
 
 from engine.convert.gguf_source import plan_gguf
 from engine.convert.hf import plan_hf
-from engine.convert.mixes import OUT_TYPES, default_embed_type
-from engine.convert.plan import Plan, TensorPlan
+from engine.convert.mixes import MIXES, NAMED_TYPES
+from engine.convert.plan import Plan, TensorPlan, check_encodable
 from engine.convert.streaming import write
 from engine.errors import ConvertError
 
-__all__ = ["plan", "write", "Plan", "TensorPlan", "OUT_TYPES"]
+__all__ = ["plan", "write", "Plan", "TensorPlan", "MIXES", "OUT_TYPES"]
+
+# --type name -> its main type
+OUT_TYPES = {name: m.default for name, m in MIXES.items()}
 
 
 def plan(src, out, out_type: str = "q8_0", embed_type: str | None = None) -> Plan:
     """Read and check everything the conversion needs; raises ConvertError, writes nothing."""
     src, out = Path(src), Path(out)
-    target = OUT_TYPES[out_type]
-    embed = OUT_TYPES[embed_type] if embed_type else default_embed_type(target)
+    if out_type not in MIXES:
+        raise ConvertError(f"unknown type {out_type!r}; known: {', '.join(MIXES)}")
+    if embed_type is not None and embed_type not in NAMED_TYPES:
+        raise ConvertError(f"unknown embedding type {embed_type!r}; known: "
+                           f"{', '.join(NAMED_TYPES)}")
+    mix = MIXES[out_type]
+    embed = NAMED_TYPES[embed_type] if embed_type else None
     if not src.exists():
         raise ConvertError(f"{src}: no such file or directory")
     if out.is_dir():
@@ -43,10 +51,17 @@ def plan(src, out, out_type: str = "q8_0", embed_type: str | None = None) -> Pla
     if not out.resolve().parent.is_dir():
         raise ConvertError(f"output directory {out.resolve().parent} does not exist")
     if src.is_dir():
-        return plan_hf(src, out, target, embed)
-    with open(src, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ConvertError(f"{src}: not a GGUF file or a Hugging Face model directory")
-    return plan_gguf(src, out, target, embed)
+        p = plan_hf(src, out, mix, embed)
+    else:
+        with open(src, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ConvertError(f"{src}: not a GGUF file or a Hugging Face model directory")
+        p = plan_gguf(src, out, mix, embed)
+    try:
+        check_encodable(p, out_type)
+    except ConvertError:
+        p.close()
+        raise
+    return p
 

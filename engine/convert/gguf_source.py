@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 
 import formats
-from engine.convert.mixes import QUANTIZATION_VERSION, choose_type, is_block_type
+from engine.convert.mixes import (QUANTIZATION_VERSION, Mix, ModelFacts, is_block_type,
+                                  layer_of, tensor_type)
 from engine.convert.plan import Plan, TensorPlan
 from engine.errors import ConvertError
 
 GGMLType = formats.GGMLType
 
 
-def plan_gguf(src: Path, out: Path, target: GGMLType, embed_type: GGMLType) -> Plan:
+def plan_gguf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan:
     if os.path.realpath(src) == os.path.realpath(out):
         raise ConvertError(f"output {out} is the source file; write the GGUF to another path")
     try:
@@ -29,22 +30,42 @@ def plan_gguf(src: Path, out: Path, target: GGMLType, embed_type: GGMLType) -> P
             raise ConvertError(f"{src}: unsupported architecture {arch!r}; supported: llama")
         plan.metadata = dict(f.metadata)
         plan.types = {k: tuple(v) for k, v in f.metadata.types.items()}
-        plan.metadata["general.file_type"] = int(formats.file_type_of(target))
+        plan.metadata["general.file_type"] = int(mix.file_type)
         plan.types["general.file_type"] = (formats.GGUFValueType.UINT32,)
-        if is_block_type(target) or any(is_block_type(t.type) for t in f.tensors.values()):
+        if is_block_type(mix.default) or any(is_block_type(t.type) for t in f.tensors.values()):
             plan.metadata["general.quantization_version"] = QUANTIZATION_VERSION
             plan.types["general.quantization_version"] = (formats.GGUFValueType.UINT32,)
+        model = _model_facts(src, f)
         for t in f.tensors.values():
-            plan.tensors.append(_gguf_tensor_plan(src, t, target, embed_type))
+            out_type, note = tensor_type(t.name, tuple(t.shape), layer_of(t.name), mix, model,
+                                         embed_type)
+            plan.tensors.append(_gguf_tensor_plan(src, t, out_type, note))
     except BaseException:
         plan.close()
         raise
     return plan
 
 
-def _gguf_tensor_plan(src, t, target, embed_type) -> TensorPlan:
+def _model_facts(src, f) -> ModelFacts:
+    """The hyperparameters the type rules read, from the file's llama.* keys."""
+    md = f.metadata
+    values = {}
+    for key in ("llama.block_count", "llama.attention.head_count"):
+        v = md.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConvertError(f"{src}: metadata {key} is {v!r}; expected a positive integer")
+        values[key] = v
+    n_head = values["llama.attention.head_count"]
+    n_head_kv = md.get("llama.attention.head_count_kv", n_head)
+    if not isinstance(n_head_kv, int) or isinstance(n_head_kv, bool) or n_head_kv <= 0:
+        raise ConvertError(f"{src}: metadata llama.attention.head_count_kv is {n_head_kv!r}; "
+                           f"expected a positive integer")
+    return ModelFacts(values["llama.block_count"], n_head // n_head_kv,
+                      tied="output.weight" not in f.tensors)
+
+
+def _gguf_tensor_plan(src, t, out_type, note) -> TensorPlan:
     shape = tuple(t.shape)
-    out_type, note = choose_type(t.name, shape, target, embed_type)
     if t.type == out_type:
         # Same type: copy the bytes, so requantizing never loses more than it must.
         return TensorPlan(t.name, shape, t.type.name, out_type, None, raw=lambda: t.data,

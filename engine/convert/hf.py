@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 import formats
-from engine.convert.mixes import QUANTIZATION_VERSION, choose_type, is_block_type
+from engine.convert.mixes import (QUANTIZATION_VERSION, Mix, ModelFacts, is_block_type,
+                                  layer_of, tensor_type)
 from engine.convert.naming import _gguf_order, hf_to_gguf_name, unpermute_rows
 from engine.convert.plan import Plan, TensorPlan
 from engine.convert.vocab import SPECIAL_KEYS, SPECIAL_KINDS, Vocab, read_hf_tokenizer, read_json
@@ -82,7 +83,7 @@ def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
     return hp
 
 
-def plan_hf(src: Path, out: Path, target: GGMLType, embed_type: GGMLType) -> Plan:
+def plan_hf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan:
     cfg_path = src / "config.json"
     cfg = read_json(cfg_path)
     hp = hf_hparams(cfg, cfg_path)
@@ -108,16 +109,17 @@ def plan_hf(src: Path, out: Path, target: GGMLType, embed_type: GGMLType) -> Pla
         for p, st in opened.items():
             for name in st.tensors:
                 located[name] = st
-        plan.metadata, plan.types = hf_metadata(src, cfg, hp, vocab, target)
-        plan.tensors = _hf_tensor_plans(located, hp, target, embed_type)
+        plan.metadata, plan.types = hf_metadata(src, cfg, hp, vocab, mix)
+        plan.tensors = _hf_tensor_plans(located, hp, mix, embed_type)
     except BaseException:
         plan.close()
         raise
     return plan
 
 
-def _hf_tensor_plans(located: dict, hp: dict, target, embed_type) -> list:
+def _hf_tensor_plans(located: dict, hp: dict, mix, embed_type) -> list:
     plans = {}
+    model = ModelFacts(hp["n_layer"], hp["n_head"] // hp["n_head_kv"], hp["tied"])
     for hf_name, st in located.items():
         name = hf_to_gguf_name(hf_name)
         if name is None:
@@ -130,7 +132,8 @@ def _hf_tensor_plans(located: dict, hp: dict, target, embed_type) -> list:
                                f"supported: {', '.join(READABLE_DTYPES)}")
         n_head = {"attn_q.weight": hp["n_head"], "attn_k.weight": hp["n_head_kv"]}.get(
             name.split(".", 2)[-1])
-        plans[name] = _safetensors_plan(name, st, hf_name, n_head, target, embed_type)
+        out_type, note = tensor_type(name, info.shape, layer_of(name), mix, model, embed_type)
+        plans[name] = _safetensors_plan(name, st, hf_name, n_head, out_type, note)
 
     # Every tensor the llama graph needs must be there, with the right shape.
     hd, kv = hp["head_dim"], hp["n_head_kv"] * hp["head_dim"]
@@ -187,10 +190,9 @@ def llama3_rope_factors(scaling: dict, base: float, dim: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, target, embed_type):
+def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, out_type, note):
     info = st.tensors[hf_name]
     shape = info.shape
-    out_type, note = choose_type(name, shape, target, embed_type)
     n = shape[-1] if shape else 1
     n_rows = info.n_elements // max(1, n)  # a vector is one row
     rows_idx = unpermute_rows(n_rows, n_head) if n_head else None
@@ -212,7 +214,7 @@ def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, target, embed_
     return TensorPlan(name, shape, info.dtype, out_type, read_rows, release=release, note=note)
 
 
-def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, target) -> tuple[dict, dict]:
+def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, mix: Mix) -> tuple[dict, dict]:
     VT = formats.GGUFValueType
     md, ty = {}, {}
 
@@ -222,8 +224,8 @@ def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, target) -> tuple[d
     name = cfg.get("_name_or_path") or src.resolve().name
     put("general.architecture", "llama", VT.STRING)
     put("general.name", Path(str(name)).name or "model", VT.STRING)
-    put("general.file_type", int(formats.file_type_of(target)), VT.UINT32)
-    if is_block_type(target):
+    put("general.file_type", int(mix.file_type), VT.UINT32)
+    if is_block_type(mix.default):
         put("general.quantization_version", QUANTIZATION_VERSION, VT.UINT32)
     put("llama.vocab_size", hp["n_vocab"], VT.UINT32)
     put("llama.context_length", hp["n_ctx"], VT.UINT32)

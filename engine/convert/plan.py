@@ -49,3 +49,16 @@ class Plan:
     def close(self):
         for s in self.sources:
             s.close()
+
+
+def check_encodable(plan: Plan, mix_name: str):
+    """Every tensor that must be encoded has a type formats can encode: a mix planned for
+    a type whose codec is missing fails here, before a byte is written."""
+    missing = {}
+    for tp in plan.tensors:
+        if tp.raw is None and tp.out_type not in formats.ENCODABLE_TYPES:
+            missing.setdefault(tp.out_type, tp.name)
+    if missing:
+        types = ", ".join(f"{t.name} (e.g. {name})" for t, name in missing.items())
+        raise ConvertError(f"--type {mix_name} needs types this build cannot encode yet: "
+                           f"{types}")
