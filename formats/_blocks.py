@@ -21,16 +21,16 @@ def first_value(blocks: np.ndarray, rows: np.ndarray, hit: np.ndarray) -> np.nda
 def signed_absmax(b: np.ndarray) -> np.ndarray:
     """Per block: the first element of largest magnitude, with its sign (ggml's loop
     `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from amax = max = 0), so +0 for
-    an all-zero block."""
-    mx = b.max(axis=1)
-    mn = b.min(axis=1)
+    an all-zero block. NaNs never compare greater, so they are skipped (fmax, fmin)."""
+    mx = np.fmax.reduce(b, axis=1)
+    mn = np.fmin.reduce(b, axis=1)
     out = np.where(-mn > mx, mn, mx)
     tie = (-mn == mx) & (mx != 0)
     if tie.any():  # both signs reach the magnitude: the first one in the block wins
         rows = np.nonzero(tie)[0]
         sub = b[rows]
         out[rows] = first_value(sub, np.arange(len(rows)), np.abs(sub) == mx[rows, None])
-    out[(mx == 0) & (mn == 0)] = 0.0  # the loop only moves on |v| > 0
+    out[((mx == 0) & (mn == 0)) | np.isnan(mx)] = 0.0  # the loop only moves on |v| > 0
     return out
 
 
