@@ -236,7 +236,7 @@ def test_dequantize_float64_gives_the_exact_weights(qtype):
     f32 = formats.dequantize(q, qtype, x.shape)
     f64 = formats.dequantize(q, qtype, x.shape, dtype=np.float64)
     assert f64.dtype == np.float64 and f64.shape == x.shape
-    if qtype in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0, T.Q8_1):
+    if qtype in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q5_0, T.Q8_0, T.Q8_1, T.IQ4_NL, T.IQ4_XS):
         assert np.array_equal(f64.astype(np.float32), f32)
     assert np.all(np.abs(f64 - f32) <= np.spacing(np.abs(f32)) / 2)
 
