@@ -25,10 +25,21 @@ _NTRY = 7  # trial scales (itry - 127) / max for itry in [-7, 7]
 _GROUP_MAX_EPS = F32(1e-15)  # ggml: a block whose largest |x| is below this is all zero
 
 
+# The grid points are integers, so the first one above x is the first one above floor(x):
+# a table over the integers from the lowest point to the highest, kept in [1, 15] so that
+# mu - 1 and mu are both grid indices.
+_LO = int(KVALUES_IQ4NL[0])
+_FIRST_ABOVE = np.clip(np.searchsorted(_GRID, np.arange(_LO, int(KVALUES_IQ4NL[-1]) + 1), side="right"),
+                       1, len(_GRID) - 1).astype(np.intp)
+
+
 def best_index(x: np.ndarray) -> np.ndarray:
     """ggml's best_index_int8 on the grid: the nearest grid point's index; exactly between
-    two, the upper one; ends clamp. Distances are float32 differences, as in ggml."""
-    mu = np.clip(np.searchsorted(_GRID, x, side="right"), 1, len(_GRID) - 1)
+    two, the upper one; ends clamp (NaN, which compares false throughout, takes the last).
+    Distances are float32 differences, as in ggml."""
+    with np.errstate(invalid="ignore"):
+        f = np.floor(np.clip(np.nan_to_num(x, nan=_GRID[-1]), _GRID[0], _GRID[-1]))
+    mu = _FIRST_ABOVE[f.astype(np.intp) - _LO]
     lo = _GRID[mu - 1]
     hi = _GRID[mu]
     idx = np.where(x - lo < hi - x, mu - 1, mu)
