@@ -1,4 +1,5 @@
-"""Block codecs: the vectorized NumPy reference, bit-exact with ggml's *_ref quantizers.
+"""Block codecs: the vectorized NumPy reference, bit-exact with ggml's quantizers (the
+*_ref ones of the legacy types here; IQ4_NL and IQ4_XS live in iquants.py).
 
 Every function works on whole rows (..., n) of float32 and produces the GGUF byte layout
 (..., n // block * bytes_per_block) as uint8. The C scalar codecs (ckernels/src/codecs.c)
