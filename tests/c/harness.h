@@ -1,6 +1,7 @@
 /* What the harness's test files share: failure reporting, a reproducible random
  * source, the per-variant function tables and the test groups (test_kernels.c holds
  * main and the matrix tests, test_isa_ops.c the other kernels of the table,
+ * test_codecs.c the reference codecs,
  * test_forward.c the forward pass of a tiny model). */
 #ifndef KILN_TEST_HARNESS_H
 #define KILN_TEST_HARNESS_H
@@ -45,6 +46,7 @@ extern int small_sizes;
 /* The test groups: variant isa against scalar; the forward pass of every variant in
  * isas (isas[0] = scalar) at once, so scalar's logits are computed once. */
 void test_isa_ops(const char *isa);
+void test_codecs(void); /* the table's reference codecs (test_codecs.c) */
 void test_forward(const char *const *isas, int n_isas);
 
 #endif

@@ -436,6 +436,7 @@ int main(void) {
     test_expected_isas(names, n);
     test_pool();
     test_refusals();
+    test_codecs();
     for (int t = 1; t <= 3; t++) pools[t] = kiln_pool_create(t);
     for (int i = 0; i < n; i++) {
         const char *isa = names[i];
