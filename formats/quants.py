@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _blocks as _b
-from . import iquants
+from . import iquants, kquants
 from .constants import GGML_QUANT_SIZES, QK, GGMLType
 
 _CHUNK_BLOCKS = 8192  # 256K floats (1 MiB) per step: temporaries fit in L2
@@ -119,6 +119,7 @@ _BLOCK_QUANTIZERS = {
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q8_1: _q8_1,
     **iquants.BLOCK_QUANTIZERS,
+    **kquants.BLOCK_QUANTIZERS,
 }
 
 
@@ -230,6 +231,7 @@ _BLOCK_DEQUANTIZERS = {
     GGMLType.Q8_0: lambda b, out: _dq_q8(b, out, 2),
     GGMLType.Q8_1: lambda b, out: _dq_q8(b, out, 4),  # s is only used by dot products
     **iquants.BLOCK_DEQUANTIZERS,
+    **kquants.BLOCK_DEQUANTIZERS,
 }
 
 

@@ -169,7 +169,7 @@ def test_binding_rejects_bad_arguments():
     with pytest.raises(ValueError):
         _ext.quantize_row(int(T.Q4_0), np.zeros(33, np.float32))
     with pytest.raises(ValueError):
-        _ext.quantize_row(12, x)  # Q4_K: no C codec
+        _ext.quantize_row(int(T.IQ2_XXS), np.zeros(256, np.float32))  # no C codec
     with pytest.raises(ValueError):
         _ext.dequantize_row(int(T.Q8_0), np.zeros(33, np.uint8), 32)
     with pytest.raises(ValueError):
@@ -182,8 +182,8 @@ def test_numpy_codec_argument_errors():
         formats.quantize(np.zeros(33, np.float32), T.Q8_0)
     with pytest.raises(ValueError, match="bytes"):
         formats.dequantize(np.zeros(35, np.uint8), T.Q8_0, (32,))
-    with pytest.raises(NotImplementedError):
-        formats.quantize(np.zeros(256, np.float32), T.Q4_K)
+    with pytest.raises(NotImplementedError, match="IQ2_XXS"):
+        formats.quantize(np.zeros(256, np.float32), T.IQ2_XXS)
 
 
 @pytest.fixture(scope="module")
