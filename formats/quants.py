@@ -175,8 +175,18 @@ def _quantize(x, type_: GGMLType) -> np.ndarray:
     return out.reshape(*lead, n // block * size)
 
 
+def _fp16_scale(b: np.ndarray, start: int, dtype) -> np.ndarray:
+    """The fp16 field at bytes [start, start + 2) of each block, widened to `dtype`, as a
+    column (nblocks, 1) that broadcasts over the block."""
+    return b[:, start : start + 2].copy().view(np.float16).astype(dtype)
+
+
+# Block dequantizers: fn(b, out) with uint8 blocks b (nblocks, type_size) writes out
+# (nblocks, block_size) in out's dtype: float32 follows ggml's float32 arithmetic, float64
+# evaluates the same formula in float64 (the exact values of the quantized weights).
+
 def _dq_q4_0(b: np.ndarray, out: np.ndarray) -> None:
-    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
+    d = _fp16_scale(b, 0, out.dtype)
     qs = b[:, 2:]
     out[:, : QK // 2] = (qs & np.uint8(0x0F)).astype(np.int8) - np.int8(8)
     out[:, QK // 2 :] = (qs >> np.uint8(4)).astype(np.int8) - np.int8(8)
@@ -184,8 +194,8 @@ def _dq_q4_0(b: np.ndarray, out: np.ndarray) -> None:
 
 
 def _dq_q4_1(b: np.ndarray, out: np.ndarray) -> None:
-    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
-    m = b[:, 2:4].copy().view(np.float16).astype(_F32)
+    d = _fp16_scale(b, 0, out.dtype)
+    m = _fp16_scale(b, 2, out.dtype)
     qs = b[:, 4:]
     out[:, : QK // 2] = qs & np.uint8(0x0F)
     out[:, QK // 2 :] = qs >> np.uint8(4)
@@ -194,7 +204,7 @@ def _dq_q4_1(b: np.ndarray, out: np.ndarray) -> None:
 
 
 def _dq_q8(b: np.ndarray, out: np.ndarray, start: int) -> None:
-    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
+    d = _fp16_scale(b, 0, out.dtype)
     out[:] = b[:, start:].view(np.int8)
     out *= d
 
@@ -212,13 +222,24 @@ ENCODABLE_TYPES = FLOAT_TYPES + tuple(_BLOCK_QUANTIZERS)
 DECODABLE_TYPES = FLOAT_TYPES + tuple(_BLOCK_DEQUANTIZERS)
 
 
-def dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
-    """Decode the raw bytes of a `type_` tensor of NumPy shape `shape` to float32."""
+_DEQUANTIZE_DTYPES = (np.float32, np.float64)
+
+
+def dequantize(blocks, type_: GGMLType, shape, dtype=np.float32) -> np.ndarray:
+    """Decode the raw bytes of a `type_` tensor of NumPy shape `shape`.
+
+    dtype=np.float32 gives ggml's dequantized values (its float32 arithmetic, bit for bit);
+    dtype=np.float64 evaluates the same formulas in float64, which gives the exact values
+    the quantized weights stand for (every type's formula is exact in float64).
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in _DEQUANTIZE_DTYPES:
+        raise ValueError(f"dequantize gives float32 or float64, not {dtype}")
     with np.errstate(over="ignore", invalid="ignore"):  # inf scales decode to inf / NaN, as in ggml
-        return _dequantize(blocks, type_, shape)
+        return _dequantize(blocks, type_, shape, dtype)
 
 
-def _dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
+def _dequantize(blocks, type_: GGMLType, shape, dtype: np.dtype) -> np.ndarray:
     type_ = GGMLType(type_)
     shape = tuple(int(s) for s in shape)
     raw = np.ascontiguousarray(blocks).reshape(-1).view(np.uint8)
@@ -230,16 +251,17 @@ def _dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
     if raw.size != want:
         raise ValueError(f"{type_.name} tensor of shape {shape} needs {want} bytes, got {raw.size}")
     if type_ == GGMLType.F32:
-        return raw.view(_F32).reshape(shape).copy()
+        return raw.view(_F32).reshape(shape).astype(dtype)
     if type_ == GGMLType.F16:
-        return raw.view(np.float16).astype(_F32).reshape(shape)
-    if type_ == GGMLType.BF16:
-        return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(_F32).reshape(shape)
+        return raw.view(np.float16).astype(dtype).reshape(shape)
+    if type_ == GGMLType.BF16:  # the bits above float32's lower half: exact in both dtypes
+        f = (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(_F32)
+        return f.astype(dtype).reshape(shape)
     fn = _BLOCK_DEQUANTIZERS.get(type_)
     if fn is None:
         raise NotImplementedError(f"dequantizing {type_.name} is not supported")
     b = raw.reshape(-1, size)
-    out = np.empty((b.shape[0], block), dtype=_F32)
+    out = np.empty((b.shape[0], block), dtype=dtype)
     for i in range(0, b.shape[0], _CHUNK_BLOCKS):
         fn(b[i : i + _CHUNK_BLOCKS], out[i : i + _CHUNK_BLOCKS])
     return out.reshape(shape)
