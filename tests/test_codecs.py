@@ -117,15 +117,15 @@ def test_c_matches_numpy(qtype):
 @pytest.mark.parametrize("qtype", C_BLOCK_TYPES, ids=lambda t: t.name)
 def test_c_dequantize_matches_numpy_on_random_blocks(qtype):
     rng = np.random.default_rng(11)
-    size = formats.GGML_QUANT_SIZES[qtype][1]
+    block, size = formats.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (512, size), dtype=np.uint8)
     # random finite fp16 scales (a NaN scale has no defined payload to compare)
     scales = (rng.standard_normal((512, 2)) * 10).astype(np.float16).view(np.uint8).reshape(512, 4)
     blocks[:, :2] = scales[:, :2]
-    if qtype in (T.Q4_1, T.Q8_1):
+    if qtype in (T.Q4_1, T.Q5_1, T.Q8_1):  # a second fp16 (m or s) follows d
         blocks[:, 2:4] = scales[:, 2:]
     raw = blocks.reshape(-1)
-    n = 512 * 32
+    n = 512 * block
     c = _ext.dequantize_row(int(qtype), raw, n)
     assert np.array_equal(c.view(np.uint32), formats.dequantize(raw, qtype, (n,)).view(np.uint32))
 

@@ -51,9 +51,6 @@ typedef struct { kiln_fp16 d; uint8_t qh[4]; uint8_t qs[QK / 2]; } block_q5_0;
 typedef struct { kiln_fp16 d; kiln_fp16 m; uint8_t qh[4]; uint8_t qs[QK / 2]; } block_q5_1;
 /* x = kvalues_iq4nl[q] * d; q as in Q4_0 (a 4-bit index into a non-uniform grid) */
 typedef struct { kiln_fp16 d; uint8_t qs[QK / 2]; } block_iq4_nl;
-/* The non-uniform grid of IQ4_NL (and IQ4_XS): index q stands for kvalues_iq4nl[q] */
-static const int8_t kiln_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                              1, 13, 25, 38, 53, 69, 89, 113};
 
 /* The K types: super-blocks of QK_K elements in sub-blocks of 16 or 32, each with its
  * own small integer scale (and min) times the super-block's fp16 d (and dmin).

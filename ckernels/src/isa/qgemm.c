@@ -25,6 +25,7 @@
  * values to 8 bits again: a last-bit difference can move a value across a rounding
  * boundary, and over 30 layers such flips compound into visibly different logits. */
 #include "isa.h"
+#include "codecs.h" /* kiln_kvalues_iq4nl */
 #include "kernels_impl.h"
 
 #define KILN_NT 8 /* tokens per pass over a row group */
