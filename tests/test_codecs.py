@@ -8,6 +8,7 @@ import ckernels
 import formats
 from ckernels import _ext
 from formats import GGMLType as T
+from oracles import ggml_base_library
 
 N = 256  # elements per adversarial row (8 blocks)
 # the types with a C codec (the C type table), and those of them made of blocks
@@ -191,16 +192,7 @@ def test_numpy_codec_argument_errors():
 def ggml():
     """ggml's own reference codecs, from the libggml-base that llama-cpp-python ships."""
     import ctypes
-    import glob
-    import importlib.util
-    import os
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        pytest.skip("llama-cpp-python (ships ggml's reference codecs) is not installed")
-    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-base.so*"))
-    if not libs:
-        pytest.skip("libggml-base not found in the llama_cpp package")
-    lib = ctypes.CDLL(sorted(libs)[0])
+    lib = ggml_base_library()
     for name in ("quantize_row_q4_0_ref", "quantize_row_q4_1_ref", "quantize_row_q8_0_ref",
                  "quantize_row_q8_1_ref", "dequantize_row_q4_0", "dequantize_row_q4_1",
                  "dequantize_row_q8_0", "ggml_fp32_to_fp16_row", "ggml_fp16_to_fp32_row",
