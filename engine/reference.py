@@ -9,7 +9,7 @@ roundings that almost never reach float32's last bit).
 
 With emulate_q8=True each product with a block-quantized weight first sends the
 activations through the codec the C kernels quantize them with (Q8_0, or Q8_1 for
-Q4_1 weights). That makes the reference exact for the C engine: 8-bit rounding is a
+Q4_1 and Q5_1 weights). That makes the reference exact for the C engine: 8-bit rounding is a
 step function, so any other rounding of its inputs flips some quantized values, and
 over many layers the flips add up to a visible difference in the logits. The KV cache
 is fp16 in both (as in llama.cpp): k and v are rounded to float16.
@@ -49,7 +49,7 @@ class Linear:
         self.act_type = ACTIVATION_TYPE.get(GGMLType(t.type)) if emulate_q8 else None
         self.block_min = None
         if self.act_type == GGMLType.Q8_1:
-            # Q4_1 x Q8_1 is computed per block as d_w*d_x*sum(q_w*q_x) + m_w*s_x with
+            # Q4_1 / Q5_1 x Q8_1 is computed per block as d_w*d_x*sum(q_w*q_x) + m_w*s_x with
             # s_x = fp16(d_x * sum(q_x)): split W = q*d + m into its two parts.
             rows, block_bytes = t.shape[0], formats.GGML_QUANT_SIZES[GGMLType(t.type)][1]
             raw = np.array(t.data, dtype=np.uint8).reshape(rows, -1, block_bytes)

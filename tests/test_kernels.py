@@ -17,11 +17,13 @@ import ckernels
 from cpu_isas import expected_isas
 
 ISAS = expected_isas()  # from /proc/cpuinfo, not from the code under test
-COLS = [32, 64, 576, 1536, 4096, 11008]
+COLS = [32, 64, 96, 576, 1536, 4096, 11008]  # 1, 2, 3, 18, ... blocks: every tail of a block group
 # ggml type ids by name, and the weight types the kernels take (the C type table):
 # block types with quantized activations, and float types
 TYPE = {b.name: b.ggml_id for b in ckernels.block_types()}
-F32, F16, Q4_0, Q4_1, Q8_0, BF16 = (TYPE[n] for n in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "BF16"))
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = (
+    TYPE[n] for n in ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "BF16"))
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
 QUANT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types() if b.act_type}
 ACT_TYPE = {b.ggml_id: b.act_type for b in ckernels.weight_types()}
 FLOAT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types() if not b.act_type}
@@ -48,30 +50,35 @@ def _fp16(a):
 
 def make_quant_weights(type_, rows, cols, rng, pow2=False):
     """(GGUF bytes (rows, row_bytes), dequantized float64 (rows, cols)); make_quant_weights.m
-    keeps the last Q4_1 minimums (rows, blocks) for the oracle's m * s term."""
+    keeps the last Q4_1 / Q5_1 minimums (rows, blocks) for the oracle's m * s term."""
     nb = cols // 32
     if pow2:  # power-of-two scales: products with activation scales are exact
         d = _fp16(2.0 ** -rng.integers(0, 2, size=(rows, nb)))
     else:
         d = _fp16(rng.uniform(-0.02, 0.02, size=(rows, nb)))
     d64 = d.astype(np.float64)[..., None]
-    if type_ in (Q4_0, Q4_1):
-        q = rng.integers(0, 16, size=(rows, nb, 32), dtype=np.uint8)
-        packed = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-        if type_ == Q4_0:
-            blocks = np.concatenate([d.view(np.uint8).reshape(rows, nb, 2), packed], axis=-1)
-            w = (q.astype(np.float64) - 8) * d64
-        else:
-            m = _fp16(rng.integers(-8, 8, size=(rows, nb)) / 16.0 if pow2
-                      else rng.uniform(-0.1, 0.1, size=(rows, nb)))
-            blocks = np.concatenate([d.view(np.uint8).reshape(rows, nb, 2),
-                                     m.view(np.uint8).reshape(rows, nb, 2), packed], axis=-1)
-            w = q.astype(np.float64) * d64 + m.astype(np.float64)[..., None]
-            make_quant_weights.m = m.astype(np.float64)
-    else:
+    fields = [d.view(np.uint8).reshape(rows, nb, 2)]
+    if type_ in (Q4_1, Q5_1):
+        m = _fp16(rng.integers(-8, 8, size=(rows, nb)) / 16.0 if pow2
+                  else rng.uniform(-0.1, 0.1, size=(rows, nb)))
+        fields.append(m.view(np.uint8).reshape(rows, nb, 2))
+        make_quant_weights.m = m.astype(np.float64)
+    if type_ == Q8_0:
         q = rng.integers(-128, 128, size=(rows, nb, 32)).astype(np.int8)
-        blocks = np.concatenate([d.view(np.uint8).reshape(rows, nb, 2), q.view(np.uint8)], axis=-1)
+        fields.append(q.view(np.uint8))
         w = q.astype(np.float64) * d64
+    else:
+        bits = 5 if type_ in (Q5_0, Q5_1) else 4
+        q = rng.integers(0, 1 << bits, size=(rows, nb, 32)).astype(np.uint32)
+        if bits == 5:  # qh: bit j = bit 4 of element j, little-endian
+            qh = ((q >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+            fields.append(qh.astype("<u4").view(np.uint8).reshape(rows, nb, 4))
+        fields.append(((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).astype(np.uint8))
+        value = {Q4_0: q - 8.0, Q5_0: q - 16.0, IQ4_NL: KVALUES_IQ4NL[q & 15]}.get(type_, q)
+        w = value.astype(np.float64) * d64
+        if type_ in (Q4_1, Q5_1):
+            w = w + make_quant_weights.m[..., None]
+    blocks = np.concatenate(fields, axis=-1)
     return np.ascontiguousarray(blocks.reshape(rows, -1)), w.reshape(rows, cols)
 
 
@@ -103,9 +110,10 @@ def quantized_x(type_, x):
     return np.stack([dequant_act(fn(row), q81) for row in x])
 
 
-def q4_1_oracle(x, w):
-    """Q4_1 x Q8_1 as ggml defines it: sum over blocks of d_w d_x sum(q_w q_x) + m_w s_x,
-    where s_x = fp16(d_x sum(q_x)) is rounded (so it is not quite sum of x values)."""
+def q8_1_oracle(x, w):
+    """Q4_1 or Q5_1 x Q8_1 as ggml defines it: sum over blocks of d_w d_x sum(q_w q_x) +
+    m_w s_x, where s_x = fp16(d_x sum(q_x)) is rounded (so it is not quite sum of x
+    values); the m_w of the last make_quant_weights."""
     xq = quantized_x(Q4_1, x)
     blocks = np.stack([ckernels.quantize_act_q8_1(row).reshape(-1, 36) for row in x])
     s = blocks[..., 2:4].copy().view(np.float16).astype(np.float64)[..., 0]  # (tokens, nb)
@@ -173,7 +181,7 @@ def test_quantized_matmul_exact_with_pow2_scales(isa, name, cols):
     x = pow2_activations(n_tokens, cols, rng)
     xq = quantized_x(type_, x)
     assert np.array_equal(xq, x.astype(np.float64))  # the quantization is exact here
-    want = (q4_1_oracle(x, w) if type_ == Q4_1 else xq @ w.T).astype(np.float32)
+    want = (q8_1_oracle(x, w) if ACT_TYPE[type_] == "Q8_1" else xq @ w.T).astype(np.float32)
     for n_threads in (1, 2, 3):
         y = run_matmul(type_, data, rows, cols, x, n_threads)
         assert np.array_equal(y, want), f"{name} {isa} threads={n_threads}"
@@ -193,13 +201,44 @@ def test_quantized_matmul_is_the_rounded_exact_product(isa, name, cols):
     x = rng.standard_normal((6, cols)).astype(np.float32)
     y = run_matmul(type_, data, rows, cols, x, 2)
     y1 = run_matmul(type_, data, rows, cols, x[1], 1)  # matrix x vector path
-    oracle = q4_1_oracle(x, w) if type_ == Q4_1 else quantized_x(type_, x) @ w.T
+    oracle = q8_1_oracle(x, w) if ACT_TYPE[type_] == "Q8_1" else quantized_x(type_, x) @ w.T
     ckernels.set_isa("scalar")
     ref = run_matmul(type_, data, rows, cols, x, 1)
     want = oracle.astype(np.float32)
     assert np.array_equal(ref, want)
     assert np.array_equal(y, want)
     assert np.array_equal(y1, want[1])
+
+
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+def test_weight_blocks_are_ggmls(name):
+    """The blocks built here mean what ggml says they mean (gguf-py's dequantizer), so
+    the oracle of these tests is the format's, not this file's reading of it."""
+    from gguf import GGMLQuantizationType, quants
+
+    type_ = QUANT_TYPES[name]
+    data, w = make_quant_weights(type_, 5, 96, np.random.default_rng(type_))
+    got = quants.dequantize(data, GGMLQuantizationType(type_))
+    assert np.array_equal(got.astype(np.float64), w)
+
+
+@per_isa
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+def test_quantized_matmul_tiles_agree(isa, name):
+    """Every token tile (8, 4, 1..3 tokens) and row group tail gives each output the
+    same sum: a batch equals its tokens one by one, and scalar's bits."""
+    type_ = QUANT_TYPES[name]
+    rng = np.random.default_rng(type_ + 3)
+    rows, cols = 45, 160  # 11 row groups + 1 row; 5 blocks: a full group + a tail of 1
+    data, _ = make_quant_weights(type_, rows, cols, rng)
+    x = rng.standard_normal((23, cols)).astype(np.float32)  # 8 + 8 + 4 + 3
+    y = run_matmul(type_, data, rows, cols, x, 2)
+    for t in range(len(x)):
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x[t], 1), y[t]), t
+    for n in (2, 3, 5, 9, 12):
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x[:n], 3), y[:n]), n
+    ckernels.set_isa("scalar")
+    assert np.array_equal(run_matmul(type_, data, rows, cols, x, 1), y)
 
 
 @per_isa
@@ -221,7 +260,9 @@ def test_results_do_not_depend_on_thread_count(isa):
 def test_matmul_multi_equals_separate_calls(isa):
     rng = np.random.default_rng(9)
     cols = 576
-    specs = [(Q4_1, 576), (Q4_1, 192), (Q4_0, 37), (Q8_0, 101), (F16, 13), (Q4_1, 1536)]
+    # Q8_0 and IQ4_NL share an activation layout, as do Q4_1 and Q5_1; Q4_0 and Q5_0 do not
+    specs = [(Q4_1, 576), (Q4_1, 192), (Q4_0, 37), (Q8_0, 101), (F16, 13), (Q4_1, 1536),
+             (Q5_0, 21), (Q5_1, 45), (IQ4_NL, 19)]
     mats = []
     for type_, rows in specs:
         if type_ == F16:

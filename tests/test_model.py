@@ -28,15 +28,23 @@ CASES = [
     ("llama", 2, 2, 128, False, "f32"),
     ("llama", 4, 4, 64, False, "f16"),
     ("gpt2", 2, 1, 128, True, "f16"),
+    ("llama", 4, 2, 32, False, "bf16"),
     ("gpt2", 2, 1, 128, False, "q4_0"),
     ("llama", 4, 1, 64, True, "q4_0"),
     ("llama", 4, 2, 32, True, "q4_1"),
     ("gpt2", 6, 2, 32, False, "q4_1"),
     ("gpt2", 4, 4, 64, True, "q8_0"),
     ("llama", 8, 2, 32, False, "q8_0"),
+    ("llama", 4, 2, 32, True, "q5_0"),
+    ("gpt2", 2, 1, 128, False, "q5_1"),
+    ("llama", 4, 4, 64, False, "iq4_nl"),
 ]
 N_TOKENS = 40
 QUANTIZED = {t.name.lower() for t in MATRIX_TYPES if t not in FLOAT_TYPES}  # block types
+
+
+def test_cases_cover_every_matrix_type():
+    assert {c[-1] for c in CASES} == {t.name.lower() for t in MATRIX_TYPES}
 
 
 def case_id(c):

@@ -22,22 +22,37 @@ def _halves(b, size, off):
     return np.ascontiguousarray(b[..., off:off + 2]).view(np.float16)[..., 0].astype(np.float64)
 
 
+_KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+
+
+def _weight_quants(wb, wtype):
+    """The signed integer quants (rows, blocks, 32) of raw weight blocks, as ggml's
+    vec_dot multiplies them (the offsets of Q4_0 and Q5_0 applied; Q4_1's and Q5_1's m
+    is a separate term)."""
+    if wtype == GGMLType.Q8_0:
+        return wb[..., 2:].copy().view(np.int8).astype(np.int64)
+    # after d (and m for Q4_1 / Q5_1): qh (Q5_*), then the 16 nibble bytes
+    nib = wb[..., -16:].astype(np.int64)
+    q = np.concatenate([nib & 15, nib >> 4], axis=-1)
+    if wtype in (GGMLType.Q5_0, GGMLType.Q5_1):
+        qh = wb[..., -20:-16].copy().view("<u4").astype(np.int64)  # (rows, blocks, 1)
+        q |= ((qh >> np.arange(32)) & 1) << 4
+    if wtype == GGMLType.IQ4_NL:
+        return _KVALUES_IQ4NL[q]
+    return q - {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}.get(wtype, 0)
+
+
 def _ggml_dot(wq, wtype, xq, xtype):
-    """ggml's vec_dot over blocks: d_w*d_x*sum(q_w*q_x) (+ m_w*s_x for Q4_1), from the
-    raw block bytes, in float64."""
+    """ggml's vec_dot over blocks: d_w*d_x*sum(q_w*q_x) (+ m_w*s_x for Q4_1 and Q5_1),
+    from the raw block bytes, in float64."""
     wsize = formats.GGML_QUANT_SIZES[wtype][1]
     wb = wq.reshape(wq.shape[0], -1, wsize)
     xb = xq.reshape(xq.shape[0], -1, formats.GGML_QUANT_SIZES[xtype][1])
     qstart = 4 if xtype == GGMLType.Q8_1 else 2
     qx = xb[..., qstart:].copy().view(np.int8).astype(np.int64)          # (t, b, 32)
-    if wtype == GGMLType.Q8_0:
-        qw = wb[..., 2:].copy().view(np.int8).astype(np.int64)
-    else:
-        nib = wb[..., 2 if wtype == GGMLType.Q4_0 else 4:].astype(np.int64)
-        qw = np.concatenate([nib & 15, nib >> 4], axis=-1) - (8 if wtype == GGMLType.Q4_0 else 0)
-    sumi = np.einsum("rbk,tbk->trb", qw, qx)
+    sumi = np.einsum("rbk,tbk->trb", _weight_quants(wb, wtype), qx)
     y = (_halves(wq, wsize, 0)[None] * _halves(xq, xb.shape[-1], 0)[:, None] * sumi).sum(-1)
-    if wtype == GGMLType.Q4_1:
+    if wtype in (GGMLType.Q4_1, GGMLType.Q5_1):
         y += _halves(xq, xb.shape[-1], 2) @ _halves(wq, wsize, 2).T
     return y
 

@@ -1,33 +1,44 @@
 /* Private to the kernels: the repacked weight layout, the activation layout the
  * quantized kernels read, and the per-ISA function table dispatch.c fills.
  *
- * Quantized weights (Q4_0, Q4_1, Q8_0) are repacked once by kiln_matrix_init so that
- * one SIMD load feeds several blocks and several rows share each activation load:
+ * Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) are repacked once by
+ * kiln_matrix_init so that one SIMD load feeds several blocks and several rows share
+ * each activation load:
  *
  *   rows are grouped by KILN_RG (zero rows pad the last group); blocks by KILN_KG.
  *   A row group is [quants of every block group][d of every group][m of every group]
- *   (m only for Q4_1), padded to 64 bytes.
- *   quants of block group g holding nt <= KILN_KG blocks, row r of the group:
- *     Q4_*: nt * 16 bytes; byte 16*b + j holds element j (low nibble) and element
- *           j + 16 (high nibble) of block b, as in GGUF: the low nibbles of the
- *           nt * 16 bytes are the "lo halves" of the blocks, the high nibbles the
- *           "hi halves".
- *     Q8_0: nt * 16 bytes of lo halves (elements 0..15 of each block, + 128 as u8)
+ *   (m only for Q4_1 and Q5_1), padded to 64 bytes.
+ *   quants of block group g holding nt <= KILN_KG blocks, row r of the group
+ *   (the type table's packed_block_bytes = bytes per block):
+ *     Q4_*, IQ4_NL (16): nt * 16 bytes; byte 16*b + j holds element j (low nibble) and
+ *           element j + 16 (high nibble) of block b, as in GGUF: the low nibbles of the
+ *           nt * 16 bytes are the "lo halves" of the blocks, the high nibbles the "hi
+ *           halves". IQ4_NL's nibbles are indices into kvalues_iq4nl.
+ *     Q5_* (20): the nibbles as Q4_*, then the fifth bits as a bit plane: nt * 2 bytes
+ *           for the lo halves (bit j of the 16-bit word b: element j of block b), then
+ *           nt * 2 bytes for the hi halves (element 16 + j). Bit i of the plane thus
+ *           belongs to nibble byte i, so a run of blocks expands with one bit -> byte
+ *           step; the 5-bit storage is kept (generation is memory-bound).
+ *     Q8_0 (32): nt * 16 bytes of lo halves (elements 0..15 of each block, + 128 as u8)
  *           then nt * 16 bytes of hi halves (elements 16..31, + 128).
  *   d (and m) of block group g: KILN_KG * KILN_RG fp16 values, [b][r], 0 for padding.
  *
- * Weights are therefore unsigned (u4 or u8); the signed zero point is folded into the
- * activation side: each activation block carries -offset * sum(q) (the type table's
- * act_offset: 8 for Q4_0, 128 for Q8_0, 0 for Q4_1), added once per block and row, so the integer dot of a block
- * is exact: sum((w - offset) * a) = sum(w * a) - offset * sum(a).
+ * Weights are therefore unsigned (u4, u5 or u8: IQ4_NL's as kvalues_iq4nl[q] + 128);
+ * the signed zero point is folded into the activation side: each activation block
+ * carries -offset * sum(q) (the type table's act_offset: 8 for Q4_0, 16 for Q5_0, 128
+ * for Q8_0 and IQ4_NL, 0 for Q4_1 and Q5_1), added once per block and row, so the
+ * integer dot of a block is exact: sum((w - offset) * a) = sum(w * a) - offset * sum(a).
+ * (Kernels whose dot instruction is signed x signed, or that use the sign trick, turn
+ * 8-bit weights back to signed instead and skip the term.)
  *
  * Activation layout (one per token, kiln_act_size bytes), block group g:
  *   qs  [g][2][KILN_KG * 16] int8: lo halves of the group's blocks, then hi halves
  *   dx  [g][KILN_KG * 4]   double: d of block b repeated in lanes 4b..4b+3 (double:
  *                          the kernels sum in double, see qgemm.c)
  *   off [g][KILN_KG * 4]   int32: -offset * sum(q of block b) in lanes 4b..4b+3
- *   sx  [g][KILN_KG * 4]   float: s of block b (Q8_1, for Q4_1) in lanes 4b..4b+3
- * Padding blocks are zero everywhere, so they add exactly 0.
+ *   sx  [g][KILN_KG * 4]   float: s of block b (Q8_1, for Q4_1 and Q5_1) in lanes 4b..4b+3
+ * Padding blocks are zero everywhere, so they add exactly 0 (whatever weight values a
+ * kernel makes of padding quants).
  * Four lanes per block match a 128-bit lane of the kernels, where after summing each
  * row's dot-product lanes, lane 4b + r holds (block b, row r): the order of the packed
  * scales. So one layout serves every ISA. */

@@ -58,8 +58,7 @@ void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, i
                 for (int b = 0; b < nt; b++) {
                     const uint8_t *blk = (const uint8_t *)src +
                                          (size_t)(row * v->nb + b0 + b) * (size_t)tt->type_size;
-                    tt->pack_block(blk, rq + 16 * b, (size_t)16 * nt, &d[b * KILN_RG + r],
-                                   m ? &m[b * KILN_RG + r] : NULL);
+                    tt->pack_block(blk, rq, b, nt, &d[b * KILN_RG + r], m ? &m[b * KILN_RG + r] : NULL);
                 }
             }
         }

@@ -35,30 +35,54 @@ static void quantize_f32(const float *x, void *y, int64_t n) { memcpy(y, x, (siz
 static void dequantize_f32(const void *x, float *y, int64_t n) { memcpy(y, x, (size_t)n * sizeof(float)); }
 
 /* Packing (kernels_impl.h): 4-bit quants keep GGUF's byte order, both halves in one
- * 16-byte run; 8-bit quants are split into their two halves and offset to unsigned. */
-static void pack_q4_0(const void *block, uint8_t *q, size_t hi, kiln_fp16 *d, kiln_fp16 *m) {
-    const block_q4_0 *b = block;
-    (void)hi, (void)m;
-    memcpy(q, b->qs, 16);
-    *d = b->d;
+ * 16-byte run (IQ4_NL's indices too); 5-bit quants add their fifth bits as a bit plane
+ * after the group's nibbles, the lo halves' 16 bits of each block, then the hi halves';
+ * 8-bit quants are split into their two halves and offset to unsigned. */
+static void pack_q4_0(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q4_0 *x = block;
+    (void)nt, (void)m;
+    memcpy(q + 16 * b, x->qs, 16);
+    *d = x->d;
 }
 
-static void pack_q4_1(const void *block, uint8_t *q, size_t hi, kiln_fp16 *d, kiln_fp16 *m) {
-    const block_q4_1 *b = block;
-    (void)hi;
-    memcpy(q, b->qs, 16);
-    *d = b->d;
-    *m = b->m;
+static void pack_q4_1(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q4_1 *x = block;
+    (void)nt;
+    memcpy(q + 16 * b, x->qs, 16);
+    *d = x->d;
+    *m = x->m;
 }
 
-static void pack_q8_0(const void *block, uint8_t *q, size_t hi, kiln_fp16 *d, kiln_fp16 *m) {
-    const block_q8_0 *b = block;
+/* qh is little-endian: its first two bytes hold the bits of elements 0..15 (the lo
+ * half), the last two those of elements 16..31 */
+static void pack_q5_bits(const uint8_t qh[4], const uint8_t qs[16], uint8_t *q, int b, int nt) {
+    memcpy(q + 16 * b, qs, 16);
+    memcpy(q + 16 * nt + 2 * b, qh, 2);
+    memcpy(q + 18 * nt + 2 * b, qh + 2, 2);
+}
+
+static void pack_q5_0(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q5_0 *x = block;
+    (void)m;
+    pack_q5_bits(x->qh, x->qs, q, b, nt);
+    *d = x->d;
+}
+
+static void pack_q5_1(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q5_1 *x = block;
+    pack_q5_bits(x->qh, x->qs, q, b, nt);
+    *d = x->d;
+    *m = x->m;
+}
+
+static void pack_q8_0(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d, kiln_fp16 *m) {
+    const block_q8_0 *x = block;
     (void)m;
     for (int j = 0; j < 16; j++) {
-        q[j] = (uint8_t)(b->qs[j] + 128);
-        q[hi + j] = (uint8_t)(b->qs[j + 16] + 128);
+        q[16 * b + j] = (uint8_t)(x->qs[j] + 128);
+        q[16 * nt + 16 * b + j] = (uint8_t)(x->qs[j + 16] + 128);
     }
-    *d = b->d;
+    *d = x->d;
 }
 
 /* F32, F16 and BF16 weights take float activations; Q8_1 is an activation format only. */
@@ -77,12 +101,13 @@ static const kiln_type_traits kiln_types[] = {
      .is_weight = 1, .act_type = KILN_TYPE_Q8_1,
      .packed_block_bytes = 16, .n_scale_sets = 2, .act_offset = 0, .pack_block = pack_q4_1,
      .quantize_row = quantize_q4_1, .dequantize_row = dequantize_q4_1},
-    /* Q5_0, Q5_1, IQ4_NL, IQ4_XS: codecs only until their kernels exist */
     {.name = "Q5_0", .type = KILN_TYPE_Q5_0, .block_size = QK, .type_size = sizeof(block_q5_0),
-     .is_weight = 0, .act_type = -1,
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
+     .packed_block_bytes = 20, .n_scale_sets = 1, .act_offset = 16, .pack_block = pack_q5_0,
      .quantize_row = quantize_q5_0, .dequantize_row = dequantize_q5_0},
     {.name = "Q5_1", .type = KILN_TYPE_Q5_1, .block_size = QK, .type_size = sizeof(block_q5_1),
-     .is_weight = 0, .act_type = -1,
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_1,
+     .packed_block_bytes = 20, .n_scale_sets = 2, .act_offset = 0, .pack_block = pack_q5_1,
      .quantize_row = quantize_q5_1, .dequantize_row = dequantize_q5_1},
     {.name = "Q8_0", .type = KILN_TYPE_Q8_0, .block_size = QK, .type_size = sizeof(block_q8_0),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
@@ -110,9 +135,12 @@ static const kiln_type_traits kiln_types[] = {
     {.name = "Q8_K", .type = KILN_TYPE_Q8_K, .block_size = QK_K, .type_size = sizeof(block_q8_K),
      .is_weight = 0, .act_type = -1,
      .quantize_row = quantize_q8_K, .dequantize_row = dequantize_q8_K},
+    /* the kernels look the indices up as kvalues_iq4nl + 128 (unsigned, as Q8_0's) */
     {.name = "IQ4_NL", .type = KILN_TYPE_IQ4_NL, .block_size = QK, .type_size = sizeof(block_iq4_nl),
-     .is_weight = 0, .act_type = -1,
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
+     .packed_block_bytes = 16, .n_scale_sets = 1, .act_offset = 128, .pack_block = pack_q4_0,
      .quantize_row = quantize_iq4_nl, .dequantize_row = dequantize_iq4_nl},
+    /* IQ4_XS: codecs only until its kernels exist */
     {.name = "IQ4_XS", .type = KILN_TYPE_IQ4_XS, .block_size = QK_K, .type_size = sizeof(block_iq4_xs),
      .is_weight = 0, .act_type = -1,
      .quantize_row = quantize_iq4_xs, .dequantize_row = dequantize_iq4_xs},

@@ -21,13 +21,13 @@ typedef struct {
     /* the repacked layout (kernels_impl.h); packed_block_bytes = 0: not repacked, the
      * kernels read the GGUF rows */
     int packed_block_bytes; /* quant bytes per block per row */
-    int n_scale_sets;       /* fp16 arrays per block group: d (1), d and m (2) */
+    int n_scale_sets;       /* fp16 arrays per block group: d (1), d and m (2: Q4_1, Q5_1) */
     int act_offset;         /* zero point of the unsigned packed quants, folded into the
                              * activation side: sum((w - offset) * a) */
-    /* one GGUF block -> the packed layout: its lo-half quants at q (16 bytes), its
-     * hi-half quants at q + hi (Q8_0; Q4_* keep both halves in the same 16 bytes),
-     * its scales at *d and *m */
-    void (*pack_block)(const void *block, uint8_t *q, size_t hi, kiln_fp16 *d, kiln_fp16 *m);
+    /* one GGUF block -> the packed layout: block b of a block group of nt blocks, q
+     * the row's quants of that group (nt * packed_block_bytes bytes, kernels_impl.h
+     * says where each part goes), its scales at *d and *m */
+    void (*pack_block)(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d, kiln_fp16 *m);
     /* the scalar reference codecs (codecs.c); n a multiple of block_size */
     void (*quantize_row)(const float *x, void *y, int64_t n);
     void (*dequantize_row)(const void *x, float *y, int64_t n);

@@ -103,6 +103,21 @@ static void *make_weights(int type, int64_t rows, int64_t cols, int pow2) {
                 blk->d = kiln_fp32_to_fp16(d);
                 blk->m = kiln_fp32_to_fp16(pow2 ? rnd_int(-8, 8) / 16.0f : rnd_unit() * 0.1f);
                 for (int j = 0; j < 16; j++) blk->qs[j] = (uint8_t)rnd();
+            } else if (type == KILN_TYPE_Q5_0) {
+                block_q5_0 *blk = (block_q5_0 *)row + b;
+                blk->d = kiln_fp32_to_fp16(d);
+                for (int j = 0; j < 4; j++) blk->qh[j] = (uint8_t)rnd();
+                for (int j = 0; j < 16; j++) blk->qs[j] = (uint8_t)rnd();
+            } else if (type == KILN_TYPE_Q5_1) {
+                block_q5_1 *blk = (block_q5_1 *)row + b;
+                blk->d = kiln_fp32_to_fp16(d);
+                blk->m = kiln_fp32_to_fp16(pow2 ? rnd_int(-8, 8) / 16.0f : rnd_unit() * 0.1f);
+                for (int j = 0; j < 4; j++) blk->qh[j] = (uint8_t)rnd();
+                for (int j = 0; j < 16; j++) blk->qs[j] = (uint8_t)rnd();
+            } else if (type == KILN_TYPE_IQ4_NL) {
+                block_iq4_nl *blk = (block_iq4_nl *)row + b;
+                blk->d = kiln_fp32_to_fp16(d);
+                for (int j = 0; j < 16; j++) blk->qs[j] = (uint8_t)rnd();
             } else {
                 block_q8_0 *blk = (block_q8_0 *)row + b;
                 blk->d = kiln_fp32_to_fp16(d);
@@ -146,6 +161,21 @@ static double weight_at(int type, const void *w, int64_t cols, int64_t r, int64_
         int q = j < 16 ? blk->qs[j] & 15 : blk->qs[j - 16] >> 4;
         return q * (double)kiln_fp16_to_fp32(blk->d); /* + m, added per block by the caller */
     }
+    case KILN_TYPE_Q5_0: {
+        const block_q5_0 *blk = (const block_q5_0 *)row + b;
+        int q = (j < 16 ? blk->qs[j] & 15 : blk->qs[j - 16] >> 4) | ((blk->qh[j / 8] >> (j % 8)) & 1) << 4;
+        return (q - 16) * (double)kiln_fp16_to_fp32(blk->d);
+    }
+    case KILN_TYPE_Q5_1: {
+        const block_q5_1 *blk = (const block_q5_1 *)row + b;
+        int q = (j < 16 ? blk->qs[j] & 15 : blk->qs[j - 16] >> 4) | ((blk->qh[j / 8] >> (j % 8)) & 1) << 4;
+        return q * (double)kiln_fp16_to_fp32(blk->d); /* + m, added per block by the caller */
+    }
+    case KILN_TYPE_IQ4_NL: {
+        const block_iq4_nl *blk = (const block_iq4_nl *)row + b;
+        int q = j < 16 ? blk->qs[j] & 15 : blk->qs[j - 16] >> 4;
+        return kiln_kvalues_iq4nl[q] * (double)kiln_fp16_to_fp32(blk->d);
+    }
     case KILN_TYPE_Q8_0: {
         const block_q8_0 *blk = (const block_q8_0 *)row + b;
         return blk->qs[j] * (double)kiln_fp16_to_fp32(blk->d);
@@ -178,10 +208,13 @@ static double *reference(int type, const void *w, int64_t rows, int64_t cols, co
         for (int64_t r = 0; r < rows; r++) {
             double s = 0;
             for (int64_t c = 0; c < cols; c++) s += weight_at(type, w, cols, r, c) * xq[c];
-            if (type == KILN_TYPE_Q4_1)
+            if (type == KILN_TYPE_Q4_1 || type == KILN_TYPE_Q5_1) /* m is the second fp16 of both */
                 for (int64_t b = 0; b < nb; b++) {
-                    const block_q4_1 *blk = (const block_q4_1 *)((const uint8_t *)w + row_bytes(type, cols) * (size_t)r) + b;
-                    s += kiln_fp16_to_fp32(blk->m) * sx[b];
+                    const uint8_t *blk = (const uint8_t *)w + row_bytes(type, cols) * (size_t)r +
+                                         (size_t)b * (size_t)kiln_type_traits_of(type)->type_size;
+                    kiln_fp16 m;
+                    memcpy(&m, blk + 2, 2);
+                    s += kiln_fp16_to_fp32(m) * sx[b];
                 }
             y[(size_t)t * rows + r] = s;
         }
@@ -327,16 +360,19 @@ static void test_matmul_shapes(const char *isa) {
 
 /* kiln_matmul_multi gives exactly what separate kiln_matmul calls give. */
 static void test_multi(const char *isa) {
-    const int types[] = {KILN_TYPE_Q4_1, KILN_TYPE_Q4_0, KILN_TYPE_Q8_0, KILN_TYPE_F16};
-    const int64_t rows[] = {576, 37, 19, 13}, cols = 576;
+    /* some share an activation layout (Q8_0 and IQ4_NL; Q4_1 and Q5_1), some not */
+    const int types[] = {KILN_TYPE_Q4_1, KILN_TYPE_Q4_0, KILN_TYPE_Q8_0, KILN_TYPE_F16,
+                         KILN_TYPE_Q5_0, KILN_TYPE_Q5_1, KILN_TYPE_IQ4_NL};
+    enum { N = sizeof types / sizeof types[0] };
+    const int64_t rows[N] = {576, 37, 19, 13, 21, 7, 45}, cols = 576;
     const int n_tokens = 6;
-    kiln_matrix m[4];
-    const kiln_matrix *mp[4];
-    void *w[4];
-    float *y[4], *y1 = malloc(sizeof(float) * 576 * n_tokens);
+    kiln_matrix m[N];
+    const kiln_matrix *mp[N];
+    void *w[N];
+    float *y[N], *y1 = malloc(sizeof(float) * 576 * n_tokens);
     float *x = make_acts(n_tokens, cols, 0);
     use_isa(isa);
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < N; i++) {
         w[i] = make_weights(types[i], rows[i], cols, 0);
         kiln_matrix_init(&m[i], types[i], rows[i], cols, w[i]);
         mp[i] = &m[i];
@@ -344,8 +380,8 @@ static void test_multi(const char *isa) {
     }
     for (int n_threads = 1; n_threads <= 3; n_threads++) {
         for (int nt = 1; nt <= n_tokens; nt += n_tokens - 1) {
-            kiln_matmul_multi(pools[n_threads], 4, mp, x, nt, y);
-            for (int i = 0; i < 4; i++) {
+            kiln_matmul_multi(pools[n_threads], N, mp, x, nt, y);
+            for (int i = 0; i < N; i++) {
                 kiln_matmul(pools[n_threads], &m[i], x, nt, y1);
                 char where[64];
                 snprintf(where, sizeof where, "matrix %d threads %d tokens %d", i, n_threads, nt);
@@ -353,7 +389,7 @@ static void test_multi(const char *isa) {
             }
         }
     }
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < N; i++) {
         kiln_matrix_free(&m[i]);
         free(w[i]);
         free(y[i]);

@@ -1,8 +1,14 @@
-/* Quantized weights (packed Q4_0 / Q4_1 / Q8_0, see kernels_impl.h) times quantized
- * activations. Per block the integer dot is exact in int32; the block's float scale
- * d_w * d_x is applied once. Each call computes row groups [rg0, rg1) for every token;
- * a row group's KILN_RG rows share every activation load, and up to KILN_NT tokens
- * share every weight load (prompt batches).
+/* Quantized weights (packed Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, see kernels_impl.h)
+ * times quantized activations. Per block the integer dot is exact in int32; the
+ * block's float scale d_w * d_x is applied once. Each call computes row groups
+ * [rg0, rg1) for every token; a row group's KILN_RG rows share every activation load,
+ * and up to KILN_NT tokens share every weight load (prompt batches).
+ *
+ * The weights are widened to bytes in registers only: 4-bit quants by masks and
+ * shifts, Q5_*'s fifth bit from its bit plane by a bit -> byte expansion, IQ4_NL's
+ * indices by a 16-entry table lookup (pshufb / tbl) into its grid. Generation reads
+ * every weight once per token, so it is bound by memory bandwidth: the bytes of the
+ * packed layout are what it costs.
  *
  * The dot-product instructions leave 4 int32 lanes per block and row; the SIMD
  * variants sum those lanes across the 4 rows at once (a 4x4 transpose-add), which
@@ -10,14 +16,16 @@
  *
  * The blocks of a row are summed in double and the result is rounded to float once.
  * Each block's term is exact in double (|isum| < 2^20 times d_w * d_x, itself exact in
- * float: two fp16 significands; for Q4_1 also m_w * s_x, two fp16 values), so the
- * output is the exact dot product of the quantized operands up to one double rounding
- * per block, whatever the order: every ISA variant, thread count and batch size gives
+ * float: two fp16 significands; for Q4_1 and Q5_1 also m_w * s_x, two fp16 values), so
+ * the output is the exact dot product of the quantized operands up to one double
+ * rounding per block, whatever the order: every ISA variant, thread count and batch
+ * size gives
  * the same float, and a float64 NumPy product of the dequantized operands (the
  * reference model) gives it too. That matters because the next layer quantizes these
  * values to 8 bits again: a last-bit difference can move a value across a rounding
  * boundary, and over 30 layers such flips compound into visibly different logits. */
 #include "isa.h"
+#include "codecs.h" /* kiln_kvalues_iq4nl */
 #include "kernels_impl.h"
 
 #define KILN_NT 8 /* tokens per pass over a row group */
@@ -26,6 +34,24 @@
 
 #include <stdlib.h>
 #include <string.h>
+
+/* What each weight type's kernel does; type is a compile-time constant in every
+ * instantiation (kiln_qgemm_rows), so these fold away. */
+#define KILN_WIDE(t) ((t) == KILN_TYPE_Q8_0) /* 8-bit quants: lo and hi halves apart */
+#define KILN_Q5(t) ((t) == KILN_TYPE_Q5_0 || (t) == KILN_TYPE_Q5_1) /* nibbles + bit plane */
+#define KILN_NL(t) ((t) == KILN_TYPE_IQ4_NL) /* nibbles index kvalues_iq4nl */
+#define KILN_HAS_M(t) ((t) == KILN_TYPE_Q4_1 || (t) == KILN_TYPE_Q5_1) /* + m_w * s_x per block */
+/* quant bytes of one block in a row of the packed layout */
+#define KILN_BLOCK_BYTES(t) (KILN_WIDE(t) ? 32 : KILN_Q5(t) ? 20 : 16)
+/* 64-byte lines of one block group of a row group, for the prefetches */
+#define KILN_GROUP_LINES(t) (KILN_RG * KILN_KG * KILN_BLOCK_BYTES(t) / 64)
+
+/* The Q5_* bit plane of n blocks' lo (or hi) halves at p, 16 bits per block. */
+static inline uint64_t kiln_q5_bits(const uint8_t *p, int n) {
+    uint64_t bits = 0;
+    memcpy(&bits, p, (size_t)(2 * n)); /* little-endian, as qh is */
+    return bits;
+}
 
 /* Token t's results for the rows of row group rg (fewer in a last, partial group). */
 static inline void kiln_store_rows(const kiln_qgemm_args *a, int64_t rg, int t, const float *y4) {
@@ -48,25 +74,37 @@ static inline __m512i kiln_tsum4(__m512i s0, __m512i s1, __m512i s2, __m512i s3)
 static inline __attribute__((always_inline)) void
 kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t rg, int64_t g,
            int nb, __mmask64 lm, const int nt_tok, const int type) {
-    const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
-    const size_t bb = q8 ? 32 : 16;
-    const __m512i mask4 = _mm512_set1_epi8(0x0f);
+    const int wide = KILN_WIDE(type), q5 = KILN_Q5(type), nl = KILN_NL(type);
+    const size_t bb = KILN_BLOCK_BYTES(type);
+    const __m512i mask4 = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
+    /* the grid offset to unsigned, as the type table's act_offset says (128) */
+    const __m512i grid = _mm512_broadcast_i32x4(
+        _mm_xor_si128(_mm_loadu_si128((const __m128i *)kiln_kvalues_iq4nl), _mm_set1_epi8((char)0x80)));
     const uint8_t *qs = kiln_rg_qs(w, rg, g);
     /* the arithmetic per byte leaves too few loads in flight for the hardware
      * prefetcher to hide DRAM latency on its own */
-    for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
+    for (int i = 0; i < KILN_GROUP_LINES(type); i++)
         _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
-    for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
+    for (int i = 0; i < KILN_GROUP_LINES(type); i++)
         _mm_prefetch((const char *)qs + KILN_PREFETCH_L2 + 64 * i, _MM_HINT_T1);
     __m512i wl[KILN_RG], wh[KILN_RG];
     for (int r = 0; r < KILN_RG; r++) {
-        if (q8) {
-            wl[r] = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb);
-            wh[r] = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb + nb * 16);
+        const uint8_t *rq = qs + (size_t)r * nb * bb;
+        if (wide) {
+            wl[r] = _mm512_maskz_loadu_epi8(lm, rq);
+            wh[r] = _mm512_maskz_loadu_epi8(lm, rq + nb * 16);
         } else {
-            __m512i v = _mm512_maskz_loadu_epi8(lm, qs + (size_t)r * nb * bb);
+            __m512i v = _mm512_maskz_loadu_epi8(lm, rq);
             wl[r] = _mm512_and_si512(v, mask4);
             wh[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask4);
+            if (nl) { /* padding lanes look up grid[0]; their activations are 0 */
+                wl[r] = _mm512_shuffle_epi8(grid, wl[r]);
+                wh[r] = _mm512_shuffle_epi8(grid, wh[r]);
+            }
+            if (q5) { /* bit j of the plane is the fifth bit of byte lane j */
+                wl[r] = _mm512_mask_add_epi8(wl[r], (__mmask64)kiln_q5_bits(rq + nb * 16, nb), wl[r], bit4);
+                wh[r] = _mm512_mask_add_epi8(wh[r], (__mmask64)kiln_q5_bits(rq + nb * 18, nb), wh[r], bit4);
+            }
         }
     }
     /* d_w of lanes [b][r] in double, for every token */
@@ -87,7 +125,7 @@ kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t
                                  _mm512_mul_pd(dw_lo, _mm512_loadu_pd(dx)), acc[t]);
         acc[t] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(T, 1)),
                                  _mm512_mul_pd(dw_hi, _mm512_loadu_pd(dx + 8)), acc[t]);
-        if (q41) {
+        if (KILN_HAS_M(type)) {
             __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_m(w, rg, g)));
             __m512 ms = _mm512_mul_ps(m, _mm512_loadu_ps(act[t].sx + g * KILN_KG * 4));
             acc[t] = _mm512_add_pd(acc[t], _mm512_cvtps_pd(_mm512_castps512_ps256(ms)));
@@ -138,34 +176,48 @@ static inline __m256i kiln_load_half(const uint8_t *p, int two) {
                : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p));
 }
 
-/* Integer dot of 2 blocks (u: weights, a: activations) -> 4 int32 lanes per block. */
-static inline __m256i kiln_dot2(__m256i wl, __m256i wh, __m256i al, __m256i ah, const int q8) {
+/* Integer dot of 2 blocks (w: weights, a: activations) -> 4 int32 lanes per block;
+ * signed_w: the weights are signed (Q8_0, IQ4_NL without VNNI), else unsigned. */
+static inline __m256i kiln_dot2(__m256i wl, __m256i wh, __m256i al, __m256i ah, const int signed_w) {
 #if defined(__AVXVNNI__)
-    (void)q8;
+    (void)signed_w;
     return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wl, al), wh, ah);
 #else
     const __m256i ones = _mm256_set1_epi16(1);
-    if (q8) { /* wl, wh are signed here: |w| * sign(a, w) cannot saturate 16 bits */
+    if (signed_w) { /* |w| * sign(a, w) cannot saturate 16 bits: |w|, |a| <= 128 */
         __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wl), _mm256_sign_epi8(al, wl)), ones);
         __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wh), _mm256_sign_epi8(ah, wh)), ones);
         return _mm256_add_epi32(pl, ph);
     }
-    /* nibbles <= 15: the 16-bit pair sums of both halves stay far from saturation */
+    /* quants <= 31: the 16-bit sums of both halves' pairs stay below 4 * 31 * 128 */
     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(wl, al), _mm256_maddubs_epi16(wh, ah));
     return _mm256_madd_epi16(p, ones);
 #endif
+}
+
+/* 0x10 in byte j where bit j of bits is set: the fifth bits of two Q5_* blocks' lo
+ * (or hi) halves, 16 bits per block. */
+static inline __m256i kiln_q5_bytes(uint32_t bits) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread); /* byte j: bits byte j / 8 */
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
 /* Two blocks per step (one 256-bit register holds 2 blocks' lo or hi halves). */
 static inline __attribute__((always_inline)) void
 kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
-    const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
-    const size_t bb = q8 ? 32 : 16;
+    const int wide = KILN_WIDE(type), q5 = KILN_Q5(type), nl = KILN_NL(type);
+    const size_t bb = KILN_BLOCK_BYTES(type);
 #if defined(__AVXVNNI__)
     const int signed_w = 0;
 #else
-    const int signed_w = q8; /* Q8 weights turned back to signed: no offset term */
+    /* without VNNI, 8-bit weights are turned back to signed (Q8_0) or looked up signed
+     * (IQ4_NL) for the sign trick of kiln_dot2: no offset term */
+    const int signed_w = wide || nl;
 #endif
     kiln_act act[KILN_NT];
     __m256d acc[KILN_NT]; /* lanes [r] */
@@ -175,29 +227,41 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     }
     const __m256i mask4 = _mm256_set1_epi8(0x0f);
     const __m256i sign8 = _mm256_set1_epi8((char)0x80);
+    __m128i grid16 = _mm_loadu_si128((const __m128i *)kiln_kvalues_iq4nl);
+    if (!signed_w) grid16 = _mm_xor_si128(grid16, _mm_set1_epi8((char)0x80)); /* + 128 */
+    const __m256i grid = _mm256_broadcastsi128_si256(grid16);
     for (int64_t g = 0; g < w->ng; g++) {
         const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
         const uint8_t *qs = kiln_rg_qs(w, rg, g);
-        for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++) /* see the AVX512 kernel */
+        for (int i = 0; i < KILN_GROUP_LINES(type); i++) /* see the AVX512 kernel */
             _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
-        for (int i = 0; i < KILN_RG * (q8 ? 2 : 1); i++)
+        for (int i = 0; i < KILN_GROUP_LINES(type); i++)
             _mm_prefetch((const char *)qs + KILN_PREFETCH_L2 + 64 * i, _MM_HINT_T1);
         for (int h = 0; 2 * h < nb; h++) {
             const int two = 2 * h + 1 < nb;
             __m256i wl[KILN_RG], wh[KILN_RG];
             for (int r = 0; r < KILN_RG; r++) {
-                const uint8_t *rq = qs + (size_t)r * nb * bb + 32 * h;
-                if (q8) {
-                    wl[r] = kiln_load_half(rq, two);
-                    wh[r] = kiln_load_half(rq + nb * 16, two);
+                const uint8_t *rq = qs + (size_t)r * nb * bb;
+                if (wide) {
+                    wl[r] = kiln_load_half(rq + 32 * h, two);
+                    wh[r] = kiln_load_half(rq + nb * 16 + 32 * h, two);
                     if (signed_w) {
                         wl[r] = _mm256_xor_si256(wl[r], sign8);
                         wh[r] = _mm256_xor_si256(wh[r], sign8);
                     }
                 } else {
-                    __m256i v = kiln_load_half(rq, two);
+                    __m256i v = kiln_load_half(rq + 32 * h, two);
                     wl[r] = _mm256_and_si256(v, mask4);
                     wh[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask4);
+                    if (nl) { /* a missing second block looks up grid[0]; its activations are 0 */
+                        wl[r] = _mm256_shuffle_epi8(grid, wl[r]);
+                        wh[r] = _mm256_shuffle_epi8(grid, wh[r]);
+                    }
+                    if (q5) {
+                        int n = two ? 2 : 1;
+                        wl[r] = _mm256_or_si256(wl[r], kiln_q5_bytes((uint32_t)kiln_q5_bits(rq + nb * 16 + 4 * h, n)));
+                        wh[r] = _mm256_or_si256(wh[r], kiln_q5_bytes((uint32_t)kiln_q5_bits(rq + nb * 18 + 4 * h, n)));
+                    }
                 }
             }
             const size_t lane = (size_t)g * KILN_KG * 4 + 8 * h; /* act lanes of block 2h */
@@ -209,7 +273,7 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
                 __m256i al = _mm256_loadu_si256((const __m256i *)aq);
                 __m256i ah = _mm256_loadu_si256((const __m256i *)(aq + KILN_KG * 16));
                 __m256i s[KILN_RG];
-                for (int r = 0; r < KILN_RG; r++) s[r] = kiln_dot2(wl[r], wh[r], al, ah, q8);
+                for (int r = 0; r < KILN_RG; r++) s[r] = kiln_dot2(wl[r], wh[r], al, ah, signed_w);
                 __m256i T = kiln_tsum4(s[0], s[1], s[2], s[3]);
                 if (!signed_w) T = _mm256_add_epi32(T, _mm256_loadu_si256((const __m256i *)(act[t].off + lane)));
                 /* lanes [b][r] for blocks 2h, 2h + 1 */
@@ -217,7 +281,7 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
                                          _mm256_mul_pd(dw_lo, _mm256_loadu_pd(act[t].dx + lane)), acc[t]);
                 acc[t] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(T, 1)),
                                          _mm256_mul_pd(dw_hi, _mm256_loadu_pd(act[t].dx + lane + 4)), acc[t]);
-                if (q41) {
+                if (KILN_HAS_M(type)) {
                     __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kiln_rg_m(w, rg, g) + 2 * h * KILN_RG)));
                     __m256 ms = _mm256_mul_ps(m, _mm256_loadu_ps(act[t].sx + lane));
                     acc[t] = _mm256_add_pd(acc[t], _mm256_cvtps_pd(_mm256_castps256_ps128(ms)));
@@ -237,13 +301,25 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
 #elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
 #include <arm_neon.h>
 
+/* 0x10 in byte j where bit j of the 16 bits at p is set: the fifth bits of one Q5_*
+ * block's lo (or hi) half. */
+static inline uint8x16_t kiln_q5_bytes(const uint8_t *p) {
+    static const uint8_t spread[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    static const uint8_t sel[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    uint8x16_t v = vqtbl1q_u8(vreinterpretq_u8_u16(vdupq_n_u16((uint16_t)kiln_q5_bits(p, 1))), vld1q_u8(spread));
+    return vandq_u8(vtstq_u8(v, vld1q_u8(sel)), vdupq_n_u8(0x10));
+}
+
 /* One block per step: vdotq_s32 leaves 4 int32 lanes per 16 bytes; pairwise adds sum
  * them across the 4 rows into [row 0 .. row 3]. */
 static inline __attribute__((always_inline)) void
 kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
-    const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
-    const size_t bb = q8 ? 32 : 16;
+    const int wide = KILN_WIDE(type), q5 = KILN_Q5(type), nl = KILN_NL(type);
+    /* sdot is signed x signed: 8-bit weights are turned back to signed (Q8_0) or looked
+     * up signed (IQ4_NL), with no offset term */
+    const int signed_w = wide || nl;
+    const size_t bb = KILN_BLOCK_BYTES(type);
     kiln_act act[KILN_NT];
     float64x2_t acc[KILN_NT][2]; /* rows 0, 1 and rows 2, 3 */
     for (int t = 0; t < nt_tok; t++) {
@@ -252,20 +328,31 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     }
     const uint8x16_t mask4 = vdupq_n_u8(0x0f);
     const uint8x16_t sign8 = vdupq_n_u8(0x80);
+    const int8x16_t grid = vld1q_s8(kiln_kvalues_iq4nl);
     for (int64_t g = 0; g < w->ng; g++) {
         const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
         const uint8_t *qs = kiln_rg_qs(w, rg, g);
         for (int b = 0; b < nb; b++) {
             int8x16_t wl[KILN_RG], wh[KILN_RG];
             for (int r = 0; r < KILN_RG; r++) {
-                const uint8_t *rq = qs + (size_t)r * nb * bb + 16 * b;
-                if (q8) { /* back to signed (sdot is signed x signed): no offset term */
-                    wl[r] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq), sign8));
-                    wh[r] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq + nb * 16), sign8));
+                const uint8_t *rq = qs + (size_t)r * nb * bb;
+                if (wide) {
+                    wl[r] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq + 16 * b), sign8));
+                    wh[r] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(rq + nb * 16 + 16 * b), sign8));
                 } else {
-                    uint8x16_t v = vld1q_u8(rq);
-                    wl[r] = vreinterpretq_s8_u8(vandq_u8(v, mask4));
-                    wh[r] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                    uint8x16_t v = vld1q_u8(rq + 16 * b);
+                    uint8x16_t lo = vandq_u8(v, mask4), hi = vshrq_n_u8(v, 4);
+                    if (q5) {
+                        lo = vorrq_u8(lo, kiln_q5_bytes(rq + nb * 16 + 2 * b));
+                        hi = vorrq_u8(hi, kiln_q5_bytes(rq + nb * 18 + 2 * b));
+                    }
+                    if (nl) {
+                        wl[r] = vqtbl1q_s8(grid, lo);
+                        wh[r] = vqtbl1q_s8(grid, hi);
+                    } else {
+                        wl[r] = vreinterpretq_s8_u8(lo);
+                        wh[r] = vreinterpretq_s8_u8(hi);
+                    }
                 }
             }
             const size_t lane = (size_t)(g * KILN_KG + b) * 4;
@@ -278,12 +365,12 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
                 for (int r = 0; r < KILN_RG; r++)
                     s[r] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), wl[r], al), wh[r], ah);
                 int32x4_t T = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
-                if (!q8) T = vaddq_s32(T, vld1q_s32(act[t].off + lane));
+                if (!signed_w) T = vaddq_s32(T, vld1q_s32(act[t].off + lane));
                 acc[t][0] = vfmaq_f64(acc[t][0], vcvtq_f64_s64(vmovl_s32(vget_low_s32(T))),
                                       vmulq_f64(dw_lo, vld1q_f64(act[t].dx + lane)));
                 acc[t][1] = vfmaq_f64(acc[t][1], vcvtq_f64_s64(vmovl_high_s32(T)),
                                       vmulq_f64(dw_hi, vld1q_f64(act[t].dx + lane + 2)));
-                if (q41) {
+                if (KILN_HAS_M(type)) {
                     float32x4_t m = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(kiln_rg_m(w, rg, g) + b * KILN_RG)));
                     float32x4_t ms = vmulq_f32(m, vld1q_f32(act[t].sx + lane));
                     acc[t][0] = vaddq_f64(acc[t][0], vcvt_f64_f32(vget_low_f32(ms)));
@@ -300,11 +387,12 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
 }
 
 #else
-/* Scalar reference over the same packed layout: blocks in order, summed in double. */
+/* Scalar reference over the same packed layout: blocks in order, summed in double;
+ * every weight as the unsigned value the type table's act_offset is relative to. */
 static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, const int type) {
     const kiln_packed_view *w = &a->w;
-    const int q8 = type == KILN_TYPE_Q8_0, q41 = type == KILN_TYPE_Q4_1;
-    const size_t bb = q8 ? 32 : 16;
+    const int wide = KILN_WIDE(type), q5 = KILN_Q5(type), nl = KILN_NL(type);
+    const size_t bb = KILN_BLOCK_BYTES(type);
     for (int t = t0; t < t0 + nt_tok; t++) {
         kiln_act act = kiln_act_at(a->act + (size_t)t * a->act_stride, &a->al);
         for (int r = 0; r < KILN_RG; r++) {
@@ -318,14 +406,29 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
                     const int8_t *al = act.qs + g * KILN_KG * QK + 16 * b;
                     const int8_t *ah = al + KILN_KG * 16;
                     size_t lane = (size_t)(g * KILN_KG + b) * 4;
+                    /* fifth bits of the lo and hi halves (Q5_*) */
+                    uint64_t bl = q5 ? kiln_q5_bits(rq + nb * 16 + 2 * b, 1) : 0;
+                    uint64_t bh = q5 ? kiln_q5_bits(rq + nb * 18 + 2 * b, 1) : 0;
                     int32_t isum = act.off[lane];
                     for (int j = 0; j < 16; j++) {
-                        if (q8) isum += rq[16 * b + j] * al[j] + rq[nb * 16 + 16 * b + j] * ah[j];
-                        else isum += (rq[16 * b + j] & 15) * al[j] + (rq[16 * b + j] >> 4) * ah[j];
+                        int lo, hi;
+                        if (wide) {
+                            lo = rq[16 * b + j];
+                            hi = rq[nb * 16 + 16 * b + j];
+                        } else {
+                            lo = (rq[16 * b + j] & 15) | (int)((bl >> j) & 1) << 4;
+                            hi = (rq[16 * b + j] >> 4) | (int)((bh >> j) & 1) << 4;
+                        }
+                        if (nl) {
+                            lo = kiln_kvalues_iq4nl[lo] + 128;
+                            hi = kiln_kvalues_iq4nl[hi] + 128;
+                        }
+                        isum += lo * al[j] + hi * ah[j];
                     }
                     double dd = kiln_fp16_to_fp32(kiln_rg_d(w, rg, g)[b * KILN_RG + r]) * act.dx[lane];
                     sum += (double)isum * dd;
-                    if (q41) sum += (double)(kiln_fp16_to_fp32(kiln_rg_m(w, rg, g)[b * KILN_RG + r]) * act.sx[lane]);
+                    if (KILN_HAS_M(type))
+                        sum += (double)(kiln_fp16_to_fp32(kiln_rg_m(w, rg, g)[b * KILN_RG + r]) * act.sx[lane]);
                 }
             }
             a->y[(size_t)t * w->rows + row] = (float)sum;
@@ -339,15 +442,17 @@ static void kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const in
 static inline __attribute__((always_inline)) void
 kiln_qgemm_rows(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, int t0, const int nt_tok) {
     switch (a->w.type) {
-    case KILN_TYPE_Q4_0:
-        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q4_0);
+#define KILN_QGEMM_CASE(T)                                                              \
+    case T:                                                                             \
+        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, T);     \
         break;
-    case KILN_TYPE_Q4_1:
-        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q4_1);
-        break;
-    case KILN_TYPE_Q8_0:
-        for (int64_t rg = rg0; rg < rg1; rg++) kiln_qgemm_rg(a, rg, t0, nt_tok, KILN_TYPE_Q8_0);
-        break;
+    KILN_QGEMM_CASE(KILN_TYPE_Q4_0)
+    KILN_QGEMM_CASE(KILN_TYPE_Q4_1)
+    KILN_QGEMM_CASE(KILN_TYPE_Q5_0)
+    KILN_QGEMM_CASE(KILN_TYPE_Q5_1)
+    KILN_QGEMM_CASE(KILN_TYPE_Q8_0)
+    KILN_QGEMM_CASE(KILN_TYPE_IQ4_NL)
+#undef KILN_QGEMM_CASE
     default: /* kiln_matrix_init packs no other type */
         abort();
     }
