@@ -47,12 +47,7 @@ def distance(base, other):
     return float(kl.mean()), float((base[:-1].argmax(-1) == other[:-1].argmax(-1)).mean())
 
 
-@pytest.mark.oracle
-@pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0"])
-def test_kiln_is_as_close_to_llama_cpp_as_llama_cpp_is_to_itself(variant, smollm2_variant,
-                                                                 botchan, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
-    path = smollm2_variant(variant)
+def check_envelope(name, path, botchan, tmp_path):
     with LLM(path, n_ctx=N_TOKENS + 8) as llm:
         ids = llm.tokenize(botchan.read_text(encoding="utf-8"), add_bos=True)[:N_TOKENS]
         ours = llm.logits(ids)
@@ -60,8 +55,29 @@ def test_kiln_is_as_close_to_llama_cpp_as_llama_cpp_is_to_itself(variant, smollm
     flash = llama_cpp_logits(path, ids, tmp_path, flash=True)
     env_kl, env_top1 = distance(default, flash)
     kl, top1 = distance(default, ours)
-    print(f"{variant}: kiln KL {kl:.2e} top-1 {top1:.3f}; llama.cpp flash-attn vs default "
+    print(f"{name}: kiln KL {kl:.2e} top-1 {top1:.3f}; llama.cpp flash-attn vs default "
           f"KL {env_kl:.2e} top-1 {env_top1:.3f}")
     assert env_kl > 0  # the envelope is a real distance, not a copy of the same numbers
     assert kl <= KL_FACTOR * env_kl, (kl, env_kl)
     assert top1 >= env_top1 - TOP1_SLACK, (top1, env_top1)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0"])
+def test_kiln_is_as_close_to_llama_cpp_as_llama_cpp_is_to_itself(variant, smollm2_variant,
+                                                                 botchan, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+    check_envelope(variant, smollm2_variant(variant), botchan, tmp_path)
+
+
+# The mixes llama.cpp's quantizer makes from the F16 file: K types where a row is a
+# multiple of 256 wide (ffn_down here), their 32-wide fallbacks elsewhere.
+LLAMA_CPP_MIXES = ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_M", "Q2_K", "IQ4_XS",
+                   "Q5_0", "Q5_1"]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("ftype", LLAMA_CPP_MIXES)
+def test_kiln_runs_llama_cpp_mixes_within_its_envelope(ftype, llamacpp_quantized, botchan,
+                                                       tmp_path):
+    check_envelope(ftype, llamacpp_quantized(ftype), botchan, tmp_path)
