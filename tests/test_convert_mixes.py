@@ -351,3 +351,17 @@ def test_convert_writes_llama_cpps_bytes(ftype, llamacpp_quantized, smollm2_vari
                           np.asarray(ours.tensors[n].data).view(np.uint8).ravel(),
                           np.asarray(t.data).view(np.uint8).ravel())]
     assert not differ, f"{len(differ)} tensors differ from llama.cpp's: {differ[:8]}"
+
+
+def test_fallback_notes_are_grouped():
+    from engine.convert.plan import TensorPlan
+    from engine.convert.streaming import grouped_notes
+    rows = [TensorPlan(f"blk.{i}.attn_q.weight", (576, 576), "F16", T.Q5_0, None,
+                       note=tensor_type(f"blk.{i}.attn_q.weight", (576, 576), i, MIXES["q4_k_m"],
+                                        ModelFacts(30, 3, True))[1]) for i in range(3)]
+    rows.append(TensorPlan("output_norm.weight", (576,), "F32", T.F32, None))
+    lines = grouped_notes(rows)
+    assert len(lines) == 1
+    assert lines[0].startswith("note: 3 tensors (blk.0.attn_q.weight, ...): row length 576")
+    assert "Q5_0" in lines[0] and "Q4_K" in lines[0]
+    assert grouped_notes(rows[:1]) == [rows[0].note]

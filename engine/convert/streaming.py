@@ -58,12 +58,28 @@ def _key_type(t) -> tuple:
     return tuple(t) if isinstance(t, tuple) else (t,)
 
 
+def grouped_notes(tensors) -> list[str]:
+    """The plan's per-tensor notes ("note: NAME: what happened"), one line per distinct
+    happening with its count and first tensor: a K-quant mix of a model whose width is
+    not a multiple of 256 would otherwise print one line per matrix."""
+    groups: dict[str, list[str]] = {}
+    for tp in tensors:
+        if tp.note:
+            prefix = f"note: {tp.name}: "
+            what = tp.note[len(prefix):] if tp.note.startswith(prefix) else tp.note
+            groups.setdefault(what, []).append(tp.name)
+    lines = []
+    for what, names in groups.items():
+        who = names[0] if len(names) == 1 else f"{len(names)} tensors ({names[0]}, ...)"
+        lines.append(f"note: {who}: {what}")
+    return lines
+
+
 def write(plan: Plan, out, quiet: bool = False) -> dict:
     """Stream the planned tensors into `out` (atomically) and return summary numbers."""
     from tqdm import tqdm
-    for tp in plan.tensors:
-        if tp.note:
-            print(tp.note, file=sys.stderr)
+    for line in grouped_notes(plan.tensors):
+        print(line, file=sys.stderr)
     total = sum(tp.out_nbytes for tp in plan.tensors)
     n_params = sum(tp.n_elements for tp in plan.tensors)
     with formats.GGUFWriter(out) as w:
