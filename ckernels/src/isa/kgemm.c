@@ -273,6 +273,76 @@ static inline __attribute__((always_inline)) void kiln_kquants_avx2(const void *
     }
 }
 
+static inline float kiln_h2f(kiln_fp16 h) { return _cvtsh_ss(h); } /* exact, as kiln_fp16_to_fp32 */
+
+/* The chunk scales (sc) and mins (coef, types with mins) of super-block blk as 16
+ * bytes each, with d and dmin: kiln_kscales_of's values, in registers. */
+static inline __attribute__((always_inline)) void
+kiln_kscales_avx2(const void *blk, const int type, __m128i *sc, __m128i *coef, float *d, float *dmin) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    *coef = _mm_setzero_si128();
+    *dmin = 0.0f;
+    switch (type) {
+    case KILN_TYPE_Q2_K: {
+        const block_q2_K *b = blk;
+        __m128i v = _mm_loadu_si128((const __m128i *)b->scales);
+        *sc = _mm_and_si128(v, m4);
+        *coef = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        *d = kiln_h2f(b->d);
+        *dmin = kiln_h2f(b->dmin);
+        break;
+    }
+    case KILN_TYPE_Q3_K: { /* the layout of kiln_kscales_of, four chunks per 32-bit lane */
+        const block_q3_K *b = blk;
+        uint64_t lo8;
+        uint32_t hi4;
+        memcpy(&lo8, b->scales, 8);
+        memcpy(&hi4, b->scales + 8, 4);
+        __m128i l = _mm_cvtsi64_si128((long long)lo8);
+        __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(l, m4), _mm_and_si128(_mm_srli_epi16(l, 4), m4));
+        __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)hi4), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+        *sc = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+        *d = kiln_h2f(b->d);
+        break;
+    }
+    case KILN_TYPE_Q4_K:
+    case KILN_TYPE_Q5_K: { /* kiln_scales_k4, four sub-blocks per 32-bit word */
+        const uint8_t *s = type == KILN_TYPE_Q4_K ? ((const block_q4_K *)blk)->scales : ((const block_q5_K *)blk)->scales;
+        uint32_t a[3];
+        memcpy(a, s, 12);
+        const uint32_t k6 = 0x3f3f3f3f, k4 = 0x0f0f0f0f, k2 = 0x03030303;
+        uint64_t scs = (a[0] & k6) | (uint64_t)((a[2] & k4) | ((a[0] >> 6) & k2) << 4) << 32;
+        uint64_t mins = (a[1] & k6) | (uint64_t)(((a[2] >> 4) & k4) | ((a[1] >> 6) & k2) << 4) << 32;
+        __m128i v = _mm_cvtsi64_si128((long long)scs), m = _mm_cvtsi64_si128((long long)mins);
+        *sc = _mm_unpacklo_epi8(v, v); /* a sub-block's scale for both its chunks */
+        *coef = _mm_unpacklo_epi8(m, m);
+        const kiln_fp16 *dd = blk; /* d, dmin lead both blocks */
+        *d = kiln_h2f(dd[0]);
+        *dmin = kiln_h2f(dd[1]);
+        break;
+    }
+    case KILN_TYPE_Q6_K: {
+        const block_q6_K *b = blk;
+        *sc = _mm_loadu_si128((const __m128i *)b->scales);
+        *d = kiln_h2f(b->d);
+        break;
+    }
+    default: { /* IQ4_XS */
+        const block_iq4_xs *b = blk;
+        uint32_t l4;
+        memcpy(&l4, b->scales_l, 4);
+        __m128i l = _mm_cvtsi32_si128((int)l4);
+        l = _mm_unpacklo_epi8(_mm_and_si128(l, m4), _mm_and_si128(_mm_srli_epi16(l, 4), m4));
+        uint64_t h = 0;
+        for (int j = 0; j < 8; j++) h |= (uint64_t)((b->scales_h >> (2 * j)) & 3) << (8 * j + 4);
+        __m128i v = _mm_sub_epi8(_mm_or_si128(l, _mm_cvtsi64_si128((long long)h)), _mm_set1_epi8(32));
+        *sc = _mm_unpacklo_epi8(v, v);
+        *d = kiln_h2f(b->d);
+        break;
+    }
+    }
+}
+
 static inline int32_t kiln_hsum8(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -299,19 +369,20 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
         for (int64_t ib = 0; ib < a->nb; ib++) {
             const void *blk = wr + (size_t)ib * bsize;
             _mm_prefetch((const char *)blk + 2 * bsize, _MM_HINT_T0);
-            kiln_kscales ks;
-            kiln_kscales_of(blk, type, &ks);
+            __m128i sc8, coef8;
+            float d, dmin;
+            kiln_kscales_avx2(blk, type, &sc8, &coef8, &d, &dmin);
             __m256i q[8], qa[8], scv[8];
             kiln_kquants_avx2(blk, type, q);
             if (sgn)
                 for (int k = 0; k < 8; k++) qa[k] = _mm256_abs_epi8(q[k]);
-            __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)ks.sc));
+            __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
             __m256i s_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), s_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
             for (int k = 0; k < 4; k++) {
                 scv[k] = _mm256_shuffle_epi8(s_lo, pick[k]);
                 scv[k + 4] = _mm256_shuffle_epi8(s_hi, pick[k]);
             }
-            __m256i coef = has_min ? _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)ks.coef))
+            __m256i coef = has_min ? _mm256_cvtepi8_epi16(coef8)
                                    : _mm256_mullo_epi16(sc16, _mm256_set1_epi16((short)-offset));
             for (int t = 0; t < nt; t++) {
                 const block_q8_K *x = a->act + (size_t)(t0 + t) * a->nb + ib;
@@ -329,7 +400,7 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
                     else s = _mm256_add_epi32(s, m);
                 }
                 isum = kiln_hsum8(s);
-                acc[t] = kiln_ksum_step(acc[t], isum, msum, ks.d, ks.dmin, x->d);
+                acc[t] = kiln_ksum_step(acc[t], isum, msum, d, dmin, x->d);
             }
         }
         kiln_kstore(a, row, t0, nt, acc);
