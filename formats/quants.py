@@ -13,64 +13,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _blocks as _b
+from . import iquants, kquants
 from .constants import GGML_QUANT_SIZES, QK, GGMLType
 
 _CHUNK_BLOCKS = 8192  # 256K floats (1 MiB) per step: temporaries fit in L2
 
 _F32 = np.float32
-
-
-def _first_value(blocks: np.ndarray, rows: np.ndarray, hit: np.ndarray) -> np.ndarray:
-    """Value of the first element of each selected block where `hit` is true."""
-    idx = np.argmax(hit, axis=1)
-    return blocks[rows, idx]
-
-
-def _signed_absmax(b: np.ndarray) -> np.ndarray:
-    """Per block: the first element of largest magnitude (ggml's `max` in q4_0), +0 for
-    an all-zero block."""
-    mx = b.max(axis=1)
-    mn = b.min(axis=1)
-    out = np.where(-mn > mx, mn, mx)
-    tie = (-mn == mx) & (mx != 0)
-    if tie.any():  # both signs reach the magnitude: the first one in the block wins
-        rows = np.nonzero(tie)[0]
-        sub = b[rows]
-        out[rows] = _first_value(sub, np.arange(len(rows)), np.abs(sub) == mx[rows, None])
-    out[(mx == 0) & (mn == 0)] = 0.0  # ggml's max starts at +0 and only moves on |v| > 0
-    return out
-
-
-def _first_zero_fix(b: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """ggml's min/max loops keep the first of equal values; only the sign of a zero
-    result can differ from NumPy's reduction, so take the first zero's sign."""
-    z = v == 0
-    if z.any():
-        rows = np.nonzero(z)[0]
-        sub = b[rows]
-        v[rows] = _first_value(sub, np.arange(len(rows)), sub == 0)
-    return v
-
-
-def _inverse(d: np.ndarray) -> np.ndarray:
-    """ggml's `id = d ? 1.0f/d : 0.0f`, in float32."""
-    with np.errstate(divide="ignore", over="ignore"):
-        return np.where(d == 0, _F32(0.0), _F32(1.0) / np.where(d == 0, _F32(1.0), d))
+# the shared helpers (_blocks.py) under the names the codecs here use
+_first_value = _b.first_value
+_signed_absmax = _b.signed_absmax
+_first_zero_fix = _b.first_zero_fix
+_inverse = _b.inverse
+_fp16_bytes = _b.fp16_bytes
+_fp16_scale = _b.fp16_field
+_pack_nibbles = _b.pack_nibbles
 
 
 def _roundf(v: np.ndarray) -> np.ndarray:
     """C roundf (halves away from zero), exactly: trunc plus the rounded-off half."""
     t = np.trunc(v)
     return t + np.trunc((v - t) * _F32(2.0))
-
-
-def _fp16_bytes(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Element j in the low nibble of byte j, element j+16 in the high nibble."""
-    return q[:, : QK // 2] | (q[:, QK // 2 :] << np.uint8(4))
 
 
 def _q4_0(b: np.ndarray, out: np.ndarray) -> None:
@@ -96,6 +59,37 @@ def _q4_1(b: np.ndarray, out: np.ndarray) -> None:
     out[:, 4:] = _pack_nibbles(qi)
 
 
+def _q5_bits(qi: np.ndarray, out: np.ndarray) -> None:
+    """5-bit quants (nblocks, 32) into qh (bit j = bit 4 of element j, a little-endian
+    uint32) and qs (the low nibbles, packed as in Q4_0): out is (nblocks, 20)."""
+    hi = (qi >> np.uint8(4)) & np.uint8(1)
+    out[:, 0:4] = np.packbits(hi, axis=1, bitorder="little")
+    out[:, 4:] = _pack_nibbles(qi & np.uint8(0x0F))
+
+
+def _q5_0(b: np.ndarray, out: np.ndarray) -> None:
+    d = _signed_absmax(b) / _F32(-16)
+    q = b * _inverse(d)[:, None]
+    q += _F32(16.5)
+    # values lie in [0, 32.5): the uint8 cast truncates like ggml's (int8_t) cast
+    qi = np.minimum(q.astype(np.uint8), np.uint8(31))
+    out[:, 0:2] = _fp16_bytes(d)
+    _q5_bits(qi, out[:, 2:])
+
+
+def _q5_1(b: np.ndarray, out: np.ndarray) -> None:
+    mn = _first_zero_fix(b, b.min(axis=1))
+    mx = _first_zero_fix(b, b.max(axis=1))
+    d = (mx - mn) / _F32(31)
+    q = b - mn[:, None]
+    q *= _inverse(d)[:, None]
+    q += _F32(0.5)
+    qi = q.astype(np.uint8)  # ggml does not clamp: (x - min) / d + 0.5 stays below 32
+    out[:, 0:2] = _fp16_bytes(d)
+    out[:, 2:4] = _fp16_bytes(mn)
+    _q5_bits(qi, out[:, 4:])
+
+
 def _q8(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = np.abs(b).max(axis=1) / _F32(127)
     q = _roundf(b * _inverse(d)[:, None]).astype(np.int8)
@@ -119,8 +113,12 @@ def _q8_1(b: np.ndarray, out: np.ndarray) -> None:
 _BLOCK_QUANTIZERS = {
     GGMLType.Q4_0: _q4_0,
     GGMLType.Q4_1: _q4_1,
+    GGMLType.Q5_0: _q5_0,
+    GGMLType.Q5_1: _q5_1,
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q8_1: _q8_1,
+    **iquants.BLOCK_QUANTIZERS,
+    **kquants.BLOCK_QUANTIZERS,
 }
 
 
@@ -175,8 +173,12 @@ def _quantize(x, type_: GGMLType) -> np.ndarray:
     return out.reshape(*lead, n // block * size)
 
 
+# Block dequantizers: fn(b, out) with uint8 blocks b (nblocks, type_size) writes out
+# (nblocks, block_size) in out's dtype: float32 follows ggml's float32 arithmetic, float64
+# evaluates the same formula in float64 (the exact values of the quantized weights).
+
 def _dq_q4_0(b: np.ndarray, out: np.ndarray) -> None:
-    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
+    d = _fp16_scale(b, 0, out.dtype)
     qs = b[:, 2:]
     out[:, : QK // 2] = (qs & np.uint8(0x0F)).astype(np.int8) - np.int8(8)
     out[:, QK // 2 :] = (qs >> np.uint8(4)).astype(np.int8) - np.int8(8)
@@ -184,8 +186,8 @@ def _dq_q4_0(b: np.ndarray, out: np.ndarray) -> None:
 
 
 def _dq_q4_1(b: np.ndarray, out: np.ndarray) -> None:
-    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
-    m = b[:, 2:4].copy().view(np.float16).astype(_F32)
+    d = _fp16_scale(b, 0, out.dtype)
+    m = _fp16_scale(b, 2, out.dtype)
     qs = b[:, 4:]
     out[:, : QK // 2] = qs & np.uint8(0x0F)
     out[:, QK // 2 :] = qs >> np.uint8(4)
@@ -193,8 +195,29 @@ def _dq_q4_1(b: np.ndarray, out: np.ndarray) -> None:
     out += m
 
 
+def _dq_q5(b: np.ndarray, out: np.ndarray) -> None:
+    """The 5-bit quants of a Q5_0 / Q5_1 block from its qh (4 bytes) and qs (16 bytes)."""
+    hi = np.unpackbits(b[:, 0:4], axis=1, bitorder="little") << np.uint8(4)
+    out[:] = _b.unpack_nibbles(b[:, 4:]) | hi
+
+
+def _dq_q5_0(b: np.ndarray, out: np.ndarray) -> None:
+    d = _fp16_scale(b, 0, out.dtype)
+    _dq_q5(b[:, 2:], out)
+    out -= 16
+    out *= d
+
+
+def _dq_q5_1(b: np.ndarray, out: np.ndarray) -> None:
+    d = _fp16_scale(b, 0, out.dtype)
+    m = _fp16_scale(b, 2, out.dtype)
+    _dq_q5(b[:, 4:], out)
+    out *= d
+    out += m
+
+
 def _dq_q8(b: np.ndarray, out: np.ndarray, start: int) -> None:
-    d = b[:, 0:2].copy().view(np.float16).astype(_F32)
+    d = _fp16_scale(b, 0, out.dtype)
     out[:] = b[:, start:].view(np.int8)
     out *= d
 
@@ -202,8 +225,12 @@ def _dq_q8(b: np.ndarray, out: np.ndarray, start: int) -> None:
 _BLOCK_DEQUANTIZERS = {
     GGMLType.Q4_0: _dq_q4_0,
     GGMLType.Q4_1: _dq_q4_1,
+    GGMLType.Q5_0: _dq_q5_0,
+    GGMLType.Q5_1: _dq_q5_1,
     GGMLType.Q8_0: lambda b, out: _dq_q8(b, out, 2),
     GGMLType.Q8_1: lambda b, out: _dq_q8(b, out, 4),  # s is only used by dot products
+    **iquants.BLOCK_DEQUANTIZERS,
+    **kquants.BLOCK_DEQUANTIZERS,
 }
 
 
@@ -212,13 +239,24 @@ ENCODABLE_TYPES = FLOAT_TYPES + tuple(_BLOCK_QUANTIZERS)
 DECODABLE_TYPES = FLOAT_TYPES + tuple(_BLOCK_DEQUANTIZERS)
 
 
-def dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
-    """Decode the raw bytes of a `type_` tensor of NumPy shape `shape` to float32."""
+_DEQUANTIZE_DTYPES = (np.float32, np.float64)
+
+
+def dequantize(blocks, type_: GGMLType, shape, dtype=np.float32) -> np.ndarray:
+    """Decode the raw bytes of a `type_` tensor of NumPy shape `shape`.
+
+    dtype=np.float32 gives ggml's dequantized values (its float32 arithmetic, bit for bit);
+    dtype=np.float64 evaluates the same formulas in float64, which gives the exact values
+    the quantized weights stand for (every type's formula is exact in float64).
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in _DEQUANTIZE_DTYPES:
+        raise ValueError(f"dequantize gives float32 or float64, not {dtype}")
     with np.errstate(over="ignore", invalid="ignore"):  # inf scales decode to inf / NaN, as in ggml
-        return _dequantize(blocks, type_, shape)
+        return _dequantize(blocks, type_, shape, dtype)
 
 
-def _dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
+def _dequantize(blocks, type_: GGMLType, shape, dtype: np.dtype) -> np.ndarray:
     type_ = GGMLType(type_)
     shape = tuple(int(s) for s in shape)
     raw = np.ascontiguousarray(blocks).reshape(-1).view(np.uint8)
@@ -230,16 +268,17 @@ def _dequantize(blocks, type_: GGMLType, shape) -> np.ndarray:
     if raw.size != want:
         raise ValueError(f"{type_.name} tensor of shape {shape} needs {want} bytes, got {raw.size}")
     if type_ == GGMLType.F32:
-        return raw.view(_F32).reshape(shape).copy()
+        return raw.view(_F32).reshape(shape).astype(dtype)
     if type_ == GGMLType.F16:
-        return raw.view(np.float16).astype(_F32).reshape(shape)
-    if type_ == GGMLType.BF16:
-        return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(_F32).reshape(shape)
+        return raw.view(np.float16).astype(dtype).reshape(shape)
+    if type_ == GGMLType.BF16:  # the bits above float32's lower half: exact in both dtypes
+        f = (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(_F32)
+        return f.astype(dtype).reshape(shape)
     fn = _BLOCK_DEQUANTIZERS.get(type_)
     if fn is None:
         raise NotImplementedError(f"dequantizing {type_.name} is not supported")
     b = raw.reshape(-1, size)
-    out = np.empty((b.shape[0], block), dtype=_F32)
+    out = np.empty((b.shape[0], block), dtype=dtype)
     for i in range(0, b.shape[0], _CHUNK_BLOCKS):
         fn(b[i : i + _CHUNK_BLOCKS], out[i : i + _CHUNK_BLOCKS])
     return out.reshape(shape)

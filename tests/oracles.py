@@ -3,6 +3,10 @@
 An oracle that dies is a failure, never a skip: a file kiln writes that makes llama.cpp
 abort or crash is exactly what the oracle tests exist to catch. Under KILN_REQUIRE_ORACLES=1
 (set by .ci/run, which installs every oracle) any skipped test fails (tests/conftest.py)."""
+import ctypes
+import glob
+import importlib.util
+import os
 import signal
 import subprocess
 
@@ -22,3 +26,15 @@ def run_oracle(argv, timeout: float) -> subprocess.CompletedProcess:
         pytest.fail(f"the oracle process died of {name}: {proc.stderr[-1500:]}", pytrace=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
+
+
+def ggml_base_library() -> ctypes.CDLL:
+    """ggml's C library (its reference codecs among its exports) from the libggml-base that
+    llama-cpp-python ships; skips the test when the package is absent."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        pytest.skip("llama-cpp-python (ships ggml's reference codecs) is not installed")
+    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-base.so*"))
+    if not libs:
+        pytest.skip("libggml-base not found in the llama_cpp package")
+    return ctypes.CDLL(sorted(libs)[0])

@@ -8,6 +8,7 @@ import ckernels
 import formats
 from ckernels import _ext
 from formats import GGMLType as T
+from oracles import ggml_base_library
 
 N = 256  # elements per adversarial row (8 blocks)
 # the types with a C codec (the C type table), and those of them made of blocks
@@ -117,15 +118,15 @@ def test_c_matches_numpy(qtype):
 @pytest.mark.parametrize("qtype", C_BLOCK_TYPES, ids=lambda t: t.name)
 def test_c_dequantize_matches_numpy_on_random_blocks(qtype):
     rng = np.random.default_rng(11)
-    size = formats.GGML_QUANT_SIZES[qtype][1]
+    block, size = formats.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (512, size), dtype=np.uint8)
     # random finite fp16 scales (a NaN scale has no defined payload to compare)
     scales = (rng.standard_normal((512, 2)) * 10).astype(np.float16).view(np.uint8).reshape(512, 4)
     blocks[:, :2] = scales[:, :2]
-    if qtype in (T.Q4_1, T.Q8_1):
+    if qtype in (T.Q4_1, T.Q5_1, T.Q8_1):  # a second fp16 (m or s) follows d
         blocks[:, 2:4] = scales[:, 2:]
     raw = blocks.reshape(-1)
-    n = 512 * 32
+    n = 512 * block
     c = _ext.dequantize_row(int(qtype), raw, n)
     assert np.array_equal(c.view(np.uint32), formats.dequantize(raw, qtype, (n,)).view(np.uint32))
 
@@ -189,16 +190,7 @@ def test_numpy_codec_argument_errors():
 def ggml():
     """ggml's own reference codecs, from the libggml-base that llama-cpp-python ships."""
     import ctypes
-    import glob
-    import importlib.util
-    import os
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        pytest.skip("llama-cpp-python (ships ggml's reference codecs) is not installed")
-    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-base.so*"))
-    if not libs:
-        pytest.skip("libggml-base not found in the llama_cpp package")
-    lib = ctypes.CDLL(sorted(libs)[0])
+    lib = ggml_base_library()
     for name in ("quantize_row_q4_0_ref", "quantize_row_q4_1_ref", "quantize_row_q8_0_ref",
                  "quantize_row_q8_1_ref", "dequantize_row_q4_0", "dequantize_row_q4_1",
                  "dequantize_row_q8_0", "ggml_fp32_to_fp16_row", "ggml_fp16_to_fp32_row",
@@ -230,3 +222,36 @@ def test_numpy_matches_ggml_reference(ggml, qtype):
             back = np.empty(row.size, np.float32)
             getattr(ggml, GGML_DEQUANTIZERS[qtype])(want.ctypes.data, back.ctypes.data, row.size)
             assert np.array_equal(formats.dequantize(mine, qtype, row.shape).view(np.uint32), back.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", formats.DECODABLE_TYPES, ids=lambda t: t.name)
+def test_dequantize_float64_gives_the_exact_weights(qtype):
+    """float64 decodes the same formula without float32 rounding: the result, rounded to
+    float32, is within half an ulp of ggml's float32 result, and types whose float32
+    formula is already exact (no add after the multiply) agree bit for bit."""
+    x = (np.random.default_rng(21).standard_normal((4, 512)) * 3).astype(np.float32)
+    q = formats.quantize(x, qtype) if qtype in formats.ENCODABLE_TYPES else None
+    if q is None:
+        pytest.skip(f"no encoder for {qtype.name}")
+    f32 = formats.dequantize(q, qtype, x.shape)
+    f64 = formats.dequantize(q, qtype, x.shape, dtype=np.float64)
+    assert f64.dtype == np.float64 and f64.shape == x.shape
+    if qtype in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0, T.Q8_1):
+        assert np.array_equal(f64.astype(np.float32), f32)
+    assert np.all(np.abs(f64 - f32) <= np.spacing(np.abs(f32)) / 2)
+
+
+def test_dequantize_float64_q4_1_is_d_times_q_plus_m_unrounded():
+    # d = 1 + 2^-10, m = 2^-24, q = 15: d*q + m spans 28 bits, float32 keeps 24
+    block = np.zeros((1, 20), np.uint8)
+    block[0, :2] = np.array([1 + 2.0**-10], np.float16).view(np.uint8)
+    block[0, 2:4] = np.array([2.0**-24], np.float16).view(np.uint8)
+    block[0, 4:] = 0xFF
+    exact = 15 * (1 + 2.0**-10) + 2.0**-24
+    assert np.all(formats.dequantize(block, T.Q4_1, (32,), dtype=np.float64) == exact)
+    assert np.all(formats.dequantize(block, T.Q4_1, (32,)) == np.float32(15 * (1 + 2.0**-10)))
+
+
+def test_dequantize_refuses_other_dtypes():
+    with pytest.raises(ValueError, match="float32 or float64"):
+        formats.dequantize(np.zeros(34, np.uint8), T.Q8_0, (32,), dtype=np.float16)

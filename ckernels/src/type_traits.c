@@ -17,8 +17,12 @@ KILN_CODECS(f16, kiln_fp16)
 KILN_CODECS(bf16, kiln_bf16)
 KILN_CODECS(q4_0, block_q4_0)
 KILN_CODECS(q4_1, block_q4_1)
+KILN_CODECS(q5_0, block_q5_0)
+KILN_CODECS(q5_1, block_q5_1)
 KILN_CODECS(q8_0, block_q8_0)
 KILN_CODECS(q8_1, block_q8_1)
+KILN_CODECS(iq4_nl, block_iq4_nl)
+KILN_CODECS(iq4_xs, block_iq4_xs)
 
 static void quantize_f32(const float *x, void *y, int64_t n) { memcpy(y, x, (size_t)n * sizeof(float)); }
 static void dequantize_f32(const void *x, float *y, int64_t n) { memcpy(y, x, (size_t)n * sizeof(float)); }
@@ -66,6 +70,13 @@ static const kiln_type_traits kiln_types[] = {
      .is_weight = 1, .act_type = KILN_TYPE_Q8_1,
      .packed_block_bytes = 16, .n_scale_sets = 2, .act_offset = 0, .pack_block = pack_q4_1,
      .quantize_row = quantize_q4_1, .dequantize_row = dequantize_q4_1},
+    /* Q5_0, Q5_1 (and IQ4_NL below): codecs only until their kernels exist */
+    {.name = "Q5_0", .type = KILN_TYPE_Q5_0, .block_size = QK, .type_size = sizeof(block_q5_0),
+     .is_weight = 0, .act_type = -1,
+     .quantize_row = quantize_q5_0, .dequantize_row = dequantize_q5_0},
+    {.name = "Q5_1", .type = KILN_TYPE_Q5_1, .block_size = QK, .type_size = sizeof(block_q5_1),
+     .is_weight = 0, .act_type = -1,
+     .quantize_row = quantize_q5_1, .dequantize_row = dequantize_q5_1},
     {.name = "Q8_0", .type = KILN_TYPE_Q8_0, .block_size = QK, .type_size = sizeof(block_q8_0),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
      .packed_block_bytes = 32, .n_scale_sets = 1, .act_offset = 128, .pack_block = pack_q8_0,
@@ -87,8 +98,12 @@ static const kiln_type_traits kiln_types[] = {
      .is_weight = 1, .act_type = KILN_TYPE_Q8_K},
     {.name = "Q8_K", .type = KILN_TYPE_Q8_K, .block_size = QK_K, .type_size = sizeof(block_q8_K),
      .is_weight = 0, .act_type = -1},
+    {.name = "IQ4_NL", .type = KILN_TYPE_IQ4_NL, .block_size = QK, .type_size = sizeof(block_iq4_nl),
+     .is_weight = 0, .act_type = -1,
+     .quantize_row = quantize_iq4_nl, .dequantize_row = dequantize_iq4_nl},
     {.name = "IQ4_XS", .type = KILN_TYPE_IQ4_XS, .block_size = QK_K, .type_size = sizeof(block_iq4_xs),
-     .is_weight = 1, .act_type = KILN_TYPE_Q8_K},
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_K,
+     .quantize_row = quantize_iq4_xs, .dequantize_row = dequantize_iq4_xs},
     {.name = "BF16", .type = KILN_TYPE_BF16, .block_size = 1, .type_size = 2,
      .is_weight = 1, .act_type = KILN_TYPE_F32,
      .quantize_row = quantize_bf16, .dequantize_row = dequantize_bf16},
