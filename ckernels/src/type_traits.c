@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "codecs.h"
+#include "codecs_k.h"
 #include "type_traits.h"
 
 /* The codecs with untyped pointers, as the table holds them. */
@@ -21,6 +22,12 @@ KILN_CODECS(q5_0, block_q5_0)
 KILN_CODECS(q5_1, block_q5_1)
 KILN_CODECS(q8_0, block_q8_0)
 KILN_CODECS(q8_1, block_q8_1)
+KILN_CODECS(q2_K, block_q2_K)
+KILN_CODECS(q3_K, block_q3_K)
+KILN_CODECS(q4_K, block_q4_K)
+KILN_CODECS(q5_K, block_q5_K)
+KILN_CODECS(q6_K, block_q6_K)
+KILN_CODECS(q8_K, block_q8_K)
 KILN_CODECS(iq4_nl, block_iq4_nl)
 KILN_CODECS(iq4_xs, block_iq4_xs)
 
@@ -85,19 +92,25 @@ static const kiln_type_traits kiln_types[] = {
      .is_weight = 0, .act_type = -1,
      .quantize_row = quantize_q8_1, .dequantize_row = dequantize_q8_1},
     /* the super-block types: weights read in GGUF layout (not repacked) by isa/kgemm.c,
-     * with Q8_K activations */
+     * with Q8_K activations (Q8_K: an activation format only) */
     {.name = "Q2_K", .type = KILN_TYPE_Q2_K, .block_size = QK_K, .type_size = sizeof(block_q2_K),
-     .is_weight = 1, .act_type = KILN_TYPE_Q8_K},
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_K,
+     .quantize_row = quantize_q2_K, .dequantize_row = dequantize_q2_K},
     {.name = "Q3_K", .type = KILN_TYPE_Q3_K, .block_size = QK_K, .type_size = sizeof(block_q3_K),
-     .is_weight = 1, .act_type = KILN_TYPE_Q8_K},
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_K,
+     .quantize_row = quantize_q3_K, .dequantize_row = dequantize_q3_K},
     {.name = "Q4_K", .type = KILN_TYPE_Q4_K, .block_size = QK_K, .type_size = sizeof(block_q4_K),
-     .is_weight = 1, .act_type = KILN_TYPE_Q8_K},
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_K,
+     .quantize_row = quantize_q4_K, .dequantize_row = dequantize_q4_K},
     {.name = "Q5_K", .type = KILN_TYPE_Q5_K, .block_size = QK_K, .type_size = sizeof(block_q5_K),
-     .is_weight = 1, .act_type = KILN_TYPE_Q8_K},
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_K,
+     .quantize_row = quantize_q5_K, .dequantize_row = dequantize_q5_K},
     {.name = "Q6_K", .type = KILN_TYPE_Q6_K, .block_size = QK_K, .type_size = sizeof(block_q6_K),
-     .is_weight = 1, .act_type = KILN_TYPE_Q8_K},
+     .is_weight = 1, .act_type = KILN_TYPE_Q8_K,
+     .quantize_row = quantize_q6_K, .dequantize_row = dequantize_q6_K},
     {.name = "Q8_K", .type = KILN_TYPE_Q8_K, .block_size = QK_K, .type_size = sizeof(block_q8_K),
-     .is_weight = 0, .act_type = -1},
+     .is_weight = 0, .act_type = -1,
+     .quantize_row = quantize_q8_K, .dequantize_row = dequantize_q8_K},
     {.name = "IQ4_NL", .type = KILN_TYPE_IQ4_NL, .block_size = QK, .type_size = sizeof(block_iq4_nl),
      .is_weight = 0, .act_type = -1,
      .quantize_row = quantize_iq4_nl, .dequantize_row = dequantize_iq4_nl},

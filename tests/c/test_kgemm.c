@@ -8,7 +8,7 @@
 
 #include "harness.h"
 
-void kiln_quantize_row_q8_K(const float *x, block_q8_K *y, int64_t n); /* codecs */
+#include "codecs_k.h"
 
 #define N_OF(a) ((int)(sizeof(a) / sizeof((a)[0])))
 

@@ -5,6 +5,7 @@
  * operations; the float products and the rounding are the same, so the bits are. */
 #include "isa.h"
 #include "codecs.h"
+#include "codecs_k.h"
 #include "kernels_impl.h"
 
 #include <string.h>
@@ -166,7 +167,6 @@ static void quantize_row_q8_K(const float *x, block_q8_K *y, int64_t n) {
     }
 }
 #else
-void kiln_quantize_row_q8_K(const float *x, block_q8_K *y, int64_t n);
 #define quantize_row_q8_K kiln_quantize_row_q8_K
 #endif
 
