@@ -397,6 +397,8 @@ def test_q8_K_activation_matches_ggml_and_scalar(isa, cols, ggml_q8k):
         x[300] = 127.0  # |x| ties with the first: the first sets the sign
     got = ckernels.quantize_act_q8_K(x)
     assert np.array_equal(got, ggml_q8k(x))
+    import formats
+    assert np.array_equal(got, formats.quantize(x, formats.GGMLType.Q8_K).reshape(-1))
     ckernels.set_isa("scalar")
     assert np.array_equal(got, ckernels.quantize_act_q8_K(x))
 
