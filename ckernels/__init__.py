@@ -4,7 +4,7 @@ import os as _os
 
 from . import _ext  # noqa: F401
 from ._ext import (MAX_THREADS, BlockType, Matrix, Pool, block_types,  # noqa: F401
-                   matmul, matmul_multi, quantize_act_q8_0, quantize_act_q8_1, set_isa,
+                   matmul, matmul_multi, quantize_act_q8_0, quantize_act_q8_1, quantize_act_q8_K, set_isa,
                    stream_read, weight_types)
 
 ISA_NAMES = tuple(_ext.known_isas())  # every variant, any architecture

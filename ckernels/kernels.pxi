@@ -33,6 +33,7 @@ cdef extern from "kernels_impl.h":
     ctypedef struct kiln_isa_ops:
         void (*quantize_row_q8_0)(const float *x, void *y, int64_t n)
         void (*quantize_row_q8_1)(const float *x, void *y, int64_t n)
+        void (*quantize_row_q8_K)(const float *x, void *y, int64_t n)
     const kiln_isa_ops *kiln_ops()
     uint64_t kiln_stream_read(kiln_pool *pool, const void *p, size_t n) nogil
 
@@ -231,19 +232,21 @@ def matmul_multi(Pool pool, list ws, x):
     return ys
 
 
-def _quantize_act(x, int block_bytes, bint q8_1):
+def _quantize_act(x, int block_size, int block_bytes, str kind):
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
         raise ValueError("x must be a 1-D float32 numpy array")
-    if x.shape[0] % 32:
-        raise ValueError(f"length {x.shape[0]} is not a multiple of 32")
+    if x.shape[0] % block_size:
+        raise ValueError(f"length {x.shape[0]} is not a multiple of {block_size}")
     x = np.ascontiguousarray(x)
-    out = np.zeros(x.shape[0] // 32 * block_bytes, dtype=np.uint8)
+    out = np.zeros(x.shape[0] // block_size * block_bytes, dtype=np.uint8)
     if x.shape[0] == 0:
         return out
     cdef const float[::1] xv = x
     cdef uint8_t[::1] ov = out
-    if q8_1:
+    if kind == "q8_1":
         kiln_ops().quantize_row_q8_1(&xv[0], <void *>&ov[0], x.shape[0])
+    elif kind == "q8_K":
+        kiln_ops().quantize_row_q8_K(&xv[0], <void *>&ov[0], x.shape[0])
     else:
         kiln_ops().quantize_row_q8_0(&xv[0], <void *>&ov[0], x.shape[0])
     return out
@@ -251,12 +254,18 @@ def _quantize_act(x, int block_bytes, bint q8_1):
 
 def quantize_act_q8_0(x):
     """Q8_0 blocks of a float32 row, by the active variant's activation quantizer."""
-    return _quantize_act(x, 34, False)
+    return _quantize_act(x, 32, 34, "q8_0")
 
 
 def quantize_act_q8_1(x):
     """Q8_1 blocks of a float32 row, by the active variant's activation quantizer."""
-    return _quantize_act(x, 36, True)
+    return _quantize_act(x, 32, 36, "q8_1")
+
+
+def quantize_act_q8_K(x):
+    """Q8_K blocks of a float32 row (a multiple of 256 long), by the active variant's
+    activation quantizer."""
+    return _quantize_act(x, 256, 292, "q8_K")
 
 
 def stream_read(Pool pool, buf):

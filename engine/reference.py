@@ -8,8 +8,9 @@ order of float operations, so the two engines agree bit for bit (up to double
 roundings that almost never reach float32's last bit).
 
 With emulate_q8=True each product with a block-quantized weight first sends the
-activations through the codec the C kernels quantize them with (Q8_0, or Q8_1 for
-Q4_1 and Q5_1 weights). That makes the reference exact for the C engine: 8-bit rounding is a
+activations through the codec the C kernels quantize them with (Q8_0; Q8_1 for Q4_1
+and Q5_1 weights; Q8_K for the K types and IQ4_XS), and takes the weights' exact values
+(dequantized in float64). That makes the reference exact for the C engine: 8-bit rounding is a
 step function, so any other rounding of its inputs flips some quantized values, and
 over many layers the flips add up to a visible difference in the logits. The KV cache
 is fp16 in both (as in llama.cpp): k and v are rounded to float16.
@@ -57,9 +58,11 @@ class Linear:
             raw[..., 2:4] = 0                                  # m = 0 leaves q*d
             self.w = np.asarray(formats.dequantize(raw.reshape(rows, -1), t.type, t.shape),
                                 dtype=np.float32)
+        elif self.act_type is not None:  # the exact values of the quantized weights
+            self.w = np.asarray(formats.dequantize(t.data, t.type, t.shape, dtype=np.float64))
         else:
             self.w = dequantize_tensor(t)
-        if self.act_type is not None:  # dequantized values are exact in float32 and float64
+        if self.act_type is not None:
             self.w = self.w.astype(np.float64)
             if self.block_min is not None:
                 self.block_min = self.block_min.astype(np.float64)
@@ -68,7 +71,8 @@ class Linear:
         if self.act_type is None:
             return x @ self.w.T
         xq = formats.quantize(np.ascontiguousarray(x, dtype=np.float32), self.act_type)
-        y = np.asarray(formats.dequantize(xq, self.act_type, x.shape), np.float64) @ self.w.T
+        # float64: Q8_K's float32 d times q is not exact in float32
+        y = formats.dequantize(xq, self.act_type, x.shape, dtype=np.float64) @ self.w.T
         if self.block_min is not None:
             act_bytes = formats.GGML_QUANT_SIZES[self.act_type][1]
             y += _block_halves(xq, act_bytes, 2).astype(np.float64) @ self.block_min.T

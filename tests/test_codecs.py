@@ -16,8 +16,11 @@ CODEC_TYPES = [T(b.ggml_id) for b in ckernels.block_types()]
 C_BLOCK_TYPES = [T(b.ggml_id) for b in ckernels.block_types() if b.block_size > 1]
 # the block-quantized weight types
 BLOCK_TYPES = [T(b.ggml_id) for b in ckernels.weight_types() if b.block_size > 1]
-# those gguf-py can quantize (it raises NotImplementedError for IQ4_NL)
-GGUF_PY_BLOCK_TYPES = [t for t in BLOCK_TYPES if t != T.IQ4_NL]
+# those gguf-py can quantize: the 32-wide legacy types (it raises NotImplementedError for
+# IQ4_NL and the super-block types, whose oracle is ggml: test_codecs_k.py,
+# test_codecs_5bit_iq.py)
+GGUF_PY_BLOCK_TYPES = [t for t in BLOCK_TYPES
+                       if formats.GGML_QUANT_SIZES[t][0] == 32 and t != T.IQ4_NL]
 
 
 def _adversarial_rows():

@@ -11,7 +11,7 @@ from cpu_isas import expected_isas
 from engine.model import MATRIX_TYPES, Model
 from engine.reference import ReferenceLlama
 from formats import FLOAT_TYPES
-from tiny_models import make_tiny_llama
+from tiny_models import SUPER_BLOCK_SHAPE, make_tiny_llama, needs_super_blocks
 
 N_TOKENS = 21  # not a multiple of any tile: every variant's tails run
 
@@ -33,8 +33,9 @@ def run(path, isa, tokens):
 
 @pytest.mark.parametrize("wtype", MATRIX_TYPES, ids=lambda t: t.name)
 def test_every_isa_runs_the_forward_pass(tmp_path, wtype, isa_restored):
-    path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, n_embd=96, n_head=6, n_head_kv=2,
-                           head_dim=16, n_ff=160, ftype=wtype.name.lower(), seed=11)
+    shape = (SUPER_BLOCK_SHAPE if needs_super_blocks(wtype)
+             else dict(n_embd=96, n_head=6, n_head_kv=2, head_dim=16, n_ff=160))
+    path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, ftype=wtype.name.lower(), seed=11, **shape)
     ref = ReferenceLlama(path)
     tokens = np.random.default_rng(5).integers(0, ref.config.n_vocab, N_TOKENS)
     want = ref(tokens)

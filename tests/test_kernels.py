@@ -24,7 +24,10 @@ TYPE = {b.name: b.ggml_id for b in ckernels.block_types()}
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = (
     TYPE[n] for n in ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "BF16"))
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
-QUANT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types() if b.act_type}
+QUANT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types()
+               if b.act_type in ("Q8_0", "Q8_1")}
+# the super-block types (isa/kgemm.c), with Q8_K activations
+K_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types() if b.act_type == "Q8_K"}
 ACT_TYPE = {b.ggml_id: b.act_type for b in ckernels.weight_types()}
 FLOAT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types() if not b.act_type}
 
@@ -279,6 +282,247 @@ def test_matmul_multi_equals_separate_calls(isa):
                 assert np.array_equal(y, ckernels.matmul(pool, m, x))
     with pytest.raises(ValueError, match="same number of columns"):
         ckernels.matmul_multi(pool, [mats[0], ckernels.Matrix(F32, 2, 64, np.zeros(128, np.float32))], x)
+
+
+# ---- super-block (K type, IQ4_XS) matrix kernels, Q8_K activations ----
+# The blocks are random bytes with chosen fp16 d (and dmin): every bit pattern of the
+# quants and sub-block scales is a valid block. The oracle decodes them here, in NumPy,
+# from the GGUF layouts (checked against gguf-py's dequantizer), into integer quants
+# q, chunk scales sc (per 16 elements) and bsums weights coef, and evaluates the
+# kernels' contract: per super-block the exact integers isum, msum, then
+# acc += isum * (d * d_x); acc -= msum * (dmin * d_x) in float64, super-blocks in order.
+
+K_BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136}
+# byte offsets of d and dmin (None: no mins) in each block
+K_SCALE_AT = {"q2_k": (80, 82), "q3_k": (108, None), "q4_k": (0, 2), "q5_k": (0, 2),
+              "q6_k": (208, None), "iq4_xs": (0, None)}
+IQ4NL_GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+
+
+def _k_scales_k4(s):
+    """Q4_K / Q5_K 6-bit scales and mins (..., 12 bytes) -> (..., 8) each."""
+    s = s.astype(np.int64)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+    return sc, m
+
+
+def k_decode(name, blocks):
+    """blocks (rows, nb, bytes) -> q (rows, nb, 256) with the offset removed,
+    sc (rows, nb, 16), mins (rows, nb, 16) or None, d, dmin (rows, nb) float64."""
+    b = blocks.astype(np.int64)
+    di, mi = K_SCALE_AT[name]
+    h16 = lambda at: blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float64)  # noqa: E731
+    d, dmin = h16(di), (h16(mi) if mi is not None else None)
+    mins = None
+    if name in ("q2_k", "q3_k"):
+        qs = b[..., 16:80] if name == "q2_k" else b[..., 32:96]
+        qs = qs.reshape(*b.shape[:2], 2, 1, 32)
+        q = (qs >> (2 * np.arange(4))[:, None]) & 3  # (rows, nb, half, j, l)
+        if name == "q2_k":
+            sc, mins = b[..., 0:16] & 15, b[..., 0:16] >> 4
+        else:
+            hm = b[..., 0:32][..., None, None, :]
+            bit = (4 * np.arange(2)[:, None] + np.arange(4)[None, :])[..., None]
+            q = q + 4 * ((hm >> bit) & 1) - 4
+            s = b[..., 96:108]
+            lo = np.concatenate([s[..., 0:8] & 15, s[..., 0:8] >> 4], -1)
+            c = np.arange(16)
+            hi = (s[..., 8 + c % 4] >> (2 * (c // 4))) & 3
+            sc = (lo | hi << 4) - 32
+    elif name in ("q4_k", "q5_k"):
+        qs = b[..., 16:144] if name == "q4_k" else b[..., 48:176]
+        qs = qs.reshape(*b.shape[:2], 4, 1, 32)
+        q = np.concatenate([qs & 15, qs >> 4], axis=-2)  # (rows, nb, c, lo/hi, l)
+        if name == "q5_k":
+            qh = b[..., 16:48][..., None, None, :]
+            bit = (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[..., None]
+            q = q + 16 * ((qh >> bit) & 1)
+        sc8, m8 = _k_scales_k4(b[..., 4:16])
+        sc, mins = np.repeat(sc8, 2, -1), np.repeat(m8, 2, -1)
+    elif name == "q6_k":
+        ql = b[..., 0:128].reshape(*b.shape[:2], 2, 2, 32)  # (half, k % 2, l)
+        qh = b[..., 128:192].reshape(*b.shape[:2], 2, 1, 32)
+        lo = np.stack([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], -2)
+        hi = (qh >> (2 * np.arange(4))[:, None]) & 3
+        q = (lo | hi << 4) - 32
+        sc = blocks[..., 192:208].view(np.int8).astype(np.int64)
+    else:  # iq4_xs
+        qs = b[..., 8:136].reshape(*b.shape[:2], 8, 1, 16)
+        q = IQ4NL_GRID[np.concatenate([qs & 15, qs >> 4], axis=-2)]
+        sh = b[..., 2] | (b[..., 3] << 8)
+        j = np.arange(8)
+        ls = ((b[..., 4 + j // 2] >> (4 * (j % 2))) & 15) | (((sh[..., None] >> (2 * j)) & 3) << 4)
+        sc = np.repeat(ls - 32, 2, -1)
+    return q.reshape(*b.shape[:2], 256), sc, mins, d, dmin
+
+
+def make_k_weights(name, rows, cols, rng, pow2=False):
+    """(GGUF bytes (rows, row_bytes), the decoded parts of k_decode, float64 W)."""
+    nb = cols // 256
+    blocks = rng.integers(0, 256, size=(rows, nb, K_BLOCK_BYTES[name]), dtype=np.uint8)
+    for at in K_SCALE_AT[name]:
+        if at is None:
+            continue
+        v = (2.0 ** -rng.integers(4, 8, size=(rows, nb)) if pow2
+             else rng.uniform(0.0005, 0.01, size=(rows, nb)) * rng.choice([-1, 1], size=(rows, nb)))
+        blocks[..., at:at + 2] = _fp16(v)[..., None].view(np.uint8).reshape(rows, nb, 2)
+    parts = k_decode(name, blocks)
+    q, sc, mins, d, dmin = parts
+    w = d[..., None] * np.repeat(sc, 16, -1) * q
+    if mins is not None:
+        w = w - dmin[..., None] * np.repeat(mins, 16, -1)
+    return blocks.reshape(rows, -1), parts, w.reshape(rows, cols)
+
+
+def q8k_parts(x):
+    """The active variant's Q8_K quantization of each row of x: q (n, nb, 256),
+    bsums (n, nb, 16), d (n, nb) float64."""
+    blocks = np.stack([ckernels.quantize_act_q8_K(row).reshape(-1, 292) for row in np.atleast_2d(x)])
+    d = blocks[..., 0:4].copy().view(np.float32)[..., 0].astype(np.float64)
+    q = blocks[..., 4:260].view(np.int8).astype(np.int64)
+    bsums = blocks[..., 260:292].copy().view(np.int16).astype(np.int64)
+    assert np.array_equal(bsums, q.reshape(*q.shape[:2], 16, 16).sum(-1))
+    return q, bsums, d
+
+
+def k_oracle(parts, x):
+    """The kernels' contract, evaluated in NumPy: (n_tokens, rows) float32."""
+    q, sc, mins, d, dmin = parts
+    aq, bsums, dx = q8k_parts(x)
+    nbk = q.shape[1]
+    dots = np.einsum("rbce,tbce->trbc", q.reshape(*q.shape[:2], 16, 16), aq.reshape(*aq.shape[:2], 16, 16))
+    isum = (dots * sc[None]).sum(-1)  # (t, r, b), exact in int64
+    msum = (bsums[:, None] * mins[None]).sum(-1) if mins is not None else np.zeros_like(isum)
+    assert np.abs(isum).max() < 2 ** 31 and np.abs(msum).max() < 2 ** 31
+    acc = np.zeros(isum.shape[:2])
+    for b in range(nbk):
+        acc = acc + isum[..., b] * (d[None, :, b] * dx[:, None, b])
+        if mins is not None:
+            acc = acc - msum[..., b] * (dmin[None, :, b] * dx[:, None, b])
+    return acc.astype(np.float32), (aq * dx[..., None]).reshape(len(dx), -1)
+
+
+def pow2_k_activations(n_tokens, cols, rng):
+    """Rows whose Q8_K quantization is exact: each super-block is integers up to 127
+    (its first element -127, so d = 1 / (-127 / -127 ...) stays a power of two) times
+    a power of two."""
+    q = rng.integers(-126, 127, size=(n_tokens, cols // 256, 256)).astype(np.float64)
+    q[..., 0] = -127.0
+    scale = 2.0 ** -rng.integers(0, 3, size=(n_tokens, cols // 256, 1))
+    return (q * scale).reshape(n_tokens, cols).astype(np.float32)
+
+
+K_COLS = [256, 512, 1536, 2816]
+
+
+@pytest.mark.parametrize("name", list(K_TYPES))
+def test_k_decoding_matches_gguf_py(name):
+    gguf = pytest.importorskip("gguf")
+    from gguf import quants
+    rng = np.random.default_rng(K_TYPES[name])
+    data, _, w = make_k_weights(name, 5, 512, rng, pow2=True)
+    got = quants.dequantize(data, gguf.GGMLQuantizationType[name.upper()])
+    # power-of-two d and dmin: gguf-py's float32 arithmetic is exact too
+    assert np.array_equal(np.asarray(got, np.float64).reshape(w.shape), w)
+
+
+@per_isa
+@pytest.mark.parametrize("cols", K_COLS)
+def test_q8_K_activation_matches_ggml_and_scalar(isa, cols, ggml_q8k):
+    rng = np.random.default_rng(cols + 3)
+    x = (rng.standard_normal(cols) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[:256] = 0.0  # an all-zero super-block: all zeros
+    if cols > 256:  # ties for round-half-even: absmax 127 makes iscale exactly -1
+        x[256:512] = np.concatenate([[-127.0], np.arange(255) % 40 - 19.5])
+        x[300] = 127.0  # |x| ties with the first: the first sets the sign
+    got = ckernels.quantize_act_q8_K(x)
+    assert np.array_equal(got, ggml_q8k(x))
+    import formats
+    assert np.array_equal(got, formats.quantize(x, formats.GGMLType.Q8_K).reshape(-1))
+    ckernels.set_isa("scalar")
+    assert np.array_equal(got, ckernels.quantize_act_q8_K(x))
+
+
+@pytest.fixture(scope="module")
+def ggml_q8k():
+    import ctypes
+    import glob
+    import llama_cpp
+    libs = glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    if not libs:
+        pytest.skip("no libggml-base.so")
+    lib = ctypes.CDLL(libs[0])
+    fn = lib.quantize_row_q8_K_ref
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+
+    def q8k(x):
+        out = np.zeros(len(x) // 256 * 292, np.uint8)
+        fn(x.ctypes.data, out.ctypes.data, len(x))
+        out = out.reshape(-1, 292)
+        out[(out[:, :4].copy().view(np.float32)[:, 0] == 0), 260:] = 0  # ggml leaves bsums as they were
+        return out.reshape(-1)
+    return q8k
+
+
+@per_isa
+@pytest.mark.parametrize("name", list(K_TYPES))
+@pytest.mark.parametrize("cols", K_COLS)
+def test_k_matmul_exact_with_pow2_scales(isa, name, cols):
+    rng = np.random.default_rng(cols * 5 + K_TYPES[name])
+    rows, n_tokens = 37, 13  # 13 = 8 + 5 tokens: a full tile and a partial one
+    data, parts, w = make_k_weights(name, rows, cols, rng, pow2=True)
+    x = pow2_k_activations(n_tokens, cols, rng)
+    _, xq = k_oracle(parts, x)
+    assert np.array_equal(xq, x.astype(np.float64))  # the quantization is exact here
+    want = (x.astype(np.float64) @ w.T).astype(np.float32)
+    for n_threads in (1, 2, 3):
+        assert np.array_equal(run_matmul(K_TYPES[name], data, rows, cols, x, n_threads), want), n_threads
+
+
+@per_isa
+@pytest.mark.parametrize("name", list(K_TYPES))
+@pytest.mark.parametrize("cols", K_COLS)
+def test_k_matmul_is_the_contract_bit_for_bit(isa, name, cols):
+    # any scales: every variant, thread count and batch split gives the oracle's bits,
+    # and those are the float64 product of the dequantized operands up to double
+    # roundings (at most one float32 ulp, almost always none)
+    type_ = K_TYPES[name]
+    rng = np.random.default_rng(cols * 3 + type_)
+    rows = 29
+    data, parts, w = make_k_weights(name, rows, cols, rng)
+    x = rng.standard_normal((19, cols)).astype(np.float32)  # 8 + 8 + 3
+    want, xq = k_oracle(parts, x)
+    for n_threads in (1, 2):
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x, n_threads), want), n_threads
+    for t in (0, 9, 18):  # the matrix x vector path
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x[t], 1), want[t]), t
+    exact = (xq @ w.T).astype(np.float32)
+    assert np.abs(exact.view(np.int32).astype(np.int64) - want.view(np.int32)).max() <= 1
+    assert np.mean(exact == want) > 0.99
+
+
+@per_isa
+def test_k_matmul_multi_mixes_types(isa):
+    rng = np.random.default_rng(21)
+    cols = 512
+    mats = []
+    for name, rows in (("q4_k", 33), ("q6_k", 7), ("iq4_xs", 12)):
+        data, _, _ = make_k_weights(name, rows, cols, rng)
+        mats.append(ckernels.Matrix(K_TYPES[name], rows, cols, data))
+    data, _ = make_quant_weights(Q8_0, 9, cols, rng)
+    mats.append(ckernels.Matrix(Q8_0, 9, cols, data))
+    x = rng.standard_normal((10, cols)).astype(np.float32)
+    for n_threads in (1, 3):
+        pool = ckernels.Pool(n_threads)
+        for m, y in zip(mats, ckernels.matmul_multi(pool, mats, x)):
+            assert np.array_equal(y, ckernels.matmul(pool, m, x))
+
+
+def test_k_matrix_needs_whole_super_blocks():
+    data = np.zeros(2 * 144, np.uint8)
+    with pytest.raises(ValueError, match="shape"):
+        ckernels.Matrix(K_TYPES["q4_k"], 2, 288, data)
 
 
 # ---- float matrix kernels ----

@@ -19,7 +19,7 @@ from engine.model import MATRIX_TYPES, Model, physical_cores
 from engine.reference import ReferenceLlama
 from formats import FLOAT_TYPES, GGMLType
 from cpu_isas import expected_isas
-from tiny_models import make_tiny_llama, mean_kl
+from tiny_models import SUPER_BLOCK_SHAPE, make_tiny_llama, mean_kl, needs_super_blocks
 
 # vocab, n_head, n_head_kv, head_dim, tied, ftype: every ftype, both vocabularies,
 # GQA and not, tied and untied, head sizes 32/64/128, n_head * head_dim != n_embd
@@ -38,6 +38,13 @@ CASES = [
     ("llama", 4, 2, 32, True, "q5_0"),
     ("gpt2", 2, 1, 128, False, "q5_1"),
     ("llama", 4, 4, 64, False, "iq4_nl"),
+    # the super-block types: matrix widths in whole super-blocks (SUPER_BLOCK_SHAPE's)
+    ("gpt2", 4, 2, 64, True, "q2_k"),
+    ("llama", 4, 4, 64, False, "q3_k"),
+    ("gpt2", 4, 1, 64, False, "q4_k"),
+    ("llama", 8, 2, 32, True, "q5_k"),
+    ("gpt2", 4, 2, 64, False, "q6_k"),
+    ("llama", 2, 2, 128, True, "iq4_xs"),
 ]
 N_TOKENS = 40
 QUANTIZED = {t.name.lower() for t in MATRIX_TYPES if t not in FLOAT_TYPES}  # block types
@@ -45,6 +52,13 @@ QUANTIZED = {t.name.lower() for t in MATRIX_TYPES if t not in FLOAT_TYPES}  # bl
 
 def test_cases_cover_every_matrix_type():
     assert {c[-1] for c in CASES} == {t.name.lower() for t in MATRIX_TYPES}
+
+
+def widths(ftype):
+    """n_embd and n_ff of a CASES model: whole super-blocks for the types that need them."""
+    if needs_super_blocks(ftype):
+        return {k: SUPER_BLOCK_SHAPE[k] for k in ("n_embd", "n_ff")}
+    return dict(n_embd=64, n_ff=96)
 
 
 def case_id(c):
@@ -55,8 +69,8 @@ def case_id(c):
 def tiny(request, tmp_path_factory):
     vocab, n_head, n_head_kv, head_dim, tied, ftype = request.param
     path = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m.gguf", vocab=vocab,
-                           n_layer=2, n_embd=64, n_head=n_head, n_head_kv=n_head_kv,
-                           head_dim=head_dim, n_ff=96, tied=tied, ftype=ftype, seed=7)
+                           n_layer=2, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+                           tied=tied, ftype=ftype, seed=7, **widths(ftype))
     ref = ReferenceLlama(path)
     tokens = np.random.default_rng(0).integers(0, ref.config.n_vocab, N_TOKENS)
     return (path, tokens, ref(tokens), ReferenceLlama(path, emulate_q8=False)(tokens),

@@ -45,6 +45,11 @@ def _weight_quants(wb, wtype):
 def _ggml_dot(wq, wtype, xq, xtype):
     """ggml's vec_dot over blocks: d_w*d_x*sum(q_w*q_x) (+ m_w*s_x for Q4_1 and Q5_1),
     from the raw block bytes, in float64."""
+    if xtype == GGMLType.Q8_K:  # the super-block types: the exact product of both
+        # (their integer sums per super-block are tested in test_kernels.py's contract)
+        n = xq.shape[-1] // formats.GGML_QUANT_SIZES[xtype][1] * 256
+        return (formats.dequantize(xq, xtype, (xq.shape[0], n), dtype=np.float64)
+                @ formats.dequantize(wq, wtype, (wq.shape[0], n), dtype=np.float64).T)
     wsize = formats.GGML_QUANT_SIZES[wtype][1]
     wb = wq.reshape(wq.shape[0], -1, wsize)
     xb = xq.reshape(xq.shape[0], -1, formats.GGML_QUANT_SIZES[xtype][1])

@@ -150,11 +150,30 @@ BRANCH_GAIN = 0.3
 # name -> weight type, for every type the C engine runs
 FTYPES = {t.name.lower(): t for t in MATRIX_TYPES}
 
+# Matrix widths (n_embd, n_head * head_dim, n_ff: every matrix's cols) whole super-blocks
+# of 256, for the super-block types (Q2_K .. Q6_K, IQ4_XS)
+SUPER_BLOCK_SHAPE = dict(n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
+
+
+def needs_super_blocks(ftype) -> bool:
+    """Whether ftype's matrices need widths in whole super-blocks (SUPER_BLOCK_SHAPE)."""
+    t = FTYPES[ftype] if isinstance(ftype, str) else GGMLType(ftype)
+    return formats.GGML_QUANT_SIZES[t][0] > 32
+
 
 def encode_tensor(x: np.ndarray, type_: GGMLType) -> np.ndarray:
     if type_ == GGMLType.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     return formats.quantize(np.ascontiguousarray(x, dtype=np.float32), type_)
+
+
+def _file_type(wtype: GGMLType) -> formats.LlamaFileType:
+    """general.file_type for a model of all-wtype matrices; Q3_K .. Q5_K name mixes in
+    llama.cpp (_S, _M, _L), of which _M stands for them here."""
+    mixes = {GGMLType.Q3_K: "MOSTLY_Q3_K_M", GGMLType.Q4_K: "MOSTLY_Q4_K_M", GGMLType.Q5_K: "MOSTLY_Q5_K_M"}
+    if wtype in mixes:
+        return formats.LlamaFileType[mixes[wtype]]
+    return formats.file_type_of(wtype)
 
 
 def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int = 64,
@@ -214,7 +233,7 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
     metadata = {
         "general.architecture": "llama",
         "general.name": f"tiny-llama-{vocab}-{ftype}",
-        "general.file_type": int(formats.file_type_of(wtype)),
+        "general.file_type": int(_file_type(wtype)),
         "general.quantization_version": 2,
         "llama.block_count": n_layer,
         "llama.context_length": n_ctx_train,

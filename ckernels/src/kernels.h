@@ -54,14 +54,14 @@ int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const
 /* (For the repacked types, those with m->packed set, the kernels read only m->packed
  * after init, so a caller whose data lies in a file mapping may release those pages,
  * e.g. madvise(MADV_DONTNEED), to keep resident memory at one copy; the others, the
- * float types, keep reading m->data.) */
+ * float types and the super-block types (Q2_K .. Q6_K, IQ4_XS), keep reading m->data.) */
 void kiln_matrix_free(kiln_matrix *m);
 
 /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < rows.
  * x is (n_tokens, cols) float32, y is (n_tokens, rows) float32. Activations are
- * quantized on the fly to the weight type's activation type in the table (Q8_0, or
- * Q8_1 for Q4_1 and Q5_1 weights); F32/F16/BF16 weights use float activations. Rows are
- * split over the pool's threads; every output element is
+ * quantized on the fly to the weight type's activation type in the table (Q8_0; Q8_1
+ * for Q4_1 and Q5_1 weights; Q8_K for the super-block types); F32/F16/BF16 weights use
+ * float activations. Rows are split over the pool's threads; every output element is
  * computed by exactly one thread in a fixed order, so results do not depend on the
  * thread count. n_tokens == 1 is the token-generation (matrix x vector) path. */
 void kiln_matmul(kiln_pool *pool, const kiln_matrix *w, const float *x, int n_tokens, float *y);

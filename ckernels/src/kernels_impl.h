@@ -121,6 +121,33 @@ typedef struct {
     float *y;
 } kiln_fgemm_args;
 
+/* Super-block matrix kernel arguments (the K types and IQ4_XS, isa/kgemm.c): W (rows,
+ * cols) in GGUF layout, read in place from the file mapping; n_tokens rows of Q8_K
+ * activation blocks (token t's cols / QK_K blocks at act + t * nb); y (n_tokens, rows). */
+typedef struct {
+    int type;
+    int64_t rows, nb;      /* nb = super-blocks per row */
+    size_t row_size;       /* bytes per weight row */
+    const uint8_t *w;
+    const block_q8_K *act;
+    int n_tokens;
+    float *y;
+} kiln_kgemm_args;
+
+/* The float part of one super-block's term, the one piece of floating-point code every
+ * kgemm variant runs, in the same order (super-blocks 0, 1, ... of a row): isum is the
+ * exact scale-weighted integer dot of the super-block, msum the exact mins term
+ * sum_j m_j * bsum_j (0 for types without mins, whose dmin is 0). Each product
+ * d * d_x is exact in double (an fp16 times a float: 11 + 24 significant bits); the
+ * multiply by the integer and the accumulation round, as written, once each (the
+ * build's -ffp-contract=off keeps them separate operations on every ISA). */
+static inline double kiln_ksum_step(double acc, int32_t isum, int32_t msum, float d_w,
+                                    float dmin_w, float d_x) {
+    acc += (double)isum * ((double)d_w * (double)d_x);
+    acc -= (double)msum * ((double)dmin_w * (double)d_x);
+    return acc;
+}
+
 /* Element k of an F32/F16/BF16 row. */
 static inline float kiln_weight_f32(int type, const void *row, int64_t k) {
     if (type == KILN_TYPE_F32) return ((const float *)row)[k];
@@ -134,8 +161,10 @@ typedef struct {
     const char *name;
     void (*quantize_row_q8_0)(const float *x, block_q8_0 *y, int64_t n);
     void (*quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n);
+    void (*quantize_row_q8_K)(const float *x, block_q8_K *y, int64_t n);
     void (*qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
     void (*fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
+    void (*kgemm)(const kiln_kgemm_args *a, int64_t r0, int64_t r1); /* rows [r0, r1) */
     uint64_t (*stream_sum)(const void *p, size_t n); /* bandwidth yardstick */
     void (*attn_scores_f16)(int R, double *scores, const float *const *q, const kiln_fp16 *keys_t,
                             int n_keys, int head_dim, int n_ctx_pad, double scale);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "codecs.h"
 #include "kernels.h"
 #include "kernels_impl.h"
 
@@ -232,12 +233,16 @@ typedef struct {
     uint8_t *act[KILN_MULTI_MAX];
     int act_of[KILN_MULTI_MAX]; /* the layout matrix i reads (quantized weights) */
     kiln_act_layout al;
+    block_q8_K *act_k; /* Q8_K activations (n_tokens x cols / QK_K), if a matrix reads them */
     uint8_t *qscratch; /* per thread: cols / QK Q8_1 blocks */
     size_t qscratch_stride;
 } kiln_matmul_ctx;
 
 static void kiln_task_quantize(void *p, int ith, int nth) {
     kiln_matmul_ctx *c = p;
+    if (c->act_k)
+        for (int t = ith; t < c->n_tokens; t += nth)
+            c->ops->quantize_row_q8_K(c->x + (size_t)t * c->cols, c->act_k + (size_t)t * (c->cols / QK_K), c->cols);
     for (int k = 0; k < c->n_acts; k++)
         for (int t = ith; t < c->n_tokens; t += nth)
             kiln_quantize_act(c->ops, c->act_wtype[k], c->x + (size_t)t * c->cols, c->cols, &c->al,
@@ -257,8 +262,14 @@ static void kiln_gemm_part(const kiln_matmul_ctx *c, int i, int64_t rg0, int64_t
         q.n_tokens = c->n_tokens;
         q.y = c->ys[i];
         c->ops->qgemm(&q, rg0, rg1);
+        return;
+    }
+    int64_t r0 = rg0 * KILN_RG, r1 = rg1 * KILN_RG < w->rows ? rg1 * KILN_RG : w->rows;
+    if (kiln_weight_traits(w->type)->act_type == KILN_TYPE_Q8_K) {
+        kiln_kgemm_args k = {w->type, w->rows, w->cols / QK_K, (size_t)kiln_row_size(w->type, w->cols),
+                             w->data, c->act_k, c->n_tokens, c->ys[i]};
+        c->ops->kgemm(&k, r0, r1);
     } else {
-        int64_t r0 = rg0 * KILN_RG, r1 = rg1 * KILN_RG < w->rows ? rg1 * KILN_RG : w->rows;
         kiln_fgemm_args f = {w->type, w->rows, w->cols, w->data, c->x, c->n_tokens, c->ys[i]};
         c->ops->fgemm(&f, r0, r1);
     }
@@ -306,23 +317,27 @@ void kiln_matmul_multi(kiln_pool *pool, int n, const kiln_matrix *const *ws, con
     c.x = x;
     c.cols = ws[0]->cols;
     c.n_tokens = n_tokens;
+    int need_k = 0; /* a matrix reads Q8_K activations */
     for (int i = 0; i < n; i++) {
         assert(ws[i]->cols == c.cols);
         c.units[i + 1] = c.units[i] + (ws[i]->rows + KILN_RG - 1) / KILN_RG;
         if (ws[i]->packed) c.act_of[i] = kiln_act_for(&c, ws[i]->type);
+        else if (kiln_weight_traits(ws[i]->type)->act_type == KILN_TYPE_Q8_K) need_k = 1;
     }
     void *buf = NULL;
-    if (c.n_acts) {
+    if (c.n_acts || need_k) {
         int nth = kiln_pool_size(pool);
         c.al = kiln_act_layout_for(c.cols);
         c.qscratch_stride = ((size_t)(c.cols / QK) * sizeof(block_q8_1) + 63) & ~(size_t)63;
         size_t act_bytes = (size_t)n_tokens * c.al.size;
-        size_t need = (size_t)c.n_acts * act_bytes + (size_t)nth * c.qscratch_stride;
+        size_t k_bytes = need_k ? ((size_t)n_tokens * (size_t)(c.cols / QK_K) * sizeof(block_q8_K) + 63) & ~(size_t)63 : 0;
+        size_t need = (size_t)c.n_acts * act_bytes + (size_t)nth * c.qscratch_stride + k_bytes;
         buf = pool ? kiln_pool_scratch(pool, need) : aligned_alloc(64, (need + 63) & ~(size_t)63);
         if (!buf) abort(); /* a few KB to MB: out of memory here leaves nothing sane to do */
         uint8_t *at = buf;
         for (int k = 0; k < c.n_acts; k++, at += act_bytes) c.act[k] = at;
         c.qscratch = at;
+        if (need_k) c.act_k = (block_q8_K *)(at + (size_t)nth * c.qscratch_stride);
         if (n_tokens == 1 || nth == 1) kiln_task_quantize(&c, 0, 1); /* not worth a wake-up */
         else kiln_pool_run(pool, kiln_task_quantize, &c);
     }

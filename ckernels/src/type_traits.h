@@ -16,7 +16,7 @@ typedef struct {
     int type_size;     /* bytes per block */
     /* as a weight of kiln_matmul (is_weight = 0: a codec only, e.g. an activation format) */
     int is_weight;
-    int act_type;      /* what the activations are quantized to: Q8_0 or Q8_1, F32 for
+    int act_type;      /* what the activations are quantized to: Q8_0, Q8_1 or Q8_K, F32 for
                         * float weights (activations stay float), -1 when not a weight */
     /* the repacked layout (kernels_impl.h); packed_block_bytes = 0: not repacked, the
      * kernels read the GGUF rows */

@@ -47,6 +47,10 @@ extern int small_sizes;
  * isas (isas[0] = scalar) at once, so scalar's logits are computed once. */
 void test_isa_ops(const char *isa);
 void test_codecs(void); /* the table's reference codecs (test_codecs.c) */
+/* The super-block kernels and the Q8_K quantizer (test_kgemm.c); is_k_type: a weight
+ * type with Q8_K activations, which the other matrix tests leave to it. */
+void test_kgemm(const char *isa);
+int is_k_type(int type);
 void test_forward(const char *const *isas, int n_isas);
 
 #endif

@@ -347,7 +347,7 @@ static void test_matmul_shapes(const char *isa) {
     int ntok = small_sizes ? 7 : 12;
     for (int k = 0; kiln_type_traits_at(k); k++) {
         const kiln_type_traits *tt = kiln_type_traits_at(k);
-        if (!tt->is_weight) continue;
+        if (!tt->is_weight || is_k_type(tt->type)) continue;
         int quant = is_quant(tt->type);
         const int64_t *cv = quant ? qcols : fcols;
         int nc = quant ? 5 : 11;
@@ -434,7 +434,9 @@ static void test_refusals(void) {
     kiln_matrix bad;
     CHECK(kiln_matrix_init(&bad, KILN_TYPE_Q4_0, 4, 48, "") == -1, "kiln_matrix_init", "-",
           "cols not a multiple of 32");
-    const int not_weights[] = {KILN_TYPE_Q8_1, 12 /* Q4_K */, 4, 999, -1};
+    CHECK(kiln_matrix_init(&bad, KILN_TYPE_Q4_K, 4, 288, "") == -1, "kiln_matrix_init", "-",
+          "cols not a multiple of 256");
+    const int not_weights[] = {KILN_TYPE_Q8_1, KILN_TYPE_Q8_K, 4, 999, -1};
     for (int i = 0; i < 5; i++)
         CHECK(kiln_matrix_init(&bad, not_weights[i], 4, 64, "") == -1, "kiln_matrix_init", "-",
               "type %d refused", not_weights[i]);
@@ -478,6 +480,7 @@ int main(void) {
         const char *isa = names[i];
         int before = n_failed;
         test_isa_ops(isa);
+        test_kgemm(isa);
         static const int64_t cols_ref[] = {32, 64, 576, 1536, 4096, 11008};
         for (int c = 0; c < (small_sizes ? 4 : 6); c++) {
             int64_t cols = cols_ref[c];
@@ -485,7 +488,7 @@ int main(void) {
             int64_t rows = cols > 2000 ? 9 : 37;
             for (int k = 0; kiln_type_traits_at(k); k++) {
                 const kiln_type_traits *tt = kiln_type_traits_at(k);
-                if (!tt->is_weight) continue;
+                if (!tt->is_weight || is_k_type(tt->type)) continue;
                 if (is_quant(tt->type)) test_matmul(isa, tt->type, rows, cols, 13, 1); /* 8 + 4 + 1 tokens */
                 test_matmul(isa, tt->type, rows, cols, 3, 0);
             }

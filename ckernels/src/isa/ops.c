@@ -4,6 +4,8 @@
 
 void KILN_FN(kiln_quantize_row_q8_0)(const float *x, block_q8_0 *y, int64_t n);
 void KILN_FN(kiln_quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n);
+void KILN_FN(kiln_quantize_row_q8_K)(const float *x, block_q8_K *y, int64_t n);
+void KILN_FN(kiln_kgemm)(const kiln_kgemm_args *a, int64_t r0, int64_t r1);
 void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1);
 void KILN_FN(kiln_fgemm)(const kiln_fgemm_args *a, int64_t r0, int64_t r1);
 uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n);
@@ -21,7 +23,9 @@ const kiln_isa_ops KILN_FN(kiln_ops) = {
     .name = KILN_STR(KILN_ISA),
     .quantize_row_q8_0 = KILN_FN(kiln_quantize_row_q8_0),
     .quantize_row_q8_1 = KILN_FN(kiln_quantize_row_q8_1),
+    .quantize_row_q8_K = KILN_FN(kiln_quantize_row_q8_K),
     .qgemm = KILN_FN(kiln_qgemm),
+    .kgemm = KILN_FN(kiln_kgemm),
     .fgemm = KILN_FN(kiln_fgemm),
     .stream_sum = KILN_FN(kiln_stream_sum),
     .attn_scores_f16 = KILN_FN(kiln_attn_scores_f16),

@@ -5,7 +5,10 @@
  * operations; the float products and the rounding are the same, so the bits are. */
 #include "isa.h"
 #include "codecs.h"
+#include "codecs_k.h"
 #include "kernels_impl.h"
+
+#include <string.h>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -80,6 +83,93 @@ static inline float kiln_q8_block(const float *x, int8_t *qs, int32_t *sum) {
 }
 #endif
 
+/* Q8_K (the K types' activations, codecs_k.c, ggml's quantize_row_q8_K_ref): per 256
+ * elements, max = the first element of largest |x|, iscale = -127 / max in float,
+ * q = min(127, round-half-even(iscale * x)), d = 1 / iscale, bsums the sums of q per 16;
+ * an all-zero block is all zeros. A NaN is skipped by the search for max as by the
+ * reference's strict comparison (the max instructions keep the non-NaN operand). */
+#if defined(__AVX2__)
+static float kiln_q8k_absmax(const float *x, int *first) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 amax = _mm256_setzero_ps();
+    for (int k = 0; k < QK_K / 8; k++) /* a NaN |x| is the first operand: amax is kept */
+        amax = _mm256_max_ps(_mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + 8 * k)), amax);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float m = _mm_cvtss_f32(m4);
+    __m256 vm = _mm256_set1_ps(m);
+    *first = 0;
+    for (int k = 0; k < QK_K / 8; k++) {
+        int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + 8 * k)), vm, _CMP_EQ_OQ));
+        if (hit) {
+            *first = 8 * k + __builtin_ctz((unsigned)hit);
+            break;
+        }
+    }
+    return m;
+}
+
+static inline void kiln_q8k_quants(const float *x, float iscale, int8_t *qs) {
+    const __m256 vs = _mm256_set1_ps(iscale);
+    const __m256i top = _mm256_set1_epi32(127);
+    for (int k = 0; k < QK_K / 32; k++) {
+        __m256i q[4];
+        for (int j = 0; j < 4; j++) /* the default rounding mode: to nearest, ties to even */
+            q[j] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 32 * k + 8 * j), vs)), top);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(qs + 32 * k), p);
+    }
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+static float kiln_q8k_absmax(const float *x, int *first) {
+    float32x4_t amax = vdupq_n_f32(0.0f);
+    for (int k = 0; k < QK_K / 4; k++) amax = vmaxnmq_f32(amax, vabsq_f32(vld1q_f32(x + 4 * k)));
+    float m = vmaxnmvq_f32(amax);
+    *first = 0;
+    for (int e = 0; e < QK_K; e++)
+        if (__builtin_fabsf(x[e]) == m) {
+            *first = e;
+            break;
+        }
+    return m;
+}
+
+static inline void kiln_q8k_quants(const float *x, float iscale, int8_t *qs) {
+    const int32x4_t top = vdupq_n_s32(127);
+    for (int k = 0; k < QK_K / 8; k++) {
+        /* vcvtnq: round to nearest, ties to even */
+        int32x4_t a = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + 8 * k), iscale)), top);
+        int32x4_t b = vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + 8 * k + 4), iscale)), top);
+        vst1_s8(qs + 8 * k, vqmovn_s16(vcombine_s16(vqmovn_s32(a), vqmovn_s32(b))));
+    }
+}
+#endif
+
+#if defined(__AVX2__) || (defined(__ARM_NEON) && defined(__aarch64__))
+static void quantize_row_q8_K(const float *x, block_q8_K *y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++, x += QK_K) {
+        int first;
+        float amax = kiln_q8k_absmax(x, &first);
+        if (!(amax > 0.0f)) {
+            memset(&y[i], 0, sizeof y[i]);
+            continue;
+        }
+        const float iscale = -127.f / x[first];
+        kiln_q8k_quants(x, iscale, y[i].qs);
+        for (int c = 0; c < QK_K / 16; c++) {
+            int sum = 0;
+            for (int e = 0; e < 16; e++) sum += y[i].qs[16 * c + e];
+            y[i].bsums[c] = (int16_t)sum;
+        }
+        y[i].d = 1 / iscale;
+    }
+}
+#else
+#define quantize_row_q8_K kiln_quantize_row_q8_K
+#endif
+
 #if defined(__AVX2__) || (defined(__ARM_NEON) && defined(__aarch64__))
 static void quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n) {
     for (int64_t i = 0; i < n / QK; i++) {
@@ -106,6 +196,9 @@ static void quantize_row_q8_1(const float *x, block_q8_1 *y, int64_t n) {
 
 void KILN_FN(kiln_quantize_row_q8_0)(const float *x, block_q8_0 *y, int64_t n) {
     quantize_row_q8_0(x, y, n);
+}
+void KILN_FN(kiln_quantize_row_q8_K)(const float *x, block_q8_K *y, int64_t n) {
+    quantize_row_q8_K(x, y, n);
 }
 void KILN_FN(kiln_quantize_row_q8_1)(const float *x, block_q8_1 *y, int64_t n) {
     quantize_row_q8_1(x, y, n);

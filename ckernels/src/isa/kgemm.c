@@ -1,0 +1,518 @@
+/* Super-block weights (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, in GGUF layout, read in
+ * place) times Q8_K activations. Each call computes rows [r0, r1) for every token; up to
+ * KILN_KNT tokens share each decoded super-block (prompt batches), and a batch walks
+ * the rows in blocks small enough to stay in L2 meanwhile.
+ *
+ * Every type is brought to one form per super-block of 256 elements in 16 chunks of 16:
+ *   q[e]     a small integer per element (unsigned for the K types, IQ4_XS's signed
+ *            grid value), in element order;
+ *   sc[c]    the integer scale of chunk c (a 32-element sub-block gives its two chunks
+ *            the same scale);
+ *   coef[c]  the weight of the chunk's activation sum bsum[c] (Q8_K's bsums): the
+ *            chunk's min for the types with mins (Q2_K, Q4_K, Q5_K), -offset * sc[c]
+ *            for the types whose quants are stored with an offset (Q3_K: 4, Q6_K: 32),
+ *            0 for IQ4_XS.
+ * A weight is then d * sc[c] * (q[e] - offset) - dmin * coef[c], and with activations
+ * d_x * a[e] the super-block's term is
+ *   d * d_x * isum - dmin * d_x * msum,
+ *   isum = sum_c sc[c] * sum_{e in c} q[e] a[e]  (+ sum_c coef[c] bsum[c] with offsets),
+ *   msum = sum_c coef[c] bsum[c]                   (types with mins; else 0).
+ * isum and msum are exact in int32 (|a| <= 127 from the Q8_K quantizer, bounds below),
+ * and kiln_ksum_step (kernels_impl.h) does the float part, in the same order in every
+ * variant, so all variants give the same bits, and a float64 product of the exactly
+ * dequantized operands gives them too up to double roundings.
+ *
+ * Why the int32 sums cannot overflow (per super-block, |a| <= 127, |bsum| <= 16 * 127):
+ *   Q2_K  q <= 3, sc <= 15:        |isum| <= 256 * 3 * 127 * 15 < 2^21; msum: coef
+ *                                  <= 15, |msum| <= 15 * 256 * 127 < 2^19.
+ *   Q3_K  q - 4 in [-4, 3], |sc| <= 32: |isum| <= 256 * 4 * 127 * 32 < 2^22; the
+ *                                  unsigned partial sum_c sc q a and the offset part
+ *                                  each < 256 * 7 * 127 * 32 < 2^23.
+ *   Q4_K  q <= 15, sc, m <= 63:    |isum| <= 256 * 15 * 127 * 63 < 2^25, |msum| < 2^21.
+ *   Q5_K  q <= 31:                 |isum| <= 256 * 31 * 127 * 63 < 2^26, |msum| < 2^21.
+ *   Q6_K  q - 32 in [-32, 31], |sc| <= 128: |isum| <= 256 * 32 * 127 * 128 < 2^27; the
+ *                                  unsigned part and the offset part each < 2^28.
+ *   IQ4_XS |q| <= 127, |sc| <= 32: |isum| <= 256 * 127 * 127 * 32 < 2^28.
+ * The SIMD partial sums are sums of subsets of these terms, so they are bounded alike;
+ * AVX2's maddubs adds two products u8 * s8 into int16: at most 2 * 63 * 127 = 16002
+ * (Q6_K), or 2 * 127 * 127 = 32258 for IQ4_XS's |q| * sign-folded a: no saturation. */
+#include "isa.h"
+#include "kernels_impl.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define KILN_KNT 8 /* tokens per pass over a row */
+
+/* IQ4_NL / IQ4_XS's non-uniform grid */
+static const int8_t kiln_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                              1,    13,   25,   38,  53,  69,  89,  113};
+
+/* ---- scales: per super-block, the same portable code in every variant ---- */
+
+typedef struct {
+    int8_t sc[16];    /* chunk scales */
+    int8_t coef[16];  /* chunk mins (types with mins) */
+    float d, dmin;    /* dmin = 0 for types without mins */
+} kiln_kscales;
+
+/* Q4_K / Q5_K: 8 6-bit scales and 8 6-bit mins in 12 bytes. Sub-blocks 0-3 keep theirs
+ * in the low 6 bits of bytes 0-3 (scale) and 4-7 (min); sub-blocks 4-7 have their low
+ * 4 bits in bytes 8-11 (scale low nibble, min high nibble) and their top 2 bits in the
+ * spare top bits of bytes 0-3 (scale) and 4-7 (min). */
+static inline void kiln_scales_k4(const uint8_t *s, kiln_kscales *k) {
+    for (int j = 0; j < 4; j++) {
+        int sc = s[j] & 63, m = s[j + 4] & 63;
+        int sc2 = (s[j + 8] & 15) | ((s[j] >> 6) << 4), m2 = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+        k->sc[2 * j] = k->sc[2 * j + 1] = (int8_t)sc;
+        k->coef[2 * j] = k->coef[2 * j + 1] = (int8_t)m;
+        k->sc[8 + 2 * j] = k->sc[9 + 2 * j] = (int8_t)sc2;
+        k->coef[8 + 2 * j] = k->coef[9 + 2 * j] = (int8_t)m2;
+    }
+}
+
+static inline void kiln_kscales_of(const void *blk, int type, kiln_kscales *k) {
+    switch (type) {
+    case KILN_TYPE_Q2_K: {
+        const block_q2_K *b = blk;
+        for (int c = 0; c < 16; c++) {
+            k->sc[c] = (int8_t)(b->scales[c] & 15);
+            k->coef[c] = (int8_t)(b->scales[c] >> 4);
+        }
+        k->d = kiln_fp16_to_fp32(b->d);
+        k->dmin = kiln_fp16_to_fp32(b->dmin);
+        break;
+    }
+    case KILN_TYPE_Q3_K: {
+        /* 16 6-bit scales, offset by 32: low 4 bits in the nibbles of bytes 0-7
+         * (chunks 0-7 low nibbles, 8-15 high nibbles), top 2 bits in bytes 8-11
+         * (chunk c at bits 2 * (c / 4) of byte 8 + c % 4) */
+        const block_q3_K *b = blk;
+        const uint8_t *s = b->scales;
+        for (int c = 0; c < 16; c++) {
+            int lo = c < 8 ? s[c] & 15 : s[c - 8] >> 4;
+            int hi = (s[8 + c % 4] >> (2 * (c / 4))) & 3;
+            k->sc[c] = (int8_t)((lo | hi << 4) - 32);
+        }
+        k->d = kiln_fp16_to_fp32(b->d);
+        k->dmin = 0.0f;
+        break;
+    }
+    case KILN_TYPE_Q4_K: {
+        const block_q4_K *b = blk;
+        kiln_scales_k4(b->scales, k);
+        k->d = kiln_fp16_to_fp32(b->d);
+        k->dmin = kiln_fp16_to_fp32(b->dmin);
+        break;
+    }
+    case KILN_TYPE_Q5_K: {
+        const block_q5_K *b = blk;
+        kiln_scales_k4(b->scales, k);
+        k->d = kiln_fp16_to_fp32(b->d);
+        k->dmin = kiln_fp16_to_fp32(b->dmin);
+        break;
+    }
+    case KILN_TYPE_Q6_K: {
+        const block_q6_K *b = blk;
+        memcpy(k->sc, b->scales, 16);
+        k->d = kiln_fp16_to_fp32(b->d);
+        k->dmin = 0.0f;
+        break;
+    }
+    default: { /* IQ4_XS: 8 6-bit scales offset by 32, 4 bits in scales_l, 2 in scales_h */
+        const block_iq4_xs *b = blk;
+        for (int j = 0; j < 8; j++) {
+            int ls = ((b->scales_l[j / 2] >> (4 * (j % 2))) & 15) | (((b->scales_h >> (2 * j)) & 3) << 4);
+            k->sc[2 * j] = k->sc[2 * j + 1] = (int8_t)(ls - 32);
+        }
+        k->d = kiln_fp16_to_fp32(b->d);
+        k->dmin = 0.0f;
+        break;
+    }
+    }
+}
+
+/* Types with mins take coef from kiln_kscales; the others -offset * sc. */
+static inline int kiln_khas_min(int type) {
+    return type == KILN_TYPE_Q2_K || type == KILN_TYPE_Q4_K || type == KILN_TYPE_Q5_K;
+}
+static inline int kiln_koffset(int type) {
+    return type == KILN_TYPE_Q3_K ? 4 : type == KILN_TYPE_Q6_K ? 32 : 0;
+}
+
+/* ---- quants, element by element (the scalar and NEON variants) ---- */
+
+/* q[e] for e < 256 as described at the top (unsigned, offset not removed; IQ4_XS's
+ * grid values). */
+static void kiln_kquants_of(const void *blk, int type, int8_t *q) {
+    switch (type) {
+    case KILN_TYPE_Q2_K: { /* element e: bits 2 * (e % 128 / 32) of qs[e / 128 * 32 + e % 32] */
+        const block_q2_K *b = blk;
+        for (int e = 0; e < QK_K; e++)
+            q[e] = (int8_t)((b->qs[e / 128 * 32 + e % 32] >> (2 * (e % 128 / 32))) & 3);
+        break;
+    }
+    case KILN_TYPE_Q3_K: { /* two low bits as Q2_K, the third in bit e / 32 of hmask[e % 32] */
+        const block_q3_K *b = blk;
+        for (int e = 0; e < QK_K; e++) {
+            int lo = (b->qs[e / 128 * 32 + e % 32] >> (2 * (e % 128 / 32))) & 3;
+            int hi = (b->hmask[e % 32] >> (e / 32)) & 1;
+            q[e] = (int8_t)(lo | hi << 2);
+        }
+        break;
+    }
+    case KILN_TYPE_Q4_K:
+    case KILN_TYPE_Q5_K: { /* element e: nibble (e % 64 >= 32) of qs[e / 64 * 32 + e % 32];
+                            * Q5_K's fifth bit in bit e / 32 of qh[e % 32] */
+        const uint8_t *qs = type == KILN_TYPE_Q4_K ? ((const block_q4_K *)blk)->qs : ((const block_q5_K *)blk)->qs;
+        for (int e = 0; e < QK_K; e++) {
+            uint8_t byte = qs[e / 64 * 32 + e % 32];
+            int v = e % 64 >= 32 ? byte >> 4 : byte & 15;
+            if (type == KILN_TYPE_Q5_K) v |= ((((const block_q5_K *)blk)->qh[e % 32] >> (e / 32)) & 1) << 4;
+            q[e] = (int8_t)v;
+        }
+        break;
+    }
+    case KILN_TYPE_Q6_K: { /* element e = 128 h + 32 k + l: low 4 bits in nibble k / 2 of
+                            * ql[64 h + 32 (k % 2) + l], high 2 bits at bit 2 k of qh[32 h + l] */
+        const block_q6_K *b = blk;
+        for (int e = 0; e < QK_K; e++) {
+            int h = e / 128, k = e % 128 / 32, l = e % 32;
+            uint8_t lb = b->ql[64 * h + 32 * (k % 2) + l];
+            int lo = k >= 2 ? lb >> 4 : lb & 15;
+            int hi = (b->qh[32 * h + l] >> (2 * k)) & 3;
+            q[e] = (int8_t)(lo | hi << 4);
+        }
+        break;
+    }
+    default: { /* IQ4_XS: sub-block e / 32 in qs[16 (e / 32) ..]: low nibbles, then high */
+        const block_iq4_xs *b = blk;
+        for (int e = 0; e < QK_K; e++) {
+            uint8_t byte = b->qs[e / 32 * 16 + e % 16];
+            q[e] = kiln_kvalues_iq4nl[e % 32 >= 16 ? byte >> 4 : byte & 15];
+        }
+        break;
+    }
+    }
+}
+
+static inline void kiln_kstore(const kiln_kgemm_args *a, int64_t row, int t0, int nt, const double *acc) {
+    for (int t = 0; t < nt; t++) a->y[(size_t)(t0 + t) * a->rows + row] = (float)acc[t];
+}
+
+#if defined(__AVX2__)
+/* The AVX-VNNI and AVX512-VNNI variants compile this AVX2 path with their flags: the
+ * chunk scales are applied to 16-bit pair sums (vpmaddwd), which dpbusd's 32-bit sums
+ * of four would need a 32-bit multiply for. */
+#include <immintrin.h>
+
+/* q of super-block blk in 8 registers, q[k] = elements 32k .. 32k + 31. */
+static inline __attribute__((always_inline)) void kiln_kquants_avx2(const void *blk, const int type, __m256i *q) {
+    const __m256i m2 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(15), m1 = _mm256_set1_epi8(1);
+    switch (type) {
+    case KILN_TYPE_Q2_K:
+    case KILN_TYPE_Q3_K: {
+        const uint8_t *qs = type == KILN_TYPE_Q2_K ? ((const block_q2_K *)blk)->qs : ((const block_q3_K *)blk)->qs;
+        __m256i hm = type == KILN_TYPE_Q3_K ? _mm256_loadu_si256((const __m256i *)((const block_q3_K *)blk)->hmask)
+                                            : _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                /* 16-bit shifts: the bits shifted across bytes are masked off */
+                __m256i x = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m2);
+                if (type == KILN_TYPE_Q3_K)
+                    x = _mm256_or_si256(x, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * h + j), m1), 2));
+                q[4 * h + j] = x;
+            }
+        }
+        break;
+    }
+    case KILN_TYPE_Q4_K:
+    case KILN_TYPE_Q5_K: {
+        const uint8_t *qs = type == KILN_TYPE_Q4_K ? ((const block_q4_K *)blk)->qs : ((const block_q5_K *)blk)->qs;
+        __m256i qh = type == KILN_TYPE_Q5_K ? _mm256_loadu_si256((const __m256i *)((const block_q5_K *)blk)->qh)
+                                            : _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            if (type == KILN_TYPE_Q5_K) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), m1), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), m1), 4));
+            }
+            q[2 * c] = lo;
+            q[2 * c + 1] = hi;
+        }
+        break;
+    }
+    case KILN_TYPE_Q6_K: {
+        const block_q6_K *b = blk;
+        const __m256i m30 = _mm256_set1_epi8(0x30);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+            /* bits 2k, 2k + 1 of qh moved to bits 4, 5 */
+            q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m30));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+        }
+        break;
+    }
+    default: { /* IQ4_XS: a 16-byte sub-block gives 16 low nibbles, then 16 high */
+        const block_iq4_xs *b = blk;
+        const __m256i grid = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)kiln_kvalues_iq4nl));
+        for (int k = 0; k < 8; k++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(b->qs + 16 * k));
+            __m256i x = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+            q[k] = _mm256_shuffle_epi8(grid, x);
+        }
+        break;
+    }
+    }
+}
+
+static inline float kiln_h2f(kiln_fp16 h) { return _cvtsh_ss(h); } /* exact, as kiln_fp16_to_fp32 */
+
+/* The chunk scales (sc) and mins (coef, types with mins) of super-block blk as 16
+ * bytes each, with d and dmin: kiln_kscales_of's values, in registers. */
+static inline __attribute__((always_inline)) void
+kiln_kscales_avx2(const void *blk, const int type, __m128i *sc, __m128i *coef, float *d, float *dmin) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    *coef = _mm_setzero_si128();
+    *dmin = 0.0f;
+    switch (type) {
+    case KILN_TYPE_Q2_K: {
+        const block_q2_K *b = blk;
+        __m128i v = _mm_loadu_si128((const __m128i *)b->scales);
+        *sc = _mm_and_si128(v, m4);
+        *coef = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        *d = kiln_h2f(b->d);
+        *dmin = kiln_h2f(b->dmin);
+        break;
+    }
+    case KILN_TYPE_Q3_K: { /* the layout of kiln_kscales_of, four chunks per 32-bit lane */
+        const block_q3_K *b = blk;
+        uint64_t lo8;
+        uint32_t hi4;
+        memcpy(&lo8, b->scales, 8);
+        memcpy(&hi4, b->scales + 8, 4);
+        __m128i l = _mm_cvtsi64_si128((long long)lo8);
+        __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(l, m4), _mm_and_si128(_mm_srli_epi16(l, 4), m4));
+        __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)hi4), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+        *sc = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+        *d = kiln_h2f(b->d);
+        break;
+    }
+    case KILN_TYPE_Q4_K:
+    case KILN_TYPE_Q5_K: { /* kiln_scales_k4, four sub-blocks per 32-bit word */
+        const uint8_t *s = type == KILN_TYPE_Q4_K ? ((const block_q4_K *)blk)->scales : ((const block_q5_K *)blk)->scales;
+        uint32_t a[3];
+        memcpy(a, s, 12);
+        const uint32_t k6 = 0x3f3f3f3f, k4 = 0x0f0f0f0f, k2 = 0x03030303;
+        uint64_t scs = (a[0] & k6) | (uint64_t)((a[2] & k4) | ((a[0] >> 6) & k2) << 4) << 32;
+        uint64_t mins = (a[1] & k6) | (uint64_t)(((a[2] >> 4) & k4) | ((a[1] >> 6) & k2) << 4) << 32;
+        __m128i v = _mm_cvtsi64_si128((long long)scs), m = _mm_cvtsi64_si128((long long)mins);
+        *sc = _mm_unpacklo_epi8(v, v); /* a sub-block's scale for both its chunks */
+        *coef = _mm_unpacklo_epi8(m, m);
+        const kiln_fp16 *dd = blk; /* d, dmin lead both blocks */
+        *d = kiln_h2f(dd[0]);
+        *dmin = kiln_h2f(dd[1]);
+        break;
+    }
+    case KILN_TYPE_Q6_K: {
+        const block_q6_K *b = blk;
+        *sc = _mm_loadu_si128((const __m128i *)b->scales);
+        *d = kiln_h2f(b->d);
+        break;
+    }
+    default: { /* IQ4_XS */
+        const block_iq4_xs *b = blk;
+        uint32_t l4;
+        memcpy(&l4, b->scales_l, 4);
+        __m128i l = _mm_cvtsi32_si128((int)l4);
+        l = _mm_unpacklo_epi8(_mm_and_si128(l, m4), _mm_and_si128(_mm_srli_epi16(l, 4), m4));
+        uint64_t h = 0;
+        for (int j = 0; j < 8; j++) h |= (uint64_t)((b->scales_h >> (2 * j)) & 3) << (8 * j + 4);
+        __m128i v = _mm_sub_epi8(_mm_or_si128(l, _mm_cvtsi64_si128((long long)h)), _mm_set1_epi8(32));
+        *sc = _mm_unpacklo_epi8(v, v);
+        *d = kiln_h2f(b->d);
+        break;
+    }
+    }
+}
+
+static inline int32_t kiln_hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline __attribute__((always_inline)) void
+kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, const int type) {
+    const int has_min = kiln_khas_min(type), offset = kiln_koffset(type), sgn = type == KILN_TYPE_IQ4_XS;
+    const size_t bsize = a->row_size / (size_t)a->nb;
+    /* the scale of chunks 2k (low 128-bit lane) and 2k + 1 (high lane), as 16-bit lanes,
+     * picked from 8 scales repeated in both lanes */
+    __m256i pick[4];
+    for (int k = 0; k < 4; k++)
+        pick[k] = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                   4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                   4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
+                                   4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *wr = a->w + (size_t)row * a->row_size;
+        double acc[KILN_KNT];
+        for (int t = 0; t < nt; t++) acc[t] = 0.0;
+        for (int64_t ib = 0; ib < a->nb; ib++) {
+            const void *blk = wr + (size_t)ib * bsize;
+            _mm_prefetch((const char *)blk + 2 * bsize, _MM_HINT_T0);
+            __m128i sc8, coef8;
+            float d, dmin;
+            kiln_kscales_avx2(blk, type, &sc8, &coef8, &d, &dmin);
+            __m256i q[8], qa[8], scv[8];
+            kiln_kquants_avx2(blk, type, q);
+            if (sgn)
+                for (int k = 0; k < 8; k++) qa[k] = _mm256_abs_epi8(q[k]);
+            __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+            __m256i s_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), s_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+            for (int k = 0; k < 4; k++) {
+                scv[k] = _mm256_shuffle_epi8(s_lo, pick[k]);
+                scv[k + 4] = _mm256_shuffle_epi8(s_hi, pick[k]);
+            }
+            __m256i coef = has_min ? _mm256_cvtepi8_epi16(coef8)
+                                   : _mm256_mullo_epi16(sc16, _mm256_set1_epi16((short)-offset));
+            for (int t = 0; t < nt; t++) {
+                const block_q8_K *x = a->act + (size_t)(t0 + t) * a->nb + ib;
+                __m256i s = _mm256_setzero_si256();
+                for (int k = 0; k < 8; k++) {
+                    __m256i ax = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
+                    __m256i p = sgn ? _mm256_maddubs_epi16(qa[k], _mm256_sign_epi8(ax, q[k]))
+                                    : _mm256_maddubs_epi16(q[k], ax);
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
+                }
+                int32_t isum, msum = 0;
+                if (offset || has_min) {
+                    __m256i m = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), coef);
+                    if (has_min) msum = kiln_hsum8(m);
+                    else s = _mm256_add_epi32(s, m);
+                }
+                isum = kiln_hsum8(s);
+                acc[t] = kiln_ksum_step(acc[t], isum, msum, d, dmin, x->d);
+            }
+        }
+        kiln_kstore(a, row, t0, nt, acc);
+    }
+}
+
+#elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
+#include <arm_neon.h>
+
+/* Quants element by element, then sdot per chunk, scaled per chunk in int32. */
+static inline __attribute__((always_inline)) void
+kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, const int type) {
+    const int has_min = kiln_khas_min(type), offset = kiln_koffset(type);
+    const size_t bsize = a->row_size / (size_t)a->nb;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *wr = a->w + (size_t)row * a->row_size;
+        double acc[KILN_KNT];
+        for (int t = 0; t < nt; t++) acc[t] = 0.0;
+        for (int64_t ib = 0; ib < a->nb; ib++) {
+            const void *blk = wr + (size_t)ib * bsize;
+            kiln_kscales ks;
+            kiln_kscales_of(blk, type, &ks);
+            int8_t qv[QK_K];
+            kiln_kquants_of(blk, type, qv);
+            int8x16_t q[16];
+            for (int c = 0; c < 16; c++) q[c] = vld1q_s8(qv + 16 * c);
+            int16x8_t sc_lo = vmovl_s8(vld1_s8(ks.sc)), sc_hi = vmovl_s8(vld1_s8(ks.sc + 8));
+            int16x8_t cf_lo, cf_hi;
+            if (has_min) {
+                cf_lo = vmovl_s8(vld1_s8(ks.coef));
+                cf_hi = vmovl_s8(vld1_s8(ks.coef + 8));
+            } else {
+                cf_lo = vmulq_n_s16(sc_lo, (int16_t)-offset);
+                cf_hi = vmulq_n_s16(sc_hi, (int16_t)-offset);
+            }
+            for (int t = 0; t < nt; t++) {
+                const block_q8_K *x = a->act + (size_t)(t0 + t) * a->nb + ib;
+                int32x4_t s = vdupq_n_s32(0);
+                for (int c = 0; c < 16; c++) {
+                    int32x4_t dc = vdotq_s32(vdupq_n_s32(0), q[c], vld1q_s8(x->qs + 16 * c));
+                    s = vmlaq_n_s32(s, dc, ks.sc[c]);
+                }
+                int16x8_t b_lo = vld1q_s16(x->bsums), b_hi = vld1q_s16(x->bsums + 8);
+                int32x4_t m = vmull_s16(vget_low_s16(b_lo), vget_low_s16(cf_lo));
+                m = vmlal_s16(m, vget_high_s16(b_lo), vget_high_s16(cf_lo));
+                m = vmlal_s16(m, vget_low_s16(b_hi), vget_low_s16(cf_hi));
+                m = vmlal_s16(m, vget_high_s16(b_hi), vget_high_s16(cf_hi));
+                int32_t isum, msum = 0;
+                if (has_min) msum = vaddvq_s32(m);
+                else s = vaddq_s32(s, m); /* IQ4_XS: coef 0, adds 0 */
+                isum = vaddvq_s32(s);
+                acc[t] = kiln_ksum_step(acc[t], isum, msum, ks.d, ks.dmin, x->d);
+            }
+        }
+        kiln_kstore(a, row, t0, nt, acc);
+    }
+}
+
+#else
+/* Scalar reference: each chunk's dot, times its scale, plus the bsums term. */
+static void kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, const int type) {
+    const int has_min = kiln_khas_min(type), offset = kiln_koffset(type);
+    const size_t bsize = a->row_size / (size_t)a->nb;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *wr = a->w + (size_t)row * a->row_size;
+        double acc[KILN_KNT];
+        for (int t = 0; t < nt; t++) acc[t] = 0.0;
+        for (int64_t ib = 0; ib < a->nb; ib++) {
+            const void *blk = wr + (size_t)ib * bsize;
+            kiln_kscales ks;
+            kiln_kscales_of(blk, type, &ks);
+            int8_t q[QK_K];
+            kiln_kquants_of(blk, type, q);
+            for (int t = 0; t < nt; t++) {
+                const block_q8_K *x = a->act + (size_t)(t0 + t) * a->nb + ib;
+                int32_t isum = 0, msum = 0;
+                for (int c = 0; c < 16; c++) {
+                    int32_t dot = 0;
+                    for (int e = 16 * c; e < 16 * c + 16; e++) dot += q[e] * x->qs[e];
+                    isum += ks.sc[c] * dot;
+                    if (has_min) msum += ks.coef[c] * x->bsums[c];
+                    else isum -= offset * ks.sc[c] * x->bsums[c];
+                }
+                acc[t] = kiln_ksum_step(acc[t], isum, msum, ks.d, ks.dmin, x->d);
+            }
+        }
+        kiln_kstore(a, row, t0, nt, acc);
+    }
+}
+#endif
+
+/* Rows [r0, r1) for tokens [t0, t0 + nt), with the type a compile-time constant. */
+static void kiln_krows_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt) {
+    switch (a->type) {
+    case KILN_TYPE_Q2_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q2_K); break;
+    case KILN_TYPE_Q3_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q3_K); break;
+    case KILN_TYPE_Q4_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q4_K); break;
+    case KILN_TYPE_Q5_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q5_K); break;
+    case KILN_TYPE_Q6_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q6_K); break;
+    case KILN_TYPE_IQ4_XS: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_IQ4_XS); break;
+    default: abort(); /* kiln_matmul routes no other type here */
+    }
+}
+
+void KILN_FN(kiln_kgemm)(const kiln_kgemm_args *a, int64_t r0, int64_t r1) {
+    /* a batch passes over the weights once per KILN_KNT tokens: take the rows in
+     * blocks small enough to stay in L2 meanwhile */
+    int64_t step = a->n_tokens > KILN_KNT ? (int64_t)((256u << 10) / a->row_size) : r1 - r0;
+    if (step < 1) step = 1;
+    for (int64_t rb = r0; rb < r1; rb += step) {
+        int64_t re = rb + step < r1 ? rb + step : r1;
+        for (int t0 = 0; t0 < a->n_tokens; t0 += KILN_KNT)
+            kiln_krows_typed(a, rb, re, t0, a->n_tokens - t0 < KILN_KNT ? a->n_tokens - t0 : KILN_KNT);
+    }
+}
