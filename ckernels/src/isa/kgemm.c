@@ -461,7 +461,7 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
 
 #else
 /* Scalar reference: each chunk's dot, times its scale, plus the bsums term. */
-static void kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, const int type) {
+static inline __attribute__((always_inline)) void kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, const int type) {
     const int has_min = kiln_khas_min(type), offset = kiln_koffset(type);
     const size_t bsize = a->row_size / (size_t)a->nb;
     for (int64_t row = r0; row < r1; row++) {
@@ -492,15 +492,20 @@ static void kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0,
 }
 #endif
 
-/* Rows [r0, r1) for tokens [t0, t0 + nt), with the type a compile-time constant. */
+/* Rows [r0, r1) for tokens [t0, t0 + nt), with the type a compile-time constant, and
+ * the token count too for generation (1) and full tiles, so the accumulators stay in
+ * registers rather than making a store-reload chain per super-block. */
+#define KILN_KROWS_NT(T)                                                                  \
+    (nt == 1 ? kiln_krows(a, r0, r1, t0, 1, T)                                            \
+             : nt == KILN_KNT ? kiln_krows(a, r0, r1, t0, KILN_KNT, T) : kiln_krows(a, r0, r1, t0, nt, T))
 static void kiln_krows_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt) {
     switch (a->type) {
-    case KILN_TYPE_Q2_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q2_K); break;
-    case KILN_TYPE_Q3_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q3_K); break;
-    case KILN_TYPE_Q4_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q4_K); break;
-    case KILN_TYPE_Q5_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q5_K); break;
-    case KILN_TYPE_Q6_K: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_Q6_K); break;
-    case KILN_TYPE_IQ4_XS: kiln_krows(a, r0, r1, t0, nt, KILN_TYPE_IQ4_XS); break;
+    case KILN_TYPE_Q2_K: KILN_KROWS_NT(KILN_TYPE_Q2_K); break;
+    case KILN_TYPE_Q3_K: KILN_KROWS_NT(KILN_TYPE_Q3_K); break;
+    case KILN_TYPE_Q4_K: KILN_KROWS_NT(KILN_TYPE_Q4_K); break;
+    case KILN_TYPE_Q5_K: KILN_KROWS_NT(KILN_TYPE_Q5_K); break;
+    case KILN_TYPE_Q6_K: KILN_KROWS_NT(KILN_TYPE_Q6_K); break;
+    case KILN_TYPE_IQ4_XS: KILN_KROWS_NT(KILN_TYPE_IQ4_XS); break;
     default: abort(); /* kiln_matmul routes no other type here */
     }
 }
