@@ -1,4 +1,4 @@
-"""Float32 building blocks the NumPy block codecs share (quants.py, iquants.py).
+"""Float32 building blocks the NumPy block codecs share (quants.py, kquants.py, iquants.py).
 
 Each reproduces one step of ggml's C exactly: its comparisons, its float32 rounding,
 its fp16 conversion and its byte layout. Blocks are rows of a 2-D array (nblocks, block).
@@ -10,6 +10,8 @@ import numpy as np
 from .constants import QK
 
 F32 = np.float32
+# ggml's threshold: a group whose largest |x| is below it is quantized as all zero
+GROUP_MAX_EPS = F32(1e-15)
 
 
 def first_value(blocks: np.ndarray, rows: np.ndarray, hit: np.ndarray) -> np.ndarray:

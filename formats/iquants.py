@@ -22,7 +22,6 @@ KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10,
                           1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _GRID = KVALUES_IQ4NL.astype(F32)
 _NTRY = 7  # trial scales (itry - 127) / max for itry in [-7, 7]
-_GROUP_MAX_EPS = F32(1e-15)  # ggml: a block whose largest |x| is below this is all zero
 
 
 # The grid points are integers, so the first one above x is the first one above floor(x):
@@ -69,7 +68,7 @@ def block_scales(x: np.ndarray) -> np.ndarray:
     from max/127 (max: the first element of largest magnitude), then keep the trial scale
     with the best weighted fit, compared as sumqx^2 / sumq2 without dividing."""
     mx = _b.signed_absmax(x)
-    zero = np.abs(mx) < _GROUP_MAX_EPS
+    zero = np.abs(mx) < _b.GROUP_MAX_EPS
     xt = np.ascontiguousarray(x.T)
     wt = xt * xt
     d = -mx / _GRID[0]

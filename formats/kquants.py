@@ -26,7 +26,6 @@ from .constants import GGMLType
 
 F32 = np.float32
 QK_K = 256
-GROUP_MAX_EPS = F32(1e-15)  # ggml: a group whose largest |x| is below this is all zero
 _CHUNK = 1024  # super-blocks per step: the (elements, sub-blocks) temporaries stay small
 
 _nearest_int = _b.nearest_int
@@ -148,7 +147,7 @@ def make_q3_quants(x, nmax: int):
     to 5 sweeps of coordinate descent on each quant; the scale and L (n, m) in 0..2nmax-1
     (all 0 for an all-zero sub-block)."""
     mx, amax = _signed_absmax(x)
-    zero = amax < GROUP_MAX_EPS
+    zero = amax < _b.GROUP_MAX_EPS
     iscale = F32(-nmax) / mx
     L = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
     w = x * x
@@ -181,7 +180,7 @@ def make_qx_quants(x, nmax: int):
     (n, m): weights x^2, the best of 19 trial scales by weighted least squares; the
     scale and L (n, m) in 0..2nmax-1 (all 0 for an all-zero sub-block)."""
     mx, amax = _signed_absmax(x)
-    zero = amax < GROUP_MAX_EPS
+    zero = amax < _b.GROUP_MAX_EPS
     w = x * x
     wx = w * x
 
@@ -407,7 +406,7 @@ def quantize_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
     scales = scales.reshape(nb, 16)
     L = L.T.reshape(nb, 256)
     max_scale, max_abs = _signed_absmax(scales.T)
-    zero = max_abs < GROUP_MAX_EPS
+    zero = max_abs < _b.GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-128) / max_scale
         d = np.where(zero, F32(0), F32(1) / iscale)

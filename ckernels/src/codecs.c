@@ -4,18 +4,8 @@
 #include <math.h>
 #include <float.h>
 #include "codecs.h"
+#include "codecs_impl.h"
 #include "type_traits.h"
-
-/* x*id + 8.5f (and Q5's + 16.5f, + 0.5f) must round twice, as in ggml's reference and NumPy: never fuse it into an
- * FMA (arm64 has FMA in its baseline and GCC contracts by default in gnu11 mode). */
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MAX(a, b) ((a) > (b) ? (a) : (b))
 
 void kiln_quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t n) {
     const int64_t nb = n / QK;

@@ -5,22 +5,12 @@
 #include <math.h>
 #include <string.h>
 #include "codecs.h"
-
-/* The weighted sums must round once per operation as in ggml and NumPy: no FMA. */
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#include "codecs_impl.h"
 
 const int8_t kiln_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                        1, 13, 25, 38, 53, 69, 89, 113};
 
 #define IQ4_NTRY 7               /* trial scales (itry - 127) / max, itry in [-7, 7] */
-#define IQ4_GROUP_MAX_EPS 1e-15f /* a block whose largest |x| is below this is all zero */
 #define IQ4_XS_SUB (QK_K / QK)   /* sub-blocks per IQ4_XS super-block */
 
 /* The nearest grid point's index; exactly between two, the upper one (float32 distances). */
@@ -69,7 +59,7 @@ static float block_scale(const float *x) {
             max = x[j];
         }
     }
-    if (amax < IQ4_GROUP_MAX_EPS) return 0.0f;
+    if (amax < GROUP_MAX_EPS) return 0.0f;
     float d = -max / kiln_kvalues_iq4nl[0];
     float sumqx, sumq2;
     weighted_sums(x, 1 / d, &sumqx, &sumq2);

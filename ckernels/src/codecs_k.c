@@ -4,17 +4,7 @@
 #include <math.h>
 #include <string.h>
 #include "codecs_k.h"
-
-/* Every product and sum rounds on its own, as in ggml and NumPy: never fuse to FMA. */
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MAX(a, b) ((a) > (b) ? (a) : (b))
-#define GROUP_MAX_EPS 1e-15f /* a group whose largest |x| is below this is all zero */
+#include "codecs_impl.h"
 
 /* The first value of largest magnitude, with its sign; *amax its magnitude (0 if none). */
 static float signed_absmax(int n, const float *x, float *amax_out) {
