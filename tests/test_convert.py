@@ -339,8 +339,10 @@ def test_type_rules_notes_and_output_lines(smol_vocab, tmp_path, capsys):
     capsys.readouterr()
     assert run_convert(hf, "-o", tmp_path / "q4.gguf", "--type", "q4_0") == 0
     out, err = capsys.readouterr()
-    assert ("note: blk.0.ffn_down.weight: row length 48 is not a multiple of 32; "
-            "stored as F16 instead of Q4_0") in err
+    # one line for both layers' ffn_down (grouped notes)
+    assert ("note: 2 tensors (blk.0.ffn_down.weight, ...): row length 48 is not a multiple "
+            "of 32; stored as F16 instead of Q4_0") in err
+    assert err.count("note:") == 1
     line = next(ln for ln in out.splitlines() if "blk.0.attn_q.weight" in ln and "->" in ln)
     assert "64x64" in line and "F32 -> Q4_0" in line and "rmse" in line
     assert "bits per weight" in out and "MiB" in out
