@@ -15,6 +15,7 @@ import pytest
 
 import ckernels
 from cpu_isas import expected_isas
+from formats.iquants import KVALUES_IQ4NL  # the grid, checked against ggml in test_codecs_5bit_iq.py
 
 ISAS = expected_isas()  # from /proc/cpuinfo, not from the code under test
 COLS = [32, 64, 96, 576, 1536, 4096, 11008]  # 1, 2, 3, 18, ... blocks: every tail of a block group
@@ -23,7 +24,6 @@ COLS = [32, 64, 96, 576, 1536, 4096, 11008]  # 1, 2, 3, 18, ... blocks: every ta
 TYPE = {b.name: b.ggml_id for b in ckernels.block_types()}
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = (
     TYPE[n] for n in ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "BF16"))
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
 QUANT_TYPES = {b.name.lower(): b.ggml_id for b in ckernels.weight_types()
                if b.act_type in ("Q8_0", "Q8_1")}
 # the super-block types (isa/kgemm.c), with Q8_K activations

@@ -9,6 +9,7 @@ import formats
 from formats import GGMLType
 from engine.reference import Linear, ReferenceLlama, rope
 from tiny_models import make_tiny_llama, mean_kl
+from formats.iquants import KVALUES_IQ4NL as _KVALUES_IQ4NL  # checked against ggml
 
 
 class _T:  # the parts of formats.Tensor that Linear reads
@@ -22,7 +23,6 @@ def _halves(b, size, off):
     return np.ascontiguousarray(b[..., off:off + 2]).view(np.float16)[..., 0].astype(np.float64)
 
 
-_KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
 
 
 def _weight_quants(wb, wtype):

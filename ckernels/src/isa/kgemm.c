@@ -36,6 +36,7 @@
  * The SIMD partial sums are sums of subsets of these terms, so they are bounded alike;
  * AVX2's maddubs adds two products u8 * s8 into int16: at most 2 * 63 * 127 = 16002
  * (Q6_K), or 2 * 127 * 127 = 32258 for IQ4_XS's |q| * sign-folded a: no saturation. */
+#include "codecs.h" /* kiln_kvalues_iq4nl, IQ4_XS's grid */
 #include "isa.h"
 #include "kernels_impl.h"
 
@@ -44,9 +45,6 @@
 
 #define KILN_KNT 8 /* tokens per pass over a row */
 
-/* IQ4_NL / IQ4_XS's non-uniform grid */
-static const int8_t kiln_kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                              1,    13,   25,   38,  53,  69,  89,  113};
 
 /* ---- scales: per super-block, the same portable code in every variant ---- */
 
