@@ -185,27 +185,6 @@ static void pack_2bit(const uint8_t *L, uint8_t *qs) {
             qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
 }
 
-/* The 6-bit scale and min of sub-block j of a Q4_K / Q5_K scales[12] (ggml's
- * get_scale_min_k4): 0-3 in the low 6 bits of bytes 0-3 / 4-7; 4-7 as the nibbles of
- * bytes 8-11 with their top 2 bits in bits 6-7 of bytes 0-3 / 4-7. */
-static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
-}
-
-/* The 6-bit scale j (0..63, offset 32) of a Q3_K scales[12]: low nibbles of 0-7 in the
- * low nibbles of bytes 0-7, of 8-15 in their high nibbles; the top 2 bits of scale j at
- * bits 2 * (j / 4) of byte 8 + j % 4. */
-static inline int scale_q3(int j, const uint8_t *s) {
-    const int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
-    return lo | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4);
-}
-
 void kiln_quantize_row_q2_K(const float *x, block_q2_K *y, int64_t n) {
     const int64_t nb = n / QK_K;
     uint8_t L[QK_K], Laux[16];
@@ -275,7 +254,7 @@ void kiln_quantize_row_q3_K(const float *x, block_q3_K *y, int64_t n) {
             y[i].d = kiln_fp32_to_fp16(0.f);
         }
         for (int j = 0; j < QK_K / 16; j++) {
-            const float d = kiln_fp16_to_fp32(y[i].d) * (scale_q3(j, y[i].scales) - 32);
+            const float d = kiln_fp16_to_fp32(y[i].d) * (kiln_scale_q3(j, y[i].scales) - 32);
             if (!d) continue;
             for (int ii = 0; ii < 16; ii++) {
                 const int l = kiln_nearest_int(x[16 * j + ii] / d);
@@ -297,7 +276,7 @@ void kiln_quantize_row_q3_K(const float *x, block_q3_K *y, int64_t n) {
 }
 
 /* Q4_K and Q5_K: 8 sub-blocks of 32, weights rms + |x|, 6-bit scales and mins packed as
- * scale_min_k4 reads them; the final quants (0..nmax) in L. */
+ * kiln_scale_min_k4 reads them; the final quants (0..nmax) in L. */
 static void quantize_q45_K(const float *x, kiln_fp16 *d_out, kiln_fp16 *dmin_out, uint8_t *sc12,
                            uint8_t *L, int nmax, float rmin, int nstep) {
     uint8_t Laux[32];
@@ -333,7 +312,7 @@ static void quantize_q45_K(const float *x, kiln_fp16 *d_out, kiln_fp16 *dmin_out
     *dmin_out = kiln_fp32_to_fp16(max_min / 63.f);
     for (int j = 0; j < QK_K / 32; j++) {
         uint8_t sc, m;
-        scale_min_k4(j, sc12, &sc, &m);
+        kiln_scale_min_k4(j, sc12, &sc, &m);
         const float d = kiln_fp16_to_fp32(*d_out) * sc;
         if (!d) continue;
         const float dm = kiln_fp16_to_fp32(*dmin_out) * m;
@@ -447,7 +426,7 @@ void kiln_dequantize_row_q3_K(const block_q3_K *x, float *y, int64_t n) {
     for (int64_t i = 0; i < nb; i++) {
         const float d_all = kiln_fp16_to_fp32(x[i].d);
         for (int e = 0; e < QK_K; e++) {
-            const float dl = d_all * (scale_q3(e / 16, x[i].scales) - 32);
+            const float dl = d_all * (kiln_scale_q3(e / 16, x[i].scales) - 32);
             const int low = (x[i].qs[e / 128 * 32 + e % 32] >> (2 * (e % 128 / 32))) & 3;
             const int high = (x[i].hmask[e % 32] >> (e / 32)) & 1;
             y[i * QK_K + e] = dl * (low - (high ? 0 : 4));
@@ -461,7 +440,7 @@ void kiln_dequantize_row_q4_K(const block_q4_K *x, float *y, int64_t n) {
         const float d = kiln_fp16_to_fp32(x[i].d), min = kiln_fp16_to_fp32(x[i].dmin);
         for (int e = 0; e < QK_K; e++) {
             uint8_t sc, m;
-            scale_min_k4(e / 32, x[i].scales, &sc, &m);
+            kiln_scale_min_k4(e / 32, x[i].scales, &sc, &m);
             const uint8_t b = x[i].qs[e / 64 * 32 + e % 32];
             const int q = (e / 32) % 2 ? b >> 4 : b & 0xF;
             const float dl = d * sc, ml = min * m;
@@ -476,7 +455,7 @@ void kiln_dequantize_row_q5_K(const block_q5_K *x, float *y, int64_t n) {
         const float d = kiln_fp16_to_fp32(x[i].d), min = kiln_fp16_to_fp32(x[i].dmin);
         for (int e = 0; e < QK_K; e++) {
             uint8_t sc, m;
-            scale_min_k4(e / 32, x[i].scales, &sc, &m);
+            kiln_scale_min_k4(e / 32, x[i].scales, &sc, &m);
             const uint8_t b = x[i].qs[e / 64 * 32 + e % 32];
             const int q = ((e / 32) % 2 ? b >> 4 : b & 0xF) + (((x[i].qh[e % 32] >> (e / 32)) & 1) << 4);
             const float dl = d * sc, ml = min * m;

@@ -34,4 +34,26 @@ static inline int kiln_nearest_int(float v) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
+/* The packed sub-block scales, read the same way by the codecs and the kernels
+ * (isa/kgemm.c). The 6-bit scale and min of sub-block j of a Q4_K / Q5_K scales[12] (ggml's
+ * get_scale_min_k4): 0-3 in the low 6 bits of bytes 0-3 / 4-7; 4-7 as the nibbles of
+ * bytes 8-11 with their top 2 bits in bits 6-7 of bytes 0-3 / 4-7. */
+static inline void kiln_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* The 6-bit scale j (0..63, offset 32) of a Q3_K scales[12]: low nibbles of 0-7 in the
+ * low nibbles of bytes 0-7, of 8-15 in their high nibbles; the top 2 bits of scale j at
+ * bits 2 * (j / 4) of byte 8 + j % 4. */
+static inline int kiln_scale_q3(int j, const uint8_t *s) {
+    const int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+    return lo | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4);
+}
+
 #endif

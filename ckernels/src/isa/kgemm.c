@@ -36,7 +36,8 @@
  * The SIMD partial sums are sums of subsets of these terms, so they are bounded alike;
  * AVX2's maddubs adds two products u8 * s8 into int16: at most 2 * 63 * 127 = 16002
  * (Q6_K), or 2 * 127 * 127 = 32258 for IQ4_XS's |q| * sign-folded a: no saturation. */
-#include "codecs.h" /* kiln_kvalues_iq4nl, IQ4_XS's grid */
+#include "codecs.h"   /* kiln_kvalues_iq4nl, IQ4_XS's grid */
+#include "codecs_k.h" /* the packed scales of Q3_K, Q4_K, Q5_K */
 #include "isa.h"
 #include "kernels_impl.h"
 
@@ -54,18 +55,13 @@ typedef struct {
     float d, dmin;    /* dmin = 0 for types without mins */
 } kiln_kscales;
 
-/* Q4_K / Q5_K: 8 6-bit scales and 8 6-bit mins in 12 bytes. Sub-blocks 0-3 keep theirs
- * in the low 6 bits of bytes 0-3 (scale) and 4-7 (min); sub-blocks 4-7 have their low
- * 4 bits in bytes 8-11 (scale low nibble, min high nibble) and their top 2 bits in the
- * spare top bits of bytes 0-3 (scale) and 4-7 (min). */
+/* Q4_K / Q5_K: 8 6-bit scales and mins (codecs_k.h), each for two chunks of 16. */
 static inline void kiln_scales_k4(const uint8_t *s, kiln_kscales *k) {
-    for (int j = 0; j < 4; j++) {
-        int sc = s[j] & 63, m = s[j + 4] & 63;
-        int sc2 = (s[j + 8] & 15) | ((s[j] >> 6) << 4), m2 = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    for (int j = 0; j < 8; j++) {
+        uint8_t sc, m;
+        kiln_scale_min_k4(j, s, &sc, &m);
         k->sc[2 * j] = k->sc[2 * j + 1] = (int8_t)sc;
         k->coef[2 * j] = k->coef[2 * j + 1] = (int8_t)m;
-        k->sc[8 + 2 * j] = k->sc[9 + 2 * j] = (int8_t)sc2;
-        k->coef[8 + 2 * j] = k->coef[9 + 2 * j] = (int8_t)m2;
     }
 }
 
@@ -82,16 +78,9 @@ static inline void kiln_kscales_of(const void *blk, int type, kiln_kscales *k) {
         break;
     }
     case KILN_TYPE_Q3_K: {
-        /* 16 6-bit scales, offset by 32: low 4 bits in the nibbles of bytes 0-7
-         * (chunks 0-7 low nibbles, 8-15 high nibbles), top 2 bits in bytes 8-11
-         * (chunk c at bits 2 * (c / 4) of byte 8 + c % 4) */
+        /* 16 6-bit scales, offset by 32 */
         const block_q3_K *b = blk;
-        const uint8_t *s = b->scales;
-        for (int c = 0; c < 16; c++) {
-            int lo = c < 8 ? s[c] & 15 : s[c - 8] >> 4;
-            int hi = (s[8 + c % 4] >> (2 * (c / 4))) & 3;
-            k->sc[c] = (int8_t)((lo | hi << 4) - 32);
-        }
+        for (int c = 0; c < 16; c++) k->sc[c] = (int8_t)(kiln_scale_q3(c, b->scales) - 32);
         k->d = kiln_fp16_to_fp32(b->d);
         k->dmin = 0.0f;
         break;
