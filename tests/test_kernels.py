@@ -447,13 +447,8 @@ def test_q8_K_activation_matches_ggml_and_scalar(isa, cols, ggml_q8k):
 @pytest.fixture(scope="module")
 def ggml_q8k():
     import ctypes
-    import glob
-    import llama_cpp
-    libs = glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    if not libs:
-        pytest.skip("no libggml-base.so")
-    lib = ctypes.CDLL(libs[0])
-    fn = lib.quantize_row_q8_K_ref
+    from oracles import ggml_base_library
+    fn = ggml_base_library().quantize_row_q8_K_ref  # skips without llama-cpp-python
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
 
     def q8k(x):
