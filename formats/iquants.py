@@ -24,34 +24,40 @@ _GRID = KVALUES_IQ4NL.astype(F32)
 _NTRY = 7  # trial scales (itry - 127) / max for itry in [-7, 7]
 
 
-# The grid points are integers, so the first one above x is the first one above floor(x):
-# a table over the integers from the lowest point to the highest, kept in [1, 15] so that
-# mu - 1 and mu are both grid indices.
-_LO = int(KVALUES_IQ4NL[0])
-_FIRST_ABOVE = np.clip(np.searchsorted(_GRID, np.arange(_LO, int(KVALUES_IQ4NL[-1]) + 1), side="right"),
-                       1, len(_GRID) - 1).astype(np.intp)
+# ggml's best_index_int8 bisects to the two grid points around x and takes the lower one
+# when x - lo < hi - x (float32). Near the midpoint m = (lo + hi) / 2 both differences
+# are exact (|x| >= 4.5 there and the points are integers), so that is x < m; the lower
+# index is taken iff x < m. The doubled midpoints are integers, so x >= m exactly when
+# floor(2x) >= 2m (2x is exact): one table over floor(2x), from twice the lowest point
+# to twice the highest, gives the index of every x (x beyond an end clamps to it).
+_LO2, _HI2 = 2 * int(KVALUES_IQ4NL[0]), 2 * int(KVALUES_IQ4NL[-1])
+_INDEX_OF_2X = np.searchsorted(_GRID[1:] + _GRID[:-1], np.arange(_LO2, _HI2 + 1),
+                               side="right").astype(np.uint8)
+_GRID_OF_2X = _GRID[_INDEX_OF_2X]
+
+
+def _table_rows(x: np.ndarray) -> np.ndarray:
+    """Row of each x in the floor(2x) tables; NaN takes the last row (fmin skips NaN),
+    as ggml's bisection, where every comparison with NaN is false, ends on the last."""
+    v = np.floor(x * F32(2))
+    np.fmin(v, F32(_HI2), out=v)
+    np.fmax(v, F32(_LO2), out=v)
+    rows = v.astype(np.intp)
+    rows -= _LO2
+    return rows
 
 
 def best_index(x: np.ndarray) -> np.ndarray:
     """ggml's best_index_int8 on the grid: the nearest grid point's index; exactly between
-    two, the upper one; ends clamp (NaN, which compares false throughout, takes the last).
-    Distances are float32 differences, as in ggml."""
-    with np.errstate(invalid="ignore"):
-        f = np.floor(np.clip(np.nan_to_num(x, nan=_GRID[-1]), _GRID[0], _GRID[-1]))
-    mu = _FIRST_ABOVE[f.astype(np.intp) - _LO]
-    lo = _GRID[mu - 1]
-    hi = _GRID[mu]
-    idx = np.where(x - lo < hi - x, mu - 1, mu)
-    idx = np.where(x <= _GRID[0], 0, idx)
-    idx = np.where(x >= _GRID[-1], len(_GRID) - 1, idx)
-    return idx.astype(np.uint8)
+    two, the upper one; ends clamp (NaN takes the last)."""
+    return _INDEX_OF_2X[_table_rows(np.asarray(x, F32))]
 
 
 def _weighted_sums(xt: np.ndarray, wt: np.ndarray, scale_inv: np.ndarray):
     """sum(w*q*x) and sum(w*q*q) per block with q the grid value nearest scale_inv*x,
     accumulated sequentially over the element index as ggml does. xt, wt are transposed
     (32, nblocks) so each step is one contiguous vector op across blocks."""
-    q = _GRID[best_index(scale_inv * xt)]
+    q = _GRID_OF_2X[_table_rows(scale_inv * xt)]  # _GRID[best_index(...)]
     wq = wt * q
     qx = wq * xt
     q2 = wq * q
@@ -93,9 +99,17 @@ def _q_iq4_nl(b: np.ndarray, out: np.ndarray) -> None:
 
 
 _SUB = 8  # IQ4_XS: sub-blocks of QK per super-block
+# super-blocks per step: as many 32-element blocks as quants.py gives IQ4_NL in one step,
+# so the search's (32, blocks) temporaries stay as small (8x more ran 1.5x slower)
+_XS_CHUNK = 1024
 
 
 def _q_iq4_xs(b: np.ndarray, out: np.ndarray) -> None:
+    for i in range(0, b.shape[0], _XS_CHUNK):
+        _q_iq4_xs_chunk(b[i : i + _XS_CHUNK], out[i : i + _XS_CHUNK])
+
+
+def _q_iq4_xs_chunk(b: np.ndarray, out: np.ndarray) -> None:
     n = b.shape[0]
     sub = b.reshape(n * _SUB, QK)
     scales = block_scales(sub).reshape(n, _SUB)

@@ -63,6 +63,21 @@ def smol_hf(smollm2_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def smol_requantized(smollm2_path, tmp_path_factory):
+    """smol_requantized(typ) -> the shipped file converted by `kiln convert --type typ`,
+    made once per module (several tests check the same conversion)."""
+    made = {}
+
+    def convert(typ):
+        if typ not in made:
+            out = tmp_path_factory.mktemp("smol-requant") / f"smol-{typ}.gguf"
+            assert run_convert(smollm2_path, "-o", out, "--type", typ, "--quiet") == 0
+            made[typ] = out
+        return made[typ]
+    return convert
+
+
+@pytest.fixture(scope="module")
 def smol_f32(smol_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp("smolf32") / "smol-f32.gguf"
     assert run_convert(smol_hf, "-o", out, "--type", "f32", "--quiet") == 0
@@ -361,9 +376,8 @@ def test_type_rules_notes_and_output_lines(smol_vocab, tmp_path, capsys):
     assert tensors_of(tmp_path / "q4e.gguf")["token_embd.weight"][0] == GGMLType.Q4_1
 
 
-def test_gguf_requantization_keeps_metadata(smollm2_path, tmp_path):
-    out = tmp_path / "q8.gguf"
-    assert run_convert(smollm2_path, "-o", out, "--type", "q8_0", "--quiet") == 0
+def test_gguf_requantization_keeps_metadata(smollm2_path, smol_requantized):
+    out = smol_requantized("q8_0")
     a, b = metadata_of(smollm2_path), metadata_of(out)
     assert b.pop("general.file_type")[0] == 7
     a.pop("general.file_type")
@@ -488,9 +502,8 @@ PROMPT = "The capital of France is"
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("typ", ["q4_0", "q4_1", "q8_0", "f16"])
-def test_llama_cpp_generates_what_kiln_generates(smollm2_path, tmp_path, typ):
-    out = tmp_path / f"smol-{typ}.gguf"
-    assert run_convert(smollm2_path, "-o", out, "--type", typ, "--quiet") == 0
+def test_llama_cpp_generates_what_kiln_generates(smol_requantized, typ):
+    out = smol_requantized(typ)
     want = llama_cpp_greedy(out, PROMPT)["tokens"]
     engine = _engine()
     llm = engine.LLM(str(out), n_ctx=128)
@@ -505,14 +518,13 @@ def test_llama_cpp_generates_what_kiln_generates(smollm2_path, tmp_path, typ):
 
 
 @pytest.mark.oracle
-def test_llama_cpp_runs_a_converted_hf_checkpoint(smollm2_path, smol_hf, tmp_path):
+def test_llama_cpp_runs_a_converted_hf_checkpoint(smol_hf, smol_requantized, tmp_path):
     out = tmp_path / "from-hf-q8.gguf"
     assert run_convert(smol_hf, "-o", out, "--type", "q8_0", "--quiet") == 0
     got = llama_cpp_greedy(out, PROMPT, 8)
     assert "Paris" in got["text"]
     # through the HF directory, llama.cpp gets the same model as the shipped file requantized
-    ref = tmp_path / "ref-q8.gguf"
-    assert run_convert(smollm2_path, "-o", ref, "--type", "q8_0", "--quiet") == 0
+    ref = smol_requantized("q8_0")
     assert llama_cpp_greedy(ref, PROMPT, 8) == got
 
 
