@@ -1,0 +1,351 @@
+"""qwen2 and qwen3, end to end: tiny random-weight models built here with transformers
+(Qwen2Config with its Q/K/V biases and a tied output; Qwen3Config with Q/K norms and a
+head size other than hidden / heads), saved as safetensors with a Qwen-style byte-level
+BPE tokenizer.json, converted by kiln and run by kiln, transformers and llama.cpp.
+
+- F32: kiln's logits match transformers' within 1e-3 x max|logit| at every position, and
+  the same check fails when any of the family's variations (NEOX RoPE, the biases, the
+  Q/K norms) is dropped from the reference: the comparison sees each of them;
+- F16: llama.cpp loads kiln's file and agrees with kiln (mean KL < 1e-4); Q8_0 and
+  Q4_K_M: kiln is within llama.cpp's own flash-attention-vs-default envelope;
+- quantized: the NumPy reference reproduces the C engine bit for bit, on every ISA
+  variant, 1 and 2 threads, batched and token by token;
+- the qwen2 pre-tokenizer tokenizes a varied corpus as llama.cpp does, and chat renders
+  the file's ChatML template and stops at <|im_end|>.
+"""
+import copy
+import dataclasses
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import ckernels
+import formats
+from cpu_isas import expected_isas
+from engine import LLM
+from engine.arch import ROPE_NORM
+from engine.cli import convert as convert_cli
+from engine.model import Model
+from engine.reference import ReferenceModel
+from oracles import run_oracle
+from test_agreement_llamacpp import KL_FACTOR, TOP1_SLACK, distance
+from test_tokenizer import CORPUS, fuzz_texts
+from tiny_models import mean_kl
+
+# Qwen2's tokenizer.json pre-tokenizer regex (what llama.cpp calls the qwen2 pre-tokenizer)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2-Instruct's template: a default system prompt, ChatML turns
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TRAIN_TEXT = "\n".join(CORPUS) * 3
+N_TOKENS = 160
+
+# Widths in whole super-blocks of 256 for Q4_K_M, but for qwen3's attn_output (4 heads
+# of 96 = 384 wide: llama.cpp's Q5_0 fallback); qwen3's head of 96 is not hidden / heads
+# (64), so key_length is written and read.
+SHAPES = {
+    "qwen2": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=96,
+                  tie_word_embeddings=False),
+}
+
+
+def _oracles():
+    torch = pytest.importorskip("torch", reason="torch not installed (optional oracle)")
+    pytest.importorskip("transformers", reason="transformers not installed (optional oracle)")
+    pytest.importorskip("tokenizers", reason="tokenizers not installed")
+    torch.set_num_threads(2)
+    return torch
+
+
+def write_qwen_tokenizer(d):
+    """A Qwen-style tokenizer.json (byte-level BPE learned from the corpus, Qwen2's split
+    regex, ChatML special tokens after the vocabulary) and tokenizer_config.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([TRAIN_TEXT], trainer)
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "add_prefix_space": False, "chat_template": QWEN_TEMPLATE}))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3"])
+def qwen(request, tmp_path_factory):
+    """(arch, HF model, directory of the checkpoint, {type: converted GGUF path})."""
+    torch = _oracles()
+    import transformers
+    arch = request.param
+    d = tmp_path_factory.mktemp(arch) / "hf"
+    d.mkdir()
+    n_vocab = write_qwen_tokenizer(d)
+    cls = {"qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    ids = {t: n_vocab - len(SPECIALS) + i for i, t in enumerate(SPECIALS)}
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=n_vocab, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_theta=10000.0, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        **SHAPES[arch])
+    torch.manual_seed(0)
+    model = getattr(transformers, cls + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # larger than the default init, so attention is not uniform;
+        for name, p in model.named_parameters():  # biases and norms far from 0 and 1
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            else:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(d, safe_serialization=True)
+    out = {}
+    for typ in ("f32", "f16", "q8_0", "q4_k_m"):
+        out[typ] = d.parent / f"{arch}-{typ}.gguf"
+        assert convert_cli.main([str(d), "-o", str(out[typ]), "--type", typ, "--quiet"]) == 0
+    return arch, model, d, out
+
+
+def tokens_for(path, n=N_TOKENS):
+    return np.random.default_rng(3).integers(0, ReferenceModel(path).config.n_vocab, n)
+
+
+def test_converted_metadata_is_what_llama_cpp_reads(qwen):
+    arch, model, _, files = qwen
+    with formats.read_gguf(files["f32"]) as f:
+        md, names = f.metadata, set(f.tensors)
+        assert md["general.architecture"] == arch
+        c = model.config
+        for key, want in [("context_length", 512), ("embedding_length", c.hidden_size),
+                          ("block_count", 2), ("feed_forward_length", c.intermediate_size),
+                          ("attention.head_count", 4), ("attention.head_count_kv", 2)]:
+            assert md[f"{arch}.{key}"] == want, key
+        assert md[f"{arch}.rope.freq_base"] == 10000.0
+        assert md[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+        assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "qwen2"
+        assert md["tokenizer.chat_template"] == QWEN_TEMPLATE
+        if arch == "qwen3":
+            assert md["qwen3.attention.key_length"] == md["qwen3.attention.value_length"] == 96
+            assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight",
+                    "output.weight"} <= names
+            assert f.tensors["blk.0.attn_q_norm.weight"].shape == (96,)
+        else:
+            assert "qwen2.attention.key_length" not in md and "output.weight" not in names
+            assert {"blk.1.attn_q.bias", "blk.1.attn_k.bias", "blk.1.attn_v.bias"} <= names
+            assert f.tensors["blk.0.attn_k.bias"].type == formats.GGMLType.F32
+        # NEOX: Q rows exactly as the checkpoint has them, not permuted
+        q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+        np.testing.assert_array_equal(np.asarray(f.tensors["blk.0.attn_q.weight"].data), q)
+
+
+def without(ref, config=None, **layer_fields):
+    """A copy of the reference model with another config or other layer fields."""
+    new = copy.copy(ref)
+    new.config = config or ref.config
+    new.layers = []
+    for L in ref.layers:
+        new.layers.append(copy.copy(L))
+        for k, v in layer_fields.items():
+            setattr(new.layers[-1], k, v)
+    return new
+
+
+@pytest.mark.oracle
+def test_kiln_matches_transformers_in_f32(qwen):
+    torch = _oracles()
+    arch, model, _, files = qwen
+    tokens = tokens_for(files["f32"])
+    with torch.no_grad():
+        hf = model(torch.from_numpy(tokens)[None]).logits[0].numpy()
+    with Model(files["f32"], n_ctx=N_TOKENS, n_threads=2) as m:
+        ours = m.eval(tokens, 0, logits_all=True)
+    bound = 1e-3 * np.abs(hf).max()
+    assert np.abs(ours - hf).max() <= bound, (np.abs(ours - hf).max(), bound)
+
+    # Each variation matters: the reference without it is far outside that bound.
+    ref = ReferenceModel(files["f32"], emulate_q8=False)
+    np.testing.assert_allclose(ref(tokens), hf, rtol=0, atol=bound)
+    c = ref.config
+    broken = {"interleaved RoPE": without(ref, config=dataclasses.replace(
+        c, arch=dataclasses.replace(c.arch, rope=ROPE_NORM)))}
+    if c.attn_qkv_bias:
+        broken["no Q/K/V bias"] = without(ref, q_bias=0, k_bias=0, v_bias=0)
+    if c.attn_qk_norm:
+        broken["no Q/K norm"] = without(ref, q_norm=None, k_norm=None)
+    assert len(broken) == 2
+    for what, wrong in broken.items():
+        assert np.abs(wrong(tokens) - hf).max() > 20 * bound, what
+
+
+LLAMA_CHILD = """
+import sys, numpy as np
+from llama_cpp import Llama
+path, ids_path, out_path, flash = sys.argv[1:5]
+ids = np.load(ids_path).tolist()
+llm = Llama(path, n_ctx=len(ids) + 8, n_batch=len(ids), n_threads=2, logits_all=True,
+            flash_attn=flash == "1", verbose=False)
+llm.eval(ids)
+np.save(out_path, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(path, ids, tmp_path, flash=False):
+    ids_path, out = tmp_path / "ids.npy", tmp_path / f"scores-{int(flash)}.npy"
+    np.save(ids_path, np.asarray(ids))
+    run_oracle([sys.executable, "-c", LLAMA_CHILD, str(path), str(ids_path), str(out),
+                "1" if flash else "0"], timeout=600)
+    return np.load(out)
+
+
+def kiln_logits(path, tokens):
+    with Model(path, n_ctx=len(tokens), n_threads=2) as m:
+        return m.eval(tokens, 0, logits_all=True)
+
+
+@pytest.mark.oracle
+def test_llama_cpp_runs_the_f16_file_as_kiln_does(qwen, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+    arch, _, _, files = qwen
+    tokens = tokens_for(files["f16"])
+    theirs = llama_cpp_logits(files["f16"], tokens, tmp_path)
+    kl = mean_kl(theirs, kiln_logits(files["f16"], tokens))
+    print(f"{arch} F16: kiln vs llama.cpp mean KL {kl:.2e}")
+    assert kl < 1e-4
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("typ", ["q8_0", "q4_k_m"])
+def test_quantized_files_within_llama_cpps_envelope(qwen, typ, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+    arch, _, _, files = qwen
+    tokens = tokens_for(files[typ], 256)
+    default = llama_cpp_logits(files[typ], tokens, tmp_path)
+    flash = llama_cpp_logits(files[typ], tokens, tmp_path, flash=True)
+    env_kl, env_top1 = distance(default, flash)
+    kl, top1 = distance(default, kiln_logits(files[typ], tokens))
+    print(f"{arch} {typ}: kiln KL {kl:.2e} top-1 {top1:.3f}; llama.cpp flash-attn vs "
+          f"default KL {env_kl:.2e} top-1 {env_top1:.3f}")
+    assert env_kl > 0
+    assert kl <= KL_FACTOR * env_kl, (kl, env_kl)
+    assert top1 >= env_top1 - TOP1_SLACK, (top1, env_top1)
+
+
+@pytest.fixture
+def isa_restored():
+    before = ckernels.active_isa()
+    yield
+    ckernels.set_isa(before)
+
+
+@pytest.mark.parametrize("typ", ["q8_0", "q4_k_m"])
+def test_reference_reproduces_the_engine_bit_for_bit(qwen, typ, isa_restored):
+    _, _, _, files = qwen
+    path = files[typ]
+    tokens = tokens_for(path, 37)
+    want = ReferenceModel(path)(tokens)
+    for isa in expected_isas():
+        ckernels.set_isa(isa)
+        for n_threads in (1, 2):
+            with Model(path, n_ctx=40, n_threads=n_threads, n_batch=16) as m:
+                batched = m.eval(tokens, 0, logits_all=True)
+                single = np.stack([m.eval(tokens[i:i + 1], i) for i in range(len(tokens))])
+            np.testing.assert_array_equal(batched, want, err_msg=f"{isa} {n_threads}")
+            np.testing.assert_array_equal(single, want, err_msg=f"{isa} {n_threads}")
+
+
+TOKENIZE_CHILD = """
+import json, sys
+from llama_cpp import Llama
+path, texts_path, out_path = sys.argv[1:4]
+llm = Llama(path, vocab_only=True, verbose=False)
+texts = json.load(open(texts_path, encoding="utf-8"))
+out = [[llm.tokenize(t.encode("utf-8"), add_bos=False, special=s) for s in (False, True)]
+       for t in texts]
+json.dump(out, open(out_path, "w"))
+"""
+
+QWEN_TEXTS = CORPUS + fuzz_texts(60, seed=99) + [
+    "0123456789 9876543210 3.14 1,234,567 ٣٤٥ ２０２４", "我想在apple工作1314151天～",
+    "emoji 🦙🦙 🚀 (normal) 😶‍🌫️", "   \n\n\t  x\r\n\r\n    y   ", "I've 'RE 'M We'Ve a'lL",
+    "def f(x):\n\treturn [i**2 for i in range(x)]  # 2 spaces\n",
+]
+
+
+@pytest.mark.oracle
+def test_qwen2_pre_tokenizer_matches_llama_cpp(qwen, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+    from engine.tokenizer import load_tokenizer
+    path = qwen[3]["f32"]
+    texts_path, out = tmp_path / "texts.json", tmp_path / "ids.json"
+    texts_path.write_text(json.dumps(QWEN_TEXTS), encoding="utf-8")
+    run_oracle([sys.executable, "-c", TOKENIZE_CHILD, str(path), str(texts_path), str(out)],
+               timeout=300)
+    want = json.loads(out.read_text())
+    with formats.read_gguf(path) as f:
+        tok = load_tokenizer(f.metadata)
+    bad = [(t, s) for t, w in zip(QWEN_TEXTS, want) for s in (False, True)
+           if tok.encode(t, add_bos=False, special=s) != w[s]]
+    assert bad == []
+    # digits are split one by one (the qwen2 regex), CJK and emoji survive as bytes
+    assert len(tok.encode("12345", add_bos=False)) == 5
+    assert tok.decode(tok.encode("我想 🦙", add_bos=False)) == "我想 🦙"
+
+
+def test_tokenizer_kinds_and_end_of_turn(qwen):
+    arch, _, _, files = qwen
+    with LLM(str(files["q8_0"]), n_ctx=64, n_threads=1) as llm:
+        tok = llm.tokenizer
+        im_end = tok.encode("<|im_end|>", add_bos=False, special=True)
+        assert len(im_end) == 1 and im_end[0] in tok.eog_ids and not tok.add_bos
+
+
+@pytest.mark.oracle
+def test_chat_renders_the_file_template_and_stops_at_im_end(qwen, tmp_path):
+    """A copy of the F32 model whose every next token is <|im_end|> (one embedding
+    dimension constant and large, read most by <|im_end|>'s output row): the chat prompt
+    is the file's template, and the reply ends at once with finish_reason "stop"."""
+    from engine.chat import template_for, tokenize_prompt
+    arch, _, _, files = qwen
+    src, path = files["f32"], tmp_path / "ends-turns.gguf"
+    with formats.read_gguf(src) as f:
+        md = f.metadata
+        im_end = list(md["tokenizer.ggml.tokens"]).index("<|im_end|>")
+        out_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+        tensors = []
+        for t in f.tensors.values():
+            data = np.array(t.data)
+            if t.name == "token_embd.weight":
+                data[:, 0] = 30.0
+            if t.name == out_name:
+                data[im_end] = 0.0
+                data[im_end, 0] = 90.0  # 3x the other rows' 30 when tied
+            tensors.append((t.name, t.type, tuple(t.shape), data))
+        formats.write_gguf(path, md, tensors)
+    messages = [{"role": "user", "content": "Hi there"}]
+    with LLM(str(path), n_ctx=128, n_threads=2) as llm:
+        template = template_for(llm)
+        text = template.render(messages, add_generation_prompt=True)
+        assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+        ids = tokenize_prompt(llm, template, text)
+        im_start = list(llm.tokenizer.encode("<|im_start|>", add_bos=False, special=True))
+        assert len(im_start) == 1 and ids[0] == im_start[0]  # no BOS: the file adds none
+        assert ids.count(im_start[0]) == 3 and ids.count(im_end) == 2
+        out = llm.chat(messages, max_tokens=8, temperature=0)
+        assert out.finish_reason == "stop" and out.tokens == [] and out.text == ""
