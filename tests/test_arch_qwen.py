@@ -8,14 +8,14 @@ BPE tokenizer.json, converted by kiln and run by kiln, transformers and llama.cp
   Q/K norms) is dropped from the reference: the comparison sees each of them;
 - F16: llama.cpp loads kiln's file and agrees with kiln (mean KL < 1e-4); Q8_0 and
   Q4_K_M: kiln is within llama.cpp's own flash-attention-vs-default envelope;
-- quantized: the NumPy reference reproduces the C engine bit for bit, on every ISA
-  variant, 1 and 2 threads, batched and token by token;
+- quantized: the NumPy reference reproduces the C engine bit for bit, on the converted
+  files and (every ISA variant, 1 and 2 threads, batched, chunked and token by token) on
+  tiny_models' qwen2/qwen3 files, which need no oracle;
 - the qwen2 pre-tokenizer tokenizes a varied corpus as llama.cpp does, and chat renders
   the file's ChatML template and stops at <|im_end|>.
 """
 import copy
 import dataclasses
-import importlib.util
 import json
 import sys
 
@@ -28,12 +28,14 @@ from cpu_isas import expected_isas
 from engine import LLM
 from engine.arch import ROPE_NORM
 from engine.cli import convert as convert_cli
+from engine.config import ModelConfig
+from engine.errors import ModelError
 from engine.model import Model
 from engine.reference import ReferenceModel
 from oracles import run_oracle
 from test_agreement_llamacpp import KL_FACTOR, TOP1_SLACK, distance
 from test_tokenizer import CORPUS, fuzz_texts
-from tiny_models import mean_kl
+from tiny_models import SUPER_BLOCK_SHAPE, make_tiny_llama, mean_kl, needs_super_blocks
 
 # Qwen2's tokenizer.json pre-tokenizer regex (what llama.cpp calls the qwen2 pre-tokenizer)
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
@@ -126,6 +128,7 @@ def tokens_for(path, n=N_TOKENS):
     return np.random.default_rng(3).integers(0, ReferenceModel(path).config.n_vocab, n)
 
 
+@pytest.mark.oracle
 def test_converted_metadata_is_what_llama_cpp_reads(qwen):
     arch, model, _, files = qwen
     with formats.read_gguf(files["f32"]) as f:
@@ -193,24 +196,54 @@ def test_kiln_matches_transformers_in_f32(qwen):
         assert np.abs(wrong(tokens) - hf).max() > 20 * bound, what
 
 
+QWEN_TEXTS = CORPUS + fuzz_texts(60, seed=99) + [
+    "0123456789 9876543210 3.14 1,234,567 ٣٤٥ ２０２４", "我想在apple工作1314151天～",
+    "emoji 🦙🦙 🚀 (normal) 😶‍🌫️", "   \n\n\t  x\r\n\r\n    y   ", "I've 'RE 'M We'Ve a'lL",
+    "def f(x):\n\treturn [i**2 for i in range(x)]  # 2 spaces\n",
+]
+
+
+# One llama.cpp process per model for all its runs: teacher-forced logits of the F16 file
+# and of the quantized files (default and flash-attention paths), and the tokenization
+# of QWEN_TEXTS with the file's vocabulary alone.
 LLAMA_CHILD = """
-import sys, numpy as np
+import json, sys
+import numpy as np
 from llama_cpp import Llama
-path, ids_path, out_path, flash = sys.argv[1:5]
-ids = np.load(ids_path).tolist()
-llm = Llama(path, n_ctx=len(ids) + 8, n_batch=len(ids), n_threads=2, logits_all=True,
-            flash_attn=flash == "1", verbose=False)
-llm.eval(ids)
-np.save(out_path, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+jobs = json.load(open(sys.argv[1], encoding="utf-8"))
+for path, flash, n, out in jobs["logits"]:
+    ids = np.load(jobs["ids"])[:n].tolist()
+    llm = Llama(path, n_ctx=len(ids) + 8, n_batch=len(ids), n_threads=2, logits_all=True,
+                flash_attn=flash, verbose=False)
+    llm.eval(ids)
+    np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+    llm.close()
+llm = Llama(jobs["vocab"], vocab_only=True, verbose=False)
+json.dump([[llm.tokenize(t.encode("utf-8"), add_bos=False, special=s) for s in (False, True)]
+           for t in jobs["texts"]], open(jobs["tokens"], "w"))
 """
+QUANTIZED = {"q8_0": 256, "q4_k_m": 256}  # type -> tokens of the envelope check
 
 
-def llama_cpp_logits(path, ids, tmp_path, flash=False):
-    ids_path, out = tmp_path / "ids.npy", tmp_path / f"scores-{int(flash)}.npy"
-    np.save(ids_path, np.asarray(ids))
-    run_oracle([sys.executable, "-c", LLAMA_CHILD, str(path), str(ids_path), str(out),
-                "1" if flash else "0"], timeout=600)
-    return np.load(out)
+@pytest.fixture(scope="module")
+def llama_cpp(qwen, tmp_path_factory):
+    """{(type, flash): llama.cpp's logits} over tokens_for(...) and {"tokens": ids of
+    QWEN_TEXTS without and with special-token parsing}."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+    files = qwen[3]
+    d = tmp_path_factory.mktemp("llamacpp")
+    np.save(d / "ids.npy", tokens_for(files["f16"], max(N_TOKENS, *QUANTIZED.values())))
+    runs = [("f16", False, N_TOKENS)] + [(t, flash, n) for t, n in QUANTIZED.items()
+                                         for flash in (False, True)]
+    jobs = {"ids": str(d / "ids.npy"), "vocab": str(files["f32"]), "texts": QWEN_TEXTS,
+            "tokens": str(d / "tokens.json"),
+            "logits": [(str(files[t]), flash, n, str(d / f"{t}-{int(flash)}.npy"))
+                       for t, flash, n in runs]}
+    (d / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    run_oracle([sys.executable, "-c", LLAMA_CHILD, str(d / "jobs.json")], timeout=600)
+    out = {(t, flash): np.load(d / f"{t}-{int(flash)}.npy") for t, flash, _ in runs}
+    out["tokens"] = json.loads((d / "tokens.json").read_text())
+    return out
 
 
 def kiln_logits(path, tokens):
@@ -219,26 +252,20 @@ def kiln_logits(path, tokens):
 
 
 @pytest.mark.oracle
-def test_llama_cpp_runs_the_f16_file_as_kiln_does(qwen, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+def test_llama_cpp_runs_the_f16_file_as_kiln_does(qwen, llama_cpp):
     arch, _, _, files = qwen
-    tokens = tokens_for(files["f16"])
-    theirs = llama_cpp_logits(files["f16"], tokens, tmp_path)
-    kl = mean_kl(theirs, kiln_logits(files["f16"], tokens))
+    kl = mean_kl(llama_cpp["f16", False], kiln_logits(files["f16"], tokens_for(files["f16"])))
     print(f"{arch} F16: kiln vs llama.cpp mean KL {kl:.2e}")
     assert kl < 1e-4
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("typ", ["q8_0", "q4_k_m"])
-def test_quantized_files_within_llama_cpps_envelope(qwen, typ, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
+@pytest.mark.parametrize("typ", QUANTIZED)
+def test_quantized_files_within_llama_cpps_envelope(qwen, llama_cpp, typ):
     arch, _, _, files = qwen
-    tokens = tokens_for(files[typ], 256)
-    default = llama_cpp_logits(files[typ], tokens, tmp_path)
-    flash = llama_cpp_logits(files[typ], tokens, tmp_path, flash=True)
+    default, flash = llama_cpp[typ, False], llama_cpp[typ, True]
     env_kl, env_top1 = distance(default, flash)
-    kl, top1 = distance(default, kiln_logits(files[typ], tokens))
+    kl, top1 = distance(default, kiln_logits(files[typ], tokens_for(files[typ], QUANTIZED[typ])))
     print(f"{arch} {typ}: kiln KL {kl:.2e} top-1 {top1:.3f}; llama.cpp flash-attn vs "
           f"default KL {env_kl:.2e} top-1 {env_top1:.3f}")
     assert env_kl > 0
@@ -253,51 +280,82 @@ def isa_restored():
     ckernels.set_isa(before)
 
 
-@pytest.mark.parametrize("typ", ["q8_0", "q4_k_m"])
-def test_reference_reproduces_the_engine_bit_for_bit(qwen, typ, isa_restored):
-    _, _, _, files = qwen
-    path = files[typ]
-    tokens = tokens_for(path, 37)
+def check_bit_exact(path, tokens, isas):
+    """The reference's logits = the engine's, bit for bit, under each ISA variant, 1 and 2
+    threads, the prompt in one call, in chunks of 16, and token by token."""
     want = ReferenceModel(path)(tokens)
-    for isa in expected_isas():
+    for isa in isas:
         ckernels.set_isa(isa)
         for n_threads in (1, 2):
-            with Model(path, n_ctx=40, n_threads=n_threads, n_batch=16) as m:
-                batched = m.eval(tokens, 0, logits_all=True)
+            with Model(path, n_ctx=len(tokens), n_threads=n_threads, n_batch=16) as m:
+                chunked = m.eval(tokens, 0, logits_all=True)
                 single = np.stack([m.eval(tokens[i:i + 1], i) for i in range(len(tokens))])
-            np.testing.assert_array_equal(batched, want, err_msg=f"{isa} {n_threads}")
-            np.testing.assert_array_equal(single, want, err_msg=f"{isa} {n_threads}")
-
-
-TOKENIZE_CHILD = """
-import json, sys
-from llama_cpp import Llama
-path, texts_path, out_path = sys.argv[1:4]
-llm = Llama(path, vocab_only=True, verbose=False)
-texts = json.load(open(texts_path, encoding="utf-8"))
-out = [[llm.tokenize(t.encode("utf-8"), add_bos=False, special=s) for s in (False, True)]
-       for t in texts]
-json.dump(out, open(out_path, "w"))
-"""
-
-QWEN_TEXTS = CORPUS + fuzz_texts(60, seed=99) + [
-    "0123456789 9876543210 3.14 1,234,567 ٣٤٥ ２０２４", "我想在apple工作1314151天～",
-    "emoji 🦙🦙 🚀 (normal) 😶‍🌫️", "   \n\n\t  x\r\n\r\n    y   ", "I've 'RE 'M We'Ve a'lL",
-    "def f(x):\n\treturn [i**2 for i in range(x)]  # 2 spaces\n",
-]
+            with Model(path, n_ctx=len(tokens), n_threads=n_threads) as m:
+                batched = m.eval(tokens, 0, logits_all=True)
+            for got in (batched, chunked, single):
+                np.testing.assert_array_equal(got, want, err_msg=f"{isa} {n_threads}")
 
 
 @pytest.mark.oracle
-def test_qwen2_pre_tokenizer_matches_llama_cpp(qwen, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
-    from engine.tokenizer import load_tokenizer
-    path = qwen[3]["f32"]
-    texts_path, out = tmp_path / "texts.json", tmp_path / "ids.json"
-    texts_path.write_text(json.dumps(QWEN_TEXTS), encoding="utf-8")
-    run_oracle([sys.executable, "-c", TOKENIZE_CHILD, str(path), str(texts_path), str(out)],
-               timeout=300)
-    want = json.loads(out.read_text())
+@pytest.mark.parametrize("typ", ["q8_0", "q4_k_m"])
+def test_reference_reproduces_the_engine_on_converted_files(qwen, typ, isa_restored):
+    path = qwen[3][typ]
+    check_bit_exact(path, tokens_for(path, 37), [ckernels.active_isa()])
+
+
+# arch, weight type, n_head, n_head_kv, head_dim (tiny_models files: no oracle needed)
+TINY = [("qwen2", "q8_0", 4, 2, 16), ("qwen2", "q4_k", 4, 1, 64), ("qwen3", "q4_1", 6, 2, 48),
+        ("qwen3", "q6_k", 4, 2, 128)]
+
+
+@pytest.mark.parametrize("arch,ftype,n_head,n_head_kv,head_dim", TINY,
+                         ids=lambda v: str(v))
+def test_every_isa_thread_count_and_split_is_bit_exact(tmp_path, arch, ftype, n_head,
+                                                       n_head_kv, head_dim, isa_restored):
+    shape = (SUPER_BLOCK_SHAPE if needs_super_blocks(ftype) else dict(n_embd=64, n_ff=96))
+    path = make_tiny_llama(tmp_path / "m.gguf", arch=arch, ftype=ftype, seed=5,
+                           **dict(shape, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim))
+    assert ReferenceModel(path).config.arch.name == arch
+    tokens = np.random.default_rng(1).integers(0, 400, 37)
+    check_bit_exact(path, tokens, expected_isas())
+
+
+def test_a_missing_variation_tensor_is_named(tmp_path):
+    path = make_tiny_llama(tmp_path / "m.gguf", arch="qwen3")
     with formats.read_gguf(path) as f:
+        tensors = [(t.name, t.type, tuple(t.shape), np.array(t.data)) for t in f.tensors.values()
+                   if t.name != "blk.1.attn_k_norm.weight"]
+        formats.write_gguf(tmp_path / "bad.gguf", f.metadata, tensors)
+    with pytest.raises(ModelError, match="blk.1.attn_k_norm.weight"):
+        Model(tmp_path / "bad.gguf")
+
+
+def test_config_reads_the_prefixed_keys_and_the_variations():
+    md = {"general.architecture": "qwen3", "qwen3.block_count": 28,
+          "qwen3.context_length": 40960, "qwen3.embedding_length": 1024,
+          "qwen3.feed_forward_length": 3072, "qwen3.attention.head_count": 16,
+          "qwen3.attention.head_count_kv": 8, "qwen3.attention.key_length": 128,
+          "qwen3.attention.value_length": 128, "qwen3.rope.freq_base": 1e6,
+          "qwen3.attention.layer_norm_rms_epsilon": 1e-6, "tokenizer.ggml.tokens": ["a"] * 9}
+    c = ModelConfig.from_metadata(md, ["token_embd.weight"])
+    assert (c.head_dim, c.n_embd_q, c.rope_dim, c.n_ctx_train, c.n_vocab) == (
+        128, 2048, 128, 40960, 9)
+    assert c.rope_neox and c.attn_qk_norm and not c.attn_qkv_bias and c.tied_output
+    md2 = dict({k.replace("qwen3", "qwen2"): v for k, v in md.items()},
+               **{"general.architecture": "qwen2"})
+    c2 = ModelConfig.from_metadata(md2)
+    assert c2.rope_neox and c2.attn_qkv_bias and not c2.attn_qk_norm
+    with pytest.raises(ModelError, match="'gemma3'.*'llama'.*'qwen2'.*'qwen3'"):
+        ModelConfig.from_metadata(dict(md, **{"general.architecture": "gemma3"}))
+
+
+
+
+@pytest.mark.oracle
+def test_qwen2_pre_tokenizer_matches_llama_cpp(qwen, llama_cpp):
+    from engine.tokenizer import load_tokenizer
+    want = llama_cpp["tokens"]
+    with formats.read_gguf(qwen[3]["f32"]) as f:
         tok = load_tokenizer(f.metadata)
     bad = [(t, s) for t, w in zip(QWEN_TEXTS, want) for s in (False, True)
            if tok.encode(t, add_bos=False, special=s) != w[s]]
@@ -307,6 +365,7 @@ def test_qwen2_pre_tokenizer_matches_llama_cpp(qwen, tmp_path):
     assert tok.decode(tok.encode("我想 🦙", add_bos=False)) == "我想 🦙"
 
 
+@pytest.mark.oracle
 def test_tokenizer_kinds_and_end_of_turn(qwen):
     arch, _, _, files = qwen
     with LLM(str(files["q8_0"]), n_ctx=64, n_threads=1) as llm:
