@@ -408,3 +408,32 @@ def test_chat_renders_the_file_template_and_stops_at_im_end(qwen, tmp_path):
         assert ids.count(im_start[0]) == 3 and ids.count(im_end) == 2
         out = llm.chat(messages, max_tokens=8, temperature=0)
         assert out.finish_reason == "stop" and out.tokens == [] and out.text == ""
+
+
+def test_kiln_info_describes_the_file(tmp_path):
+    from engine.cli.info import model_info
+    path = make_tiny_llama(tmp_path / "m.gguf", arch="qwen3", head_dim=48, ftype="q8_0")
+    info = model_info(path)
+    assert info["architecture"] == "qwen3"
+    assert (info["hparams"]["head_dim"], info["hparams"]["n_embd"]) == (48, 64)
+
+
+@pytest.mark.oracle
+def test_every_type_converts_and_runs(qwen, tmp_path):
+    """Every --type of the converter on the checkpoint: kiln runs the file, and its next-
+    token distributions stay near the F32 file's: the float types within rounding, 8 bits
+    close, and further with each step down in bits."""
+    from engine import convert
+    _, _, src, files = qwen
+    tokens = tokens_for(files["f32"], 48)
+    f32 = kiln_logits(files["f32"], tokens)
+    kls = {}
+    for typ in convert.MIXES:
+        out = tmp_path / f"{typ}.gguf"
+        assert convert_cli.main([str(src), "-o", str(out), "--type", typ, "--quiet"]) == 0
+        kls[typ] = mean_kl(f32, kiln_logits(out, tokens))
+    print("mean KL from the F32 file:", kls)
+    assert max(kls["f16"], kls["bf16"]) < 1e-4 and kls["q8_0"] < 2e-3
+    ladder = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]  # fewer bits, further
+    assert [kls[t] for t in ladder] == sorted(kls[t] for t in ladder)
+    assert kls["q8_0"] < kls["q5_0"] < kls["q4_0"]
