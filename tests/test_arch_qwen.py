@@ -273,13 +273,6 @@ def test_quantized_files_within_llama_cpps_envelope(qwen, llama_cpp, typ):
     assert top1 >= env_top1 - TOP1_SLACK, (top1, env_top1)
 
 
-@pytest.fixture
-def isa_restored():
-    before = ckernels.active_isa()
-    yield
-    ckernels.set_isa(before)
-
-
 def check_bit_exact(path, tokens, isas):
     """The reference's logits = the engine's, bit for bit, under each ISA variant, 1 and 2
     threads, the prompt in one call, in chunks of 16, and token by token."""

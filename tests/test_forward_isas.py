@@ -16,13 +16,6 @@ from tiny_models import SUPER_BLOCK_SHAPE, make_tiny_llama, needs_super_blocks
 N_TOKENS = 21  # not a multiple of any tile: every variant's tails run
 
 
-@pytest.fixture
-def isa_restored():
-    before = ckernels.active_isa()
-    yield
-    ckernels.set_isa(before)
-
-
 def run(path, isa, tokens):
     ckernels.set_isa(isa)
     with Model(path, n_ctx=32, n_threads=2, n_batch=8) as m:
