@@ -17,6 +17,7 @@ BPE tokenizer.json, converted by kiln and run by kiln, transformers and llama.cp
 import copy
 import dataclasses
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -401,6 +402,12 @@ def test_chat_renders_the_file_template_and_stops_at_im_end(qwen, tmp_path):
         assert ids.count(im_start[0]) == 3 and ids.count(im_end) == 2
         out = llm.chat(messages, max_tokens=8, temperature=0)
         assert out.finish_reason == "stop" and out.tokens == [] and out.text == ""
+    # `kiln chat`, piped: one (empty) reply per line, then a clean exit at end of input
+    r = subprocess.run([sys.executable, "-m", "engine", "chat", str(path), "--ctx", "128",
+                        "--threads", "1"], input="Hi there\nAgain\n", capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "\n\n"
 
 
 def test_kiln_info_describes_the_file(tmp_path):

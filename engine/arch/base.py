@@ -4,6 +4,16 @@ its tensors (GGUF name, Hugging Face name, shape) and its variations from the Ll
 The variations are fields that engine/config.py copies into the one ModelConfig that the
 C forward pass (ckernels/src/forward.c) and the NumPy reference (engine/reference.py)
 both read; a new family is a new module with other values, never another forward pass.
+
+The families still to come add fields of the same two kinds. A switch of the graph is an
+Architecture field copied into the config and forward.h's kiln_model_config (as
+`rope`): the gated FFN's activation (SiLU or tanh-GELU), an embedding scale (Gemma's
+sqrt(n_embd)), sliding-window layers with their own RoPE base (a layer pattern plus
+window and base from the file's keys). A weight that only some families have is a
+TensorSpec, passed to C as a pointer that is NULL elsewhere (as the Q/K/V biases and
+Q/K norms are): norms after attention and after the FFN, RoPE frequency factors. Fused
+QKV / gate-up tensors are TensorSpecs whose rows the loader hands to the kernels as
+views of one matrix.
 """
 from __future__ import annotations
 
