@@ -1,10 +1,10 @@
-# Cython binding: model (the Llama forward pass, ckernels/src/forward.{c,h})
+# Cython binding: model (the forward pass, ckernels/src/forward.{c,h})
 from libc.stdint cimport int32_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 cdef extern from "forward.h":
-    ctypedef struct kiln_llama_config:
-        int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim
+    ctypedef struct kiln_model_config:
+        int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim, rope_type
         int n_ctx, n_batch
         float rms_eps
     ctypedef struct kiln_weight:
@@ -13,25 +13,30 @@ cdef extern from "forward.h":
     ctypedef struct kiln_layer_weights:
         const float *attn_norm
         kiln_weight attn_q, attn_k, attn_v, attn_output
+        const float *attn_q_bias
+        const float *attn_k_bias
+        const float *attn_v_bias
+        const float *attn_q_norm
+        const float *attn_k_norm
         const float *ffn_norm
         kiln_weight ffn_gate, ffn_up, ffn_down
-    ctypedef struct kiln_llama_weights:
+    ctypedef struct kiln_model_weights:
         kiln_weight token_embd
         const kiln_layer_weights *layers
         const float *output_norm
         kiln_weight output
         const double *rope_inv_freq
-    ctypedef struct kiln_llama:
+    ctypedef struct kiln_model:
         pass
-    kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
+    kiln_model *kiln_model_create(const kiln_model_config *cfg, const kiln_model_weights *w,
                                   int n_threads) nogil
-    void kiln_llama_free(kiln_llama *m) nogil
-    int kiln_llama_n_threads(const kiln_llama *m) nogil
-    int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+    void kiln_model_free(kiln_model *m) nogil
+    int kiln_model_n_threads(const kiln_model *m) nogil
+    int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                               float *logits, int logits_all, float *trace) nogil
-    int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys,
+    int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys,
                           float *values) nogil
-    int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+    int kiln_model_eval(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                         float *logits, int logits_all) nogil
 
 
@@ -43,20 +48,23 @@ cdef kiln_weight _weight(w):
     return out
 
 
-cdef class LlamaForward:
+cdef class ModelForward:
     """The C forward pass over weights at the given addresses.
 
     The caller validates shapes and types and keeps the memory behind every address
     alive for the object's lifetime (engine/model.py does both). `layers` is a list of
-    per-layer dicts with keys attn_norm, ffn_norm (addresses of float32 vectors) and
-    attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down ((type, address))."""
-    cdef kiln_llama *model
+    per-layer dicts with keys attn_norm, ffn_norm (addresses of float32 vectors),
+    attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down ((type, address))
+    and, optionally, attn_q_bias, attn_k_bias, attn_v_bias, attn_q_norm, attn_k_norm
+    (addresses of float32 vectors, 0 for none). config["rope_type"] is ggml's rope mode
+    (0 interleaved pairs, 2 NEOX)."""
+    cdef kiln_model *model
     cdef readonly int n_vocab, n_ctx, kv_dim, n_layer, n_embd
 
     def __cinit__(self, dict config, token_embd, list layers, uintptr_t output_norm,
                   output, const double[::1] rope_inv_freq, int n_threads):
-        cdef kiln_llama_config c
-        cdef kiln_llama_weights w
+        cdef kiln_model_config c
+        cdef kiln_model_weights w
         cdef kiln_layer_weights *lw
         cdef int i
         self.model = NULL
@@ -69,6 +77,7 @@ cdef class LlamaForward:
         c.head_dim = config["head_dim"]
         c.n_ff = config["n_ff"]
         c.rope_dim = config["rope_dim"]
+        c.rope_type = config.get("rope_type", 0)
         c.n_ctx = config["n_ctx"]
         c.n_batch = config["n_batch"]
         c.rms_eps = config["rms_eps"]
@@ -89,18 +98,23 @@ cdef class LlamaForward:
                 lw[i].ffn_gate = _weight(d["ffn_gate"])
                 lw[i].ffn_up = _weight(d["ffn_up"])
                 lw[i].ffn_down = _weight(d["ffn_down"])
+                lw[i].attn_q_bias = <const float *><uintptr_t>d.get("attn_q_bias", 0)
+                lw[i].attn_k_bias = <const float *><uintptr_t>d.get("attn_k_bias", 0)
+                lw[i].attn_v_bias = <const float *><uintptr_t>d.get("attn_v_bias", 0)
+                lw[i].attn_q_norm = <const float *><uintptr_t>d.get("attn_q_norm", 0)
+                lw[i].attn_k_norm = <const float *><uintptr_t>d.get("attn_k_norm", 0)
             w.token_embd = _weight(token_embd)
             w.layers = lw
             w.output_norm = <const float *>output_norm
             w.output = _weight(output)
             w.rope_inv_freq = &rope_inv_freq[0] if rope_inv_freq.shape[0] else NULL
             with nogil:
-                self.model = kiln_llama_create(&c, &w, n_threads)
+                self.model = kiln_model_create(&c, &w, n_threads)
         finally:
             free(lw)
         if self.model == NULL:
-            raise MemoryError("could not build the model: out of memory or a weight "
-                              "type the kernels do not support")
+            raise MemoryError("could not build the model: out of memory, a weight type "
+                              "the kernels do not support or a bad rope_type")
         self.n_vocab = c.n_vocab
         self.n_ctx = c.n_ctx
         self.kv_dim = c.n_head_kv * c.head_dim
@@ -109,12 +123,12 @@ cdef class LlamaForward:
 
     def __dealloc__(self):
         if self.model != NULL:
-            kiln_llama_free(self.model)
+            kiln_model_free(self.model)
             self.model = NULL
 
     @property
     def n_threads(self):
-        return kiln_llama_n_threads(self.model)
+        return kiln_model_n_threads(self.model)
 
     def eval(self, const int32_t[::1] tokens, int n_past, float[::1] logits, bint logits_all,
              float[::1] trace=None):
@@ -134,7 +148,7 @@ cdef class LlamaForward:
                 raise ValueError("trace buffer of the wrong size")
             trace_ptr = &trace[0]
         with nogil:
-            rc = kiln_llama_eval_trace(self.model, &tokens[0], n, n_past, &logits[0],
+            rc = kiln_model_eval_trace(self.model, &tokens[0], n, n_past, &logits[0],
                                        logits_all, trace_ptr)
         if rc != 0:
             raise ValueError(f"eval of {n} tokens at n_past={n_past} refused: context "
@@ -147,11 +161,11 @@ cdef class LlamaForward:
         values = np.zeros((max(n, 1), self.kv_dim), np.float32)
         cdef float[:, ::1] kv = keys
         cdef float[:, ::1] vv = values
-        if self.model == NULL or kiln_llama_get_kv(self.model, layer, n, &kv[0, 0], &vv[0, 0]):
+        if self.model == NULL or kiln_model_get_kv(self.model, layer, n, &kv[0, 0], &vv[0, 0]):
             raise ValueError(f"no layer {layer} / {n} positions in the KV cache")
         return keys[:n], values[:n]
 
     def close(self):
         if self.model != NULL:
-            kiln_llama_free(self.model)
+            kiln_model_free(self.model)
             self.model = NULL

@@ -1,8 +1,10 @@
-"""Llama hyper-parameters from GGUF metadata.
+"""A model's hyper-parameters and its architecture's variations, from GGUF metadata.
 
-One config covers every model that llama.cpp loads as `general.architecture == "llama"`:
-Llama 1/2/3, Mistral, TinyLlama, SmolLM/SmolLM2. Keys and defaults follow llama.cpp's
-llm_load_hparams: head_count_kv defaults to head_count, key_length to n_embd / n_head,
+One config for every family in engine/arch (llama, qwen2, qwen3): the keys are read under
+the prefix `general.architecture` names, and the architecture module adds the
+variations (RoPE pairing, Q/K/V biases, Q/K norms) that the C forward pass and the NumPy
+reference both follow. Keys and defaults follow llama.cpp's llm_load_hparams:
+head_count_kv defaults to head_count, key_length to n_embd / n_head,
 rope.dimension_count to the head size, rope.freq_base to 10000.
 """
 from __future__ import annotations
@@ -11,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import arch as architectures
+from .arch import Architecture
 from .errors import ModelError
-
-ARCHITECTURE = "llama"
 
 
 def _value(v):
@@ -31,7 +33,8 @@ MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class ModelConfig:
+    arch: Architecture         # the family: its tensors and the variations below
     n_vocab: int
     n_embd: int
     n_layer: int
@@ -46,6 +49,23 @@ class LlamaConfig:
     rope_freq_scale: float     # 1 / linear rope-scaling factor (1.0 = no scaling)
     tied_output: bool | None   # no `output.weight`: logits use token_embd (None: unknown)
 
+    # the architecture's variations from the Llama graph (engine/arch/base.py)
+    @property
+    def rope_neox(self) -> bool:
+        return self.arch.rope_neox
+
+    @property
+    def attn_qkv_bias(self) -> bool:
+        return self.arch.attn_qkv_bias
+
+    @property
+    def attn_qk_norm(self) -> bool:
+        return self.arch.attn_qk_norm
+
+    @property
+    def untied_output(self) -> bool:
+        return self.tied_output is False
+
     @property
     def n_embd_q(self) -> int:
         return self.n_head * self.head_dim
@@ -55,24 +75,23 @@ class LlamaConfig:
         return self.n_head_kv * self.head_dim
 
     @classmethod
-    def from_metadata(cls, md, tensor_names=None) -> "LlamaConfig":
-        """Config of a llama GGUF. `tensor_names` (the file's tensor names) decides
-        tied_output; without it tied_output is None."""
-        arch = _value(md.get("general.architecture"))
-        if isinstance(arch, bytes):
-            arch = arch.decode("utf-8", "replace")
-        if arch != ARCHITECTURE:
-            raise ModelError(f"unsupported model architecture {arch!r}: kiln runs "
-                             f"'{ARCHITECTURE}' models (Llama, Mistral, SmolLM, TinyLlama)")
+    def from_metadata(cls, md, tensor_names=None) -> "ModelConfig":
+        """Config of a GGUF of a known architecture. `tensor_names` (the file's tensor
+        names) decides tied_output; without it tied_output is None."""
+        name = _value(md.get("general.architecture"))
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        arch = architectures.get(name)
+        prefix = arch.name
 
         def get(key, default=None, kind=int):
-            v = _value(md.get(f"{ARCHITECTURE}.{key}", default))
+            v = _value(md.get(f"{prefix}.{key}", default))
             if v is None:
-                raise ModelError(f"model metadata lacks '{ARCHITECTURE}.{key}'")
+                raise ModelError(f"model metadata lacks '{prefix}.{key}'")
             try:
                 return kind(v)
             except (TypeError, ValueError):
-                raise ModelError(f"model metadata '{ARCHITECTURE}.{key}' = {v!r} is not "
+                raise ModelError(f"model metadata '{prefix}.{key}' = {v!r} is not "
                                  f"a {kind.__name__}") from None
 
         n_embd = get("embedding_length")
@@ -92,22 +111,22 @@ class LlamaConfig:
         if rope_dim % 2 or not 0 < rope_dim <= head_dim:
             raise ModelError(f"rope.dimension_count {rope_dim} must be even and at most "
                              f"the head size {head_dim}")
-        scaling = _value(md.get(f"{ARCHITECTURE}.rope.scaling.type", "none"))
+        scaling = _value(md.get(f"{prefix}.rope.scaling.type", "none"))
         if scaling not in ("none", "linear"):
             raise ModelError(f"unsupported rope scaling type {scaling!r} (kiln supports "
                              "'none' and 'linear')")
         factor = get("rope.scaling.factor", 1.0, float) if scaling == "linear" else 1.0
 
-        n_vocab = _value(md.get(f"{ARCHITECTURE}.vocab_size"))
+        n_vocab = _value(md.get(f"{prefix}.vocab_size"))
         if n_vocab is None:
             tokens = md.get("tokenizer.ggml.tokens")
             if tokens is None:
-                raise ModelError("model metadata has neither llama.vocab_size nor "
+                raise ModelError(f"model metadata has neither {prefix}.vocab_size nor "
                                  "tokenizer.ggml.tokens")
             n_vocab = len(tokens)
 
         cfg = cls(
-            n_vocab=int(n_vocab), n_embd=n_embd, n_layer=get("block_count"),
+            arch=arch, n_vocab=int(n_vocab), n_embd=n_embd, n_layer=get("block_count"),
             n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
             n_ff=get("feed_forward_length"), n_ctx_train=get("context_length", 2048),
             rms_eps=get("attention.layer_norm_rms_epsilon", kind=float),

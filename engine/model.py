@@ -1,4 +1,4 @@
-"""A llama GGUF run by the C forward pass (ckernels/src/forward.c).
+"""A GGUF of a family in engine/arch run by the C forward pass (ckernels/src/forward.c).
 
 Model(path) memory-maps the file, checks every tensor the forward pass will read
 (presence, shape, type) against the config, and hands the C engine pointers into the
@@ -15,13 +15,14 @@ import ckernels
 import formats
 from formats import GGMLType
 
-from .config import LlamaConfig
+from .config import ModelConfig
 from .errors import ContextOverflowError, ModelError
 
 # Types kiln_matmul multiplies (and codecs.c dequantizes, for embedding rows): the
 # weight types of the C type table.
 MATRIX_TYPES = tuple(GGMLType(b.ggml_id) for b in ckernels.weight_types())
 N_BATCH = 512  # prompt tokens per internal chunk: bounds the activation buffers
+ROPE_NORM, ROPE_NEOX = 0, 2  # forward.h's kiln_rope_type (ggml's rope modes)
 
 
 # Weight types the kernels repack at load time (kernels.h: they never read the file's
@@ -48,30 +49,21 @@ def physical_cores() -> int:
     return len(cores) or len(cpus)
 
 
-def expected_tensors(c: LlamaConfig) -> dict:
-    """name -> (NumPy shape, allowed types) of every tensor the forward pass reads."""
-    norm = ((c.n_embd,), (GGMLType.F32,))
-    out = {"token_embd.weight": ((c.n_vocab, c.n_embd), MATRIX_TYPES),
-           "output_norm.weight": norm}
-    if not c.tied_output:
-        out["output.weight"] = ((c.n_vocab, c.n_embd), MATRIX_TYPES)
-    for i in range(c.n_layer):
-        p = f"blk.{i}."
-        out.update({
-            p + "attn_norm.weight": norm,
-            p + "attn_q.weight": ((c.n_embd_q, c.n_embd), MATRIX_TYPES),
-            p + "attn_k.weight": ((c.n_embd_kv, c.n_embd), MATRIX_TYPES),
-            p + "attn_v.weight": ((c.n_embd_kv, c.n_embd), MATRIX_TYPES),
-            p + "attn_output.weight": ((c.n_embd, c.n_embd_q), MATRIX_TYPES),
-            p + "ffn_norm.weight": norm,
-            p + "ffn_gate.weight": ((c.n_ff, c.n_embd), MATRIX_TYPES),
-            p + "ffn_up.weight": ((c.n_ff, c.n_embd), MATRIX_TYPES),
-            p + "ffn_down.weight": ((c.n_embd, c.n_ff), MATRIX_TYPES),
-        })
-    return out
+# The per-layer F32 vectors of the variations (engine/arch), as forward.h names them:
+# GGUF tensor blk.N.<name> -> the layer weights' field.
+LAYER_VECTORS = {"attn_q.bias": "attn_q_bias", "attn_k.bias": "attn_k_bias",
+                 "attn_v.bias": "attn_v_bias", "attn_q_norm.weight": "attn_q_norm",
+                 "attn_k_norm.weight": "attn_k_norm"}
 
 
-def check_tensors(tensors, c: LlamaConfig) -> None:
+def expected_tensors(c: ModelConfig) -> dict:
+    """name -> (NumPy shape, allowed types) of every tensor the forward pass reads, as the
+    config's architecture declares them."""
+    return {name: (shape, MATRIX_TYPES if matrix else (GGMLType.F32,))
+            for name, (shape, matrix) in c.arch.tensor_shapes(c).items()}
+
+
+def check_tensors(tensors, c: ModelConfig) -> None:
     """Raise ModelError naming the first tensor that is missing or does not fit."""
     for name, (shape, types) in expected_tensors(c).items():
         t = tensors.get(name)
@@ -102,13 +94,13 @@ def check_tensors(tensors, c: LlamaConfig) -> None:
 
 
 class Model:
-    """A llama model ready to evaluate tokens: `.eval(tokens, n_past)` -> logits."""
+    """A model ready to evaluate tokens: `.eval(tokens, n_past)` -> logits."""
 
     def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = N_BATCH):
         """n_threads None = physical cores (at most ckernels.MAX_THREADS); n_batch =
         prompt tokens per internal chunk (an eval of more tokens is still one call)."""
-        from ckernels._ext import LlamaForward
+        from ckernels._ext import ModelForward
 
         if n_threads is None:
             n_threads = min(physical_cores(), ckernels.MAX_THREADS)
@@ -123,8 +115,9 @@ class Model:
         try:
             tensors = self._file.tensors
             self.metadata = self._file.metadata
-            self.config = c = LlamaConfig.from_metadata(self.metadata, tensors.keys())
+            self.config = c = ModelConfig.from_metadata(self.metadata, tensors.keys())
             check_tensors(tensors, c)
+            expected = expected_tensors(c)
             self.n_ctx, self.n_threads = int(n_ctx), int(n_threads)
 
             def weight(name):
@@ -146,6 +139,8 @@ class Model:
                 "ffn_norm": vector(f"blk.{i}.ffn_norm.weight"),
                 **{k: weight(f"blk.{i}.{k}.weight") for k in (
                     "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")},
+                **{field: vector(f"blk.{i}.{name}") for name, field in LAYER_VECTORS.items()
+                   if f"blk.{i}.{name}" in expected},
             } for i in range(c.n_layer)]
             freq_factors = (np.asarray(tensors["rope_freqs.weight"].data, np.float32)
                             if "rope_freqs.weight" in tensors else None)
@@ -153,8 +148,9 @@ class Model:
             cfg = {k: getattr(c, k) for k in ("n_vocab", "n_embd", "n_layer", "n_head",
                                               "n_head_kv", "head_dim", "n_ff", "rope_dim",
                                               "rms_eps")}
-            cfg.update(n_ctx=self.n_ctx, n_batch=min(int(n_batch), self.n_ctx))
-            self._forward = LlamaForward(
+            cfg.update(n_ctx=self.n_ctx, n_batch=min(int(n_batch), self.n_ctx),
+                       rope_type=ROPE_NEOX if c.rope_neox else ROPE_NORM)
+            self._forward = ModelForward(
                 cfg, weight("token_embd.weight"), layers, vector("output_norm.weight"),
                 weight("token_embd.weight" if c.tied_output else "output.weight"),
                 self._inv_freq, self.n_threads)

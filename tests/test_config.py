@@ -1,8 +1,8 @@
-"""LlamaConfig from GGUF metadata: llama.cpp's keys and defaults, clear refusals."""
+"""ModelConfig from GGUF metadata: llama.cpp's keys and defaults, clear refusals."""
 import numpy as np
 import pytest
 
-from engine.config import LlamaConfig
+from engine.config import ModelConfig
 from engine.errors import ModelError
 
 SMOLLM2 = {
@@ -16,7 +16,7 @@ SMOLLM2 = {
 
 
 def test_smollm2_metadata():
-    c = LlamaConfig.from_metadata(SMOLLM2, ["token_embd.weight"])
+    c = ModelConfig.from_metadata(SMOLLM2, ["token_embd.weight"])
     assert (c.n_vocab, c.n_embd, c.n_layer, c.n_head, c.n_head_kv, c.head_dim, c.n_ff) == (
         49152, 576, 30, 9, 3, 64, 1536)
     assert (c.n_ctx_train, c.rope_dim, c.rope_freq_base) == (8192, 64, 100000.0)
@@ -30,36 +30,36 @@ def test_defaults_follow_llama_cpp():
         "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.rope.dimension_count",
         "llama.vocab_size")}
     md["tokenizer.ggml.tokens"] = ["a"] * 100
-    c = LlamaConfig.from_metadata(md, ["output.weight"])
+    c = ModelConfig.from_metadata(md, ["output.weight"])
     assert c.n_head_kv == 9 and c.rope_freq_base == 10000.0 and c.rope_dim == 64
     assert c.n_vocab == 100 and c.tied_output is False
-    assert LlamaConfig.from_metadata(md).tied_output is None
+    assert ModelConfig.from_metadata(md).tied_output is None
 
 
 def test_numpy_scalars_are_accepted():
     md = {k: (np.uint32(v) if isinstance(v, int) else v) for k, v in SMOLLM2.items()}
-    assert LlamaConfig.from_metadata(md).n_layer == 30
+    assert ModelConfig.from_metadata(md).n_layer == 30
 
 
 def test_explicit_head_size():
     md = dict(SMOLLM2, **{"llama.attention.key_length": 128,
                           "llama.attention.value_length": 128,
                           "llama.rope.dimension_count": 128})
-    assert LlamaConfig.from_metadata(md).head_dim == 128
+    assert ModelConfig.from_metadata(md).head_dim == 128
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2", None])
+@pytest.mark.parametrize("arch", ["mamba", "gpt2", None])
 def test_unknown_architecture_is_named(arch):
     md = dict(SMOLLM2)
     md["general.architecture"] = arch
     with pytest.raises(ModelError, match=repr(arch)):
-        LlamaConfig.from_metadata(md)
+        ModelConfig.from_metadata(md)
 
 
 def test_missing_key_is_named():
     md = {k: v for k, v in SMOLLM2.items() if k != "llama.embedding_length"}
     with pytest.raises(ModelError, match="llama.embedding_length"):
-        LlamaConfig.from_metadata(md)
+        ModelConfig.from_metadata(md)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -72,15 +72,15 @@ def test_missing_key_is_named():
 ])
 def test_bad_values_are_refused(key, value, match):
     with pytest.raises(ModelError, match=match):
-        LlamaConfig.from_metadata(dict(SMOLLM2, **{key: value}))
+        ModelConfig.from_metadata(dict(SMOLLM2, **{key: value}))
 
 
 def test_rope_inv_freq():
-    c = LlamaConfig.from_metadata(SMOLLM2)
+    c = ModelConfig.from_metadata(SMOLLM2)
     inv = c.rope_inv_freq()
     assert inv.shape == (32,)
     np.testing.assert_allclose(inv, 100000.0 ** (-np.arange(0, 64, 2) / 64))
-    lin = LlamaConfig.from_metadata(dict(SMOLLM2, **{"llama.rope.scaling.type": "linear",
+    lin = ModelConfig.from_metadata(dict(SMOLLM2, **{"llama.rope.scaling.type": "linear",
                                                      "llama.rope.scaling.factor": 4.0}))
     np.testing.assert_allclose(lin.rope_inv_freq(), inv / 4)
     np.testing.assert_allclose(c.rope_inv_freq(np.full(32, 2.0)), inv / 2)

@@ -407,7 +407,8 @@ def _case_architecture(d):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(cfg))
     return (f"error: {d}/config.json: unsupported architecture 'GPT2LMHeadModel'; "
-            f"supported: LlamaForCausalLM, MistralForCausalLM")
+            f"supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+            f"Qwen3ForCausalLM")
 
 
 def _case_tokenizer(d):

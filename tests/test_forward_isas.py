@@ -9,18 +9,11 @@ import pytest
 import ckernels
 from cpu_isas import expected_isas
 from engine.model import MATRIX_TYPES, Model
-from engine.reference import ReferenceLlama
+from engine.reference import ReferenceModel
 from formats import FLOAT_TYPES
 from tiny_models import SUPER_BLOCK_SHAPE, make_tiny_llama, needs_super_blocks
 
 N_TOKENS = 21  # not a multiple of any tile: every variant's tails run
-
-
-@pytest.fixture
-def isa_restored():
-    before = ckernels.active_isa()
-    yield
-    ckernels.set_isa(before)
 
 
 def run(path, isa, tokens):
@@ -36,7 +29,7 @@ def test_every_isa_runs_the_forward_pass(tmp_path, wtype, isa_restored):
     shape = (SUPER_BLOCK_SHAPE if needs_super_blocks(wtype)
              else dict(n_embd=96, n_head=6, n_head_kv=2, head_dim=16, n_ff=160))
     path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, ftype=wtype.name.lower(), seed=11, **shape)
-    ref = ReferenceLlama(path)
+    ref = ReferenceModel(path)
     tokens = np.random.default_rng(5).integers(0, ref.config.n_vocab, N_TOKENS)
     want = ref(tokens)
     scalar, _ = run(path, "scalar", tokens)

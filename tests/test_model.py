@@ -16,7 +16,7 @@ import pytest
 import ckernels
 from engine.errors import ContextOverflowError, ModelError
 from engine.model import MATRIX_TYPES, Model, physical_cores
-from engine.reference import ReferenceLlama
+from engine.reference import ReferenceModel
 from formats import FLOAT_TYPES, GGMLType
 from cpu_isas import expected_isas
 from tiny_models import SUPER_BLOCK_SHAPE, make_tiny_llama, mean_kl, needs_super_blocks
@@ -71,9 +71,9 @@ def tiny(request, tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m.gguf", vocab=vocab,
                            n_layer=2, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
                            tied=tied, ftype=ftype, seed=7, **widths(ftype))
-    ref = ReferenceLlama(path)
+    ref = ReferenceModel(path)
     tokens = np.random.default_rng(0).integers(0, ref.config.n_vocab, N_TOKENS)
-    return (path, tokens, ref(tokens), ReferenceLlama(path, emulate_q8=False)(tokens),
+    return (path, tokens, ref(tokens), ReferenceModel(path, emulate_q8=False)(tokens),
             ftype in QUANTIZED)
 
 
@@ -118,7 +118,7 @@ def test_trace_holds_each_layers_output(tiny):
     """eval_trace's residual stream after each layer is the reference's layer output on
     the stream entering it (bit for bit with quantized weights)."""
     path, tokens, ref_q8, ref_float, exact = tiny
-    ref = ReferenceLlama(path)
+    ref = ReferenceModel(path)
     with Model(path, n_ctx=64, n_threads=2) as m:
         logits, trace = m.eval_trace(tokens)
     np.testing.assert_array_equal(trace[0], ref.token_embd[tokens])
@@ -179,14 +179,14 @@ def test_bad_arguments(small_path):
 
 def test_thread_count_above_the_pool_limit_is_refused(small_path):
     import ckernels
-    from ckernels._ext import LlamaForward
+    from ckernels._ext import ModelForward
 
     limit = ckernels.MAX_THREADS
     with pytest.raises(ValueError, match=rf"n_threads \({limit + 1}\).*limit of {limit}"):
         Model(small_path, n_ctx=8, n_threads=limit + 1)
     # the binding checks too, before it looks at anything else
     with pytest.raises(ValueError, match=rf"between 1 and {limit}.*got {limit + 1}"):
-        LlamaForward({}, None, [], 0, None, np.zeros(0), limit + 1)
+        ModelForward({}, None, [], 0, None, np.zeros(0), limit + 1)
 
 
 def test_default_threads_and_metadata(small_path):
@@ -253,7 +253,7 @@ def test_kv_cache_holds_roped_keys_and_values(tmp_path):
     from engine import reference as R
     path = make_tiny_llama(tmp_path / "kv.gguf", n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
                            head_dim=32, n_ff=96, seed=11)
-    ref = R.ReferenceLlama(path, emulate_q8=False)
+    ref = R.ReferenceModel(path, emulate_q8=False)
     c = ref.config
     tokens = np.random.default_rng(1).integers(0, c.n_vocab, 21)
     with Model(path, n_ctx=37, n_threads=2) as m:  # n_ctx not a multiple of the key block
@@ -288,7 +288,7 @@ def test_attention_loops_of_every_isa(tmp_path, n_head, n_head_kv, head_dim, n_t
     import ckernels
     path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, n_embd=64, n_head=n_head,
                            n_head_kv=n_head_kv, head_dim=head_dim, n_ff=96, ftype="q8_0", seed=3)
-    ref = ReferenceLlama(path)
+    ref = ReferenceModel(path)
     tokens = np.random.default_rng(2).integers(0, ref.config.n_vocab, n_tokens)
     want = ref(tokens)
     before = ckernels.active_isa()
@@ -312,7 +312,7 @@ def test_long_context_token_splits_keys_over_threads(tmp_path, n_head, n_head_kv
     path = make_tiny_llama(tmp_path / "m.gguf", n_layer=2, n_embd=64, n_head=n_head,
                            n_head_kv=n_head_kv, head_dim=32 if n_head == 6 else 16, n_ff=96,
                            ftype="q4_0", seed=5)
-    ref = ReferenceLlama(path)
+    ref = ReferenceModel(path)
     tokens = np.random.default_rng(4).integers(0, ref.config.n_vocab, 300)
     want = ref(tokens)
     out = []

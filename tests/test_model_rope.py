@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.model import Model
-from engine.reference import ReferenceLlama
+from engine.reference import ReferenceModel
 from tiny_models import make_tiny_llama, mean_kl
 
 HEAD_DIM = 32
@@ -25,11 +25,11 @@ def logits_of(tmp_path, name, ftype, **feature):
     path = make_tiny_llama(tmp_path / f"{name}-{ftype}.gguf", n_layer=2, n_embd=64, n_head=4,
                            n_head_kv=2, head_dim=HEAD_DIM, n_ff=96, ftype=ftype, seed=3,
                            rope_freq_base=100.0, **feature)
-    ref = ReferenceLlama(path)
+    ref = ReferenceModel(path)
     tokens = np.random.default_rng(1).integers(0, ref.config.n_vocab, N_TOKENS)
     with Model(path, n_ctx=64, n_threads=2) as m:
         ours = m.eval(tokens, 0, logits_all=True)
-    return ours, ref(tokens), ReferenceLlama(path, emulate_q8=False)(tokens)
+    return ours, ref(tokens), ReferenceModel(path, emulate_q8=False)(tokens)
 
 
 @pytest.mark.parametrize("ftype", ["q8_0", "bf16"])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from engine.model import Model
-from engine.reference import ReferenceLlama
+from engine.reference import ReferenceModel
 from tiny_models import mean_kl
 
 TEXT = """\
@@ -92,7 +92,7 @@ def test_smollm2_matches_reference(smollm2_variant, tokens, variant):
     with Model(path, n_ctx=N_TOKENS, n_threads=2) as m:
         logits = m.eval(tokens, 0, logits_all=True)
         single = np.stack([m.eval(tokens[i:i + 1], i) for i in range(16)])
-    want = ReferenceLlama(path)(tokens)
+    want = ReferenceModel(path)(tokens)
     agree = (logits.argmax(-1) == want.argmax(-1)).mean()
     kl = mean_kl(want, logits)
     print(f"{variant}: top-1 agreement {agree:.4f}, mean KL {kl:.2e}, "

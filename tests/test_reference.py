@@ -7,7 +7,7 @@ import pytest
 import ckernels
 import formats
 from formats import GGMLType
-from engine.reference import Linear, ReferenceLlama, rope
+from engine.reference import Linear, ReferenceModel, rope
 from tiny_models import make_tiny_llama, mean_kl
 from formats.iquants import KVALUES_IQ4NL as _KVALUES_IQ4NL  # checked against ggml
 
@@ -112,6 +112,6 @@ def test_reference_matches_llama_cpp_on_float_weights(tmp_path, n_head, n_head_k
                            n_head_kv=n_head_kv, head_dim=head_dim, tied=False, seed=3)
     tokens = np.random.default_rng(4).integers(3, 250, 40)
     want = _llama_cpp_logits(path, tokens)
-    got = ReferenceLlama(path, emulate_q8=False)(tokens)
+    got = ReferenceModel(path, emulate_q8=False)(tokens)
     assert mean_kl(want, got) < 1e-4
     np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())

@@ -1,7 +1,8 @@
-"""Tiny random-weight Llama GGUF files with real tokenizer vocabularies, for tests.
+"""Tiny random-weight GGUF files (llama, or qwen2 / qwen3 with arch=) with real tokenizer
+vocabularies, for tests.
 
     make_tiny_llama(path, vocab="gpt2", n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
-                    head_dim=None, n_ff=128, tied=True, ftype="f32", seed=0)
+                    head_dim=None, n_ff=128, tied=True, ftype="f32", seed=0, arch="llama")
 
 writes a valid GGUF v3 (llama.cpp and gguf-py load it). Both vocabulary kinds are
 learned, deterministically, from a small built-in corpus by byte-pair merging:
@@ -182,11 +183,12 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
                     n_ctx_train: int = 512, rope_freq_base: float = 10000.0,
                     rms_eps: float = 1e-5, vocab_from=None, rope_dim: int | None = None,
                     rope_scaling_factor: float | None = None,
-                    rope_freqs: np.ndarray | None = None) -> str:
-    """Write a random-weight llama GGUF to path; returns str(path). Weights (the
-    matrices and token_embd) are stored in ftype, norms in F32. rope_dim < head_dim is
-    partial RoPE; rope_scaling_factor is linear RoPE scaling; rope_freqs (rope_dim // 2
-    floats) is Llama 3.1's per-frequency divisors tensor."""
+                    rope_freqs: np.ndarray | None = None, arch: str = "llama") -> str:
+    """Write a random-weight GGUF of architecture `arch` to path; returns str(path).
+    Weights (the matrices and token_embd) are stored in ftype, norms and biases in F32.
+    rope_dim < head_dim is partial RoPE; rope_scaling_factor is linear RoPE scaling;
+    rope_freqs (rope_dim // 2 floats) is Llama 3.1's per-frequency divisors tensor.
+    qwen2 adds Q/K/V biases, qwen3 per-head Q/K norm weights (engine/arch)."""
     if vocab_from is not None:
         with formats.read_gguf(vocab_from) as src:
             tok = {k: v for k, v in src.metadata.items() if k.startswith("tokenizer.")}
@@ -209,8 +211,11 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
     def branch(rows, cols):  # a layer's contribution to the residual stream
         return matrix(rows, cols, BRANCH_GAIN / np.sqrt(cols))
 
-    def norm():
-        return (1.0 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
+    def norm(n=n_embd):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def bias(n):
+        return (0.5 * rng.standard_normal(n)).astype(np.float32)
 
     tensors = [("token_embd.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 1.0), wtype)]
     for i in range(n_layer):
@@ -220,6 +225,15 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
             (p + "attn_q.weight", (q_dim, n_embd), matrix(q_dim, n_embd), wtype),
             (p + "attn_k.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
             (p + "attn_v.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
+        ]
+        if arch == "qwen2":
+            tensors += [(p + "attn_q.bias", (q_dim,), bias(q_dim), GGMLType.F32),
+                        (p + "attn_k.bias", (kv_dim,), bias(kv_dim), GGMLType.F32),
+                        (p + "attn_v.bias", (kv_dim,), bias(kv_dim), GGMLType.F32)]
+        if arch == "qwen3":
+            tensors += [(p + "attn_q_norm.weight", (head_dim,), norm(head_dim), GGMLType.F32),
+                        (p + "attn_k_norm.weight", (head_dim,), norm(head_dim), GGMLType.F32)]
+        tensors += [
             (p + "attn_output.weight", (n_embd, q_dim), branch(n_embd, q_dim), wtype),
             (p + "ffn_norm.weight", (n_embd,), norm(), GGMLType.F32),
             (p + "ffn_gate.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype),
@@ -231,30 +245,30 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
         tensors.append(("output.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 0.25), wtype))
 
     metadata = {
-        "general.architecture": "llama",
-        "general.name": f"tiny-llama-{vocab}-{ftype}",
+        "general.architecture": arch,
+        "general.name": f"tiny-{arch}-{vocab}-{ftype}",
         "general.file_type": int(_file_type(wtype)),
         "general.quantization_version": 2,
-        "llama.block_count": n_layer,
-        "llama.context_length": n_ctx_train,
-        "llama.embedding_length": n_embd,
-        "llama.feed_forward_length": n_ff,
-        "llama.attention.head_count": n_head,
-        "llama.attention.head_count_kv": n_head_kv,
-        "llama.attention.layer_norm_rms_epsilon": float(rms_eps),
-        "llama.rope.freq_base": float(rope_freq_base),
-        "llama.rope.dimension_count": rope_dim or head_dim,
-        "llama.vocab_size": n_vocab,
+        f"{arch}.block_count": n_layer,
+        f"{arch}.context_length": n_ctx_train,
+        f"{arch}.embedding_length": n_embd,
+        f"{arch}.feed_forward_length": n_ff,
+        f"{arch}.attention.head_count": n_head,
+        f"{arch}.attention.head_count_kv": n_head_kv,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(rms_eps),
+        f"{arch}.rope.freq_base": float(rope_freq_base),
+        f"{arch}.rope.dimension_count": rope_dim or head_dim,
+        f"{arch}.vocab_size": n_vocab,
     }
     if rope_scaling_factor is not None:
-        metadata["llama.rope.scaling.type"] = "linear"
-        metadata["llama.rope.scaling.factor"] = float(rope_scaling_factor)
+        metadata[f"{arch}.rope.scaling.type"] = "linear"
+        metadata[f"{arch}.rope.scaling.factor"] = float(rope_scaling_factor)
     if rope_freqs is not None:
         tensors.insert(0, ("rope_freqs.weight", ((rope_dim or head_dim) // 2,),
                            np.asarray(rope_freqs, np.float32), GGMLType.F32))
     if head_dim != n_embd // n_head:
-        metadata["llama.attention.key_length"] = head_dim
-        metadata["llama.attention.value_length"] = head_dim
+        metadata[f"{arch}.attention.key_length"] = head_dim
+        metadata[f"{arch}.attention.value_length"] = head_dim
     metadata.update(tok)
     formats.write_gguf(path, metadata, [(name, t, shape, encode_tensor(x, t))
                                         for name, shape, x, t in tensors])

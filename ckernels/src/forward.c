@@ -1,7 +1,7 @@
-/* The Llama forward pass (what engine/reference.py computes, in C).
+/* The forward pass of the Llama-like families (what engine/reference.py computes, in C).
  *
- * Mirrors the reference line by line: embed, then per layer RMSNorm -> Q/K/V ->
- * RoPE -> KV cache -> causal GQA attention -> output projection -> residual ->
+ * Mirrors the reference line by line: embed, then per layer RMSNorm -> Q/K/V (+ bias,
+ * qwen2) -> per-head RMSNorm of Q and K (qwen3) -> RoPE (interleaved or NEOX pairs) -> KV cache -> causal GQA attention -> output projection -> residual ->
  * RMSNorm -> SwiGLU FFN -> residual; final RMSNorm and logits. Matrix products go
  * through kiln_matmul (which splits rows over the pool; Q/K/V and gate/up each share
  * one activation quantization and one pass of the pool through kiln_matmul_multi);
@@ -43,6 +43,8 @@ typedef struct {
     kiln_matrix wq, wk, wv, wo;   /* see kiln_layer_weights for shapes */
     kiln_matrix w_gate, w_up, w_down;
     const float *attn_norm, *ffn_norm;
+    const float *q_bias, *k_bias, *v_bias; /* NULL: none */
+    const float *q_norm, *k_norm;          /* NULL: none */
 } Layer;
 
 typedef struct {
@@ -76,8 +78,8 @@ typedef struct {
     int n_ctx_pad;      /* n_ctx rounded up to ATT_BLOCK: whole blocks stay in bounds */
 } RunState;
 
-struct kiln_llama {
-    kiln_llama_config c;
+struct kiln_model {
+    kiln_model_config c;
     Weights w;
     RunState s;
     kiln_pool *pool;
@@ -103,7 +105,7 @@ static void free_weights(Weights *w, int n_layer) {
     free(w->rope_inv_freq);
 }
 
-static int build_weights(Weights *w, const kiln_llama_config *c, const kiln_llama_weights *src) {
+static int build_weights(Weights *w, const kiln_model_config *c, const kiln_model_weights *src) {
     int64_t q_dim = (int64_t)c->n_head * c->head_dim, kv_dim = (int64_t)c->n_head_kv * c->head_dim;
     memset(w, 0, sizeof *w);
     w->token_embd = src->token_embd;
@@ -118,6 +120,11 @@ static int build_weights(Weights *w, const kiln_llama_config *c, const kiln_llam
         Layer *L = &w->layers[l];
         L->attn_norm = s->attn_norm;
         L->ffn_norm = s->ffn_norm;
+        L->q_bias = s->attn_q_bias;
+        L->k_bias = s->attn_k_bias;
+        L->v_bias = s->attn_v_bias;
+        L->q_norm = s->attn_q_norm;
+        L->k_norm = s->attn_k_norm;
         if (init_matrix(&L->wq, s->attn_q, q_dim, c->n_embd) ||
             init_matrix(&L->wk, s->attn_k, kv_dim, c->n_embd) ||
             init_matrix(&L->wv, s->attn_v, kv_dim, c->n_embd) ||
@@ -138,7 +145,7 @@ static void free_run_state(RunState *s) {
 
 static float *alloc_floats(size_t n) { return malloc(sizeof(float) * (n ? n : 1)); }
 
-static int build_run_state(RunState *s, const kiln_llama_config *c, int n_threads) {
+static int build_run_state(RunState *s, const kiln_model_config *c, int n_threads) {
     size_t B = c->n_batch, q_dim = (size_t)c->n_head * c->head_dim;
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim;
     memset(s, 0, sizeof *s);
@@ -165,24 +172,25 @@ static int build_run_state(RunState *s, const kiln_llama_config *c, int n_thread
                    s->value_cache ? 0 : -1;
 }
 
-kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
+kiln_model *kiln_model_create(const kiln_model_config *cfg, const kiln_model_weights *w,
                               int n_threads) {
     if (n_threads < 1 || cfg->n_batch < 1 || cfg->n_ctx < 1 || cfg->n_head_kv < 1 ||
         cfg->n_head % cfg->n_head_kv || cfg->rope_dim > cfg->head_dim || cfg->rope_dim % 2 ||
-        cfg->head_dim < 1 || cfg->head_dim > KILN_ATT_MAX_HEAD_DIM)
+        cfg->head_dim < 1 || cfg->head_dim > KILN_ATT_MAX_HEAD_DIM ||
+        (cfg->rope_type != KILN_ROPE_NORM && cfg->rope_type != KILN_ROPE_NEOX))
         return NULL;
-    kiln_llama *m = calloc(1, sizeof *m);
+    kiln_model *m = calloc(1, sizeof *m);
     if (!m) return NULL;
     m->c = *cfg;
     m->pool = kiln_pool_create(n_threads);
     if (!m->pool || build_weights(&m->w, cfg, w) || build_run_state(&m->s, cfg, n_threads)) {
-        kiln_llama_free(m);
+        kiln_model_free(m);
         return NULL;
     }
     return m;
 }
 
-void kiln_llama_free(kiln_llama *m) {
+void kiln_model_free(kiln_model *m) {
     if (!m) return;
     free_weights(&m->w, m->c.n_layer);
     free_run_state(&m->s);
@@ -190,7 +198,7 @@ void kiln_llama_free(kiln_llama *m) {
     free(m);
 }
 
-int kiln_llama_n_threads(const kiln_llama *m) { return kiln_pool_size(m->pool); }
+int kiln_model_n_threads(const kiln_model *m) { return kiln_pool_size(m->pool); }
 
 /* ---- the pieces of a layer, each split over the pool ---- */
 
@@ -202,14 +210,14 @@ static void run_rows(kiln_pool *pool, kiln_task_fn fn, void *ctx, int n_rows) {
 
 /* Keys of a layer's key/value head g: (head_dim, n_ctx_pad) halves, key p of dimension
  * d at d * n_ctx_pad + p (so the next head's keys follow at + head_dim * n_ctx_pad). */
-static kiln_fp16 *key_cache_at(const kiln_llama *m, int layer, int g) {
+static kiln_fp16 *key_cache_at(const kiln_model *m, int layer, int g) {
     size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
     return m->s.key_cache + ((size_t)layer * kv_dim + (size_t)g * m->c.head_dim) * m->s.n_ctx_pad;
 }
 
 /* Values of a layer at position p: (n_head_kv * head_dim) halves, the next position's
  * right after. */
-static kiln_fp16 *value_cache_at(const kiln_llama *m, int layer, int p) {
+static kiln_fp16 *value_cache_at(const kiln_model *m, int layer, int p) {
     size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
     return m->s.value_cache + ((size_t)layer * m->c.n_ctx + p) * kv_dim;
 }
@@ -222,18 +230,21 @@ typedef struct {
     float eps;
 } RmsnormRows;
 
+/* out = rmsnorm(x) * weight over dim floats (out may be x) */
+static void rmsnorm_row(float *out, const float *x, const float *weight, int dim, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < dim; i++) ss += (double)x[i] * x[i];
+    float scale = (float)(1.0 / sqrt(ss / dim + eps));
+    for (int i = 0; i < dim; i++) out[i] = x[i] * scale * weight[i];
+}
+
 static void task_rmsnorm(void *ctx, int ith, int nth) {
     const RmsnormRows *a = ctx;
     int64_t lo, hi;
     kiln_share(a->n, ith, nth, &lo, &hi);
-    for (int64_t t = lo; t < hi; t++) {
-        const float *x = a->x + (size_t)t * a->dim;
-        float *out = a->out + (size_t)t * a->dim;
-        double ss = 0.0;
-        for (int i = 0; i < a->dim; i++) ss += (double)x[i] * x[i];
-        float scale = (float)(1.0 / sqrt(ss / a->dim + a->eps));
-        for (int i = 0; i < a->dim; i++) out[i] = x[i] * scale * a->weight[i];
-    }
+    for (int64_t t = lo; t < hi; t++)
+        rmsnorm_row(a->out + (size_t)t * a->dim, a->x + (size_t)t * a->dim, a->weight, a->dim,
+                    a->eps);
 }
 
 /* out[t] = rmsnorm(x[t]) * weight for the n rows of dim floats */
@@ -262,47 +273,67 @@ static void add_rows(kiln_pool *pool, float *x, const float *r, int n, int dim) 
     run_rows(pool, task_add, &a, n);
 }
 
-/* Rotates pairs (v[2i], v[2i+1]) of the first rope_dim dims of each head by
- * angle pos * inv_freq[i] (GGUF/Meta interleaved order), in double. */
-static void rope_heads(float *v, int n_heads, int head_dim, int rope_dim,
+/* Rotates pair i of the first rope_dim dims of each head by angle pos * inv_freq[i], in
+ * double: the pair is (v[2i], v[2i+1]) for KILN_ROPE_NORM (GGUF/Meta interleaved order),
+ * (v[i], v[i + rope_dim/2]) for KILN_ROPE_NEOX (rotate-half). */
+static void rope_heads(float *v, int n_heads, int head_dim, int rope_dim, int rope_type,
                        const double *cosv, const double *sinv) {
+    int half = rope_dim / 2, neox = rope_type == KILN_ROPE_NEOX;
     for (int h = 0; h < n_heads; h++) {
         float *hv = v + (size_t)h * head_dim;
-        for (int i = 0; i < rope_dim / 2; i++) {
-            double x0 = hv[2 * i], x1 = hv[2 * i + 1];
-            hv[2 * i] = (float)(x0 * cosv[i] - x1 * sinv[i]);
-            hv[2 * i + 1] = (float)(x0 * sinv[i] + x1 * cosv[i]);
+        for (int i = 0; i < half; i++) {
+            int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+            double x0 = hv[i0], x1 = hv[i1];
+            hv[i0] = (float)(x0 * cosv[i] - x1 * sinv[i]);
+            hv[i1] = (float)(x0 * sinv[i] + x1 * cosv[i]);
         }
     }
+}
+
+static void add_bias(float *x, const float *bias, int n) {
+    for (int i = 0; i < n; i++) x[i] += bias[i];
+}
+
+/* each of n_heads heads of head_dim floats = rmsnorm(head) * weight */
+static void rmsnorm_heads(float *v, const float *weight, int n_heads, int head_dim, float eps) {
+    for (int h = 0; h < n_heads; h++)
+        rmsnorm_row(v + (size_t)h * head_dim, v + (size_t)h * head_dim, weight, head_dim, eps);
 }
 
 /* The attention steps of one layer for a chunk of n_tokens tokens at positions n_past..
  * (queries in s.q, new keys and values in s.k and s.v, output to s.att_out). */
 typedef struct {
-    kiln_llama *m;
+    kiln_model *m;
     int layer, n_tokens, n_past;
 } AttentionStep;
 
-/* RoPE on the chunk's queries and new keys; the keys (transposed) and values then go
+/* The chunk's queries and new keys and values as the attention takes them: biases
+ * added, Q and K heads normed, RoPE on Q and K; the keys (transposed) and values then go
  * into the fp16 cache */
 static void task_rope_store(void *ctx, int ith, int nth) {
     const AttentionStep *k = ctx;
-    const kiln_llama_config *c = &k->m->c;
+    const kiln_model_config *c = &k->m->c;
+    const Layer *L = &k->m->w.layers[k->layer];
     RunState *s = &k->m->s;
-    int kv_dim = c->n_head_kv * c->head_dim, half = c->rope_dim / 2;
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
+    int half = c->rope_dim / 2;
     kiln_fp16 *keys = key_cache_at(k->m, k->layer, 0) + k->n_past;
     int64_t lo, hi;
     kiln_share(k->n_tokens, ith, nth, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
         const double *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
-        float *key = s->k + (size_t)t * kv_dim;
-        rope_heads(s->q + (size_t)t * c->n_head * c->head_dim, c->n_head, c->head_dim,
-                   c->rope_dim, cs, sn);
-        rope_heads(key, c->n_head_kv, c->head_dim, c->rope_dim, cs, sn);
+        float *q = s->q + (size_t)t * q_dim, *key = s->k + (size_t)t * kv_dim;
+        float *value = s->v + (size_t)t * kv_dim;
+        if (L->q_bias) add_bias(q, L->q_bias, q_dim);
+        if (L->k_bias) add_bias(key, L->k_bias, kv_dim);
+        if (L->v_bias) add_bias(value, L->v_bias, kv_dim);
+        if (L->q_norm) rmsnorm_heads(q, L->q_norm, c->n_head, c->head_dim, c->rms_eps);
+        if (L->k_norm) rmsnorm_heads(key, L->k_norm, c->n_head_kv, c->head_dim, c->rms_eps);
+        rope_heads(q, c->n_head, c->head_dim, c->rope_dim, c->rope_type, cs, sn);
+        rope_heads(key, c->n_head_kv, c->head_dim, c->rope_dim, c->rope_type, cs, sn);
         for (int i = 0; i < kv_dim; i++)  /* i = kv_head * head_dim + d */
             keys[(size_t)i * s->n_ctx_pad + t] = kiln_fp32_to_fp16(key[i]);
-        kiln_quantize_row_f16(s->v + (size_t)t * kv_dim,
-                              value_cache_at(k->m, k->layer, k->n_past + (int)t), kv_dim);
+        kiln_quantize_row_f16(value, value_cache_at(k->m, k->layer, k->n_past + (int)t), kv_dim);
     }
 }
 
@@ -316,7 +347,7 @@ static void task_rope_store(void *ctx, int ith, int nth) {
  * value sum adds exact zeros there. */
 static void task_attention(void *ctx, int ith, int nth) {
     const AttentionStep *k = ctx;
-    const kiln_llama_config *c = &k->m->c;
+    const kiln_model_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
     int q_dim = c->n_head * hd, n_tiles = (k->n_tokens + ATT_TILE - 1) / ATT_TILE;
@@ -360,7 +391,7 @@ static void task_attention(void *ctx, int ith, int nth) {
  * arithmetic that is the softmax-weighted sum; in double it rounds to the same float. */
 static void task_attention_split(void *ctx, int ith, int nth) {
     const AttentionStep *k = ctx;
-    const kiln_llama_config *c = &k->m->c;
+    const kiln_model_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
     int n_keys = k->n_past + 1, n_blocks = (n_keys + ATT_BLOCK - 1) / ATT_BLOCK;
@@ -397,8 +428,8 @@ static void task_attention_split(void *ctx, int ith, int nth) {
 }
 
 /* Joins task_attention_split's segments into the token's attention output. */
-static void attention_combine(kiln_llama *m, int n_seg) {
-    const kiln_llama_config *c = &m->c;
+static void attention_combine(kiln_model *m, int n_seg) {
+    const kiln_model_config *c = &m->c;
     RunState *s = &m->s;
     int hd = c->head_dim;
     for (int h = 0; h < c->n_head; h++) {
@@ -444,9 +475,9 @@ static void swiglu_rows(kiln_pool *pool, float *gate, const float *up, int n, in
 
 /* One chunk of n <= n_batch tokens at positions n_past..; logits for the rows
  * [first_logit, n) of the chunk go to logits. */
-static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_past,
+static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_past,
                           int first_logit, float *logits, float *trace, size_t trace_stride) {
-    const kiln_llama_config *c = &m->c;
+    const kiln_model_config *c = &m->c;
     Weights *w = &m->w;
     RunState *s = &m->s;
     int half = c->rope_dim / 2, nth = kiln_pool_size(m->pool);
@@ -503,14 +534,14 @@ static void forward_chunk(kiln_llama *m, const int32_t *tokens, int n, int n_pas
     kiln_matmul(m->pool, &w->output, s->xb, n_out, logits);
 }
 
-int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+int kiln_model_eval(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                     float *logits, int logits_all) {
-    return kiln_llama_eval_trace(m, tokens, n_tokens, n_past, logits, logits_all, NULL);
+    return kiln_model_eval_trace(m, tokens, n_tokens, n_past, logits, logits_all, NULL);
 }
 
-int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                           float *logits, int logits_all, float *trace) {
-    const kiln_llama_config *c = &m->c;
+    const kiln_model_config *c = &m->c;
     if (n_tokens < 1 || n_past < 0 || n_past > c->n_ctx - n_tokens) return -1;
     for (int t = 0; t < n_tokens; t++)
         if (tokens[t] < 0 || tokens[t] >= c->n_vocab) return -1;
@@ -525,8 +556,8 @@ int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, in
     return 0;
 }
 
-int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values) {
-    const kiln_llama_config *c = &m->c;
+int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys, float *values) {
+    const kiln_model_config *c = &m->c;
     if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, pad = m->s.n_ctx_pad;
     const kiln_fp16 *key_cache = key_cache_at(m, layer, 0);

@@ -1,4 +1,6 @@
-/* The Llama forward pass: one call runs a batch of tokens through every layer.
+/* The forward pass of the Llama-like families: one call runs a batch of tokens through
+ * every layer. The variations between families (engine/arch) are fields of the config
+ * (rope_type) and optional weights (NULL when a family lacks them), never another pass.
  *
  * Weights are read in place (GGUF blocks inside the caller's memory map, which must
  * outlive the model); the KV cache and activation buffers are allocated once, at
@@ -8,15 +10,22 @@
 
 #include <stdint.h>
 
+/* RoPE pairing, numbered as ggml's rope modes */
+enum kiln_rope_type {
+    KILN_ROPE_NORM = 0, /* pairs (2i, 2i+1): Meta's interleaved order, as Llama GGUFs store Q/K */
+    KILN_ROPE_NEOX = 2, /* pairs (i, i + rope_dim/2): rotate-half (Qwen, Gemma, Phi) */
+};
+
 typedef struct {
     int n_vocab, n_embd, n_layer;
     int n_head, n_head_kv, head_dim;  /* GQA: n_head % n_head_kv == 0 */
     int n_ff;
     int rope_dim;                     /* leading dims of each head that RoPE rotates */
+    int rope_type;                    /* enum kiln_rope_type */
     int n_ctx;                        /* KV cache positions */
     int n_batch;                      /* tokens per internal chunk of a prompt */
     float rms_eps;
-} kiln_llama_config;
+} kiln_model_config;
 
 typedef struct {
     int type;          /* enum kiln_ggml_type */
@@ -28,6 +37,10 @@ typedef struct {
     kiln_weight attn_q;      /* (n_head * head_dim, n_embd) */
     kiln_weight attn_k;      /* (n_head_kv * head_dim, n_embd) */
     kiln_weight attn_v;      /* (n_head_kv * head_dim, n_embd) */
+    const float *attn_q_bias, *attn_k_bias, *attn_v_bias; /* (n_head * head_dim),
+                              * (n_head_kv * head_dim) x 2: added to Q, K, V; NULL: none */
+    const float *attn_q_norm, *attn_k_norm; /* (head_dim): RMSNorm of each head of Q, K
+                              * before RoPE; NULL: none */
     kiln_weight attn_output; /* (n_embd, n_head * head_dim) */
     const float *ffn_norm;   /* (n_embd) */
     kiln_weight ffn_gate;    /* (n_ff, n_embd) */
@@ -41,34 +54,34 @@ typedef struct {
     const float *output_norm;          /* (n_embd) */
     kiln_weight output;                /* (n_vocab, n_embd); token_embd when tied */
     const double *rope_inv_freq;       /* (rope_dim / 2): angle per position of pair i */
-} kiln_llama_weights;
+} kiln_model_weights;
 
-typedef struct kiln_llama kiln_llama;
+typedef struct kiln_model kiln_model;
 
 /* NULL on failure (out of memory, a weight type the kernels lack). Copies what it
  * needs from cfg and w (not the weight data). */
-kiln_llama *kiln_llama_create(const kiln_llama_config *cfg, const kiln_llama_weights *w,
+kiln_model *kiln_model_create(const kiln_model_config *cfg, const kiln_model_weights *w,
                               int n_threads);
-void kiln_llama_free(kiln_llama *m);
-int kiln_llama_n_threads(const kiln_llama *m);
+void kiln_model_free(kiln_model *m);
+int kiln_model_n_threads(const kiln_model *m);
 
 /* Runs tokens[0..n_tokens) at positions n_past.., writing their keys and values into
  * the KV cache from n_past on. logits receives (n_tokens, n_vocab) floats when
  * logits_all, else (n_vocab) for the last token. Returns 0, or -1 when n_tokens < 1,
  * n_past < 0, n_past + n_tokens > n_ctx or a token id is outside the vocabulary
  * (nothing is computed then). */
-int kiln_llama_eval(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+int kiln_model_eval(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                     float *logits, int logits_all);
 
-/* kiln_llama_eval that also writes the residual stream into trace, (n_layer + 1,
+/* kiln_model_eval that also writes the residual stream into trace, (n_layer + 1,
  * n_tokens, n_embd) floats: the token embeddings, then the output of each layer.
  * For tests that check the engine layer by layer. */
-int kiln_llama_eval_trace(kiln_llama *m, const int32_t *tokens, int n_tokens, int n_past,
+int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                           float *logits, int logits_all, float *trace);
 
 /* Keys and values of positions [0, n) of a layer, (n, n_head_kv * head_dim) floats
  * each (after RoPE, for keys; the fp16 cache widened), for tests. Returns 0, or -1 for
  * a bad layer / n. */
-int kiln_llama_get_kv(const kiln_llama *m, int layer, int n, float *keys, float *values);
+int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys, float *values);
 
 #endif

@@ -33,7 +33,8 @@ def types_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kiln convert",
-        description="Convert a Hugging Face Llama checkpoint directory or a GGUF file to a "
+        description="Convert a Hugging Face Llama, Qwen2 or Qwen3 checkpoint directory or a "
+                    "GGUF file to a "
                     "block-quantized GGUF file; the k-quant and IQ4 mixes choose each "
                     "tensor's type as llama.cpp's quantizer does.",
         epilog=types_help(), formatter_class=argparse.RawDescriptionHelpFormatter)

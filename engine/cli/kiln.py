@@ -255,9 +255,9 @@ def cmd_perplexity(args) -> int:
 
 def _n_ctx_train(path) -> int | None:
     import formats
-    from engine.config import LlamaConfig
+    from engine.config import ModelConfig
     with formats.read_gguf(path) as f:
-        return LlamaConfig.from_metadata(f.metadata).n_ctx_train
+        return ModelConfig.from_metadata(f.metadata).n_ctx_train
 
 
 def format_perplexity(r) -> str:

@@ -7,7 +7,8 @@
     finally:
         p.close()
 
-SRC is a Hugging Face model directory (LlamaForCausalLM / MistralForCausalLM, safetensors
+SRC is a Hugging Face model directory (a class of a family in engine/arch: LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; safetensors
 weights in F32/F16/BF16, one file or sharded; a SentencePiece `tokenizer.model` or a
 byte-level BPE `tokenizer.json`) or a GGUF file (requantized, metadata kept). Names and
 metadata keys follow llama.cpp's convert_hf_to_gguf.py so that llama.cpp loads what we

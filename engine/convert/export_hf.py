@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 
 import formats
-from engine.convert.naming import HF_LAYER_NAMES, HF_TENSOR_NAMES, permute_qk
+from engine.arch import llama
+from engine.convert.naming import permute_qk
 from engine.convert.vocab import (SPECIAL_KEYS, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNUSED,
                                   TOKEN_USER_DEFINED, pre_tokenizer_json)
 from engine.errors import ConvertError
 from formats.safetensors import write_safetensors
 
-GGUF_TO_HF = {v: k for k, v in HF_TENSOR_NAMES.items()}
-GGUF_LAYER_TO_HF = {v: k for k, v in HF_LAYER_NAMES.items()}
+# GGUF name -> HF name, per-layer names with `{i}` for the layer (llama's declaration)
+GGUF_TO_HF = {s.gguf: s.hf for s in llama.ARCH.tensors}
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -32,7 +33,7 @@ def hf_name(name: str) -> str:
     if name in GGUF_TO_HF:
         return GGUF_TO_HF[name]
     _, layer, rest = name.split(".", 2)
-    return f"model.layers.{layer}.{GGUF_LAYER_TO_HF[rest]}"
+    return GGUF_TO_HF["blk.{i}." + rest].format(i=int(layer))
 
 
 def hf_config(md: dict, tied: bool, dtype: str) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import formats
 from engine.convert.mixes import (QUANTIZATION_VERSION, Mix, ModelFacts, is_block_type,
                                   layer_of, tensor_type)
+from engine.arch import ARCHITECTURES
 from engine.convert.plan import Plan, TensorPlan
 from engine.errors import ConvertError
 
@@ -26,8 +27,9 @@ def plan_gguf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Pl
     plan = Plan({}, {}, [], sources=[f])
     try:
         arch = f.metadata.get("general.architecture")
-        if arch != "llama":
-            raise ConvertError(f"{src}: unsupported architecture {arch!r}; supported: llama")
+        if arch not in ARCHITECTURES:
+            raise ConvertError(f"{src}: unsupported architecture {arch!r}; supported: "
+                               f"{', '.join(ARCHITECTURES)}")
         plan.metadata = dict(f.metadata)
         plan.types = {k: tuple(v) for k, v in f.metadata.types.items()}
         plan.metadata["general.file_type"] = int(mix.file_type)
@@ -35,7 +37,7 @@ def plan_gguf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Pl
         if is_block_type(mix.default) or any(is_block_type(t.type) for t in f.tensors.values()):
             plan.metadata["general.quantization_version"] = QUANTIZATION_VERSION
             plan.types["general.quantization_version"] = (formats.GGUFValueType.UINT32,)
-        model = _model_facts(src, f)
+        model = _model_facts(src, f, arch)
         for t in f.tensors.values():
             out_type, note = tensor_type(t.name, tuple(t.shape), layer_of(t.name), mix, model,
                                          embed_type)
@@ -46,21 +48,21 @@ def plan_gguf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Pl
     return plan
 
 
-def _model_facts(src, f) -> ModelFacts:
-    """The hyperparameters the type rules read, from the file's llama.* keys."""
+def _model_facts(src, f, arch: str) -> ModelFacts:
+    """The hyperparameters the type rules read, from the file's {arch}.* keys."""
     md = f.metadata
     values = {}
-    for key in ("llama.block_count", "llama.attention.head_count"):
+    for key in (f"{arch}.block_count", f"{arch}.attention.head_count"):
         v = md.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConvertError(f"{src}: metadata {key} is {v!r}; expected a positive integer")
         values[key] = v
-    n_head = values["llama.attention.head_count"]
-    n_head_kv = md.get("llama.attention.head_count_kv", n_head)
+    n_head = values[f"{arch}.attention.head_count"]
+    n_head_kv = md.get(f"{arch}.attention.head_count_kv", n_head)
     if not isinstance(n_head_kv, int) or isinstance(n_head_kv, bool) or n_head_kv <= 0:
-        raise ConvertError(f"{src}: metadata llama.attention.head_count_kv is {n_head_kv!r}; "
+        raise ConvertError(f"{src}: metadata {arch}.attention.head_count_kv is {n_head_kv!r}; "
                            f"expected a positive integer")
-    return ModelFacts(values["llama.block_count"], n_head // n_head_kv,
+    return ModelFacts(values[f"{arch}.block_count"], n_head // n_head_kv,
                       tied="output.weight" not in f.tensors)
 
 

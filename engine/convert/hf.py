@@ -1,6 +1,7 @@
-"""Planning the conversion of a Hugging Face Llama checkpoint: config.json's
-hyperparameters, the safetensors shards, the tensors the llama graph needs, and the GGUF
-metadata (keys as llama.cpp's convert_hf_to_gguf.py writes them)."""
+"""Planning the conversion of a Hugging Face checkpoint of a family in engine/arch
+(Llama/Mistral, Qwen2, Qwen3): config.json's hyperparameters, the safetensors shards, the
+tensors the family's graph needs, and the GGUF metadata (keys as llama.cpp's
+convert_hf_to_gguf.py writes them, under the family's prefix)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,8 @@ import numpy as np
 import formats
 from engine.convert.mixes import (QUANTIZATION_VERSION, Mix, ModelFacts, is_block_type,
                                   layer_of, tensor_type)
+from engine import arch as architectures
+from engine.config import ModelConfig
 from engine.convert.naming import _gguf_order, hf_to_gguf_name, unpermute_rows
 from engine.convert.plan import Plan, TensorPlan
 from engine.convert.vocab import SPECIAL_KEYS, SPECIAL_KINDS, Vocab, read_hf_tokenizer, read_json
@@ -20,7 +23,8 @@ from formats.safetensors import READABLE_DTYPES, SafetensorsFile, bf16_to_f32
 GGMLType = formats.GGMLType
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = tuple(c for a in architectures.ARCHITECTURES.values()
+                                for c in a.hf_classes)
 
 
 def _hf_weight_files(src: Path) -> dict:
@@ -50,10 +54,11 @@ def _hf_weight_files(src: Path) -> dict:
 
 def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
     archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-    arch = archs[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConvertError(f"{cfg_path}: unsupported architecture {arch!r}; "
+    arch = architectures.for_hf_class(archs[0])
+    if arch is None:
+        raise ConvertError(f"{cfg_path}: unsupported architecture {archs[0]!r}; "
                            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _check_variations(cfg, cfg_path, arch)
     try:
         n_embd = int(cfg["hidden_size"])
         n_head = int(cfg["num_attention_heads"])
@@ -66,6 +71,7 @@ def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
             rope_theta=float(cfg.get("rope_theta", 10000.0)),
             head_dim=int(cfg.get("head_dim") or n_embd // n_head),
             tied=bool(cfg.get("tie_word_embeddings", False)),
+            arch=arch,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ConvertError(f"{cfg_path}: missing or invalid hyperparameter {e}") from None
@@ -81,6 +87,31 @@ def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
             raise ConvertError(f"{cfg_path}: rope_scaling type {kind!r} is not supported; "
                                f"supported: linear, llama3")
     return hp
+
+
+def _check_variations(cfg: dict, cfg_path: Path, arch):
+    """Refuse what config.json asks for beyond the family's graph as llama.cpp runs it."""
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConvertError(f"{cfg_path}: hidden_act {act!r} is not supported for "
+                           f"{arch.name}; supported: silu")
+    if cfg.get("use_sliding_window"):
+        raise ConvertError(f"{cfg_path}: use_sliding_window is true; kiln's {arch.name} "
+                           f"attends to the whole context, as llama.cpp does")
+    if not arch.attn_qkv_bias and cfg.get("attention_bias"):
+        raise ConvertError(f"{cfg_path}: attention_bias is true; {arch.name} as llama.cpp "
+                           f"runs it has no attention biases")
+
+
+def model_config(hp: dict) -> ModelConfig:
+    """The engine's config of the checkpoint, whose architecture's tensor declarations
+    give the shapes the checkpoint must have."""
+    return ModelConfig(
+        arch=hp["arch"], n_vocab=hp["n_vocab"], n_embd=hp["n_embd"], n_layer=hp["n_layer"],
+        n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], head_dim=hp["head_dim"],
+        n_ff=hp["n_ff"], n_ctx_train=hp["n_ctx"], rms_eps=hp["rms_eps"],
+        rope_freq_base=hp["rope_theta"], rope_dim=hp["head_dim"], rope_freq_scale=1.0,
+        tied_output=hp["tied"])
 
 
 def plan_hf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan:
@@ -120,8 +151,9 @@ def plan_hf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan
 def _hf_tensor_plans(located: dict, hp: dict, mix, embed_type) -> list:
     plans = {}
     model = ModelFacts(hp["n_layer"], hp["n_head"] // hp["n_head_kv"], hp["tied"])
+    arch = hp["arch"]
     for hf_name, st in located.items():
-        name = hf_to_gguf_name(hf_name)
+        name = hf_to_gguf_name(hf_name, arch, hp["n_layer"])
         if name is None:
             continue
         if name == "output.weight" and hp["tied"]:
@@ -130,29 +162,16 @@ def _hf_tensor_plans(located: dict, hp: dict, mix, embed_type) -> list:
         if info.dtype not in READABLE_DTYPES:
             raise ConvertError(f"{st.path}: tensor {hf_name!r} has dtype {info.dtype}; "
                                f"supported: {', '.join(READABLE_DTYPES)}")
-        n_head = {"attn_q.weight": hp["n_head"], "attn_k.weight": hp["n_head_kv"]}.get(
+        # Llama GGUFs store Q and K in Meta's interleaved order; NEOX families keep HF's
+        n_head = None if arch.rope_neox else {
+            "attn_q.weight": hp["n_head"], "attn_k.weight": hp["n_head_kv"]}.get(
             name.split(".", 2)[-1])
         out_type, note = tensor_type(name, info.shape, layer_of(name), mix, model, embed_type)
         plans[name] = _safetensors_plan(name, st, hf_name, n_head, out_type, note)
 
-    # Every tensor the llama graph needs must be there, with the right shape.
-    hd, kv = hp["head_dim"], hp["n_head_kv"] * hp["head_dim"]
-    want = {"token_embd.weight": (hp["n_vocab"], hp["n_embd"]),
-            "output_norm.weight": (hp["n_embd"],)}
-    if not hp["tied"]:
-        want["output.weight"] = (hp["n_vocab"], hp["n_embd"])
-    for i in range(hp["n_layer"]):
-        want.update({
-            f"blk.{i}.attn_norm.weight": (hp["n_embd"],),
-            f"blk.{i}.attn_q.weight": (hp["n_head"] * hd, hp["n_embd"]),
-            f"blk.{i}.attn_k.weight": (kv, hp["n_embd"]),
-            f"blk.{i}.attn_v.weight": (kv, hp["n_embd"]),
-            f"blk.{i}.attn_output.weight": (hp["n_embd"], hp["n_head"] * hd),
-            f"blk.{i}.ffn_norm.weight": (hp["n_embd"],),
-            f"blk.{i}.ffn_gate.weight": (hp["n_ff"], hp["n_embd"]),
-            f"blk.{i}.ffn_up.weight": (hp["n_ff"], hp["n_embd"]),
-            f"blk.{i}.ffn_down.weight": (hp["n_embd"], hp["n_ff"]),
-        })
+    # Every tensor the family's graph needs must be there, with the right shape.
+    want = {name: shape for name, (shape, _) in
+            arch.tensor_shapes(model_config(hp)).items()}
     for name, shape in want.items():
         if name not in plans:
             if name == "output.weight":
@@ -222,27 +241,28 @@ def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, mix: Mix) -> tuple
         md[key], ty[key] = value, vtype
 
     name = cfg.get("_name_or_path") or src.resolve().name
-    put("general.architecture", "llama", VT.STRING)
+    prefix = hp["arch"].name
+    put("general.architecture", prefix, VT.STRING)
     put("general.name", Path(str(name)).name or "model", VT.STRING)
     put("general.file_type", int(mix.file_type), VT.UINT32)
     if is_block_type(mix.default):
         put("general.quantization_version", QUANTIZATION_VERSION, VT.UINT32)
-    put("llama.vocab_size", hp["n_vocab"], VT.UINT32)
-    put("llama.context_length", hp["n_ctx"], VT.UINT32)
-    put("llama.embedding_length", hp["n_embd"], VT.UINT32)
-    put("llama.block_count", hp["n_layer"], VT.UINT32)
-    put("llama.feed_forward_length", hp["n_ff"], VT.UINT32)
-    put("llama.rope.dimension_count", hp["head_dim"], VT.UINT32)
-    put("llama.attention.head_count", hp["n_head"], VT.UINT32)
-    put("llama.attention.head_count_kv", hp["n_head_kv"], VT.UINT32)
-    put("llama.attention.layer_norm_rms_epsilon", hp["rms_eps"], VT.FLOAT32)
-    put("llama.rope.freq_base", hp["rope_theta"], VT.FLOAT32)
+    put(f"{prefix}.vocab_size", hp["n_vocab"], VT.UINT32)
+    put(f"{prefix}.context_length", hp["n_ctx"], VT.UINT32)
+    put(f"{prefix}.embedding_length", hp["n_embd"], VT.UINT32)
+    put(f"{prefix}.block_count", hp["n_layer"], VT.UINT32)
+    put(f"{prefix}.feed_forward_length", hp["n_ff"], VT.UINT32)
+    put(f"{prefix}.rope.dimension_count", hp["head_dim"], VT.UINT32)
+    put(f"{prefix}.attention.head_count", hp["n_head"], VT.UINT32)
+    put(f"{prefix}.attention.head_count_kv", hp["n_head_kv"], VT.UINT32)
+    put(f"{prefix}.attention.layer_norm_rms_epsilon", hp["rms_eps"], VT.FLOAT32)
+    put(f"{prefix}.rope.freq_base", hp["rope_theta"], VT.FLOAT32)
     if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
-        put("llama.attention.key_length", hp["head_dim"], VT.UINT32)
-        put("llama.attention.value_length", hp["head_dim"], VT.UINT32)
+        put(f"{prefix}.attention.key_length", hp["head_dim"], VT.UINT32)
+        put(f"{prefix}.attention.value_length", hp["head_dim"], VT.UINT32)
     if hp["rope_scaling"] and hp["rope_scaling"][0] == "linear":
-        put("llama.rope.scaling.type", "linear", VT.STRING)
-        put("llama.rope.scaling.factor", hp["rope_scaling"][1], VT.FLOAT32)
+        put(f"{prefix}.rope.scaling.type", "linear", VT.STRING)
+        put(f"{prefix}.rope.scaling.factor", hp["rope_scaling"][1], VT.FLOAT32)
     put("tokenizer.ggml.model", vocab.model, VT.STRING)
     if vocab.pre is not None:
         put("tokenizer.ggml.pre", vocab.pre, VT.STRING)

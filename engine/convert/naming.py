@@ -1,45 +1,30 @@
-"""Tensor naming between Hugging Face Llama checkpoints and GGUF (llama.cpp's names), and
-the Q/K row permutation: HF stores Q and K rows permuted for "rotate-half" RoPE, GGUF in
-Meta's interleaved order."""
+"""Tensor naming between Hugging Face checkpoints and GGUF (llama.cpp's names, declared by
+each architecture in engine/arch), and the Q/K row permutation: HF stores Q and K rows
+permuted for "rotate-half" RoPE, and Llama GGUFs keep Meta's interleaved order (the NEOX
+families keep the checkpoint's order)."""
 from __future__ import annotations
 
 import numpy as np
 
+from engine.arch import Architecture
 from engine.errors import ConvertError
 
 
-HF_TENSOR_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-
-
-HF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
-def hf_to_gguf_name(name: str) -> str | None:
-    """GGUF name of an HF tensor; None for tensors llama.cpp does not use."""
-    if name in HF_TENSOR_NAMES:
-        return HF_TENSOR_NAMES[name]
+def hf_to_gguf_name(name: str, arch: Architecture, n_layer: int) -> str | None:
+    """GGUF name of an HF tensor; None for tensors llama.cpp does not use. A tensor of a
+    layer past n_layer gets its blk.N name (the plan then refuses it)."""
+    names = arch.hf_names(n_layer)
+    if name in names:
+        return names[name]
     parts = name.split(".", 3)
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
         if parts[3] == "self_attn.rotary_emb.inv_freq":
             return None  # recomputed from rope.freq_base at load time
-        if parts[3] in HF_LAYER_NAMES:
-            return f"blk.{int(parts[2])}.{HF_LAYER_NAMES[parts[3]]}"
+        beyond = arch.hf_names(int(parts[2]) + 1)
+        if name in beyond:
+            return beyond[name]
     raise ConvertError(f"unexpected tensor {name!r} in the checkpoint; "
-                       f"only the Llama tensors are supported")
+                       f"only the {arch.name} tensors are supported")
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -22,16 +22,17 @@ static double now(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);retu
  * (so each layer's Q/K/V and gate/up mix types, as kiln_matmul_multi allows). */
 typedef struct {
     const char *name;
-    kiln_llama_config c;
+    kiln_model_config c;
     int embd_type;
     int types[3];
     int quantized; /* every matrix repacked: logits bit for bit */
+    int qkv_extras; /* Q/K/V biases and per-head Q/K norms (the qwen2 / qwen3 variations) */
 } model_spec;
 
 typedef struct {
-    kiln_llama_weights w;
+    kiln_model_weights w;
     kiln_layer_weights layers[MAX_LAYERS];
-    void *bufs[32]; /* everything allocated, to free */
+    void *bufs[64]; /* everything allocated, to free */
     int n_bufs;
 } tiny_model;
 
@@ -52,6 +53,13 @@ static kiln_weight random_matrix(tiny_model *m, int type, int rows, int cols, fl
     return w;
 }
 
+/* Biases of about +-0.5. */
+static const float *random_bias(tiny_model *m, int n) {
+    float *b = keep(m, malloc(sizeof(float) * n));
+    rnd_floats(b, n, 0.5f);
+    return b;
+}
+
 /* RMSNorm weights near 1. */
 static const float *random_norm(tiny_model *m, int n) {
     float *w = keep(m, malloc(sizeof(float) * n));
@@ -60,7 +68,7 @@ static const float *random_norm(tiny_model *m, int n) {
 }
 
 static void build_model(tiny_model *m, const model_spec *s) {
-    const kiln_llama_config *c = &s->c;
+    const kiln_model_config *c = &s->c;
     int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim, k = 0;
     memset(m, 0, sizeof *m);
 #define NEXT_TYPE s->types[k++ % 3]
@@ -72,6 +80,13 @@ static void build_model(tiny_model *m, const model_spec *s) {
         L->attn_k = random_matrix(m, NEXT_TYPE, kv_dim, c->n_embd, 3.0f);
         L->attn_v = random_matrix(m, NEXT_TYPE, kv_dim, c->n_embd, 1.0f);
         L->attn_output = random_matrix(m, NEXT_TYPE, c->n_embd, q_dim, 1.0f);
+        if (s->qkv_extras) {
+            L->attn_q_bias = random_bias(m, q_dim);
+            L->attn_k_bias = random_bias(m, kv_dim);
+            L->attn_v_bias = random_bias(m, kv_dim);
+            L->attn_q_norm = random_norm(m, c->head_dim);
+            L->attn_k_norm = random_norm(m, c->head_dim);
+        }
         L->ffn_norm = random_norm(m, c->n_embd);
         L->ffn_gate = random_matrix(m, NEXT_TYPE, c->n_ff, c->n_embd, 2.0f);
         L->ffn_up = random_matrix(m, NEXT_TYPE, c->n_ff, c->n_embd, 1.0f);
@@ -112,15 +127,15 @@ static const run_config configs[N_CONFIGS] = {
  * model cannot be made or an eval fails. */
 static float *run_model(const tiny_model *tm, const model_spec *s, const int32_t *tokens,
                         int n_tokens, const run_config *rc) {
-    kiln_llama *m = kiln_llama_create(&s->c, &tm->w, rc->n_threads);
+    kiln_model *m = kiln_model_create(&s->c, &tm->w, rc->n_threads);
     if (!m) return NULL;
     int n_vocab = s->c.n_vocab, err = 0, t = 0;
     float *logits = malloc(sizeof(float) * (size_t)n_tokens * n_vocab);
     int prompt = rc->batched ? n_tokens : rc->prompt < n_tokens ? rc->prompt : 0;
-    if (prompt) err = kiln_llama_eval(m, tokens, prompt, 0, logits, 1);
+    if (prompt) err = kiln_model_eval(m, tokens, prompt, 0, logits, 1);
     for (t = prompt; t < n_tokens && !err; t++)
-        err = kiln_llama_eval(m, tokens + t, 1, t, logits + (size_t)t * n_vocab, 0);
-    kiln_llama_free(m);
+        err = kiln_model_eval(m, tokens + t, 1, t, logits + (size_t)t * n_vocab, 0);
+    kiln_model_free(m);
     if (err) free(logits);
     return err ? NULL : logits;
 }
@@ -159,7 +174,7 @@ static void check_model(const char *const *isas, int n_isas, const model_spec *s
         for (int v = 0; v < n_isas && v < 8; v++) {
             use_isa(isas[v]);
             float *got = run_model(&tm, s, tokens, n_tokens, &configs[k]);
-            CHECK(got, "forward", isas[v], "%s: kiln_llama_create or kiln_llama_eval failed", where);
+            CHECK(got, "forward", isas[v], "%s: kiln_model_create or kiln_model_eval failed", where);
             if (!got) continue;
             if (v == 0) want = got;
             else if (want && s->quantized) check_bits("forward logits", isas[v], got, want, n, 4, where);
@@ -193,6 +208,11 @@ static const model_spec models[] = {
      {.n_vocab = 67, .n_embd = 64, .n_layer = 2, .n_head = 8, .n_head_kv = 2, .head_dim = 36,
       .n_ff = 100, .rope_dim = 36, .n_ctx = 300, .n_batch = 7, .rms_eps = 1e-5f},
      KILN_TYPE_F32, {KILN_TYPE_F16, KILN_TYPE_BF16, KILN_TYPE_F32}, 0},
+    {"Q8_0/Q4_0/Q4_1 NEOX RoPE, Q/K/V biases, Q/K norms, head_dim 40",
+     {.n_vocab = 61, .n_embd = 64, .n_layer = 2, .n_head = 4, .n_head_kv = 2, .head_dim = 40,
+      .n_ff = 96, .rope_dim = 40, .rope_type = KILN_ROPE_NEOX, .n_ctx = 280, .n_batch = 9,
+      .rms_eps = 1e-6f},
+     KILN_TYPE_Q8_0, {KILN_TYPE_Q8_0, KILN_TYPE_Q4_0, KILN_TYPE_Q4_1}, 1, 1},
 };
 
 /* isas[0] is scalar. */
