@@ -135,17 +135,6 @@ class LLM:
         self.n_tokens_evaluated += len(tokens)
         return logits
 
-    def _eval_prompt(self, ids: list[int]) -> tuple[np.ndarray, int]:
-        """Evaluate `ids` reusing the longest common prefix with the cache; returns the last
-        token's logits and how many tokens were run. The last prompt token is always run
-        again, because the cache keeps keys/values, not logits."""
-        cached = self._cache_tokens
-        n = min(len(cached), len(ids) - 1)
-        n_past = 0
-        while n_past < n and cached[n_past] == ids[n_past]:
-            n_past += 1
-        return self._eval(ids[n_past:], n_past), len(ids) - n_past
-
     def logits(self, tokens) -> np.ndarray:
         """Teacher-forced logits of every position: row i predicts token i+1.
         Returns float32 (n_tokens, n_vocab)."""
@@ -189,61 +178,99 @@ class LLM:
         return completion
 
     def _run(self, ids, max_tokens, sampler, matcher, ignore_eos, call_id):
-        """The generation loop, as a generator of text pieces. The prompt is evaluated on
-        the first next(), so creating a stream costs nothing until it is read."""
-        timings = Timings(prompt_tokens=len(ids))
-        t0 = time.perf_counter()
-        logits, timings.prompt_tokens_evaluated = self._eval_prompt(ids)
-        t1 = time.perf_counter()
-        timings.prompt_seconds = t1 - t0
-
-        eog = set() if ignore_eos else set(self.tokenizer.eog_ids)
-        stop_ids = {i for i in map(self.tokenizer.special_token_id, matcher.stop) if i is not None}
-        decoder = self.tokenizer.streaming_decoder()
-        limit = self.n_ctx - len(ids)          # the context holds the prompt and the reply
-        if max_tokens is not None:
-            limit = min(limit, max_tokens)
-        tokens: list[int] = []
-        text_parts: list[str] = []
-        finish = "length"
-        stopped = False
-        penalty_n = sampler.params.penalty_last_n
-        while len(tokens) < limit:
-            if call_id != self._active_call:
-                raise RuntimeError("another call on this LLM started while this stream was "
-                                   "being read; finish or drop a stream before the next call")
-            recent = self._cache_tokens[-penalty_n:] if penalty_n else ()
-            token = sampler.sample(logits, recent)
-            if token in eog or token in stop_ids:
-                finish = "stop"
-                break
-            tokens.append(token)
-            piece, stopped = matcher.push(decoder.feed(token))
-            if piece:
-                text_parts.append(piece)
-                yield piece
-            if stopped:
-                finish = "stop"
-                break
-            if len(tokens) < limit:
-                # the last token is never run: nothing would read its logits
-                logits = self._eval([token], len(self._cache_tokens))
-        if not stopped:
-            piece, stopped = matcher.push(decoder.flush())
-            piece += "" if stopped else matcher.flush()
-            if stopped:
-                finish = "stop"
-            if piece:
-                text_parts.append(piece)
-                yield piece
-        timings.generated_tokens = len(tokens)
-        timings.generation_seconds = time.perf_counter() - t1
-        self.last_completion = Completion(text="".join(text_parts), tokens=tokens,
-                                          finish_reason=finish, timings=timings,
-                                          prompt_tokens=list(ids))
+        """The generation loop, as a generator of text pieces: generation_steps driven
+        with this LLM's model. The prompt is evaluated on the first next(), so creating a
+        stream costs nothing until it is read."""
+        steps = generation_steps(self.tokenizer, self.n_ctx, self._cache_tokens, ids, max_tokens,
+                                 sampler, matcher, ignore_eos)
+        try:
+            item = next(steps)
+            while True:
+                if call_id != self._active_call:
+                    raise RuntimeError("another call on this LLM started while this stream was "
+                                       "being read; finish or drop a stream before the next call")
+                if isinstance(item, EvalRequest):
+                    item = steps.send(self._eval(item.tokens, item.n_past))
+                else:
+                    yield item
+                    item = next(steps)
+        except StopIteration as done:
+            self.last_completion = done.value
 
     # --- chat --------------------------------------------------------------------------
     def chat(self, messages, stream: bool = False, **kwargs):
         """Reply to a conversation (a list of {"role", "content"} dicts) with the chat
         template from the GGUF; the rest of the arguments are generate()'s."""
         return chat_completion(self, messages, stream=stream, **kwargs)
+
+
+class EvalRequest:
+    """What generation_steps asks its driver for: run `tokens` at positions n_past.. of
+    the sequence (overwriting the cache from n_past on) and send back the last token's
+    logits."""
+    __slots__ = ("tokens", "n_past")
+
+    def __init__(self, tokens, n_past):
+        self.tokens, self.n_past = tokens, n_past
+
+
+def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, matcher, ignore_eos):
+    """One generate() call as a generator, whoever runs the model: it yields EvalRequests
+    (the driver evaluates them, updates `cache_tokens` — the tokens of the sequence's KV
+    cache, in order — and sends the logits back) and str pieces of text, and returns the
+    Completion. LLM.generate drives it with its own model; the server drives many at once,
+    one batched evaluation per step.
+
+    The prompt reuses the longest prefix it shares with cache_tokens; its last token is
+    always run again, because the cache keeps keys and values, not logits."""
+    timings = Timings(prompt_tokens=len(ids))
+    t0 = time.perf_counter()
+    n = min(len(cache_tokens), len(ids) - 1)
+    n_past = 0
+    while n_past < n and cache_tokens[n_past] == ids[n_past]:
+        n_past += 1
+    logits = yield EvalRequest(ids[n_past:], n_past)
+    timings.prompt_tokens_evaluated = len(ids) - n_past
+    t1 = time.perf_counter()
+    timings.prompt_seconds = t1 - t0
+
+    eog = set() if ignore_eos else set(tokenizer.eog_ids)
+    stop_ids = {i for i in map(tokenizer.special_token_id, matcher.stop) if i is not None}
+    decoder = tokenizer.streaming_decoder()
+    limit = n_ctx - len(ids)          # the context holds the prompt and the reply
+    if max_tokens is not None:
+        limit = min(limit, max_tokens)
+    tokens: list[int] = []
+    text_parts: list[str] = []
+    finish = "length"
+    stopped = False
+    penalty_n = sampler.params.penalty_last_n
+    while len(tokens) < limit:
+        recent = cache_tokens[-penalty_n:] if penalty_n else ()
+        token = sampler.sample(logits, recent)
+        if token in eog or token in stop_ids:
+            finish = "stop"
+            break
+        tokens.append(token)
+        piece, stopped = matcher.push(decoder.feed(token))
+        if piece:
+            text_parts.append(piece)
+            yield piece
+        if stopped:
+            finish = "stop"
+            break
+        if len(tokens) < limit:
+            # the last token is never run: nothing would read its logits
+            logits = yield EvalRequest([token], len(cache_tokens))
+    if not stopped:
+        piece, stopped = matcher.push(decoder.flush())
+        piece += "" if stopped else matcher.flush()
+        if stopped:
+            finish = "stop"
+        if piece:
+            text_parts.append(piece)
+            yield piece
+    timings.generated_tokens = len(tokens)
+    timings.generation_seconds = time.perf_counter() - t1
+    return Completion(text="".join(text_parts), tokens=tokens, finish_reason=finish,
+                      timings=timings, prompt_tokens=list(ids))
