@@ -36,8 +36,10 @@ class LLM:
         for piece in llm.generate("Once upon a time", stream=True): print(piece, end="")
     """
 
-    def __init__(self, model_path, n_ctx: int = 2048, n_threads: int | None = None):
-        self.model = Model(str(model_path), n_ctx=n_ctx, n_threads=n_threads)
+    def __init__(self, model_path, n_ctx: int = 2048, n_threads: int | None = None, n_seq: int = 1):
+        """n_seq > 1 gives the model more KV caches for a scheduler that drives
+        generation_steps itself (the server's slots); generate() uses sequence 0."""
+        self.model = Model(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_seq=n_seq)
         try:
             self.metadata = self.model.metadata
             self.tokenizer = load_tokenizer(self.metadata)

@@ -68,7 +68,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    s = Server(smollm2_path, "--api-key", KEY, "--parallel", "2", "--threads", "1", "--ctx", "512",
+    s = Server(smollm2_path, "--api-key", KEY, "--parallel", "4", "--threads", "1", "--ctx", "512",
                "--max-body", "65536")
     yield s
     s.close()
@@ -160,16 +160,28 @@ def test_oversized_body_is_refused(server):
     assert status == 413 and "limit" in out["error"]["message"]
 
 
-def test_parallel_requests_each_get_their_own_answer(server):
-    """More requests than slots: all answered, each exactly as when run alone."""
+def _batch_counters(server):
+    text = server.get("/metrics")[1]
+    return [int(re.search(rf"{name} (\d+)", text)[1])
+            for name in ("kiln_batch_steps_total", "kiln_batch_slot_steps_total")]
+
+
+def test_batched_decoding_is_exact(server, smollm2_path):
+    """More requests than slots, decoded together in batches: each gets exactly the
+    tokens it gets alone (LLM.generate in this process), and the steps did carry several
+    slots at once."""
+    from engine import LLM
+    prompts = ["The sky is", "My favourite food is", "Python is a", "In 1969,", "The ocean", "Cats"]
+    with LLM(smollm2_path, n_ctx=512, n_threads=1) as llm:
+        alone = [llm.generate(p, max_tokens=24, temperature=0).text for p in prompts]
     c = server.client()
-    prompts = ["The sky is", "My favourite food is", "Python is a", "In 1969,", "The ocean"]
-    alone = [c.completions.create(model="kiln", prompt=p, max_tokens=12, temperature=0).choices[0].text
-             for p in prompts]
+    steps0, slot_steps0 = _batch_counters(server)
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as ex:
         together = list(ex.map(lambda p: c.completions.create(
-            model="kiln", prompt=p, max_tokens=12, temperature=0).choices[0].text, prompts))
+            model="kiln", prompt=p, max_tokens=24, temperature=0).choices[0].text, prompts))
     assert together == alone
+    steps, slot_steps = (b - a for a, b in zip((steps0, slot_steps0), _batch_counters(server)))
+    assert slot_steps > steps, "no step decoded more than one slot"
 
 
 def test_a_client_that_goes_away_frees_its_slot(server):
@@ -195,7 +207,7 @@ def test_metrics_count_requests_and_tokens(server):
     ok = re.search(r'kiln_requests_total\{endpoint="/v1/completions",status="200"\} (\d+)', text)
     assert ok and int(ok[1]) >= 1
     assert int(re.search(r"kiln_generated_tokens_total (\d+)", text)[1]) >= 3
-    assert re.search(r"kiln_slots 2\b", text)
+    assert re.search(r"kiln_slots 4\b", text)
     assert re.search(r"kiln_time_to_first_token_seconds_count [1-9]", text)
 
 

@@ -322,7 +322,8 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(len(pool.slots), pool.busy(), pool.waiting()),
+        return PlainTextResponse(metrics.render(len(pool.slots), pool.busy(), pool.waiting(),
+                                                pool.n_steps, pool.n_slot_steps, pool.n_rows),
                                  media_type="text/plain; version=0.0.4")
 
     page = resources.files("engine.cli.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
