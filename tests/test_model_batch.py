@@ -95,3 +95,23 @@ def test_bad_batches_are_refused(tiny):
             Model(tiny, n_ctx=16, n_threads=1, n_seq=0)
         # and the model still works
         assert m.eval([1, 2, 3], 0).shape == (m.config.n_vocab,)
+
+
+def test_batched_rows_match_scalar_alone_on_every_isa(tiny, isa_restored):
+    import ckernels
+    ckernels.set_isa("scalar")
+    want = [alone(tiny, p, 2) for p in PROMPTS]
+    for isa in ckernels.supported_isas():
+        ckernels.set_isa(isa)
+        with Model(tiny, n_ctx=64, n_threads=2, n_seq=len(PROMPTS)) as m:
+            tokens = [t for p in PROMPTS for t in p]
+            seqs = [s for s, p in enumerate(PROMPTS) for _ in p]
+            pos = [i for p in PROMPTS for i in range(len(p))]
+            last = [i == len(p) - 1 for p in PROMPTS for i in range(len(p))]
+            got = m.eval_batch(tokens, seqs, pos, last)
+            for s in range(len(PROMPTS)):
+                assert np.array_equal(got[s], want[s][0]), f"{isa}: sequence {s}"
+            toks = [int(np.argmax(g)) for g in got]
+            step = m.eval_batch(toks, range(len(PROMPTS)), [len(p) for p in PROMPTS])
+            for s in range(len(PROMPTS)):
+                assert np.array_equal(step[s], want[s][1]), f"{isa}: sequence {s}, step 1"
