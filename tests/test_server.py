@@ -125,6 +125,31 @@ def test_stop_sequence_is_never_emitted(server):
     assert streamed == out
 
 
+def test_completion_logprobs(server, smollm2_path):
+    """logprobs: each generated token's log probability under the model (log-softmax of
+    its logits) and the most likely alternatives, as the library computes them."""
+    import numpy as np
+    from engine import LLM
+    r = server.client().completions.create(model="kiln", prompt="The capital of France is",
+                                           max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    with LLM(smollm2_path, n_ctx=512, n_threads=1) as llm:
+        ids = llm.tokenize("The capital of France is", special=True)
+        out = llm.generate(ids, max_tokens=5, temperature=0)
+        logits = llm.logits(ids + out.tokens[:-1])[len(ids) - 1:]
+    for i, (tok, row) in enumerate(zip(out.tokens, logits)):
+        x = row.astype(np.float64)
+        want = x[tok] - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        assert abs(lp.token_logprobs[i] - want) < 1e-9
+        # greedy: the chosen token is the most likely one, so it leads its alternatives
+        assert len(lp.top_logprobs[i]) == 3
+        assert max(lp.top_logprobs[i].values()) == lp.token_logprobs[i]
+    assert "".join(lp.tokens).startswith(r.choices[0].text)
+    status, out = server.post_raw("/v1/completions", b'{"prompt": "hi", "logprobs": 9}')
+    assert status == 400
+
+
 def test_authentication(server):
     with pytest.raises(openai.AuthenticationError) as e:
         server.client(key="wrong").models.list()
@@ -138,7 +163,8 @@ def test_authentication(server):
 def test_bad_requests_get_400_with_an_error_object(server):
     for body in (b"{not json", b"[]", b'{"prompt": 5}', b'{"prompt": "hi", "max_tokens": -1}',
                  b'{"prompt": "hi", "temperature": "hot"}', b'{"prompt": "hi", "n": 3}',
-                 b'{"prompt": "hi", "top_p": 7}', b'{"prompt": [999999999]}', b'{"prompt": ""}'):
+                 b'{"prompt": "hi", "top_p": 7}', b'{"prompt": [999999999]}', b'{"prompt": ""}',
+                 b'{"prompt": "hi", "echo": true}', b'{"prompt": "hi", "logprobs": -1}'):
         status, out = server.post_raw("/v1/completions", body)
         assert status == 400, (body, out)
         assert out["error"]["type"] == "invalid_request_error" and out["error"]["message"], body

@@ -87,7 +87,8 @@ class _Slot:
         self.job = job
         self.steps = generation_steps(llm.tokenizer, llm.n_ctx, self.cache_tokens, job.prompt_ids,
                                       _check_max_tokens(p.pop("max_tokens", None)), sampler,
-                                      StopMatcher(p.pop("stop", None)), p.pop("ignore_eos", False))
+                                      StopMatcher(p.pop("stop", None)), p.pop("ignore_eos", False),
+                                      logprobs=p.pop("logprobs", None))
         self.advance(None, first=True)
 
     def advance(self, logits, first=False):
