@@ -1,11 +1,11 @@
 # Cython binding: model (the forward pass, ckernels/src/forward.{c,h})
-from libc.stdint cimport int32_t, uintptr_t
+from libc.stdint cimport int32_t, uint8_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 cdef extern from "forward.h":
     ctypedef struct kiln_model_config:
         int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim, rope_type
-        int n_ctx, n_batch
+        int n_ctx, n_seq, n_batch
         float rms_eps
     ctypedef struct kiln_weight:
         int type
@@ -38,6 +38,9 @@ cdef extern from "forward.h":
                           float *values) nogil
     int kiln_model_eval(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                         float *logits, int logits_all) nogil
+    int kiln_model_eval_batch(kiln_model *m, const int32_t *tokens, const int32_t *seq_ids,
+                              const int32_t *positions, int n_tokens, const uint8_t *logits_rows,
+                              float *logits) nogil
 
 
 cdef kiln_weight _weight(w):
@@ -59,7 +62,7 @@ cdef class ModelForward:
     (addresses of float32 vectors, 0 for none). config["rope_type"] is ggml's rope mode
     (0 interleaved pairs, 2 NEOX)."""
     cdef kiln_model *model
-    cdef readonly int n_vocab, n_ctx, kv_dim, n_layer, n_embd
+    cdef readonly int n_vocab, n_ctx, n_seq, kv_dim, n_layer, n_embd
 
     def __cinit__(self, dict config, token_embd, list layers, uintptr_t output_norm,
                   output, const double[::1] rope_inv_freq, int n_threads):
@@ -79,6 +82,7 @@ cdef class ModelForward:
         c.rope_dim = config["rope_dim"]
         c.rope_type = config.get("rope_type", 0)
         c.n_ctx = config["n_ctx"]
+        c.n_seq = config.get("n_seq", 1)
         c.n_batch = config["n_batch"]
         c.rms_eps = config["rms_eps"]
         if len(layers) != c.n_layer or rope_inv_freq.shape[0] != c.rope_dim // 2:
@@ -117,6 +121,7 @@ cdef class ModelForward:
                               "the kernels do not support or a bad rope_type")
         self.n_vocab = c.n_vocab
         self.n_ctx = c.n_ctx
+        self.n_seq = c.n_seq
         self.kv_dim = c.n_head_kv * c.head_dim
         self.n_layer = c.n_layer
         self.n_embd = c.n_embd
@@ -153,6 +158,28 @@ cdef class ModelForward:
         if rc != 0:
             raise ValueError(f"eval of {n} tokens at n_past={n_past} refused: context "
                              f"of {self.n_ctx} exceeded or a token id outside the vocabulary")
+
+    def eval_batch(self, const int32_t[::1] tokens, const int32_t[::1] seq_ids,
+                   const int32_t[::1] positions, const uint8_t[::1] logits_rows, float[::1] logits):
+        """Rows i = (tokens[i], sequence seq_ids[i], position positions[i]) in one pass
+        over the weights; logits (flat float32) receives n_vocab values for each row
+        with logits_rows[i] != 0, in order."""
+        cdef int n = tokens.shape[0], rc, i, n_out = 0
+        if self.model == NULL:
+            raise ValueError("model is closed")
+        if n < 1 or seq_ids.shape[0] != n or positions.shape[0] != n or logits_rows.shape[0] != n:
+            raise ValueError("empty batch or row arrays of different lengths")
+        for i in range(n):
+            n_out += logits_rows[i] != 0
+        if logits.shape[0] != n_out * self.n_vocab or (n_out and logits.shape[0] == 0):
+            raise ValueError("logits buffer of the wrong size")
+        with nogil:
+            rc = kiln_model_eval_batch(self.model, &tokens[0], &seq_ids[0], &positions[0], n,
+                                       &logits_rows[0], &logits[0] if n_out else NULL)
+        if rc != 0:
+            raise ValueError(f"batch of {n} rows refused: a sequence outside 0..{self.n_seq - 1}, "
+                             f"a position outside 0..{self.n_ctx - 1}, a token id outside the "
+                             f"vocabulary, or two rows at one (sequence, position)")
 
     def kv_cache(self, int layer, int n):
         """Copies of the cached keys (after RoPE) and values of positions [0, n) of a

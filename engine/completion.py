@@ -45,6 +45,8 @@ class Completion:
     finish_reason: str          # "stop" (end token or stop string) | "length"
     timings: Timings = field(default_factory=Timings)
     prompt_tokens: list[int] = field(default_factory=list)
+    # per token of `tokens`: (log p(token), [(id, log p) of the most likely tokens]), when asked
+    logprobs: list | None = None
 
 
 def stop_list(stop) -> list[str]:

@@ -36,8 +36,10 @@ class LLM:
         for piece in llm.generate("Once upon a time", stream=True): print(piece, end="")
     """
 
-    def __init__(self, model_path, n_ctx: int = 2048, n_threads: int | None = None):
-        self.model = Model(str(model_path), n_ctx=n_ctx, n_threads=n_threads)
+    def __init__(self, model_path, n_ctx: int = 2048, n_threads: int | None = None, n_seq: int = 1):
+        """n_seq > 1 gives the model more KV caches for a scheduler that drives
+        generation_steps itself (the server's slots); generate() uses sequence 0."""
+        self.model = Model(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_seq=n_seq)
         try:
             self.metadata = self.model.metadata
             self.tokenizer = load_tokenizer(self.metadata)
@@ -214,7 +216,22 @@ class EvalRequest:
         self.tokens, self.n_past = tokens, n_past
 
 
-def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, matcher, ignore_eos):
+def token_logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under the model's distribution (the softmax of the raw logits, before
+    any sampling filter) and the n_top most likely tokens with theirs."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    top = []
+    if n_top > 0:
+        idx = np.argpartition(-x, min(n_top, x.shape[0] - 1))[:n_top]
+        idx = idx[np.lexsort((idx, -x[idx]))]  # by logit, then id: a fixed order
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return float(x[token] - lse), top
+
+
+def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, matcher, ignore_eos,
+                     logprobs: int | None = None):
     """One generate() call as a generator, whoever runs the model: it yields EvalRequests
     (the driver evaluates them, updates `cache_tokens` — the tokens of the sequence's KV
     cache, in order — and sends the logits back) and str pieces of text, and returns the
@@ -222,7 +239,9 @@ def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, m
     one batched evaluation per step.
 
     The prompt reuses the longest prefix it shares with cache_tokens; its last token is
-    always run again, because the cache keeps keys and values, not logits."""
+    always run again, because the cache keeps keys and values, not logits. With logprobs
+    = N (>= 0), the Completion's `logprobs` holds, per generated token, its log
+    probability and the N most likely tokens' (token_logprobs)."""
     timings = Timings(prompt_tokens=len(ids))
     t0 = time.perf_counter()
     n = min(len(cache_tokens), len(ids) - 1)
@@ -242,6 +261,7 @@ def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, m
         limit = min(limit, max_tokens)
     tokens: list[int] = []
     text_parts: list[str] = []
+    token_lps: list | None = [] if logprobs is not None else None
     finish = "length"
     stopped = False
     penalty_n = sampler.params.penalty_last_n
@@ -252,6 +272,8 @@ def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, m
             finish = "stop"
             break
         tokens.append(token)
+        if token_lps is not None:
+            token_lps.append(token_logprobs(logits, token, logprobs))
         piece, stopped = matcher.push(decoder.feed(token))
         if piece:
             text_parts.append(piece)
@@ -273,4 +295,4 @@ def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, m
     timings.generated_tokens = len(tokens)
     timings.generation_seconds = time.perf_counter() - t1
     return Completion(text="".join(text_parts), tokens=tokens, finish_reason=finish,
-                      timings=timings, prompt_tokens=list(ids))
+                      timings=timings, prompt_tokens=list(ids), logprobs=token_lps)

@@ -97,16 +97,18 @@ class Model:
     """A model ready to evaluate tokens: `.eval(tokens, n_past)` -> logits."""
 
     def __init__(self, path, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_batch: int = N_BATCH):
+                 n_batch: int = N_BATCH, n_seq: int = 1):
         """n_threads None = physical cores (at most ckernels.MAX_THREADS); n_batch =
-        prompt tokens per internal chunk (an eval of more tokens is still one call)."""
+        prompt tokens per internal chunk (an eval of more tokens is still one call);
+        n_seq = sequences, each with its own KV cache of n_ctx positions (eval runs
+        sequence 0; eval_batch any of them)."""
         from ckernels._ext import ModelForward
 
         if n_threads is None:
             n_threads = min(physical_cores(), ckernels.MAX_THREADS)
-        if int(n_ctx) < 1 or int(n_threads) < 1 or int(n_batch) < 1:
-            raise ValueError(f"n_ctx ({n_ctx}), n_threads ({n_threads}) and n_batch "
-                             f"({n_batch}) must be >= 1")
+        if int(n_ctx) < 1 or int(n_threads) < 1 or int(n_batch) < 1 or int(n_seq) < 1:
+            raise ValueError(f"n_ctx ({n_ctx}), n_threads ({n_threads}), n_batch "
+                             f"({n_batch}) and n_seq ({n_seq}) must be >= 1")
         if int(n_threads) > ckernels.MAX_THREADS:
             raise ValueError(f"n_threads ({n_threads}) is above the thread pool's limit of "
                              f"{ckernels.MAX_THREADS}")
@@ -118,7 +120,7 @@ class Model:
             self.config = c = ModelConfig.from_metadata(self.metadata, tensors.keys())
             check_tensors(tensors, c)
             expected = expected_tensors(c)
-            self.n_ctx, self.n_threads = int(n_ctx), int(n_threads)
+            self.n_ctx, self.n_threads, self.n_seq = int(n_ctx), int(n_threads), int(n_seq)
 
             def weight(name):
                 t = tensors[name]
@@ -148,7 +150,7 @@ class Model:
             cfg = {k: getattr(c, k) for k in ("n_vocab", "n_embd", "n_layer", "n_head",
                                               "n_head_kv", "head_dim", "n_ff", "rope_dim",
                                               "rms_eps")}
-            cfg.update(n_ctx=self.n_ctx, n_batch=min(int(n_batch), self.n_ctx),
+            cfg.update(n_ctx=self.n_ctx, n_seq=self.n_seq, n_batch=min(int(n_batch), self.n_ctx),
                        rope_type=ROPE_NEOX if c.rope_neox else ROPE_NORM)
             self._forward = ModelForward(
                 cfg, weight("token_embd.weight"), layers, vector("output_norm.weight"),
@@ -200,6 +202,48 @@ class Model:
                 raise ValueError("model is closed")
             self._forward.eval(tokens, n_past, logits, logits_all, trace)
         return logits.reshape(n, -1) if logits_all else logits
+
+    def eval_batch(self, tokens, seq_ids, positions, want_logits=None) -> np.ndarray:
+        """Rows from several sequences in one pass over the weights: row i is token
+        tokens[i] of sequence seq_ids[i] at position positions[i] (its key and value go
+        to that position of that sequence's cache; it attends to that sequence's
+        positions 0..positions[i]). Returns float32 logits (n_want, n_vocab) of the rows
+        where want_logits is true (default: every row), in row order; each row's are
+        the logits evaluating its sequence alone would give, bit for bit."""
+        tokens = np.asarray(tokens).reshape(-1)
+        seq_ids = np.asarray(seq_ids).reshape(-1)
+        positions = np.asarray(positions).reshape(-1)
+        n = tokens.shape[0]
+        want = (np.ones(n, np.uint8) if want_logits is None
+                else np.ascontiguousarray(np.asarray(want_logits).reshape(-1), dtype=bool).astype(np.uint8))
+        if n == 0:
+            raise ValueError("eval_batch needs at least one row")
+        if seq_ids.shape[0] != n or positions.shape[0] != n or want.shape[0] != n:
+            raise ValueError(f"tokens ({n}), seq_ids ({seq_ids.shape[0]}), positions "
+                             f"({positions.shape[0]}) and want_logits ({want.shape[0]}) "
+                             "must have one entry per row")
+        for name, a in (("token ids", tokens), ("sequence ids", seq_ids), ("positions", positions)):
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"{name} must be integers, got {a.dtype}")
+        if tokens.min() < 0 or tokens.max() >= self.config.n_vocab:
+            bad = tokens[(tokens < 0) | (tokens >= self.config.n_vocab)][0]
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.n_vocab}")
+        if seq_ids.min() < 0 or seq_ids.max() >= self.n_seq:
+            raise ValueError(f"sequence ids must be in 0..{self.n_seq - 1}")
+        if positions.min() < 0 or positions.max() >= self.n_ctx:
+            raise ContextOverflowError(f"positions must be in 0..{self.n_ctx - 1} (the context "
+                                       f"of {self.n_ctx} tokens)")
+        cells = seq_ids.astype(np.int64) * self.n_ctx + positions
+        if np.unique(cells).shape[0] != n:
+            raise ValueError("two rows of the batch are at the same (sequence, position)")
+        logits = np.empty(int(want.sum()) * self.config.n_vocab, np.float32)
+        with self._lock:
+            if self._forward is None:
+                raise ValueError("model is closed")
+            self._forward.eval_batch(np.ascontiguousarray(tokens, np.int32),
+                                     np.ascontiguousarray(seq_ids, np.int32),
+                                     np.ascontiguousarray(positions, np.int32), want, logits)
+        return logits.reshape(-1, self.config.n_vocab)
 
     def close(self) -> None:
         lock = getattr(self, "_lock", None)

@@ -68,7 +68,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    s = Server(smollm2_path, "--api-key", KEY, "--parallel", "2", "--threads", "1", "--ctx", "512",
+    s = Server(smollm2_path, "--api-key", KEY, "--parallel", "4", "--threads", "1", "--ctx", "512",
                "--max-body", "65536")
     yield s
     s.close()
@@ -125,6 +125,31 @@ def test_stop_sequence_is_never_emitted(server):
     assert streamed == out
 
 
+def test_completion_logprobs(server, smollm2_path):
+    """logprobs: each generated token's log probability under the model (log-softmax of
+    its logits) and the most likely alternatives, as the library computes them."""
+    import numpy as np
+    from engine import LLM
+    r = server.client().completions.create(model="kiln", prompt="The capital of France is",
+                                           max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    with LLM(smollm2_path, n_ctx=512, n_threads=1) as llm:
+        ids = llm.tokenize("The capital of France is", special=True)
+        out = llm.generate(ids, max_tokens=5, temperature=0)
+        logits = llm.logits(ids + out.tokens[:-1])[len(ids) - 1:]
+    for i, (tok, row) in enumerate(zip(out.tokens, logits)):
+        x = row.astype(np.float64)
+        want = x[tok] - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        assert abs(lp.token_logprobs[i] - want) < 1e-9
+        # greedy: the chosen token is the most likely one, so it leads its alternatives
+        assert len(lp.top_logprobs[i]) == 3
+        assert max(lp.top_logprobs[i].values()) == lp.token_logprobs[i]
+    assert "".join(lp.tokens).startswith(r.choices[0].text)
+    status, out = server.post_raw("/v1/completions", b'{"prompt": "hi", "logprobs": 9}')
+    assert status == 400
+
+
 def test_authentication(server):
     with pytest.raises(openai.AuthenticationError) as e:
         server.client(key="wrong").models.list()
@@ -138,7 +163,8 @@ def test_authentication(server):
 def test_bad_requests_get_400_with_an_error_object(server):
     for body in (b"{not json", b"[]", b'{"prompt": 5}', b'{"prompt": "hi", "max_tokens": -1}',
                  b'{"prompt": "hi", "temperature": "hot"}', b'{"prompt": "hi", "n": 3}',
-                 b'{"prompt": "hi", "top_p": 7}', b'{"prompt": [999999999]}', b'{"prompt": ""}'):
+                 b'{"prompt": "hi", "top_p": 7}', b'{"prompt": [999999999]}', b'{"prompt": ""}',
+                 b'{"prompt": "hi", "echo": true}', b'{"prompt": "hi", "logprobs": -1}'):
         status, out = server.post_raw("/v1/completions", body)
         assert status == 400, (body, out)
         assert out["error"]["type"] == "invalid_request_error" and out["error"]["message"], body
@@ -160,16 +186,28 @@ def test_oversized_body_is_refused(server):
     assert status == 413 and "limit" in out["error"]["message"]
 
 
-def test_parallel_requests_each_get_their_own_answer(server):
-    """More requests than slots: all answered, each exactly as when run alone."""
+def _batch_counters(server):
+    text = server.get("/metrics")[1]
+    return [int(re.search(rf"{name} (\d+)", text)[1])
+            for name in ("kiln_batch_steps_total", "kiln_batch_slot_steps_total")]
+
+
+def test_batched_decoding_is_exact(server, smollm2_path):
+    """More requests than slots, decoded together in batches: each gets exactly the
+    tokens it gets alone (LLM.generate in this process), and the steps did carry several
+    slots at once."""
+    from engine import LLM
+    prompts = ["The sky is", "My favourite food is", "Python is a", "In 1969,", "The ocean", "Cats"]
+    with LLM(smollm2_path, n_ctx=512, n_threads=1) as llm:
+        alone = [llm.generate(p, max_tokens=24, temperature=0).text for p in prompts]
     c = server.client()
-    prompts = ["The sky is", "My favourite food is", "Python is a", "In 1969,", "The ocean"]
-    alone = [c.completions.create(model="kiln", prompt=p, max_tokens=12, temperature=0).choices[0].text
-             for p in prompts]
+    steps0, slot_steps0 = _batch_counters(server)
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as ex:
         together = list(ex.map(lambda p: c.completions.create(
-            model="kiln", prompt=p, max_tokens=12, temperature=0).choices[0].text, prompts))
+            model="kiln", prompt=p, max_tokens=24, temperature=0).choices[0].text, prompts))
     assert together == alone
+    steps, slot_steps = (b - a for a, b in zip((steps0, slot_steps0), _batch_counters(server)))
+    assert slot_steps > steps, "no step decoded more than one slot"
 
 
 def test_a_client_that_goes_away_frees_its_slot(server):
@@ -195,7 +233,7 @@ def test_metrics_count_requests_and_tokens(server):
     ok = re.search(r'kiln_requests_total\{endpoint="/v1/completions",status="200"\} (\d+)', text)
     assert ok and int(ok[1]) >= 1
     assert int(re.search(r"kiln_generated_tokens_total (\d+)", text)[1]) >= 3
-    assert re.search(r"kiln_slots 2\b", text)
+    assert re.search(r"kiln_slots 4\b", text)
     assert re.search(r"kiln_time_to_first_token_seconds_count [1-9]", text)
 
 

@@ -72,9 +72,13 @@ typedef struct {
     double *att;     /* (n_threads, ATT_TILE, n_ctx_pad) scores of a tile of queries */
     double *att_part; /* (n_head, n_threads, head_dim + 2) split attention: the unnormalized
                        * value sum, max score and exp sum of each head over a key segment */
-    /* the KV cache, fp16 */
-    kiln_fp16 *key_cache;   /* (n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
-    kiln_fp16 *value_cache; /* (n_layer, n_ctx, n_head_kv * head_dim) */
+    int *row_seq, *row_pos; /* (n_batch) each row's sequence and position */
+    int *tiles;       /* (n_batch, 2) the attention's token tiles: first row, row count */
+    int n_tiles;
+    int *out_rows;    /* (n_batch) the rows that get logits */
+    /* the KV cache, fp16, one region per sequence */
+    kiln_fp16 *key_cache;   /* (n_seq, n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
+    kiln_fp16 *value_cache; /* (n_seq, n_layer, n_ctx, n_head_kv * head_dim) */
     int n_ctx_pad;      /* n_ctx rounded up to ATT_BLOCK: whole blocks stay in bounds */
 } RunState;
 
@@ -139,7 +143,8 @@ static int build_weights(Weights *w, const kiln_model_config *c, const kiln_mode
 
 static void free_run_state(RunState *s) {
     void *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->hb, s->hb2, s->rope_cos,
-                    s->rope_sin, s->k, s->v, s->att, s->att_part, s->key_cache, s->value_cache};
+                    s->rope_sin, s->k, s->v, s->att, s->att_part, s->row_seq, s->row_pos,
+                    s->tiles, s->out_rows, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
@@ -150,7 +155,7 @@ static int build_run_state(RunState *s, const kiln_model_config *c, int n_thread
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim;
     memset(s, 0, sizeof *s);
     s->n_ctx_pad = (c->n_ctx + ATT_BLOCK - 1) / ATT_BLOCK * ATT_BLOCK;
-    size_t kv = (size_t)c->n_layer * s->n_ctx_pad * kv_dim;
+    size_t kv = (size_t)c->n_seq * c->n_layer * s->n_ctx_pad * kv_dim;
     s->x = alloc_floats(B * c->n_embd);
     s->xb = alloc_floats(B * c->n_embd);
     s->xb2 = alloc_floats(B * c->n_embd);
@@ -164,17 +169,22 @@ static int build_run_state(RunState *s, const kiln_model_config *c, int n_thread
     s->v = alloc_floats(B * kv_dim);
     s->att = malloc(sizeof(double) * (size_t)n_threads * ATT_TILE * s->n_ctx_pad);
     s->att_part = malloc(sizeof(double) * (size_t)c->n_head * n_threads * (c->head_dim + 2));
+    s->row_seq = malloc(sizeof(int) * B);
+    s->row_pos = malloc(sizeof(int) * B);
+    s->tiles = malloc(sizeof(int) * 2 * B);
+    s->out_rows = malloc(sizeof(int) * B);
     /* calloc: pages of the cache are touched only as positions fill */
     s->key_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
     s->value_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
     return s->x && s->xb && s->xb2 && s->q && s->att_out && s->hb && s->hb2 && s->rope_cos &&
-                   s->rope_sin && s->k && s->v && s->att && s->att_part && s->key_cache &&
+                   s->rope_sin && s->k && s->v && s->att && s->att_part && s->row_seq &&
+                   s->row_pos && s->tiles && s->out_rows && s->key_cache &&
                    s->value_cache ? 0 : -1;
 }
 
 kiln_model *kiln_model_create(const kiln_model_config *cfg, const kiln_model_weights *w,
                               int n_threads) {
-    if (n_threads < 1 || cfg->n_batch < 1 || cfg->n_ctx < 1 || cfg->n_head_kv < 1 ||
+    if (n_threads < 1 || cfg->n_batch < 1 || cfg->n_ctx < 1 || cfg->n_seq < 1 || cfg->n_head_kv < 1 ||
         cfg->n_head % cfg->n_head_kv || cfg->rope_dim > cfg->head_dim || cfg->rope_dim % 2 ||
         cfg->head_dim < 1 || cfg->head_dim > KILN_ATT_MAX_HEAD_DIM ||
         (cfg->rope_type != KILN_ROPE_NORM && cfg->rope_type != KILN_ROPE_NEOX))
@@ -208,18 +218,21 @@ static void run_rows(kiln_pool *pool, kiln_task_fn fn, void *ctx, int n_rows) {
     else kiln_pool_run(pool, fn, ctx);
 }
 
-/* Keys of a layer's key/value head g: (head_dim, n_ctx_pad) halves, key p of dimension
- * d at d * n_ctx_pad + p (so the next head's keys follow at + head_dim * n_ctx_pad). */
-static kiln_fp16 *key_cache_at(const kiln_model *m, int layer, int g) {
+/* Keys of sequence seq's layer's key/value head g: (head_dim, n_ctx_pad) halves, key p
+ * of dimension d at d * n_ctx_pad + p (so the next head's keys follow at + head_dim *
+ * n_ctx_pad). */
+static kiln_fp16 *key_cache_at(const kiln_model *m, int seq, int layer, int g) {
     size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
-    return m->s.key_cache + ((size_t)layer * kv_dim + (size_t)g * m->c.head_dim) * m->s.n_ctx_pad;
+    size_t layer_keys = kv_dim * m->s.n_ctx_pad;
+    return m->s.key_cache + ((size_t)seq * m->c.n_layer + layer) * layer_keys +
+           (size_t)g * m->c.head_dim * m->s.n_ctx_pad;
 }
 
-/* Values of a layer at position p: (n_head_kv * head_dim) halves, the next position's
- * right after. */
-static kiln_fp16 *value_cache_at(const kiln_model *m, int layer, int p) {
+/* Values of sequence seq's layer at position p: (n_head_kv * head_dim) halves, the next
+ * position's right after. */
+static kiln_fp16 *value_cache_at(const kiln_model *m, int seq, int layer, int p) {
     size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
-    return m->s.value_cache + ((size_t)layer * m->c.n_ctx + p) * kv_dim;
+    return m->s.value_cache + (((size_t)seq * m->c.n_layer + layer) * m->c.n_ctx + p) * kv_dim;
 }
 
 typedef struct {
@@ -300,11 +313,12 @@ static void rmsnorm_heads(float *v, const float *weight, int n_heads, int head_d
         rmsnorm_row(v + (size_t)h * head_dim, v + (size_t)h * head_dim, weight, head_dim, eps);
 }
 
-/* The attention steps of one layer for a chunk of n_tokens tokens at positions n_past..
- * (queries in s.q, new keys and values in s.k and s.v, output to s.att_out). */
+/* The attention steps of one layer for a chunk of n_tokens rows, row t at position
+ * s.row_pos[t] of sequence s.row_seq[t] (queries in s.q, new keys and values in s.k and
+ * s.v, output to s.att_out). */
 typedef struct {
     kiln_model *m;
-    int layer, n_tokens, n_past;
+    int layer, n_tokens;
 } AttentionStep;
 
 /* The chunk's queries and new keys and values as the attention takes them: biases
@@ -317,10 +331,11 @@ static void task_rope_store(void *ctx, int ith, int nth) {
     RunState *s = &k->m->s;
     int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
     int half = c->rope_dim / 2;
-    kiln_fp16 *keys = key_cache_at(k->m, k->layer, 0) + k->n_past;
     int64_t lo, hi;
     kiln_share(k->n_tokens, ith, nth, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
+        int seq = s->row_seq[t], pos = s->row_pos[t];
+        kiln_fp16 *keys = key_cache_at(k->m, seq, k->layer, 0) + pos;
         const double *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
         float *q = s->q + (size_t)t * q_dim, *key = s->k + (size_t)t * kv_dim;
         float *value = s->v + (size_t)t * kv_dim;
@@ -332,13 +347,13 @@ static void task_rope_store(void *ctx, int ith, int nth) {
         rope_heads(q, c->n_head, c->head_dim, c->rope_dim, c->rope_type, cs, sn);
         rope_heads(key, c->n_head_kv, c->head_dim, c->rope_dim, c->rope_type, cs, sn);
         for (int i = 0; i < kv_dim; i++)  /* i = kv_head * head_dim + d */
-            keys[(size_t)i * s->n_ctx_pad + t] = kiln_fp32_to_fp16(key[i]);
-        kiln_quantize_row_f16(value, value_cache_at(k->m, k->layer, k->n_past + (int)t), kv_dim);
+            keys[(size_t)i * s->n_ctx_pad] = kiln_fp32_to_fp16(key[i]);
+        kiln_quantize_row_f16(value, value_cache_at(k->m, seq, k->layer, pos), kv_dim);
     }
 }
 
-/* Causal attention. Work items are (tile of up to ATT_TILE tokens, key/value head g)
- * pairs, dealt round-robin so the triangle of a prompt's work spreads evenly; each is
+/* Causal attention. Work items are (tile of up to ATT_TILE consecutive rows of one
+ * sequence, key/value head g) pairs (the tiles: see make_tiles), dealt round-robin so the triangle of a prompt's work spreads evenly; each is
  * computed whole by one thread. An item's query rows, its tokens times the `group`
  * query heads that share head g (GQA), go through the kernels up to ATT_TILE rows at a
  * time, so each key and value block read from the cache is widened once for all of
@@ -350,14 +365,14 @@ static void task_attention(void *ctx, int ith, int nth) {
     const kiln_model_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
-    int q_dim = c->n_head * hd, n_tiles = (k->n_tokens + ATT_TILE - 1) / ATT_TILE;
+    int q_dim = c->n_head * hd;
     double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
     double scale = 1.0 / sqrt((double)hd);
-    for (int item = ith; item < n_tiles * c->n_head_kv; item += nth) {
-        int t0 = item / c->n_head_kv * ATT_TILE, g = item % c->n_head_kv;
-        int n_q = k->n_tokens - t0 < ATT_TILE ? k->n_tokens - t0 : ATT_TILE;
-        const kiln_fp16 *keys_t = key_cache_at(k->m, k->layer, g);
-        const kiln_fp16 *values = value_cache_at(k->m, k->layer, 0) + (size_t)g * hd;
+    for (int item = ith; item < s->n_tiles * c->n_head_kv; item += nth) {
+        int tile = item / c->n_head_kv, g = item % c->n_head_kv;
+        int t0 = s->tiles[2 * tile], n_q = s->tiles[2 * tile + 1], seq = s->row_seq[t0];
+        const kiln_fp16 *keys_t = key_cache_at(k->m, seq, k->layer, g);
+        const kiln_fp16 *values = value_cache_at(k->m, seq, k->layer, 0) + (size_t)g * hd;
         for (int row0 = 0; row0 < n_q * group; row0 += ATT_TILE) {
             int R = n_q * group - row0 < ATT_TILE ? n_q * group - row0 : ATT_TILE;
             const float *q[ATT_TILE];
@@ -367,7 +382,7 @@ static void task_attention(void *ctx, int ith, int nth) {
                 int t = t0 + (row0 + r) / group, h = g * group + (row0 + r) % group;
                 q[r] = s->q + (size_t)t * q_dim + (size_t)h * hd;
                 out[r] = s->att_out + (size_t)t * q_dim + (size_t)h * hd;
-                n_keys[r] = k->n_past + t + 1;
+                n_keys[r] = s->row_pos[t] + 1;
                 n_keys_max = n_keys[r] > n_keys_max ? n_keys[r] : n_keys_max;
             }
             kiln_attn_scores_f16(R, att, q, keys_t, n_keys_max, hd, s->n_ctx_pad, scale);
@@ -394,7 +409,7 @@ static void task_attention_split(void *ctx, int ith, int nth) {
     const kiln_model_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
-    int n_keys = k->n_past + 1, n_blocks = (n_keys + ATT_BLOCK - 1) / ATT_BLOCK;
+    int seq = s->row_seq[0], n_keys = s->row_pos[0] + 1, n_blocks = (n_keys + ATT_BLOCK - 1) / ATT_BLOCK;
     double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
     double scale = 1.0 / sqrt((double)hd);
     for (int item = ith; item < c->n_head_kv * nth; item += nth) {
@@ -417,11 +432,11 @@ static void task_attention_split(void *ctx, int ith, int nth) {
                 for (int r = 0; r < R; r++) memset(part[r], 0, sizeof(double) * hd);
                 continue;
             }
-            kiln_attn_scores_f16(R, att, q, key_cache_at(k->m, k->layer, g) + k0, k1 - k0, hd,
+            kiln_attn_scores_f16(R, att, q, key_cache_at(k->m, seq, k->layer, g) + k0, k1 - k0, hd,
                                  s->n_ctx_pad, scale);
             for (int r = 0; r < R; r++)
                 part[r][hd + 1] = kiln_exp_shifted_f64(att + (size_t)r * s->n_ctx_pad, k1 - k0, &part[r][hd]);
-            kiln_attn_values_f16(R, NULL, part, att, value_cache_at(k->m, k->layer, k0) + (size_t)g * hd,
+            kiln_attn_values_f16(R, NULL, part, att, value_cache_at(k->m, seq, k->layer, k0) + (size_t)g * hd,
                                  k1 - k0, hd, kv_dim, s->n_ctx_pad);
         }
     }
@@ -473,22 +488,39 @@ static void swiglu_rows(kiln_pool *pool, float *gate, const float *up, int n, in
 
 /* ---- forward ---- */
 
-/* One chunk of n <= n_batch tokens at positions n_past..; logits for the rows
- * [first_logit, n) of the chunk go to logits. */
-static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_past,
-                          int first_logit, float *logits, float *trace, size_t trace_stride) {
+/* The attention's token tiles of a chunk of n rows: runs of up to ATT_TILE consecutive
+ * rows of one sequence (their queries share each key read). */
+static void make_tiles(RunState *s, int n) {
+    s->n_tiles = 0;
+    for (int t = 0; t < n; t++) {
+        int *last = s->tiles + 2 * (s->n_tiles - 1);
+        if (s->n_tiles && s->row_seq[last[0]] == s->row_seq[t] && last[1] < ATT_TILE) {
+            last[1]++;
+        } else {
+            s->tiles[2 * s->n_tiles] = t;
+            s->tiles[2 * s->n_tiles + 1] = 1;
+            s->n_tiles++;
+        }
+    }
+}
+
+/* One chunk of n <= n_batch rows, row t at position s.row_pos[t] of sequence
+ * s.row_seq[t]; logits for the n_out rows s.out_rows[0..n_out) go to logits. */
+static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_out, float *logits,
+                          float *trace, size_t trace_stride) {
     const kiln_model_config *c = &m->c;
     Weights *w = &m->w;
     RunState *s = &m->s;
     int half = c->rope_dim / 2, nth = kiln_pool_size(m->pool);
     size_t chunk = (size_t)n * c->n_embd; /* floats of the chunk's residual stream */
 
+    make_tiles(s, n);
     for (int t = 0; t < n; t++) {
         kiln_dequantize_row(w->token_embd.type,
                             (const char *)w->token_embd.data + tokens[t] * w->token_embd_row_size,
                             s->x + (size_t)t * c->n_embd, c->n_embd);
         for (int i = 0; i < half; i++) {
-            double theta = (double)(n_past + t) * w->rope_inv_freq[i];
+            double theta = (double)s->row_pos[t] * w->rope_inv_freq[i];
             s->rope_cos[(size_t)t * half + i] = cos(theta);
             s->rope_sin[(size_t)t * half + i] = sin(theta);
         }
@@ -503,9 +535,9 @@ static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_pas
         const kiln_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {s->q, s->k, s->v};
         kiln_matmul_multi(m->pool, 3, qkv, s->xb, n, qkv_out);
-        AttentionStep step = {m, l, n, n_past};
+        AttentionStep step = {m, l, n};
         run_rows(m->pool, task_rope_store, &step, n);
-        if (n == 1 && nth > 1 && n_past + 1 >= ATT_SPLIT_MIN_KEYS) {
+        if (n == 1 && nth > 1 && s->row_pos[0] + 1 >= ATT_SPLIT_MIN_KEYS) {
             kiln_pool_run(m->pool, task_attention_split, &step);
             attention_combine(m, nth);
         } else {
@@ -525,12 +557,14 @@ static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_pas
 
         if (trace) memcpy(trace + (size_t)(l + 1) * trace_stride, s->x, sizeof(float) * chunk);
     }
-    if (first_logit >= n) return;
+    if (n_out == 0) return;
 
     /* final norm of the rows that need logits, then the output matrix */
-    int n_out = n - first_logit;
-    rmsnorm_rows(m->pool, s->xb, s->x + (size_t)first_logit * c->n_embd, w->output_norm, n_out,
-                 c->n_embd, c->rms_eps);
+    for (int i = 0; i < n_out; i++)  /* gathered in order (rows out_rows[i] >= i) */
+        if (s->out_rows[i] != i)
+            memcpy(s->x + (size_t)i * c->n_embd, s->x + (size_t)s->out_rows[i] * c->n_embd,
+                   sizeof(float) * c->n_embd);
+    rmsnorm_rows(m->pool, s->xb, s->x, w->output_norm, n_out, c->n_embd, c->rms_eps);
     kiln_matmul(m->pool, &w->output, s->xb, n_out, logits);
 }
 
@@ -545,13 +579,45 @@ int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, in
     if (n_tokens < 1 || n_past < 0 || n_past > c->n_ctx - n_tokens) return -1;
     for (int t = 0; t < n_tokens; t++)
         if (tokens[t] < 0 || tokens[t] >= c->n_vocab) return -1;
+    RunState *s = &m->s;
     for (int done = 0; done < n_tokens; done += c->n_batch) {
         int n = n_tokens - done < c->n_batch ? n_tokens - done : c->n_batch;
         int last_chunk = done + n == n_tokens;
         int first_logit = logits_all ? 0 : last_chunk ? n - 1 : n;
-        forward_chunk(m, tokens + done, n, n_past + done, first_logit,
+        for (int t = 0; t < n; t++) {
+            s->row_seq[t] = 0;
+            s->row_pos[t] = n_past + done + t;
+        }
+        for (int t = first_logit; t < n; t++) s->out_rows[t - first_logit] = t;
+        forward_chunk(m, tokens + done, n, n - first_logit,
                       logits_all ? logits + (size_t)done * c->n_vocab : logits,
                       trace ? trace + (size_t)done * c->n_embd : NULL, (size_t)n_tokens * c->n_embd);
+    }
+    return 0;
+}
+
+int kiln_model_eval_batch(kiln_model *m, const int32_t *tokens, const int32_t *seq_ids,
+                          const int32_t *positions, int n_tokens, const uint8_t *logits_rows,
+                          float *logits) {
+    const kiln_model_config *c = &m->c;
+    RunState *s = &m->s;
+    if (n_tokens < 1) return -1;
+    for (int t = 0; t < n_tokens; t++) {
+        if (tokens[t] < 0 || tokens[t] >= c->n_vocab || seq_ids[t] < 0 || seq_ids[t] >= c->n_seq ||
+            positions[t] < 0 || positions[t] >= c->n_ctx)
+            return -1;
+        for (int u = 0; u < t; u++) /* two rows writing one cache cell: which one wins? */
+            if (seq_ids[u] == seq_ids[t] && positions[u] == positions[t]) return -1;
+    }
+    for (int done = 0; done < n_tokens; done += c->n_batch) {
+        int n = n_tokens - done < c->n_batch ? n_tokens - done : c->n_batch, n_out = 0;
+        for (int t = 0; t < n; t++) {
+            s->row_seq[t] = seq_ids[done + t];
+            s->row_pos[t] = positions[done + t];
+            if (logits_rows[done + t]) s->out_rows[n_out++] = t;
+        }
+        forward_chunk(m, tokens + done, n, n_out, logits, NULL, 0);
+        logits += (size_t)n_out * c->n_vocab;
     }
     return 0;
 }
@@ -560,10 +626,10 @@ int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys, float 
     const kiln_model_config *c = &m->c;
     if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, pad = m->s.n_ctx_pad;
-    const kiln_fp16 *key_cache = key_cache_at(m, layer, 0);
+    const kiln_fp16 *key_cache = key_cache_at(m, 0, layer, 0);
     for (int p = 0; p < n; p++)
         for (size_t i = 0; i < kv_dim; i++)
             keys[p * kv_dim + i] = kiln_fp16_to_fp32(key_cache[i * pad + p]);
-    kiln_dequantize_row_f16(value_cache_at(m, layer, 0), values, (int64_t)n * kv_dim);
+    kiln_dequantize_row_f16(value_cache_at(m, 0, layer, 0), values, (int64_t)n * kv_dim);
     return 0;
 }

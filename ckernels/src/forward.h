@@ -4,7 +4,8 @@
  *
  * Weights are read in place (GGUF blocks inside the caller's memory map, which must
  * outlive the model); the KV cache and activation buffers are allocated once, at
- * create time, for n_ctx positions and batches of up to n_batch tokens. */
+ * create time, for n_seq sequences of n_ctx positions and batches of up to n_batch
+ * tokens. */
 #ifndef KILN_FORWARD_H
 #define KILN_FORWARD_H
 
@@ -22,7 +23,8 @@ typedef struct {
     int n_ff;
     int rope_dim;                     /* leading dims of each head that RoPE rotates */
     int rope_type;                    /* enum kiln_rope_type */
-    int n_ctx;                        /* KV cache positions */
+    int n_ctx;                        /* KV cache positions of each sequence */
+    int n_seq;                        /* sequences, each with its own KV cache (>= 1) */
     int n_batch;                      /* tokens per internal chunk of a prompt */
     float rms_eps;
 } kiln_model_config;
@@ -65,13 +67,26 @@ kiln_model *kiln_model_create(const kiln_model_config *cfg, const kiln_model_wei
 void kiln_model_free(kiln_model *m);
 int kiln_model_n_threads(const kiln_model *m);
 
-/* Runs tokens[0..n_tokens) at positions n_past.., writing their keys and values into
- * the KV cache from n_past on. logits receives (n_tokens, n_vocab) floats when
+/* Runs tokens[0..n_tokens) of sequence 0 at positions n_past.., writing their keys and
+ * values into its KV cache from n_past on. logits receives (n_tokens, n_vocab) floats when
  * logits_all, else (n_vocab) for the last token. Returns 0, or -1 when n_tokens < 1,
  * n_past < 0, n_past + n_tokens > n_ctx or a token id is outside the vocabulary
  * (nothing is computed then). */
 int kiln_model_eval(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                     float *logits, int logits_all);
+
+/* One batch of rows from up to n_seq sequences: row i is token tokens[i] of sequence
+ * seq_ids[i] at position positions[i]; its key and value go into that sequence's cache at
+ * that position, and it attends to that sequence's positions 0..positions[i] (the ones
+ * earlier calls or earlier rows of this call wrote). The weights are read once for all
+ * rows, and each row's result is what evaluating its sequence alone gives, bit for bit.
+ * Rows with logits_rows[i] != 0 get logits, (n_vocab) floats each, in row order. Returns
+ * 0, or -1 when n_tokens < 1, a sequence id is outside [0, n_seq), a position outside
+ * [0, n_ctx), a token id outside the vocabulary, or two rows name the same (sequence,
+ * position) (nothing is computed then). */
+int kiln_model_eval_batch(kiln_model *m, const int32_t *tokens, const int32_t *seq_ids,
+                          const int32_t *positions, int n_tokens, const uint8_t *logits_rows,
+                          float *logits);
 
 /* kiln_model_eval that also writes the residual stream into trace, (n_layer + 1,
  * n_tokens, n_embd) floats: the token embeddings, then the output of each layer.
@@ -79,7 +94,7 @@ int kiln_model_eval(kiln_model *m, const int32_t *tokens, int n_tokens, int n_pa
 int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                           float *logits, int logits_all, float *trace);
 
-/* Keys and values of positions [0, n) of a layer, (n, n_head_kv * head_dim) floats
+/* Keys and values of positions [0, n) of a layer of sequence 0, (n, n_head_kv * head_dim) floats
  * each (after RoPE, for keys; the fp16 cache widened), for tests. Returns 0, or -1 for
  * a bad layer / n. */
 int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys, float *values);

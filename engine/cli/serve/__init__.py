@@ -5,8 +5,9 @@
 
 POST /v1/completions, POST /v1/chat/completions (both with "stream": true as Server-Sent
 Events), GET /v1/models, GET /health, GET /metrics (Prometheus), and a chat page at /.
---parallel N runs N slots, each with its own KV cache of --ctx tokens, generating at the
-same time; more requests wait in a first-come, first-served queue. It binds to loopback
+--parallel N runs N slots, each with its own KV cache of --ctx tokens, decoded together
+(one pass over the weights per step for all of them); more requests wait in a
+first-come, first-served queue. It binds to loopback
 unless --host says otherwise.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", "-np", type=int, default=1, metavar="N",
                    help="requests generated at once, each in its own slot (default: %(default)s)")
     p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
-                   help="compute threads per slot (default: physical cores / --parallel)")
+                   help="compute threads (default: physical cores)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted (default: 1 MiB)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
@@ -58,12 +59,11 @@ def main(argv=None) -> int:
     except ImportError as e:
         raise KilnError(f"kiln serve needs the server extra: pip install 'kiln[server]' ({e})") from None
     from engine.cli.kiln import resolve_model
-    from engine.model import physical_cores
     from engine.cli.serve.slots import SlotPool
 
     path = resolve_model(args.model)
-    threads = args.threads or max(1, physical_cores() // args.parallel)
-    pool = SlotPool(path, n_slots=args.parallel, n_ctx=args.ctx, n_threads=threads)
+    pool = SlotPool(path, n_slots=args.parallel, n_ctx=args.ctx, n_threads=args.threads)
+    threads = pool.llm.n_threads
     try:
         name = Path(path).name.removesuffix(".gguf")
         app = create_app(pool, name, api_key=args.api_key, max_body=args.max_body or DEFAULT_MAX_BODY)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                     host, port = sock.getsockname()[:2]
                     print(f"kiln serve: {name} on http://{host}:{port} ({args.parallel} slot"
                           f"{'s' if args.parallel > 1 else ''} of {pool.n_ctx} tokens, "
-                          f"{threads} thread{'s' if threads > 1 else ''} each)", file=sys.stderr, flush=True)
+                          f"{threads} thread{'s' if threads > 1 else ''})", file=sys.stderr, flush=True)
 
         server.startup = startup
         server.run()

@@ -187,9 +187,10 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
         stop = list(req.stop_list())
         return ids, stop + [s for s in eot if s not in stop]
 
-    async def start(ids, stop, req) -> Job:
+    async def start(ids, stop, req, logprobs=None) -> Job:
         params = _sampling(req)
         params["stop"] = stop
+        params["logprobs"] = logprobs
         # generate() validates the knobs; do it here so a bad one is a 400, not a dead job
         try:
             from engine.sampler import SamplingParams, check_seed
@@ -252,7 +253,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
                         metrics.request(endpoint, _job_error(value).status)
                         break
                     else:
-                        chunk = make_chunk(None, value.finish_reason)
+                        chunk = make_chunk(None, value.finish_reason, completion=value)
                         if include_usage:
                             chunk["usage"] = usage(job, value)
                         yield sse(chunk)
@@ -265,25 +266,39 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def logprobs_object(completion):
+        """OpenAI's legacy completion logprobs: per generated token its text, log
+        probability and the most likely alternatives."""
+        tok = pool.llm.tokenizer
+        texts = [tok.decode([t]) for t in completion.tokens]
+        offsets, at = [], 0
+        for t in texts:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": texts, "token_logprobs": [lp for lp, _ in completion.logprobs],
+                "top_logprobs": [{tok.decode([i]): v for i, v in top} for _, top in completion.logprobs],
+                "text_offset": offsets}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         endpoint = "/v1/completions"
         ids, stop = await completion_ids(req)
-        job = await start(ids, stop, req)
+        job = await start(ids, stop, req, logprobs=req.logprobs)
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text, finish_reason, first=False):
+        def chunk(text, finish_reason, first=False, completion=None):
             if first:
                 return None
+            lp = logprobs_object(completion) if completion is not None and completion.logprobs is not None else None
             return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": [{"text": text or "", "index": 0, "logprobs": None,
+                    "choices": [{"text": text or "", "index": 0, "logprobs": lp,
                                  "finish_reason": finish_reason}]}
 
         if req.stream:
             return stream(job, chunk, endpoint, req.include_usage())
         text, completion = await collect(job, request)
         finish(job, completion, endpoint)
-        body = chunk(text, completion.finish_reason)
+        body = chunk(text, completion.finish_reason, completion=completion)
         body["usage"] = usage(job, completion)
         return body
 
@@ -294,7 +309,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
         job = await start(ids, stop, req)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text, finish_reason, first=False):
+        def chunk(text, finish_reason, first=False, completion=None):
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
@@ -322,7 +337,8 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(len(pool.slots), pool.busy(), pool.waiting()),
+        return PlainTextResponse(metrics.render(len(pool.slots), pool.busy(), pool.waiting(),
+                                                pool.n_steps, pool.n_slot_steps, pool.n_rows),
                                  media_type="text/plain; version=0.0.4")
 
     page = resources.files("engine.cli.serve").joinpath("static", "index.html").read_text(encoding="utf-8")

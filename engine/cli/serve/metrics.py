@@ -35,7 +35,8 @@ class Metrics:
                 if seconds <= bound:
                     self.ttft_counts[i] += 1
 
-    def render(self, slots_total: int, slots_busy: int, queued: int) -> str:
+    def render(self, slots_total: int, slots_busy: int, queued: int, steps: int = 0,
+               slot_steps: int = 0, rows: int = 0) -> str:
         with self._lock:
             lines = ["# HELP kiln_requests_total HTTP requests by endpoint and status.",
                      "# TYPE kiln_requests_total counter"]
@@ -58,6 +59,13 @@ class Metrics:
                       f"kiln_slots {slots_total}",
                       "# HELP kiln_slots_busy Slots generating now.", "# TYPE kiln_slots_busy gauge",
                       f"kiln_slots_busy {slots_busy}",
+                      "# HELP kiln_batch_steps_total Batched evaluations (one pass over the weights each).",
+                      "# TYPE kiln_batch_steps_total counter", f"kiln_batch_steps_total {steps}",
+                      "# HELP kiln_batch_slot_steps_total Slots served by those evaluations.",
+                      "# TYPE kiln_batch_slot_steps_total counter",
+                      f"kiln_batch_slot_steps_total {slot_steps}",
+                      "# HELP kiln_batch_rows_total Tokens evaluated by those evaluations.",
+                      "# TYPE kiln_batch_rows_total counter", f"kiln_batch_rows_total {rows}",
                       "# HELP kiln_requests_waiting Requests waiting for a slot.",
                       "# TYPE kiln_requests_waiting gauge",
                       f"kiln_requests_waiting {queued}"]

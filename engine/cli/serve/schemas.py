@@ -11,6 +11,8 @@ from engine.sampler import DEFAULT_SAMPLING
 
 # OpenAI's default for /v1/completions (llama-cpp-python's server too).
 COMPLETION_MAX_TOKENS = 16
+# The most alternatives `logprobs` may ask for per token (OpenAI's limit).
+MAX_LOGPROBS = 5
 
 
 class StreamOptions(BaseModel):
@@ -63,14 +65,12 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int], list[str], list[list[int]]]
     max_tokens: Optional[int] = Field(default=COMPLETION_MAX_TOKENS, ge=0)
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: Optional[str] = None
 
     @model_validator(mode="after")
     def _completion_supported(self):
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported yet")
         if self.echo:
             raise ValueError("echo is not supported")
         if self.suffix:

@@ -1,14 +1,21 @@
-"""The server's slots: N generation contexts, each with its own KV cache and worker thread,
-fed from one fair (first come, first served) queue.
+"""The server's slots: N sequences of one model, each with its own KV cache, decoded
+together (continuous batching), fed from one fair (first come, first served) queue.
 
-A request becomes a Job. When a slot is free, the oldest waiting job goes to the free slot
-whose cached tokens share the longest prefix with the job's prompt, so the next turn of a
-conversation lands where its history already sits and only the new tokens are evaluated.
-Each slot runs its job's generation on its own thread (the C forward pass releases the
-GIL, so slots compute at the same time) and sends text pieces back to the event loop.
+A request becomes a Job. When a slot is free, the oldest waiting job goes to the free
+slot whose cached tokens share the longest prefix with the job's prompt, so the next turn
+of a conversation lands where its history already sits and only the new tokens are
+evaluated.
+
+One scheduler thread runs every active job's generation (engine.llm.generation_steps)
+step by step: each step collects what every slot needs evaluated — one new token per
+decoding slot, up to PROMPT_CHUNK prompt tokens per slot still reading its prompt — and
+runs them in one Model.eval_batch call, so the weights are read once per step for all
+slots, and a new prompt joins between steps. Each sequence's logits are what evaluating
+it alone gives, bit for bit, so a request's reply does not depend on what else runs.
+Text pieces go back to the event loop of the request.
 
 A job can be cancelled at any time (its client went away): a waiting job leaves the
-queue; a running one stops at the next token and frees its slot.
+queue; a running one stops before the next step and frees its slot.
 """
 from __future__ import annotations
 
@@ -18,7 +25,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine.llm import LLM
+from engine.completion import StopMatcher
+from engine.llm import LLM, EvalRequest, _check_max_tokens, generation_steps
+from engine.sampler import Sampler, SamplingParams, check_seed
+
+# Prompt tokens one slot feeds into a step: a long prompt is read over several steps, so
+# the other slots keep generating meanwhile.
+PROMPT_CHUNK = 256
 
 
 def common_prefix(a, b) -> int:
@@ -56,76 +69,72 @@ class Job:
 
 
 class _Slot:
-    def __init__(self, index: int, llm: LLM, pool: "SlotPool"):
+    """One sequence of the model: its cached tokens and the job generating in it."""
+
+    def __init__(self, index: int):
         self.index = index
-        self.llm = llm
+        self.cache_tokens: list[int] = []
         self.job: Job | None = None
-        self._pool = pool
-        self._wake = threading.Condition(pool._lock)
-        self.thread = threading.Thread(target=self._work, name=f"kiln-slot-{index}", daemon=True)
+        self.steps = None            # the job's generation_steps generator
+        self.request: EvalRequest | None = None
+        self.fed = 0                 # tokens of self.request already evaluated
 
-    def _work(self):
-        pool = self._pool
-        while True:
-            with pool._lock:
-                while self.job is None and not pool._closing:
-                    self._wake.wait()
-                if pool._closing:
-                    return
-                job = self.job
-            try:
-                self._run(job)
-            finally:
-                with pool._lock:
-                    self.job = None
-                    pool._finished(job)
+    def start(self, job: Job, llm: LLM):
+        p = dict(job.params)
+        sampler = Sampler(SamplingParams(**{k: p.pop(k) for k in
+                                            ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+                                            if k in p}), check_seed(p.pop("seed", None)))
+        self.job = job
+        self.steps = generation_steps(llm.tokenizer, llm.n_ctx, self.cache_tokens, job.prompt_ids,
+                                      _check_max_tokens(p.pop("max_tokens", None)), sampler,
+                                      StopMatcher(p.pop("stop", None)), p.pop("ignore_eos", False),
+                                      logprobs=p.pop("logprobs", None))
+        self.advance(None, first=True)
 
-    def _run(self, job: Job):
-        if job.cancelled.is_set():
-            return
+    def advance(self, logits, first=False):
+        """Run the generation up to its next evaluation request (or its end)."""
+        job = self.job
         try:
-            stream = self.llm.generate(job.prompt_ids, stream=True, **job.params)
-            for piece in stream:
-                if job.cancelled.is_set():
-                    stream.close()
-                    return
-                job.emit("piece", piece)
-            job.emit("done", self.llm.last_completion)
+            item = next(self.steps) if first else self.steps.send(logits)
+            while not isinstance(item, EvalRequest):
+                job.emit("piece", item)
+                item = next(self.steps)
+            # the sequence's cache is overwritten from n_past on
+            del self.cache_tokens[item.n_past:]
+            self.request, self.fed = item, 0
+        except StopIteration as done:
+            job.emit("done", done.value)
+            self.release()
         except Exception as e:  # reported to the request; the slot stays usable
-            # A generation cut short leaves the cache consistent (LLM tracks what it
-            # holds), but forget it anyway: the next job re-evaluates its prompt.
-            self.llm.reset()
             job.emit("error", e)
+            self.release()
+
+    def release(self):
+        if self.steps is not None:
+            self.steps.close()
+        self.job, self.steps, self.request, self.fed = None, None, None, 0
 
 
 class SlotPool:
-    """`n_slots` LLMs on one model file, each with its own KV cache of n_ctx tokens."""
+    """`n_slots` sequences of one model file, each with its own KV cache of n_ctx tokens,
+    decoded together by one scheduler thread."""
 
     def __init__(self, model_path, n_slots: int = 1, n_ctx: int = 2048, n_threads: int | None = None):
         if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError(f"the number of parallel slots must be an integer >= 1, got {n_slots!r}")
+        self.llm = LLM(model_path, n_ctx=n_ctx, n_threads=n_threads, n_seq=n_slots)
+        self.slots = [_Slot(i) for i in range(n_slots)]
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[Job] = collections.deque()
         self._closing = False
-        self.n_done = 0
-        llms = []
-        try:
-            for _ in range(n_slots):
-                llms.append(LLM(model_path, n_ctx=n_ctx, n_threads=n_threads))
-        except BaseException:
-            for llm in llms:
-                llm.close()
-            raise
-        self.slots = [_Slot(i, llm, self) for i, llm in enumerate(llms)]
-        for s in self.slots:
-            s.thread.start()
+        self.n_steps = 0   # batched evaluations run
+        self.n_rows = 0    # rows they carried (prompt tokens and decoded tokens)
+        self.n_slot_steps = 0  # (step, slot) pairs: n_slot_steps / n_steps = slots per step
+        self.thread = threading.Thread(target=self._run, name="kiln-scheduler", daemon=True)
+        self.thread.start()
 
     # --- facts ----------------------------------------------------------------------
-    @property
-    def llm(self) -> LLM:
-        """Slot 0's LLM: the tokenizer, template and metadata every slot shares."""
-        return self.slots[0].llm
-
     @property
     def n_ctx(self) -> int:
         return self.llm.n_ctx
@@ -138,39 +147,91 @@ class SlotPool:
         with self._lock:
             return len(self._queue)
 
-    # --- scheduling -----------------------------------------------------------------
+    # --- the queue ------------------------------------------------------------------
     def submit(self, job: Job):
         with self._lock:
             if self._closing:
                 raise RuntimeError("the server is shutting down")
             self._queue.append(job)
-            self._dispatch()
+            self._wake.notify()
 
     def withdraw(self, job: Job):
-        """Cancel a job: out of the queue if it waits, stopped at its next token if it runs."""
+        """Cancel a job: out of the queue if it waits, stopped before the next step if it runs."""
         job.cancel()
         with self._lock:
             try:
                 self._queue.remove(job)
             except ValueError:
                 pass
+            self._wake.notify()
 
-    def _dispatch(self):  # with the lock held
+    def _take_jobs(self) -> list[tuple[_Slot, Job]]:  # with the lock held
+        started = []
         while self._queue:
-            idle = [s for s in self.slots if s.job is None]
+            idle = [s for s in self.slots if s.job is None and all(s is not t for t, _ in started)]
             if not idle:
-                return
+                break
             job = self._queue.popleft()
             if job.cancelled.is_set():
                 continue
-            slot = max(idle, key=lambda s: (common_prefix(s.llm.cached_tokens, job.prompt_ids), -s.index))
+            slot = max(idle, key=lambda s: (common_prefix(s.cache_tokens, job.prompt_ids), -s.index))
             job.slot = slot.index
-            slot.job = job
-            slot._wake.notify()
+            started.append((slot, job))
+        return started
 
-    def _finished(self, job: Job):  # with the lock held
-        self.n_done += 1
-        self._dispatch()
+    # --- the scheduler --------------------------------------------------------------
+    def _run(self):
+        while True:
+            with self._lock:
+                while not self._closing and not self._queue and all(s.job is None for s in self.slots):
+                    self._wake.wait()
+                if self._closing:
+                    return
+                started = self._take_jobs()
+            for slot, job in started:
+                try:
+                    slot.start(job, self.llm)
+                except Exception as e:  # a bad knob: the request fails, the scheduler goes on
+                    job.emit("error", e)
+                    slot.release()
+            for slot in self.slots:
+                if slot.job is not None and slot.job.cancelled.is_set():
+                    slot.release()
+            self._step([s for s in self.slots if s.request is not None])
+
+    def _step(self, active):
+        """One batched evaluation: every active slot's next rows."""
+        if not active:
+            return
+        tokens, seqs, positions, want, parts = [], [], [], [], []
+        for slot in active:
+            req = slot.request
+            chunk = req.tokens[slot.fed:slot.fed + PROMPT_CHUNK]
+            start = req.n_past + slot.fed
+            tokens += chunk
+            seqs += [slot.index] * len(chunk)
+            positions += range(start, start + len(chunk))
+            last = slot.fed + len(chunk) == len(req.tokens)
+            want += [False] * (len(chunk) - 1) + [last]
+            parts.append((slot, chunk, last))
+        try:
+            logits = self.llm.model.eval_batch(tokens, seqs, positions, want)
+        except Exception as e:  # not expected (the rows are checked): fail these jobs alone
+            for slot, _, _ in parts:
+                slot.job.emit("error", e)
+                slot.cache_tokens.clear()
+                slot.release()
+            return
+        self.n_steps += 1
+        self.n_rows += len(tokens)
+        self.n_slot_steps += len(parts)
+        row = 0
+        for slot, chunk, last in parts:
+            slot.cache_tokens.extend(chunk)
+            slot.fed += len(chunk)
+            if last:
+                slot.advance(logits[row])
+                row += 1
 
     def close(self):
         with self._lock:
@@ -181,7 +242,6 @@ class SlotPool:
             for s in self.slots:
                 if s.job is not None:
                     s.job.cancel()
-                s._wake.notify()
-        for s in self.slots:
-            s.thread.join()  # a cancelled job stops at its next token
-            s.llm.close()
+            self._wake.notify_all()
+        self.thread.join()  # the scheduler stops after the step it is in
+        self.llm.close()
