@@ -184,6 +184,37 @@ def test_over_long_prompt_gives_both_lengths(server):
 def test_oversized_body_is_refused(server):
     status, out = server.post_raw("/v1/completions", json.dumps({"prompt": "x" * 70000}).encode())
     assert status == 413 and "limit" in out["error"]["message"]
+    # the same without a Content-Length (chunked transfer)
+    import http.client
+    host, port = server.url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                 ("Transfer-Encoding", "chunked")):
+        conn.putheader(k, v)
+    conn.endheaders()
+    piece = b"x" * 8192
+    try:
+        for _ in range(10):
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.send(b"0\r\n\r\n")
+    except OSError:  # the server may answer and close before the whole body is sent
+        pass
+    r = conn.getresponse()
+    assert r.status == 413 and "limit" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    # a small chunked body still works
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2, "temperature": 0}).encode()
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in (("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                 ("Transfer-Encoding", "chunked")):
+        conn.putheader(k, v)
+    conn.endheaders()
+    conn.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["choices"][0]["text"] is not None
+    conn.close()
 
 
 def _batch_counters(server):

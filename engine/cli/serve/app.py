@@ -43,7 +43,8 @@ class ApiError(Exception):
 
 class BodyLimit:
     """ASGI middleware: a request body over max_bytes gets 413, whether or not it says
-    its length up front."""
+    its length up front (a body without Content-Length is read, up to the limit, before
+    the app sees it)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -52,35 +53,36 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.max_bytes
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > limit
-                except ValueError:
-                    too_big = True
-                if too_big:
-                    return await _send_json(send, 413, ApiError(
-                        413, f"the request body is larger than the server's limit of {limit} bytes").body())
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        too_big = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes")
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None:
+            try:
+                over = int(length) > limit
+            except ValueError:
+                over = True
+            if over:
+                return await _send_json(send, 413, too_big.body())
+            return await self.app(scope, receive, send)
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await _send_json(send, 413, too_big.body())
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await _send_json(send, 413, ApiError(
-                413, f"the request body is larger than the server's limit of {limit} bytes").body())
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _send_json(send, status, obj):
@@ -98,9 +100,13 @@ def _sampling(req) -> dict:
     return {k: v for k, v in out.items() if v is not None or k == "max_tokens"}
 
 
-def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
-               max_body: int = DEFAULT_MAX_BODY):
+def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str] = None,
+               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The app over `pool`, which may also be set later as app.state.pool (a Ray Serve
+    replica builds its pool in its own process, after the app is made)."""
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pool = pool
+    app.add_middleware(BodyLimit, max_bytes=max_body)
     metrics = Metrics()
     created = int(time.time())
 
@@ -146,9 +152,9 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
 
     # --- the generation endpoints ---------------------------------------------------
     def check_prompt(ids):
-        if len(ids) > pool.n_ctx:
+        if len(ids) > app.state.pool.n_ctx:
             raise ApiError(400, f"the prompt is {len(ids)} tokens but the context holds "
-                                f"{pool.n_ctx} tokens", param="prompt", code="context_length_exceeded")
+                                f"{app.state.pool.n_ctx} tokens", param="prompt", code="context_length_exceeded")
 
     async def completion_ids(req: CompletionRequest):
         prompt = req.prompt
@@ -157,20 +163,20 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
             raise ApiError(400, "one prompt per request: a string or a list of token ids", param="prompt")
         if isinstance(prompt, str):
-            ids = await run_in_threadpool(pool.llm.tokenize, prompt, None, True)
+            ids = await run_in_threadpool(app.state.pool.llm.tokenize, prompt, None, True)
         else:
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < pool.llm.n_vocab]
+            bad = [t for t in ids if not 0 <= t < app.state.pool.llm.n_vocab]
             if bad:
                 raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                                    f"(0..{pool.llm.n_vocab - 1})", param="prompt")
+                                    f"(0..{app.state.pool.llm.n_vocab - 1})", param="prompt")
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         check_prompt(ids)
         return ids, list(req.stop_list())
 
     async def chat_ids(req: ChatRequest):
-        llm = pool.llm
+        llm = app.state.pool.llm
         messages = [m.as_dict() for m in req.messages]
 
         def render():
@@ -200,7 +206,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
         job = Job(prompt_ids=ids, params=params, loop=asyncio.get_running_loop())
-        pool.submit(job)
+        app.state.pool.submit(job)
         return job
 
     def finish(job, completion, endpoint):
@@ -223,7 +229,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
                     kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        pool.withdraw(job)
+                        app.state.pool.withdraw(job)
                         raise ApiError(499, "the client closed the request")
                     continue
                 if kind == "piece":
@@ -233,7 +239,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
                 else:
                     return "".join(parts), value
         finally:
-            pool.withdraw(job)  # no-op once done; frees the slot if we were cancelled
+            app.state.pool.withdraw(job)  # no-op once done; frees the slot if we were cancelled
 
     def sse(obj) -> bytes:
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
@@ -261,7 +267,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
                         break
                 yield b"data: [DONE]\n\n"
             finally:  # the client went away mid-stream (or we are done): free the slot
-                pool.withdraw(job)
+                app.state.pool.withdraw(job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -269,7 +275,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
     def logprobs_object(completion):
         """OpenAI's legacy completion logprobs: per generated token its text, log
         probability and the most likely alternatives."""
-        tok = pool.llm.tokenizer
+        tok = app.state.pool.llm.tokenizer
         texts = [tok.decode([t]) for t in completion.tokens]
         offsets, at = [], 0
         for t in texts:
@@ -328,17 +334,17 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
     async def models():
         metrics.request("/v1/models", 200)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "kiln", "n_ctx": pool.n_ctx}]}
+                                            "owned_by": "kiln", "n_ctx": app.state.pool.n_ctx}]}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "slots": len(pool.slots), "slots_busy": pool.busy(),
-                "requests_waiting": pool.waiting()}
+        return {"status": "ok", "slots": len(app.state.pool.slots), "slots_busy": app.state.pool.busy(),
+                "requests_waiting": app.state.pool.waiting()}
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(len(pool.slots), pool.busy(), pool.waiting(),
-                                                pool.n_steps, pool.n_slot_steps, pool.n_rows),
+        return PlainTextResponse(metrics.render(len(app.state.pool.slots), app.state.pool.busy(), app.state.pool.waiting(),
+                                                app.state.pool.n_steps, app.state.pool.n_slot_steps, app.state.pool.n_rows),
                                  media_type="text/plain; version=0.0.4")
 
     page = resources.files("engine.cli.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
@@ -348,8 +354,7 @@ def create_app(pool: SlotPool, model_name: str, api_key: Optional[str] = None,
         return HTMLResponse(page)
 
     app.state.metrics = metrics
-    app.state.pool = pool
-    return BodyLimit(app, max_body)
+    return app
 
 
 def _job_error(e: Exception) -> ApiError:
