@@ -8,7 +8,7 @@ import pytest
 
 import formats
 from formats import GGMLType as T
-from oracles import ggml_base_library
+from oracles import ggml_quantizer
 
 pytestmark = pytest.mark.oracle
 
@@ -59,10 +59,7 @@ IMPORTANCE = {k: np.asarray(v, np.float32) for k, v in _importances().items()}
 
 @pytest.fixture(scope="module")
 def ggml():
-    lib = ggml_base_library()
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib = ggml_quantizer()
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     return lib

@@ -2,7 +2,6 @@
 `kiln imatrix` (checked against an independent transformers computation of every matrix's
 inputs), and `kiln convert --imatrix` (tensor data bit-identical to ggml_quantize_chunk with
 the same importance weights; llama.cpp loads the file)."""
-import ctypes
 import struct
 
 import numpy as np
@@ -13,7 +12,7 @@ from engine.cli import convert as convert_cli
 from engine.cli import imatrix as imatrix_cli
 from formats import GGMLType as T
 from formats.imatrix import Imatrix, read_imatrix, write_imatrix
-from oracles import ggml_base_library
+from oracles import ggml_quantizer
 from tiny_models import CORPUS, make_tiny_llama
 
 
@@ -240,9 +239,7 @@ def tiny256(tmp_path_factory):
 def test_convert_with_imatrix_writes_ggml_bytes_and_llama_cpp_loads_it(tiny256, tmp_path, typ):
     from test_convert import llama_cpp_greedy
     path, im_path, im = tiny256
-    lib = ggml_base_library()
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib = ggml_quantizer()
     out = tmp_path / f"tiny-{typ}-imatrix.gguf"
     assert convert_cli.main([path, "-o", str(out), "--type", typ, "--imatrix", str(im_path),
                              "--quiet"]) == 0
