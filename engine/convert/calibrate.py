@@ -51,7 +51,7 @@ def _instrument(model, sums: dict, counts: dict) -> None:
     from engine.reference import Linear
     for layer in model.layers:
         for attr, value in list(vars(layer).items()):
-            if isinstance(value, Linear) and value.name.startswith("blk."):
+            if isinstance(value, Linear) and (value.name or "").startswith("blk."):
                 setattr(layer, attr, _Recorder(value, sums, counts))
 
 
