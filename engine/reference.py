@@ -48,6 +48,7 @@ class Linear:
     """y = x @ W.T over a dequantized weight."""
 
     def __init__(self, t, emulate_q8: bool):
+        self.name = getattr(t, "name", None)  # the GGUF tensor (calibration records by it)
         self.act_type = ACTIVATION_TYPE.get(GGMLType(t.type)) if emulate_q8 else None
         self.block_min = None
         if self.act_type == GGMLType.Q8_1:

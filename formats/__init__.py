@@ -7,6 +7,7 @@ from .constants import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, 
 from .metadata import GGUFMetadata, GGUFValue
 from .quants import DECODABLE_TYPES, ENCODABLE_TYPES, FLOAT_TYPES, dequantize, quantize
 from .reader import GGUFFile, Tensor, read_gguf
+from .weighted import WEIGHTED_TYPES, quantize_weighted
 from .writer import GGUFWriter, GGUFWriterError, write_gguf
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "GGUFValueType", "LlamaFileType", "file_type_of", "row_nbytes", "DECODABLE_TYPES",
     "ENCODABLE_TYPES", "FLOAT_TYPES", "GGUFMetadata", "GGUFValue", "dequantize", "quantize",
     "GGUFFile", "Tensor", "read_gguf", "GGUFWriter", "GGUFWriterError", "write_gguf",
+    "WEIGHTED_TYPES", "quantize_weighted",
 ]

@@ -69,14 +69,15 @@ def _weighted_sums(xt: np.ndarray, wt: np.ndarray, scale_inv: np.ndarray):
     return sumqx, sumq2
 
 
-def block_scales(x: np.ndarray) -> np.ndarray:
+def block_scales(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     """The float32 scale ggml picks for each 32-element block of x (nblocks, 32): start
     from max/127 (max: the first element of largest magnitude), then keep the trial scale
-    with the best weighted fit, compared as sumqx^2 / sumq2 without dividing."""
+    with the best weighted fit, compared as sumqx^2 / sumq2 without dividing. Weights w
+    (nblocks, 32): x^2 when None (no importance matrix)."""
     mx = _b.signed_absmax(x)
     zero = np.abs(mx) < _b.GROUP_MAX_EPS
     xt = np.ascontiguousarray(x.T)
-    wt = xt * xt
+    wt = xt * xt if w is None else np.ascontiguousarray(w.T)
     d = -mx / _GRID[0]
     sumqx, sumq2 = _weighted_sums(xt, wt, _b.inverse(d))
     pos = sumq2 > 0
@@ -91,8 +92,8 @@ def block_scales(x: np.ndarray) -> np.ndarray:
     return np.where(zero, F32(0), d)
 
 
-def _q_iq4_nl(b: np.ndarray, out: np.ndarray) -> None:
-    d = block_scales(b)
+def _q_iq4_nl(b: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
+    d = block_scales(b, w)
     out[:, 0:2] = _b.fp16_bytes(d)
     # the indices are re-chosen for the final (float32, not fp16-rounded) scale
     out[:, 2:] = _b.pack_nibbles(best_index(b * _b.inverse(d)[:, None]))
@@ -104,15 +105,16 @@ _SUB = 8  # IQ4_XS: sub-blocks of QK per super-block
 _XS_CHUNK = 1024
 
 
-def _q_iq4_xs(b: np.ndarray, out: np.ndarray) -> None:
+def _q_iq4_xs(b: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
     for i in range(0, b.shape[0], _XS_CHUNK):
-        _q_iq4_xs_chunk(b[i : i + _XS_CHUNK], out[i : i + _XS_CHUNK])
+        _q_iq4_xs_chunk(b[i : i + _XS_CHUNK], out[i : i + _XS_CHUNK],
+                        None if w is None else w[i : i + _XS_CHUNK])
 
 
-def _q_iq4_xs_chunk(b: np.ndarray, out: np.ndarray) -> None:
+def _q_iq4_xs_chunk(b: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
     n = b.shape[0]
     sub = b.reshape(n * _SUB, QK)
-    scales = block_scales(sub).reshape(n, _SUB)
+    scales = block_scales(sub, None if w is None else w.reshape(n * _SUB, QK)).reshape(n, _SUB)
     # the super-scale maps the sub-scale of largest magnitude (the first, with its
     # sign) to -32; each sub-scale becomes a 6-bit l in [-32, 31]
     d = -_b.signed_absmax(scales) / F32(32)

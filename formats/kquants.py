@@ -91,9 +91,14 @@ def _subs(blocks: np.ndarray, n: int) -> np.ndarray:
 # ---- the scale searches --------------------------------------------------------------
 
 
-def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
+                     qkx3: bool = False):
     """ggml's make_qkx2_quants on sub-blocks x, weights w (both (n, m)): the scale, the
-    min (as a non-negative offset: x ~ scale * L - min) and the quants L (n, m) uint8."""
+    min (as a non-negative offset: x ~ scale * L - min) and the quants L (n, m) uint8.
+
+    qkx3=True is make_qkx3_quants (the importance-weighted paths): the same search, but a
+    trial quant is 0 unless iscale * (x - min) > 0, else nearest_int of it capped at nmax
+    (inf and NaN give 0 or nmax, never the bit trick's garbage)."""
     nmax_f = F32(nmax)
     mn = x[0].copy()
     mx = x[0].copy()
@@ -105,7 +110,7 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, us
     for wi, xi in zip(w[1:], x[1:]):
         sum_x += wi * xi
     mn = np.where(mn > 0, F32(0), mn)
-    flat = mx == mn
+    flat = (mx <= mn) if qkx3 else mx == mn
 
     def err(scale, lf, mn_):
         diff = scale * lf + mn_ - x
@@ -119,7 +124,11 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, us
     for step in range(nstep + 1):
         # min moves with each accepted trial: the next one scales from the new min
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)
-        l = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
+        if qkx3:
+            v = iscale * (x - mn)
+            l = np.where(v > 0, _nearest_int(np.where(v < nmax_f, v, nmax_f)), 0)
+        else:
+            l = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
         lf = l.astype(F32)
         wl = w * lf
         sum_l = _seq_sum(wl)
@@ -175,13 +184,13 @@ def make_q3_quants(x, nmax: int):
     return np.where(zero, F32(0), scale), np.where(zero, 0, L + nmax)
 
 
-def make_qx_quants(x, nmax: int):
-    """ggml's make_qx_quants with rmse_type 1 and no importance weights on sub-blocks x
-    (n, m): weights x^2, the best of 19 trial scales by weighted least squares; the
-    scale and L (n, m) in 0..2nmax-1 (all 0 for an all-zero sub-block)."""
+def make_qx_quants(x, nmax: int, w=None):
+    """ggml's make_qx_quants with rmse_type 1 on sub-blocks x (n, m): weights w (n, m),
+    x^2 when None (no importance weights), the best of 19 trial scales by weighted least
+    squares; the scale and L (n, m) in 0..2nmax-1 (all 0 for an all-zero sub-block)."""
     mx, amax = _signed_absmax(x)
     zero = amax < _b.GROUP_MAX_EPS
-    w = x * x
+    w = x * x if w is None else w
     wx = w * x
 
     def trial(iscale):
@@ -320,6 +329,12 @@ def quantize_q2_k(blocks: np.ndarray, out: np.ndarray) -> None:
     sc = (ls.astype(np.uint8) | (lm << 4).astype(np.uint8))
     d = np.where(has_s[:, 0], max_scale / q4, F32(0))
     dmin = np.where(has_m[:, 0], max_min / q4, F32(0))
+    finish_q2_k(blocks, out, L, sc, d, dmin)
+
+
+def finish_q2_k(blocks, out, L, sc, d, dmin) -> None:
+    """Q2_K after the scale search: requantize with the stored scales (sc: scale in the
+    low nibble, min in the high one) and lay out scales[16] qs[64] d dmin."""
     dq = _fp16_round(d)[:, None] * (sc & np.uint8(15)).astype(F32)
     mq = _fp16_round(dmin)[:, None] * (sc >> 4).astype(F32)
     L = _requantize(blocks, L, dq, mq, 0, 3, 16)
@@ -345,6 +360,12 @@ def quantize_q3_k(blocks: np.ndarray, out: np.ndarray) -> None:
         l = _nearest_int(iscale[:, None] * scales).astype(np.int8)
         l = np.where(has, np.clip(l, -32, 31) + 32, 0).astype(np.uint8)
         d = np.where(has[:, 0], F32(1) / iscale, F32(0))
+    finish_q3_k(blocks, out, L, l, d)
+
+
+def finish_q3_k(blocks, out, L, l, d) -> None:
+    """Q3_K after the scale search: l the sixteen 6-bit scales as stored (0..63, 32 is
+    zero), L the search's quants 0..7; requantize and lay out hmask qs scales d."""
     dq = _fp16_round(d)[:, None] * (l.astype(np.int8) - np.int8(32)).astype(F32)
     L = _requantize(blocks, L, dq, None, -4, 3, 16) + 4 * (dq != 0).repeat(16, axis=1)
     high = L > 3
@@ -371,8 +392,12 @@ def _quantize_q45_k(blocks, out, nmax: int, rmin: float, nstep: int):
     # ggml: uint8_t ls = nearest_int(..) (a truncating store), then MIN(63, ls)
     ls = np.minimum(_nearest_int(inv_scale[:, None] * scales).astype(np.uint8), np.uint8(63))
     lm = np.minimum(_nearest_int(inv_min[:, None] * mins).astype(np.uint8), np.uint8(63))
-    d = max_scale / F32(63)
-    dmin = max_min / F32(63)
+    return finish_q45_k(blocks, out, L, ls, lm, max_scale / F32(63), max_min / F32(63), nmax)
+
+
+def finish_q45_k(blocks, out, L, ls, lm, d, dmin, nmax: int):
+    """Q4_K / Q5_K after the scale search: store d, dmin and the scales and mins (uint8
+    (nb, 8)), requantize with them; returns the final quants (nb, 256) 0..nmax."""
     _put_fp16(out, 0, d)
     _put_fp16(out, 2, dmin)
     out[:, 4:16] = pack_scale_min_k4(ls, lm)
@@ -403,8 +428,13 @@ def quantize_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
     2 high in qh), int8 scales; layout ql[128] qh[64] scales[16] d."""
     nb = blocks.shape[0]
     scales, L = make_qx_quants(_subs(blocks, 16), 32)
-    scales = scales.reshape(nb, 16)
-    L = L.T.reshape(nb, 256)
+    finish_q6_k(blocks, out, scales.reshape(nb, 16), L.T.reshape(nb, 256))
+
+
+def finish_q6_k(blocks, out, scales, L) -> None:
+    """Q6_K after the sub-block search (scales (nb, 16), quants L (nb, 256)): the int8
+    scales, requantize, lay out ql qh scales d."""
+    nb = blocks.shape[0]
     max_scale, max_abs = _signed_absmax(scales.T)
     zero = max_abs < _b.GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -38,3 +38,13 @@ def ggml_base_library() -> ctypes.CDLL:
     if not libs:
         pytest.skip("libggml-base not found in the llama_cpp package")
     return ctypes.CDLL(sorted(libs)[0])
+
+
+def ggml_quantizer() -> ctypes.CDLL:
+    """ggml_base_library() with ggml_quantize_chunk's signature declared: (type, src, dst,
+    start_row, nrows, n_per_row, imatrix or None) -> bytes written."""
+    lib = ggml_base_library()
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    return lib

@@ -11,7 +11,7 @@ from collections import Counter
 import formats
 from engine import convert
 from engine.convert.mixes import FALLBACK, MIXES, NAMED_TYPES
-from engine.errors import ConvertError
+from engine.errors import ConvertError, KilnError
 
 
 def types_help() -> str:
@@ -50,9 +50,58 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=list(NAMED_TYPES), metavar="T",
                    help="type of token_embd and output, overriding the mix's choice "
                         f"({', '.join(NAMED_TYPES)})")
+    p.add_argument("--imatrix", metavar="FILE",
+                   help="importance matrix (llama.cpp's imatrix GGUF or legacy .dat, e.g. from "
+                        "`kiln imatrix`): each tensor is quantized with its importance weights, "
+                        "as llama-quantize --imatrix does")
+    p.add_argument("--calibration", metavar="TEXT",
+                   help="compute the importance matrix on this UTF-8 text first (as `kiln "
+                        "imatrix` would) and quantize with it")
+    p.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
+                   help="with --calibration: tokens per chunk (default: %(default)s)")
+    p.add_argument("--calibration-chunks", type=int, default=None, metavar="N",
+                   help="with --calibration: use at most N chunks (default: all)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no per-tensor lines")
     return p
+
+
+def importance_matrix(args):
+    """(Imatrix, its name for the file's metadata) from --imatrix or --calibration, or None."""
+    from engine.convert import importance
+    if args.imatrix and args.calibration:
+        raise ConvertError("give --imatrix FILE or --calibration TEXT, not both")
+    if args.imatrix:
+        return importance.load(args.imatrix), args.imatrix
+    if not args.calibration:
+        return None
+    return calibrate_source(args), args.calibration
+
+
+def calibrate_source(args):
+    """The importance matrix of SRC on --calibration's text (a Hugging Face directory is
+    first written as a temporary F16 GGUF for the reference model to read)."""
+    import tempfile
+    from pathlib import Path
+
+    from engine.convert.calibrate import collect_imatrix
+    from engine.perplexity import PerplexityError, read_text
+    try:
+        text = read_text(args.calibration)
+    except PerplexityError as e:
+        raise ConvertError(str(e)) from None
+    kw = dict(n_ctx=args.calibration_ctx, n_chunks=args.calibration_chunks,
+              dataset=args.calibration, quiet=args.quiet)
+    if not Path(args.src).is_dir():
+        return collect_imatrix(args.src, text, **kw)
+    with tempfile.TemporaryDirectory(dir=Path(args.out).resolve().parent) as d:
+        tmp = Path(d) / "calibration-f16.gguf"
+        p = convert.plan(args.src, tmp, "f16")
+        try:
+            convert.write(p, tmp, quiet=True)
+        finally:
+            p.close()
+        return collect_imatrix(tmp, text, **kw)
 
 
 def main(argv=None) -> int:
@@ -61,6 +110,18 @@ def main(argv=None) -> int:
     try:
         p = convert.plan(args.src, args.out, args.type, args.embed_type)
     except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        im = importance_matrix(args)
+        if im is not None:
+            from engine.convert import importance
+            n = importance.attach(p, *im)
+            if not args.quiet:
+                print(f"imatrix: {n} tensors quantized with importance weights from {im[1]}",
+                      file=sys.stderr)
+    except (KilnError, formats.FormatError) as e:
+        p.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:

@@ -4,6 +4,7 @@
     kiln info [MODEL]        what is in a GGUF file   kiln pull   fetch the default model
     kiln convert SRC -o OUT  checkpoint -> GGUF       kiln bench [MODEL]   speed
     kiln perplexity [MODEL] -f TEXT   perplexity (and --kl-base KL divergence), as llama-perplexity
+    kiln imatrix [MODEL] -f TEXT -o FILE   importance matrix for calibrated quantization
     kiln serve [MODEL]       OpenAI-compatible HTTP server (--port, --parallel, --api-key)
 
 MODEL may be omitted: the default model is fetched on first use (engine.cli.pull). Errors a
@@ -27,6 +28,7 @@ EXIT_INTERRUPTED = 130
 DELEGATED = {
     "convert": ("engine.cli.convert", "convert a Hugging Face checkpoint to GGUF (= python tools/convert.py)"),
     "bench": ("engine.cli.bench", "measure prompt and generation speed"),
+    "imatrix": ("engine.cli.imatrix", "compute an importance matrix on a text (llama.cpp's imatrix format)"),
     "serve": ("engine.cli.serve", "serve the model over HTTP, OpenAI-compatible (extra kiln[server])"),
 }
 

@@ -28,6 +28,7 @@ class TensorPlan:
     raw: Callable | None = None     # () -> bytes/array already in out_type (GGUF copy)
     release: Callable = lambda i, j: None   # rows i..j are done: drop their source pages
     note: str | None = None
+    imatrix: np.ndarray | None = None       # importance weights (n,) for the quantizer
 
     @property
     def n_elements(self) -> int:

@@ -15,8 +15,11 @@ GGMLType = formats.GGMLType
 CHUNK_BYTES = 16 << 20  # float32 rows converted at a time: bounds the temporaries
 
 
-def encode_rows(x: np.ndarray, t: GGMLType) -> np.ndarray:
-    """float32 rows -> raw bytes of type t, row for row (uint8, (rows, row bytes))."""
+def encode_rows(x: np.ndarray, t: GGMLType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows -> raw bytes of type t, row for row (uint8, (rows, row bytes)); with
+    importance weights (n,), as ggml_quantize_chunk does with them."""
+    if imatrix is not None:
+        return formats.quantize_weighted(x, t, imatrix)
     return formats.quantize(x, t)
 
 
@@ -39,7 +42,7 @@ def convert_tensor(w, tp: TensorPlan, want_rmse: bool, progress=lambda n: None) 
     for i in range(0, n_rows, step):
         j = min(n_rows, i + step)
         x = tp.read_rows(i, j).reshape(j - i, n)
-        q = encode_rows(x, tp.out_type)
+        q = encode_rows(x, tp.out_type, tp.imatrix)
         if want_rmse and tp.out_type != GGMLType.F32:
             d = decode_rows(q, tp.out_type, (j - i, n)) - x
             sq_err += float(np.dot(d.ravel(), d.ravel()))
