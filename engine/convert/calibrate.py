@@ -61,7 +61,7 @@ def collect_imatrix(model_path, text: str, n_ctx: int = 512, n_chunks: int | Non
     from tqdm import tqdm
 
     from engine.perplexity import PerplexityError, split_chunks
-    from engine.reference import ReferenceLlama
+    from engine.reference import ReferenceModel
     from engine.tokenizer import load_tokenizer
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
         raise CalibrationError(f"--ctx must be a positive integer, got {n_ctx!r}")
@@ -74,7 +74,7 @@ def collect_imatrix(model_path, text: str, n_ctx: int = 512, n_chunks: int | Non
         chunks = split_chunks(tokens, n_ctx, tok.bos_id if tok.add_bos else None, n_chunks)
     except PerplexityError as e:
         raise CalibrationError(str(e)) from None
-    model = ReferenceLlama(model_path, emulate_q8=False)
+    model = ReferenceModel(model_path, emulate_q8=False)
     sums: dict = {}
     counts: dict = {}
     _instrument(model, sums, counts)
