@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute threads (default: physical cores)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted (default: 1 MiB)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve (extra kiln[ray]): on the cluster $RAY_ADDRESS "
+                        "names, else on this machine")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="with --ray: replicas, each with its own slots and --threads CPUs (default: 1)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return p
 
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from engine.errors import KilnError
     args = build_parser().parse_args(argv)
-    for name in ("ctx", "parallel", "threads", "max_body"):
+    for name in ("ctx", "parallel", "threads", "max_body", "replicas"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -62,6 +67,15 @@ def main(argv=None) -> int:
     from engine.cli.serve.slots import SlotPool
 
     path = resolve_model(args.model)
+    if args.ray:
+        try:
+            from engine.cli.serve import ray_serve
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise KilnError(f"kiln serve --ray needs the ray extra: pip install 'kiln[ray]' ({e})") from None
+        ray_serve.run(path, args.host, args.port or DEFAULT_PORT, args.replicas, args.threads or 1,
+                      args.parallel, args.ctx, args.api_key, args.max_body)
+        return 0
     pool = SlotPool(path, n_slots=args.parallel, n_ctx=args.ctx, n_threads=args.threads)
     threads = pool.llm.n_threads
     try:

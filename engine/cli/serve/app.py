@@ -25,6 +25,8 @@ from engine.cli.serve.metrics import Metrics
 from engine.cli.serve.schemas import ChatRequest, CompletionRequest
 from engine.cli.serve.slots import Job, SlotPool
 
+# The pools of this process's Ray Serve replicas, by model name (engine/cli/serve/ray_serve.py).
+REPLICA_POOLS: dict = {}
 # Requests larger than this are refused with 413 before they are parsed.
 DEFAULT_MAX_BODY = 1 << 20
 # How often a non-streaming request checks that its client is still there.
@@ -102,10 +104,20 @@ def _sampling(req) -> dict:
 
 def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str] = None,
                max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    """The app over `pool`, which may also be set later as app.state.pool (a Ray Serve
-    replica builds its pool in its own process, after the app is made)."""
+    """The app over `pool`; with pool None, over REPLICA_POOLS[model_name], which a Ray
+    Serve replica fills in its own process (Ray ships the app and the replica class to
+    the replica separately, so a pool set on the app object would not reach the copy
+    that serves)."""
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
+
+    def _pool() -> SlotPool:
+        if app.state.pool is not None:
+            return app.state.pool
+        # imported here, not read as a global: a copy of this function that Ray shipped
+        # by value carries a copy of this module's globals, the import finds the module
+        import engine.cli.serve.app as this
+        return this.REPLICA_POOLS[model_name]
     app.add_middleware(BodyLimit, max_bytes=max_body)
     metrics = Metrics()
     created = int(time.time())
@@ -152,9 +164,9 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
 
     # --- the generation endpoints ---------------------------------------------------
     def check_prompt(ids):
-        if len(ids) > app.state.pool.n_ctx:
+        if len(ids) > _pool().n_ctx:
             raise ApiError(400, f"the prompt is {len(ids)} tokens but the context holds "
-                                f"{app.state.pool.n_ctx} tokens", param="prompt", code="context_length_exceeded")
+                                f"{_pool().n_ctx} tokens", param="prompt", code="context_length_exceeded")
 
     async def completion_ids(req: CompletionRequest):
         prompt = req.prompt
@@ -163,20 +175,20 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
             raise ApiError(400, "one prompt per request: a string or a list of token ids", param="prompt")
         if isinstance(prompt, str):
-            ids = await run_in_threadpool(app.state.pool.llm.tokenize, prompt, None, True)
+            ids = await run_in_threadpool(_pool().llm.tokenize, prompt, None, True)
         else:
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < app.state.pool.llm.n_vocab]
+            bad = [t for t in ids if not 0 <= t < _pool().llm.n_vocab]
             if bad:
                 raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                                    f"(0..{app.state.pool.llm.n_vocab - 1})", param="prompt")
+                                    f"(0..{_pool().llm.n_vocab - 1})", param="prompt")
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         check_prompt(ids)
         return ids, list(req.stop_list())
 
     async def chat_ids(req: ChatRequest):
-        llm = app.state.pool.llm
+        llm = _pool().llm
         messages = [m.as_dict() for m in req.messages]
 
         def render():
@@ -206,7 +218,7 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
         job = Job(prompt_ids=ids, params=params, loop=asyncio.get_running_loop())
-        app.state.pool.submit(job)
+        _pool().submit(job)
         return job
 
     def finish(job, completion, endpoint):
@@ -229,7 +241,7 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
                     kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        app.state.pool.withdraw(job)
+                        _pool().withdraw(job)
                         raise ApiError(499, "the client closed the request")
                     continue
                 if kind == "piece":
@@ -239,7 +251,7 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
                 else:
                     return "".join(parts), value
         finally:
-            app.state.pool.withdraw(job)  # no-op once done; frees the slot if we were cancelled
+            _pool().withdraw(job)  # no-op once done; frees the slot if we were cancelled
 
     def sse(obj) -> bytes:
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
@@ -267,7 +279,7 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
                         break
                 yield b"data: [DONE]\n\n"
             finally:  # the client went away mid-stream (or we are done): free the slot
-                app.state.pool.withdraw(job)
+                _pool().withdraw(job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -275,7 +287,7 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
     def logprobs_object(completion):
         """OpenAI's legacy completion logprobs: per generated token its text, log
         probability and the most likely alternatives."""
-        tok = app.state.pool.llm.tokenizer
+        tok = _pool().llm.tokenizer
         texts = [tok.decode([t]) for t in completion.tokens]
         offsets, at = [], 0
         for t in texts:
@@ -334,17 +346,17 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
     async def models():
         metrics.request("/v1/models", 200)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "kiln", "n_ctx": app.state.pool.n_ctx}]}
+                                            "owned_by": "kiln", "n_ctx": _pool().n_ctx}]}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "slots": len(app.state.pool.slots), "slots_busy": app.state.pool.busy(),
-                "requests_waiting": app.state.pool.waiting()}
+        return {"status": "ok", "slots": len(_pool().slots), "slots_busy": _pool().busy(),
+                "requests_waiting": _pool().waiting()}
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(len(app.state.pool.slots), app.state.pool.busy(), app.state.pool.waiting(),
-                                                app.state.pool.n_steps, app.state.pool.n_slot_steps, app.state.pool.n_rows),
+        return PlainTextResponse(metrics.render(len(_pool().slots), _pool().busy(), _pool().waiting(),
+                                                _pool().n_steps, _pool().n_slot_steps, _pool().n_rows),
                                  media_type="text/plain; version=0.0.4")
 
     page = resources.files("engine.cli.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
