@@ -63,7 +63,7 @@ class EchoModel:
     """Replies with the last user message upper-cased, then <|im_end|>. It reads the
     conversation from its own KV cache, so a stale or wrong cache gives a wrong reply."""
 
-    def __init__(self, path, n_ctx=2048, n_threads=None):
+    def __init__(self, path, n_ctx=2048, n_threads=None, n_seq=1):
         self.n_ctx, self.n_threads = n_ctx, 1
         self.metadata = {"tokenizer.chat_template": CHATML, "tokenizer.ggml.model": "gpt2"}
         self.kv = []

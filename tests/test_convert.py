@@ -606,7 +606,7 @@ def test_a_failure_mid_write_leaves_no_file(tiny_hf, tmp_path, monkeypatch):
     out.write_bytes(b"previous")
     calls = []
 
-    def failing_encode(x, t):
+    def failing_encode(x, t, imatrix=None):
         calls.append(t)
         if len(calls) == 5:
             raise MemoryError("simulated")

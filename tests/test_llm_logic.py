@@ -51,7 +51,7 @@ class ScriptedTokenizer:
 class ScriptedModel:
     """Predicts script[p] as the token at position p (one-hot logits)."""
 
-    def __init__(self, path, n_ctx=2048, n_threads=None):
+    def __init__(self, path, n_ctx=2048, n_threads=None, n_seq=1):
         self.n_ctx, self.n_threads, self.metadata = n_ctx, n_threads or 1, {}
         self.script = []
         self.calls = []
