@@ -19,7 +19,7 @@ from engine.tokenizer import load_tokenizer
 DEFAULT_MAX_TOKENS = 256
 
 
-def _check_max_tokens(max_tokens):
+def check_max_tokens(max_tokens):
     if max_tokens is None:
         return None
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
@@ -166,7 +166,7 @@ class LLM:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty)
         seed = check_seed(seed)
-        max_tokens = _check_max_tokens(max_tokens)
+        max_tokens = check_max_tokens(max_tokens)
         matcher = StopMatcher(stop)
         ids = self._prompt_ids(prompt)
         self._active_call += 1

@@ -211,9 +211,8 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
         params["logprobs"] = logprobs
         # generate() validates the knobs; do it here so a bad one is a 400, not a dead job
         try:
-            from engine.sampler import SamplingParams, check_seed
-            SamplingParams(**{k: params[k] for k in ("temperature", "top_k", "top_p", "min_p",
-                                                    "repeat_penalty") if k in params})
+            from engine.sampler import SAMPLING_KNOBS, SamplingParams, check_seed
+            SamplingParams(**{k: params[k] for k in SAMPLING_KNOBS if k in params})
             check_seed(params.get("seed"))
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None

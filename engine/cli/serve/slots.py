@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 
 from engine.completion import StopMatcher
-from engine.llm import LLM, EvalRequest, _check_max_tokens, generation_steps
-from engine.sampler import Sampler, SamplingParams, check_seed
+from engine.llm import LLM, EvalRequest, check_max_tokens, generation_steps
+from engine.sampler import SAMPLING_KNOBS, Sampler, SamplingParams, check_seed
 
 # Prompt tokens one slot feeds into a step: a long prompt is read over several steps, so
 # the other slots keep generating meanwhile.
@@ -81,12 +81,11 @@ class _Slot:
 
     def start(self, job: Job, llm: LLM):
         p = dict(job.params)
-        sampler = Sampler(SamplingParams(**{k: p.pop(k) for k in
-                                            ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
-                                            if k in p}), check_seed(p.pop("seed", None)))
+        sampler = Sampler(SamplingParams(**{k: p.pop(k) for k in SAMPLING_KNOBS if k in p}),
+                          check_seed(p.pop("seed", None)))
         self.job = job
         self.steps = generation_steps(llm.tokenizer, llm.n_ctx, self.cache_tokens, job.prompt_ids,
-                                      _check_max_tokens(p.pop("max_tokens", None)), sampler,
+                                      check_max_tokens(p.pop("max_tokens", None)), sampler,
                                       StopMatcher(p.pop("stop", None)), p.pop("ignore_eos", False),
                                       logprobs=p.pop("logprobs", None))
         self.advance(None, first=True)
