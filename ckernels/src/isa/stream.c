@@ -30,7 +30,11 @@ uint64_t KILN_FN(kiln_stream_sum)(const void *p, size_t n) {
         s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(b + i + 128));
         s3 = _mm512_add_epi64(s3, _mm512_loadu_si512(b + i + 192));
     }
-    uint64_t s = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+    /* Summed as unsigned words: _mm512_reduce_add_epi64 adds signed 64-bit lanes, whose
+     * wrap-around is undefined behaviour (UBSan stops on it). */
+    uint64_t lanes[8], s = 0;
+    _mm512_storeu_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+    for (int l = 0; l < 8; l++) s += lanes[l];
     return s + stream_tail(b, i, n);
 }
 #elif defined(__AVX2__)
