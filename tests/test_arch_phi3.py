@@ -100,10 +100,14 @@ def phi3(tmp_path_factory):
         pad_token_id=ids["<|endoftext|>"], sliding_window=2047, **SHAPE)
     torch.manual_seed(0)
     model = transformers.Phi3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger than the default init, so attention is not uniform
+    # larger than the default init, so attention is not uniform; a little smaller than
+    # test_arch_qwen's 0.08: LongRoPE's attention factor (1.13 here) sharpens the scores,
+    # and the fp16 KV cache's rounding (kiln's and llama.cpp's) then reached 1.1e-3 of the
+    # largest logit at 0.08 (2.5e-5 with an F32 cache)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, 0.06)
             else:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
     model.save_pretrained(d, safe_serialization=True)
