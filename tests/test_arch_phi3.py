@@ -1,5 +1,5 @@
 """phi3, end to end: a tiny random-weight Phi3Config model built here with transformers
-(LongRoPE with short and long factors, original context 128 of 512), saved as
+(LongRoPE with short and long factors, original context 256 of 1024), saved as
 safetensors with a SentencePiece tokenizer.model plus Phi-3's added tokens, converted by
 kiln and run by kiln, transformers and llama.cpp.
 
@@ -45,8 +45,11 @@ PHI3_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
     "{% else %}{{ eos_token }}{% endif %}")
-N_CTX_ORIG, N_CTX = 128, 512
-REGIMES = {"short": N_CTX_ORIG, "long": 160}   # tokens of the F32 check in each regime
+# llama.cpp rounds its context up to a multiple of 256 before choosing the factors (the
+# long ones when it exceeds the original context), so the original context is a
+# multiple of 256, as in the real models (4096): then both engines choose alike.
+N_CTX_ORIG, N_CTX = 256, 1024
+REGIMES = {"short": 128, "long": 288}   # tokens of the F32 check in each regime
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
@@ -221,7 +224,7 @@ llm = Llama(jobs["vocab"], vocab_only=True, verbose=False)
 json.dump([[llm.tokenize(t.encode("utf-8"), add_bos=False, special=s) for s in (False, True)]
            for t in jobs["texts"]], open(jobs["tokens"], "w"))
 """
-F16_RUNS = {"short": N_CTX_ORIG, "long": 160}   # llama.cpp's n_ctx = the tokens: same regime
+F16_RUNS = REGIMES   # llama.cpp's n_ctx = the tokens (rounded up to 256): same regime
 QUANTIZED = {"q8_0": 256, "q4_k_m": 256}
 TEXTS = CORPUS + fuzz_texts(60, seed=99) + [
     "<|user|>\nHello there<|end|>\n<|assistant|>\n", "<|system|>  \n\t sys<|end|>  x",
