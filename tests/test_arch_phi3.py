@@ -226,6 +226,7 @@ json.dump([[llm.tokenize(t.encode("utf-8"), add_bos=False, special=s) for s in (
 """
 F16_RUNS = REGIMES   # llama.cpp's n_ctx = the tokens (rounded up to 256): same regime
 QUANTIZED = {"q8_0": 256, "q4_k_m": 256}
+N_IDS = max(*F16_RUNS.values(), *QUANTIZED.values())   # the token ids both engines read
 TEXTS = CORPUS + fuzz_texts(60, seed=99) + [
     "<|user|>\nHello there<|end|>\n<|assistant|>\n", "<|system|>  \n\t sys<|end|>  x",
     "a<|end|><|end|> <|endoftext|>  b", "  leading spaces<|user|>", "emoji 🦙 <|end|>\n\n🚀",
@@ -237,7 +238,7 @@ def llama_cpp(phi3, tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
     files = phi3[2]
     d = tmp_path_factory.mktemp("llamacpp")
-    np.save(d / "ids.npy", tokens_for(files["f16"], 256))
+    np.save(d / "ids.npy", tokens_for(files["f16"], N_IDS))
     runs = [("f16", False, n) for n in F16_RUNS.values()] + [
         (t, flash, n) for t, n in QUANTIZED.items() for flash in (False, True)]
     jobs = {"ids": str(d / "ids.npy"), "vocab": str(files["f32"]), "texts": TEXTS,
@@ -260,7 +261,7 @@ def kiln_logits(path, tokens):
 @pytest.mark.parametrize("regime", F16_RUNS)
 def test_llama_cpp_runs_the_f16_file_as_kiln_does(phi3, llama_cpp, regime):
     path, n = phi3[2]["f16"], F16_RUNS[regime]
-    kl = mean_kl(llama_cpp["f16", False, n], kiln_logits(path, tokens_for(path, 256)[:n]))
+    kl = mean_kl(llama_cpp["f16", False, n], kiln_logits(path, tokens_for(path, N_IDS)[:n]))
     print(f"phi3 F16 {regime} ({n} tokens): kiln vs llama.cpp mean KL {kl:.2e}")
     assert kl < 1e-4
 
@@ -271,7 +272,7 @@ def test_quantized_files_within_llama_cpps_envelope(phi3, llama_cpp, typ):
     path, n = phi3[2][typ], QUANTIZED[typ]
     default, flash = llama_cpp[typ, False, n], llama_cpp[typ, True, n]
     env_kl, env_top1 = distance(default, flash)
-    kl, top1 = distance(default, kiln_logits(path, tokens_for(path, 256)[:n]))
+    kl, top1 = distance(default, kiln_logits(path, tokens_for(path, N_IDS)[:n]))
     print(f"phi3 {typ}: kiln KL {kl:.2e} top-1 {top1:.3f}; llama.cpp flash-attn vs default "
           f"KL {env_kl:.2e} top-1 {env_top1:.3f}")
     assert env_kl > 0
