@@ -75,7 +75,10 @@ def start_kiln(model, parallel, threads, ctx):
 def start_llamacpp(model, threads, ctx):
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(threads or os.cpu_count())]
+           "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(threads or os.cpu_count()),
+           # by default a new request cuts the stream being generated short (its answer
+           # ends after a token or two); queued behind its lock, each is answered whole
+           "--interrupt_requests", "False"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc)
