@@ -6,7 +6,7 @@ cdef extern from "forward.h":
     ctypedef struct kiln_model_config:
         int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim, rope_type
         int n_ctx, n_seq, n_batch
-        float rms_eps
+        float rms_eps, rope_attn_factor
     ctypedef struct kiln_weight:
         int type
         const void *data
@@ -85,6 +85,7 @@ cdef class ModelForward:
         c.n_seq = config.get("n_seq", 1)
         c.n_batch = config["n_batch"]
         c.rms_eps = config["rms_eps"]
+        c.rope_attn_factor = config.get("rope_attn_factor", 1.0)
         if len(layers) != c.n_layer or rope_inv_freq.shape[0] != c.rope_dim // 2:
             raise ValueError("layer list or rope table does not match the config")
         lw = <kiln_layer_weights *>calloc(max(c.n_layer, 1), sizeof(kiln_layer_weights))

@@ -48,6 +48,11 @@ class ModelConfig:
     rope_dim: int              # leading dimensions of each head that RoPE rotates
     rope_freq_scale: float     # 1 / linear rope-scaling factor (1.0 = no scaling)
     tied_output: bool | None   # no `output.weight`: logits use token_embd (None: unknown)
+    # LongRoPE (phi3): rope.scaling.attn_factor scales the rotated values (cos and sin, as
+    # ggml's attn_factor does); rope.scaling.original_context_length is the context up to
+    # which the short frequency factors are used (n_ctx_orig_yarn; default n_ctx_train)
+    rope_attn_factor: float = 1.0
+    n_ctx_orig: int | None = None
 
     # the architecture's variations from the Llama graph (engine/arch/base.py)
     @property
@@ -61,6 +66,24 @@ class ModelConfig:
     @property
     def attn_qk_norm(self) -> bool:
         return self.arch.attn_qk_norm
+
+    @property
+    def attn_qkv_fused(self) -> bool:
+        return self.arch.attn_qkv_fused
+
+    @property
+    def ffn_gate_up_fused(self) -> bool:
+        return self.arch.ffn_gate_up_fused
+
+    @property
+    def n_embd_qkv(self) -> int:
+        """Rows of a fused attn_qkv matrix: Q, then K, then V."""
+        return self.n_embd_q + 2 * self.n_embd_kv
+
+    @property
+    def n_ff_gate_up(self) -> int:
+        """Rows of a fused ffn_up matrix: the gate's n_ff, then the up projection's."""
+        return 2 * self.n_ff
 
     @property
     def untied_output(self) -> bool:
@@ -133,15 +156,33 @@ class ModelConfig:
             rope_freq_base=get("rope.freq_base", 10000.0, float), rope_dim=rope_dim,
             rope_freq_scale=1.0 / factor if factor > 0 else 1.0,
             tied_output=None if tensor_names is None else "output.weight" not in tensor_names,
+            rope_attn_factor=get("rope.scaling.attn_factor", 1.0, float),
+            n_ctx_orig=get("rope.scaling.original_context_length", 0) or None,
         )
+        if not cfg.rope_attn_factor > 0:
+            raise ModelError(f"rope.scaling.attn_factor {cfg.rope_attn_factor} is not positive")
         for name in ("n_vocab", "n_embd", "n_layer", "head_dim", "n_ff"):
             if getattr(cfg, name) <= 0:
                 raise ModelError(f"model metadata gives {name} = {getattr(cfg, name)}")
         return cfg
 
+    def rope_factors_name(self, tensor_names, n_ctx: int) -> str | None:
+        """The frequency-factor tensor RoPE divides by for a context of n_ctx positions per
+        sequence, as llama_model::get_rope_factors chooses: Llama 3.1's rope_freqs
+        whatever the context, else LongRoPE's rope_factors_long when n_ctx exceeds
+        rope.scaling.original_context_length, else rope_factors_short; None when the
+        file has none of them (plain RoPE)."""
+        names = set(tensor_names)
+        if "rope_freqs.weight" in names:
+            return "rope_freqs.weight"
+        orig = self.n_ctx_orig or self.n_ctx_train
+        name = "rope_factors_long.weight" if n_ctx > orig else "rope_factors_short.weight"
+        return name if name in names else None
+
     def rope_inv_freq(self, freq_factors=None) -> np.ndarray:
         """Angle per position of each rotated pair i: base^(-2i/rope_dim) * freq_scale,
-        divided by the file's `rope_freqs.weight` factors when it has them (Llama 3.1+).
+        divided by the file's frequency factors when it has them (`rope_freqs.weight`,
+        Llama 3.1+; LongRoPE's short or long factors: rope_factors_name).
         Shared by the C engine and the reference so both rotate by the same angles."""
         i = np.arange(self.rope_dim // 2, dtype=np.float64)
         inv = self.rope_freq_scale * self.rope_freq_base ** (-2.0 * i / self.rope_dim)

@@ -86,11 +86,43 @@ def check_tensors(tensors, c: ModelConfig) -> None:
         if t.nbytes != np.prod(shape[:-1], dtype=np.int64) * (shape[-1] // block) * type_size:
             raise ModelError(f"tensor '{name}' holds {t.nbytes} bytes, not what its shape "
                              f"and type need")
-    if "rope_freqs.weight" in tensors:
-        t = tensors["rope_freqs.weight"]
+    for name in ROPE_FACTOR_TENSORS:
+        if name not in tensors:
+            continue
+        t = tensors[name]
         if tuple(t.shape) != (c.rope_dim // 2,) or t.type != GGMLType.F32:
-            raise ModelError(f"tensor 'rope_freqs.weight' has shape {tuple(t.shape)}, "
+            raise ModelError(f"tensor '{name}' has shape {tuple(t.shape)}, "
                              f"type {t.type}; the config needs F32 ({c.rope_dim // 2},)")
+
+
+# RoPE frequency factors (one divisor per rotated pair): Llama 3.1's, LongRoPE's two sets
+ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight",
+                       "rope_factors_long.weight")
+
+
+def rope_freq_factors(tensors, c: ModelConfig, n_ctx: int):
+    """The factors RoPE divides by at a context of n_ctx (ModelConfig.rope_factors_name),
+    as float32, or None."""
+    name = c.rope_factors_name(tensors.keys(), n_ctx)
+    return None if name is None else np.asarray(tensors[name].data, np.float32).reshape(-1)
+
+
+def layer_matrix_rows(c: ModelConfig) -> dict:
+    """forward.h's layer matrix fields -> (GGUF tensor in blk.N., first row, rows): the
+    fused tensors of phi3 give the kernels row ranges of one matrix (Q, K, V of
+    attn_qkv; gate, up of ffn_up), the others their own tensor whole."""
+    q, kv, ff = c.n_embd_q, c.n_embd_kv, c.n_ff
+    rows = {"attn_output": ("attn_output", 0, c.n_embd), "ffn_down": ("ffn_down", 0, c.n_embd)}
+    if c.attn_qkv_fused:
+        rows.update(attn_q=("attn_qkv", 0, q), attn_k=("attn_qkv", q, kv),
+                    attn_v=("attn_qkv", q + kv, kv))
+    else:
+        rows.update(attn_q=("attn_q", 0, q), attn_k=("attn_k", 0, kv), attn_v=("attn_v", 0, kv))
+    if c.ffn_gate_up_fused:
+        rows.update(ffn_gate=("ffn_up", 0, ff), ffn_up=("ffn_up", ff, ff))
+    else:
+        rows.update(ffn_gate=("ffn_gate", 0, ff), ffn_up=("ffn_up", 0, ff))
+    return rows
 
 
 class Model:
@@ -122,12 +154,14 @@ class Model:
             expected = expected_tensors(c)
             self.n_ctx, self.n_threads, self.n_seq = int(n_ctx), int(n_threads), int(n_seq)
 
-            def weight(name):
+            def weight(name, first_row=0):
                 t = tensors[name]
                 data = np.asarray(t.data)
                 if not data.flags.c_contiguous:
                     raise ModelError(f"tensor '{name}' is not contiguous in the file")
-                return (int(t.type), data.ctypes.data)
+                # rows of whole blocks are contiguous: a row range is a pointer offset
+                row_bytes = t.nbytes // int(np.prod(t.shape[:-1], dtype=np.int64))
+                return (int(t.type), data.ctypes.data + first_row * row_bytes)
 
             def vector(name):
                 v = np.ascontiguousarray(tensors[name].data, dtype=np.float32)
@@ -139,19 +173,19 @@ class Model:
             layers = [{
                 "attn_norm": vector(f"blk.{i}.attn_norm.weight"),
                 "ffn_norm": vector(f"blk.{i}.ffn_norm.weight"),
-                **{k: weight(f"blk.{i}.{k}.weight") for k in (
-                    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")},
+                **{field: weight(f"blk.{i}.{name}.weight", first) for field, (name, first, _)
+                   in layer_matrix_rows(c).items()},
                 **{field: vector(f"blk.{i}.{name}") for name, field in LAYER_VECTORS.items()
                    if f"blk.{i}.{name}" in expected},
             } for i in range(c.n_layer)]
-            freq_factors = (np.asarray(tensors["rope_freqs.weight"].data, np.float32)
-                            if "rope_freqs.weight" in tensors else None)
+            freq_factors = rope_freq_factors(tensors, c, self.n_ctx)
             self._inv_freq = np.ascontiguousarray(c.rope_inv_freq(freq_factors), np.float64)
             cfg = {k: getattr(c, k) for k in ("n_vocab", "n_embd", "n_layer", "n_head",
                                               "n_head_kv", "head_dim", "n_ff", "rope_dim",
                                               "rms_eps")}
             cfg.update(n_ctx=self.n_ctx, n_seq=self.n_seq, n_batch=min(int(n_batch), self.n_ctx),
-                       rope_type=ROPE_NEOX if c.rope_neox else ROPE_NORM)
+                       rope_type=ROPE_NEOX if c.rope_neox else ROPE_NORM,
+                       rope_attn_factor=c.rope_attn_factor)
             self._forward = ModelForward(
                 cfg, weight("token_embd.weight"), layers, vector("output_norm.weight"),
                 weight("token_embd.weight" if c.tied_output else "output.weight"),

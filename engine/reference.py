@@ -25,6 +25,7 @@ import formats
 from formats import GGMLType
 
 from .config import ModelConfig
+from .model import ROPE_FACTOR_TENSORS, layer_matrix_rows
 
 # activation codec of the C kernels, per weight type, from the C type table (float
 # weights are absent: their activations stay float)
@@ -113,15 +114,26 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return (g / (1.0 + np.exp(-g)) * up).astype(np.float32)
 
 
+class RowRange:
+    """Rows [first, first + rows) of a 2-D GGUF tensor, as a tensor of their own (the
+    row ranges of a fused matrix that forward.c multiplies as separate matrices)."""
+
+    def __init__(self, t, first: int, rows: int):
+        self.name, self.type = t.name, t.type
+        self.shape = (rows, t.shape[-1])
+        self.data = t.data[first:first + rows]
+
+
 class Layer:
     def __init__(self, f, i: int, c: ModelConfig, emulate_q8: bool):
         t = lambda name: f.tensors[f"blk.{i}.{name}.weight"]  # noqa: E731
         self.attn_norm = dequantize_tensor(t("attn_norm"))
         self.ffn_norm = dequantize_tensor(t("ffn_norm"))
-        self.wq, self.wk, self.wv, self.wo = (Linear(t(n), emulate_q8) for n in
+        m = {field: Linear(RowRange(t(name), first, rows), emulate_q8)
+             for field, (name, first, rows) in layer_matrix_rows(c).items()}
+        self.wq, self.wk, self.wv, self.wo = (m[k] for k in
                                               ("attn_q", "attn_k", "attn_v", "attn_output"))
-        self.w1, self.w3, self.w2 = (Linear(t(n), emulate_q8) for n in
-                                     ("ffn_gate", "ffn_up", "ffn_down"))
+        self.w1, self.w3, self.w2 = (m[k] for k in ("ffn_gate", "ffn_up", "ffn_down"))
         vector = lambda name: dequantize_tensor(f.tensors[f"blk.{i}.{name}"])  # noqa: E731
         self.q_bias, self.k_bias, self.v_bias = (
             (vector("attn_q.bias"), vector("attn_k.bias"), vector("attn_v.bias"))
@@ -148,13 +160,20 @@ class ReferenceModel:
     """Teacher-forced logits of a GGUF: `ReferenceModel(path)(tokens)` is
     (len(tokens), n_vocab) float32, tokens at positions 0.."""
 
-    def __init__(self, path, emulate_q8: bool = True):
+    def __init__(self, path, emulate_q8: bool = True, n_ctx: int | None = None):
+        """n_ctx: the context the RoPE frequency factors are chosen for (LongRoPE's short
+        or long ones, ModelConfig.rope_factors_name), as Model(path, n_ctx) chooses them;
+        None: the length of each call's tokens."""
         f = formats.read_gguf(path)
         try:
             self.config = c = ModelConfig.from_metadata(f.metadata, f.tensors.keys())
-            freq_factors = (dequantize_tensor(f.tensors["rope_freqs.weight"])
-                            if "rope_freqs.weight" in f.tensors else None)
-            self.inv_freq = c.rope_inv_freq(freq_factors)
+            self.n_ctx = n_ctx
+            self._inv_freq = {}  # n_ctx -> angles per position (the factors differ)
+            for name in ROPE_FACTOR_TENSORS:
+                if name in f.tensors:
+                    self._inv_freq[name] = c.rope_inv_freq(dequantize_tensor(f.tensors[name]))
+            self._inv_freq[None] = c.rope_inv_freq()
+            self._tensor_names = list(f.tensors.keys())
             self.token_embd = dequantize_tensor(f.tensors["token_embd.weight"])
             self.layers = [Layer(f, i, c, emulate_q8) for i in range(c.n_layer)]
             self.output_norm = dequantize_tensor(f.tensors["output_norm.weight"])
@@ -162,6 +181,14 @@ class ReferenceModel:
                                            else "output.weight"], emulate_q8)
         finally:
             f.close()
+
+    def inv_freq_for(self, n_ctx: int) -> np.ndarray:
+        """RoPE's angle per position of each pair in a context of n_ctx."""
+        return self._inv_freq[self.config.rope_factors_name(self._tensor_names, n_ctx)]
+
+    @property
+    def inv_freq(self) -> np.ndarray:
+        return self.inv_freq_for(self.n_ctx if self.n_ctx is not None else self.config.n_ctx_train)
 
     def __call__(self, tokens) -> np.ndarray:
         x = self.token_embd[np.asarray(tokens)]
@@ -172,8 +199,9 @@ class ReferenceModel:
     def layer(self, i: int, x: np.ndarray) -> np.ndarray:
         """Layer i on the residual stream x (n_tokens, n_embd) of positions 0.."""
         c, L, n = self.config, self.layers[i], x.shape[0]
-        angle = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq[None, :]
-        cos, sin = np.cos(angle), np.sin(angle)
+        inv_freq = self.inv_freq_for(self.n_ctx or n)
+        angle = np.arange(n, dtype=np.float64)[:, None] * inv_freq[None, :]
+        cos, sin = np.cos(angle) * c.rope_attn_factor, np.sin(angle) * c.rope_attn_factor
         mask = np.triu(np.full((n, n), -np.inf), k=1)
         scale = 1.0 / np.sqrt(float(c.head_dim))
         group = c.n_head // c.n_head_kv

@@ -183,12 +183,15 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
                     n_ctx_train: int = 512, rope_freq_base: float = 10000.0,
                     rms_eps: float = 1e-5, vocab_from=None, rope_dim: int | None = None,
                     rope_scaling_factor: float | None = None,
-                    rope_freqs: np.ndarray | None = None, arch: str = "llama") -> str:
+                    rope_freqs: np.ndarray | None = None, arch: str = "llama",
+                    longrope: tuple | None = None) -> str:
     """Write a random-weight GGUF of architecture `arch` to path; returns str(path).
     Weights (the matrices and token_embd) are stored in ftype, norms and biases in F32.
     rope_dim < head_dim is partial RoPE; rope_scaling_factor is linear RoPE scaling;
     rope_freqs (rope_dim // 2 floats) is Llama 3.1's per-frequency divisors tensor.
-    qwen2 adds Q/K/V biases, qwen3 per-head Q/K norm weights (engine/arch)."""
+    qwen2 adds Q/K/V biases, qwen3 per-head Q/K norm weights, phi3 fuses Q/K/V into
+    attn_qkv and gate/up into ffn_up (engine/arch); longrope = (original context, attention
+    factor) adds LongRoPE's short and long factor tensors (phi3)."""
     if vocab_from is not None:
         with formats.read_gguf(vocab_from) as src:
             tok = {k: v for k, v in src.metadata.items() if k.startswith("tokenizer.")}
@@ -220,12 +223,16 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
     tensors = [("token_embd.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 1.0), wtype)]
     for i in range(n_layer):
         p = f"blk.{i}."
-        tensors += [
-            (p + "attn_norm.weight", (n_embd,), norm(), GGMLType.F32),
-            (p + "attn_q.weight", (q_dim, n_embd), matrix(q_dim, n_embd), wtype),
-            (p + "attn_k.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
-            (p + "attn_v.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
-        ]
+        tensors += [(p + "attn_norm.weight", (n_embd,), norm(), GGMLType.F32)]
+        if arch == "phi3":
+            qkv = q_dim + 2 * kv_dim
+            tensors += [(p + "attn_qkv.weight", (qkv, n_embd), matrix(qkv, n_embd), wtype)]
+        else:
+            tensors += [
+                (p + "attn_q.weight", (q_dim, n_embd), matrix(q_dim, n_embd), wtype),
+                (p + "attn_k.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
+                (p + "attn_v.weight", (kv_dim, n_embd), matrix(kv_dim, n_embd), wtype),
+            ]
         if arch == "qwen2":
             tensors += [(p + "attn_q.bias", (q_dim,), bias(q_dim), GGMLType.F32),
                         (p + "attn_k.bias", (kv_dim,), bias(kv_dim), GGMLType.F32),
@@ -236,10 +243,13 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
         tensors += [
             (p + "attn_output.weight", (n_embd, q_dim), branch(n_embd, q_dim), wtype),
             (p + "ffn_norm.weight", (n_embd,), norm(), GGMLType.F32),
-            (p + "ffn_gate.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype),
-            (p + "ffn_up.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype),
-            (p + "ffn_down.weight", (n_embd, n_ff), branch(n_embd, n_ff), wtype),
         ]
+        if arch == "phi3":
+            tensors += [(p + "ffn_up.weight", (2 * n_ff, n_embd), matrix(2 * n_ff, n_embd), wtype)]
+        else:
+            tensors += [(p + "ffn_gate.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype),
+                        (p + "ffn_up.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype)]
+        tensors += [(p + "ffn_down.weight", (n_embd, n_ff), branch(n_embd, n_ff), wtype)]
     tensors.append(("output_norm.weight", (n_embd,), norm(), GGMLType.F32))
     if not tied:
         tensors.append(("output.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 0.25), wtype))
@@ -266,6 +276,14 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
     if rope_freqs is not None:
         tensors.insert(0, ("rope_freqs.weight", ((rope_dim or head_dim) // 2,),
                            np.asarray(rope_freqs, np.float32), GGMLType.F32))
+    if longrope is not None:
+        n_ctx_orig, attn_factor = longrope
+        metadata[f"{arch}.rope.scaling.original_context_length"] = int(n_ctx_orig)
+        metadata[f"{arch}.rope.scaling.attn_factor"] = float(attn_factor)
+        half = (rope_dim or head_dim) // 2
+        for kind, lo, hi in (("long", 1.0, 8.0), ("short", 0.9, 1.5)):
+            tensors.insert(0, (f"rope_factors_{kind}.weight", (half,),
+                               rng.uniform(lo, hi, half).astype(np.float32), GGMLType.F32))
     if head_dim != n_embd // n_head:
         metadata[f"{arch}.attention.key_length"] = head_dim
         metadata[f"{arch}.attention.value_length"] = head_dim

@@ -54,6 +54,7 @@ typedef struct {
     const float *output_norm;     /* (n_embd) */
     kiln_matrix output;           /* (n_vocab, n_embd) */
     double *rope_inv_freq;        /* (rope_dim / 2) */
+    double rope_attn_factor;      /* cos and sin are scaled by it (1: plain RoPE) */
 } Weights;
 
 typedef struct {
@@ -119,6 +120,7 @@ static int build_weights(Weights *w, const kiln_model_config *c, const kiln_mode
     w->rope_inv_freq = malloc(sizeof(double) * (c->rope_dim / 2 + 1));
     if (!w->layers || !w->rope_inv_freq || w->token_embd_row_size <= 0) return -1;
     for (int i = 0; i < c->rope_dim / 2; i++) w->rope_inv_freq[i] = src->rope_inv_freq[i];
+    w->rope_attn_factor = c->rope_attn_factor > 0 ? c->rope_attn_factor : 1.0;
     for (int l = 0; l < c->n_layer; l++) {
         const kiln_layer_weights *s = &src->layers[l];
         Layer *L = &w->layers[l];
@@ -521,8 +523,8 @@ static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_out
                             s->x + (size_t)t * c->n_embd, c->n_embd);
         for (int i = 0; i < half; i++) {
             double theta = (double)s->row_pos[t] * w->rope_inv_freq[i];
-            s->rope_cos[(size_t)t * half + i] = cos(theta);
-            s->rope_sin[(size_t)t * half + i] = sin(theta);
+            s->rope_cos[(size_t)t * half + i] = cos(theta) * w->rope_attn_factor;
+            s->rope_sin[(size_t)t * half + i] = sin(theta) * w->rope_attn_factor;
         }
     }
     if (trace) memcpy(trace, s->x, sizeof(float) * chunk);

@@ -23,6 +23,8 @@ typedef struct {
     int n_ff;
     int rope_dim;                     /* leading dims of each head that RoPE rotates */
     int rope_type;                    /* enum kiln_rope_type */
+    float rope_attn_factor;           /* scales RoPE's cos and sin (ggml's attn_factor:
+                                       * LongRoPE's rope.scaling.attn_factor); 0 means 1 */
     int n_ctx;                        /* KV cache positions of each sequence */
     int n_seq;                        /* sequences, each with its own KV cache (>= 1) */
     int n_batch;                      /* tokens per internal chunk of a prompt */

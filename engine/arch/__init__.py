@@ -7,10 +7,10 @@ names and variations as data: base.py says what a module declares).
 from __future__ import annotations
 
 from ..errors import ModelError
-from . import llama, qwen2, qwen3
+from . import llama, phi3, qwen2, qwen3
 from .base import ROPE_NEOX, ROPE_NORM, Architecture, TensorSpec
 
-ARCHITECTURES = {a.name: a for a in (llama.ARCH, qwen2.ARCH, qwen3.ARCH)}
+ARCHITECTURES = {a.name: a for a in (llama.ARCH, qwen2.ARCH, qwen3.ARCH, phi3.ARCH)}
 
 __all__ = ["ARCHITECTURES", "Architecture", "TensorSpec", "ROPE_NORM", "ROPE_NEOX", "get",
            "for_hf_class", "supported"]

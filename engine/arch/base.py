@@ -52,6 +52,8 @@ class Architecture:
     rope: str = ROPE_NORM         # ROPE_NORM | ROPE_NEOX
     attn_qkv_bias: bool = False   # biases on the Q, K and V projections
     attn_qk_norm: bool = False    # per-head RMSNorm of Q and K (weights of head_dim), before RoPE
+    attn_qkv_fused: bool = False  # one attn_qkv matrix: the Q, K then V rows (phi3)
+    ffn_gate_up_fused: bool = False  # one ffn_up matrix of 2 n_ff rows: gate, then up (phi3)
 
     @property
     def rope_neox(self) -> bool:

@@ -68,14 +68,17 @@ def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
             n_ff=int(cfg["intermediate_size"]),
             n_ctx=int(cfg.get("max_position_embeddings") or 2048),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(cfg.get("rope_theta", _rope_params(cfg).get("rope_theta", 10000.0))),
             head_dim=int(cfg.get("head_dim") or n_embd // n_head),
             tied=bool(cfg.get("tie_word_embeddings", False)),
             arch=arch,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ConvertError(f"{cfg_path}: missing or invalid hyperparameter {e}") from None
-    scaling = cfg.get("rope_scaling")
+    hp["rope_dim"] = hp["head_dim"]
+    if arch.name == "phi3":
+        _phi3_hparams(cfg, cfg_path, hp)
+    scaling = cfg.get("rope_scaling") or _rope_params(cfg)
     hp["rope_scaling"] = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -83,10 +86,58 @@ def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
             hp["rope_scaling"] = ("linear", float(scaling["factor"]))
         elif kind == "llama3":
             hp["rope_scaling"] = ("llama3", scaling)
+        elif kind in ("longrope", "su") and arch.name == "phi3":
+            hp["rope_scaling"] = ("longrope", _longrope(scaling, hp, cfg_path))
         elif kind not in (None, "default"):
             raise ConvertError(f"{cfg_path}: rope_scaling type {kind!r} is not supported; "
-                               f"supported: linear, llama3")
+                               f"supported: linear, llama3" +
+                               (", longrope" if arch.name == "phi3" else ""))
     return hp
+
+
+def _rope_params(cfg: dict) -> dict:
+    """transformers 5's rope_parameters (rope_theta, rope_type and the scaling's fields,
+    which older config.json files keep at the top level and in rope_scaling)."""
+    rp = cfg.get("rope_parameters")
+    return rp if isinstance(rp, dict) else {}
+
+
+def _phi3_hparams(cfg: dict, cfg_path: Path, hp: dict):
+    """Phi-3's RoPE as llama.cpp's Phi3MiniModel writes it: partial_rotary_factor of
+    n_embd over the heads (Phi-4-mini), and the context LongRoPE was trained for."""
+    try:
+        rp = _rope_params(cfg)
+        rot = float(cfg.get("partial_rotary_factor") or rp.get("partial_rotary_factor") or 1.0)
+        hp["rope_dim"] = int(rot * hp["n_embd"]) // hp["n_head"]
+        hp["n_ctx_orig"] = int(cfg.get("original_max_position_embeddings")
+                               or rp.get("original_max_position_embeddings") or hp["n_ctx"])
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"{cfg_path}: invalid RoPE hyperparameter ({e})") from None
+    if hp["rope_dim"] % 2 or not 0 < hp["rope_dim"] <= hp["head_dim"]:
+        raise ConvertError(f"{cfg_path}: partial_rotary_factor gives {hp['rope_dim']} rotated "
+                           f"dims of a head of {hp['head_dim']}; they must be even and fit")
+
+
+def _longrope(scaling: dict, hp: dict, cfg_path: Path) -> dict:
+    """LongRoPE's short and long per-dimension factors (rope_dim / 2 each) and its
+    attention factor sqrt(1 + log(s) / log(n_ctx_orig)), s = max_position_embeddings /
+    original_max_position_embeddings, as llama.cpp's converter computes it (it does not
+    read a rope_scaling.attention_factor, and neither does kiln)."""
+    out = {}
+    for kind in ("short", "long"):
+        f = scaling.get(f"{kind}_factor")
+        try:
+            f = np.asarray(f, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            f = None
+        if f is None or f.shape != (hp["rope_dim"] // 2,) or not np.all(f > 0):
+            raise ConvertError(f"{cfg_path}: rope_scaling.{kind}_factor must be "
+                               f"{hp['rope_dim'] // 2} positive numbers (rope dims / 2)")
+        out[kind] = f
+    scale = hp["n_ctx"] / hp["n_ctx_orig"]
+    out["attn_factor"] = (float(np.sqrt(1 + np.log(scale) / np.log(hp["n_ctx_orig"])))
+                          if scale > 1.0 else 1.0)
+    return out
 
 
 def _check_variations(cfg: dict, cfg_path: Path, arch):
@@ -110,7 +161,7 @@ def model_config(hp: dict) -> ModelConfig:
         arch=hp["arch"], n_vocab=hp["n_vocab"], n_embd=hp["n_embd"], n_layer=hp["n_layer"],
         n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], head_dim=hp["head_dim"],
         n_ff=hp["n_ff"], n_ctx_train=hp["n_ctx"], rms_eps=hp["rms_eps"],
-        rope_freq_base=hp["rope_theta"], rope_dim=hp["head_dim"], rope_freq_scale=1.0,
+        rope_freq_base=hp["rope_theta"], rope_dim=hp["rope_dim"], rope_freq_scale=1.0,
         tied_output=hp["tied"])
 
 
@@ -190,6 +241,11 @@ def _hf_tensor_plans(located: dict, hp: dict, mix, embed_type) -> list:
         factors = llama3_rope_factors(hp["rope_scaling"][1], hp["rope_theta"], hp["head_dim"])
         ordered.insert(0, TensorPlan("rope_freqs.weight", factors.shape, "F32", GGMLType.F32,
                                      lambda i, j: factors.reshape(1, -1)))
+    if hp["rope_scaling"] and hp["rope_scaling"][0] == "longrope":
+        for kind in ("long", "short"):  # llama.cpp's converter writes them first
+            f = hp["rope_scaling"][1][kind]
+            ordered.insert(0, TensorPlan(f"rope_factors_{kind}.weight", f.shape, "F32",
+                                         GGMLType.F32, lambda i, j, f=f: f.reshape(1, -1)))
     return ordered
 
 
@@ -252,7 +308,7 @@ def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, mix: Mix) -> tuple
     put(f"{prefix}.embedding_length", hp["n_embd"], VT.UINT32)
     put(f"{prefix}.block_count", hp["n_layer"], VT.UINT32)
     put(f"{prefix}.feed_forward_length", hp["n_ff"], VT.UINT32)
-    put(f"{prefix}.rope.dimension_count", hp["head_dim"], VT.UINT32)
+    put(f"{prefix}.rope.dimension_count", hp["rope_dim"], VT.UINT32)
     put(f"{prefix}.attention.head_count", hp["n_head"], VT.UINT32)
     put(f"{prefix}.attention.head_count_kv", hp["n_head_kv"], VT.UINT32)
     put(f"{prefix}.attention.layer_norm_rms_epsilon", hp["rms_eps"], VT.FLOAT32)
@@ -263,6 +319,14 @@ def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, mix: Mix) -> tuple
     if hp["rope_scaling"] and hp["rope_scaling"][0] == "linear":
         put(f"{prefix}.rope.scaling.type", "linear", VT.STRING)
         put(f"{prefix}.rope.scaling.factor", hp["rope_scaling"][1], VT.FLOAT32)
+    if "n_ctx_orig" in hp:  # phi3, as llama.cpp's Phi3MiniModel writes it
+        put(f"{prefix}.rope.scaling.original_context_length", hp["n_ctx_orig"], VT.UINT32)
+        # llama.cpp reads the window and switches it off for phi3; kiln ignores it too
+        put(f"{prefix}.attention.sliding_window", int(cfg.get("sliding_window") or 0),
+            VT.UINT32)
+    if hp["rope_scaling"] and hp["rope_scaling"][0] == "longrope":
+        put(f"{prefix}.rope.scaling.attn_factor", hp["rope_scaling"][1]["attn_factor"],
+            VT.FLOAT32)
     put("tokenizer.ggml.model", vocab.model, VT.STRING)
     if vocab.pre is not None:
         put("tokenizer.ggml.pre", vocab.pre, VT.STRING)

@@ -120,8 +120,9 @@ def _kiln(default) -> Mix:
                embd_as_output=True)
 
 
-# The one table of mixes, `--type` name -> Mix. Roles: attn_v (also a fused attn_qkv,
-# which llama.cpp treats alike), ffn_down, attn_output; other matrices take the default.
+# The one table of mixes, `--type` name -> Mix. Roles: attn_v, attn_qkv (a fused Q/K/V,
+# phi3: llama_tensor_get_type has rules of its own for it, not attn_v's), ffn_down,
+# attn_output; other matrices take the default.
 MIXES = {m.name: m for m in (
     _kiln(T.F32), _kiln(T.F16), _kiln(T.BF16), _kiln(T.Q4_0), _kiln(T.Q4_1), _kiln(T.Q8_0),
     _llama("q5_0", T.Q5_0, FT.MOSTLY_Q5_0),
@@ -133,17 +134,19 @@ MIXES = {m.name: m for m in (
     _llama("q3_k_m", T.Q3_K, FT.MOSTLY_Q3_K_M,
            ("attn_v", "first_2", T.Q5_K), ("attn_v", "always", T.Q4_K),
            ("ffn_down", "first_16th", T.Q5_K), ("ffn_down", "always", T.Q4_K),
-           ("attn_output", "always", T.Q4_K)),
+           ("attn_output", "always", T.Q4_K), ("attn_qkv", "always", T.Q4_K)),
     _llama("q3_k_l", T.Q3_K, FT.MOSTLY_Q3_K_L,
            ("attn_v", "always", T.Q5_K), ("ffn_down", "always", T.Q5_K),
-           ("attn_output", "always", T.Q5_K)),
+           ("attn_output", "always", T.Q5_K), ("attn_qkv", "always", T.Q4_K)),
     _llama("q4_k_s", T.Q4_K, FT.MOSTLY_Q4_K_S,
            ("attn_v", "first_4", T.Q5_K), ("ffn_down", "first_8th", T.Q5_K)),
     _llama("q4_k_m", T.Q4_K, FT.MOSTLY_Q4_K_M,
-           ("attn_v", "more_bits", T.Q6_K), ("ffn_down", "more_bits", T.Q6_K)),
+           ("attn_v", "more_bits", T.Q6_K), ("ffn_down", "more_bits", T.Q6_K),
+           ("attn_qkv", "always", T.Q5_K)),
     _llama("q5_k_s", T.Q5_K, FT.MOSTLY_Q5_K_S),
     _llama("q5_k_m", T.Q5_K, FT.MOSTLY_Q5_K_M,
-           ("attn_v", "more_bits", T.Q6_K), ("ffn_down", "more_bits", T.Q6_K)),
+           ("attn_v", "more_bits", T.Q6_K), ("ffn_down", "more_bits", T.Q6_K),
+           ("attn_qkv", "always", T.Q6_K)),
     _llama("q6_k", T.Q6_K, FT.MOSTLY_Q6_K),
     _llama("iq4_nl", T.IQ4_NL, FT.MOSTLY_IQ4_NL,
            ("attn_v", "gqa_4", T.Q5_K), ("ffn_down", "first_8th", T.Q5_K)),
@@ -164,7 +167,7 @@ def role_of(name: str) -> str:
         return "output"
     if name == "token_embd.weight":
         return "token_embd"
-    for role, key in (("attn_v", "attn_qkv.weight"), ("attn_v", "attn_v.weight"),
+    for role, key in (("attn_qkv", "attn_qkv.weight"), ("attn_v", "attn_v.weight"),
                       ("attn_output", "attn_output.weight"), ("ffn_down", "ffn_down")):
         if key in name:
             return role

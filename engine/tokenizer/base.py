@@ -6,6 +6,8 @@ from __future__ import annotations
 from .vocab import (TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN,
                     TOKEN_TYPE_USER_DEFINED, Vocab)
 
+C_SPACE = " \t\n\v\f\r"   # what C's isspace() takes, which llama.cpp strips with
+
 
 class Tokenizer:
     """A GGUF file's tokenizer; build it with engine.tokenizer.load_tokenizer(metadata)."""
@@ -140,6 +142,8 @@ class Tokenizer:
                 for k, part in enumerate(f.split(tok_text)):
                     if k:
                         split.append(tok_id)
+                        if tok_id in self.vocab.rstrip_ids:
+                            part = part.lstrip(C_SPACE)
                     if part:
                         split.append(part)
             frags = split

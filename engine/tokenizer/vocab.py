@@ -99,6 +99,7 @@ class Vocab:
     add_space_prefix: bool = False
     eog_ids: frozenset = frozenset()
     token_to_id: dict = field(default_factory=dict)
+    rstrip_ids: frozenset = frozenset()   # special tokens that eat the whitespace after them
 
     @classmethod
     def from_metadata(cls, md, *, default_add_bos: bool, default_ids: dict):
@@ -132,7 +133,21 @@ class Vocab:
                 merges=[_as_text(m, "tokenizer.ggml.merges") for m in merges],
                 token_to_id=token_to_id)
         v._load_special(md, default_add_bos, default_ids)
+        v.rstrip_ids = v._rstrip_ids(md.get("general.name", ""))
         return v
+
+    def _rstrip_ids(self, model_name) -> frozenset:
+        """llama.cpp's RSTRIP attribute, which it sets by model name: in a model named
+        Phi-3 every special token (and </s>) but <unk>, <s> and <|endoftext|> removes the
+        whitespace that follows it in raw text, as Phi-3's tokenizer.json declares."""
+        name = model_name.lower() if isinstance(model_name, str) else ""
+        if "phi-3" not in name and "phi3" not in name:
+            return frozenset()
+        special = {TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNKNOWN}
+        ids = {i for i, t in enumerate(self.types) if t in special}
+        ids |= {self.token_to_id[t] for t in ("</s>",) if t in self.token_to_id}
+        ids -= {self.token_to_id[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in self.token_to_id}
+        return frozenset(ids)
 
     @property
     def n_vocab(self) -> int:
