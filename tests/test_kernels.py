@@ -245,6 +245,29 @@ def test_quantized_matmul_tiles_agree(isa, name):
 
 
 @per_isa
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+def test_quantized_prompt_batches_agree(isa, name):
+    """Prompt-sized batches (AVX2 decodes 8-row panels of up to 64 blocks once for 64
+    tokens): tokens past a pass of 64, a row tile of 64 blocks plus a tail inside a
+    partial block group, an odd number of row groups per thread: each output has
+    scalar's bits and equals its token alone."""
+    type_ = QUANT_TYPES[name]
+    rng = np.random.default_rng(type_ + 17)
+    rows, cols = 45, 67 * 32
+    data, w = make_quant_weights(type_, rows, cols, rng)
+    x = rng.standard_normal((70, cols)).astype(np.float32)  # 64 + 6
+    y = run_matmul(type_, data, rows, cols, x, 3)
+    for n in (16, 17, 33):
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x[:n], 2), y[:n]), n
+    for t in (0, 15, 63, 64, 69):
+        assert np.array_equal(run_matmul(type_, data, rows, cols, x[t], 1), y[t]), t
+    oracle = q8_1_oracle(x, w) if ACT_TYPE[type_] == "Q8_1" else quantized_x(type_, x) @ w.T
+    assert np.array_equal(y, oracle.astype(np.float32))
+    ckernels.set_isa("scalar")
+    assert np.array_equal(run_matmul(type_, data, rows, cols, x, 1), y)
+
+
+@per_isa
 def test_results_do_not_depend_on_thread_count(isa):
     rng = np.random.default_rng(5)
     rows, cols = 101, 1536

@@ -355,6 +355,8 @@ static void test_matmul_shapes(const char *isa) {
             for (int c = 0; c < nc; c++)
                 for (int t = 0; t < ntok; t++) check_matmul(isa, tt->type, rows[r], cv[c], tv[t]);
         if (quant) check_matmul(isa, tt->type, 70, 4096, 9); /* > 1 step of L2-sized row blocks */
+        /* prompt batches: past a 64-token pass, a 64-block row tile plus a tail */
+        if (quant) check_matmul(isa, tt->type, 45, 67 * 32, small_sizes ? 17 : 70);
     }
 }
 

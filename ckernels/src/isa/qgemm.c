@@ -298,6 +298,234 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
     }
 }
 
+
+#if !defined(__AVXVNNI__)
+/* ---- prompt batches without VNNI: row panels ----
+ * For a batch of KILN_PANEL_MIN_TOKENS tokens or more, the weights of 8 rows are first
+ * decoded into a panel (bytes in registers' order), which KILN_PT tokens then read from
+ * L1: the decode (nibbles, fifth bits, grid lookups, the transpose) is paid once per
+ * KILN_PT tokens instead of once per KILN_NT. In a panel, chunk c of block b (its
+ * elements 4c..4c+3 for c < 4, 16 + 4(c - 4).. for c >= 4) is one register holding the
+ * 4 bytes of each of the 8 rows, int32 lane r = row r. A token's 4 activations of the
+ * chunk, broadcast to every lane, then give each row's partial sum in its own lane:
+ * no horizontal sums, and each block's 8 sums meet the scales as 8 lanes at once.
+ * Without VNNI each chunk costs maddubs (+ madd): for 4-bit weights the 16-bit sums of
+ * the 8 chunks stay below 8 * 2 * 15 * 127 < 2^15, for 5-bit ones 4 chunks (< 2^15)
+ * at a time; 8-bit weights (Q8_0, IQ4_NL) are kept signed with their absolute values
+ * beside them for the sign trick, each chunk's pair sums <= 2 * 128 * 127 < 2^15.
+ * The float step is the row-by-row kernels' (each block: isum * (d_w * d_x) into a
+ * double, then the m term), blocks in order, so the results are the same bits. */
+#define KILN_PR 8                  /* rows per panel: two row groups */
+#define KILN_PK 64                 /* blocks per panel tile (along a row) */
+#define KILN_PT 64                 /* tokens per pass over a panel tile */
+#define KILN_PANEL_MIN_TOKENS 16   /* below this the decode would not pay */
+
+typedef struct {
+    __m256i w[KILN_PK][8];  /* chunk c of block b, lane r = row r (signed for the sign types) */
+    __m256i aw[KILN_PK][8]; /* |w| (signed types) */
+    __m256d dw[KILN_PK][2]; /* d_w of rows 0..3, 4..7 */
+    __m256 m[KILN_PK];      /* m_w of rows 0..7 (Q4_1, Q5_1) */
+} kiln_panel;
+
+/* In place: r[j] (8 int32 of row j) -> r[i] = int32 i of rows 0..7. */
+static inline void kiln_transpose8(__m256i r[8]) {
+    __m256i t[8], u[8];
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+        u[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+        u[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+        u[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* Decodes blocks [kb0, kb0 + nk) of row groups rg, rg + 1 (only rg when !two_rg) into p.
+ * kb0 is a multiple of KILN_KG. */
+static inline __attribute__((always_inline)) void
+kiln_panel_decode(kiln_panel *p, const kiln_packed_view *w, int64_t rg, int two_rg, int64_t kb0,
+                  int nk, const int type) {
+    const int wide = KILN_WIDE(type), q5 = KILN_Q5(type), nl = KILN_NL(type);
+    const int signed_w = wide || nl;
+    const size_t bb = KILN_BLOCK_BYTES(type);
+    const __m256i mask4 = _mm256_set1_epi8(0x0f), sign8 = _mm256_set1_epi8((char)0x80);
+    const __m256i grid = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)kiln_kvalues_iq4nl));
+    for (int b = 0; b < nk; b += 2) {
+        const int64_t kb = kb0 + b, g = kb / KILN_KG;
+        const int h = (int)(kb % KILN_KG) / 2;
+        const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
+        const int two = b + 1 < nk;
+        __m256i lo[8], hi[8];
+        for (int r = 0; r < KILN_PR; r++) {
+            if (r >= KILN_RG && !two_rg) {
+                lo[r] = hi[r] = _mm256_setzero_si256();
+                continue;
+            }
+            const uint8_t *rq = kiln_rg_qs(w, rg + r / KILN_RG, g) + (size_t)(r % KILN_RG) * nb * bb;
+            if (wide) {
+                lo[r] = kiln_load_half(rq + 32 * h, two);
+                hi[r] = kiln_load_half(rq + nb * 16 + 32 * h, two);
+                lo[r] = _mm256_xor_si256(lo[r], sign8);
+                hi[r] = _mm256_xor_si256(hi[r], sign8);
+            } else {
+                __m256i v = kiln_load_half(rq + 32 * h, two);
+                lo[r] = _mm256_and_si256(v, mask4);
+                hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask4);
+                if (nl) {
+                    lo[r] = _mm256_shuffle_epi8(grid, lo[r]);
+                    hi[r] = _mm256_shuffle_epi8(grid, hi[r]);
+                }
+                if (q5) {
+                    int n = two ? 2 : 1;
+                    lo[r] = _mm256_or_si256(lo[r], kiln_q5_bytes((uint32_t)kiln_q5_bits(rq + nb * 16 + 4 * h, n)));
+                    hi[r] = _mm256_or_si256(hi[r], kiln_q5_bytes((uint32_t)kiln_q5_bits(rq + nb * 18 + 4 * h, n)));
+                }
+            }
+        }
+        /* lo[r] holds elements 0..15 of blocks kb, kb + 1 (4 int32 each): after the
+         * transpose lo[i] is chunk i % 4 of block kb + i / 4, hi[i] chunk 4 + i % 4 */
+        kiln_transpose8(lo);
+        kiln_transpose8(hi);
+        for (int i = 0; i < 8; i++) {
+            int bi = b + i / 4;
+            if (bi >= nk) break;
+            p->w[bi][i % 4] = lo[i];
+            p->w[bi][4 + i % 4] = hi[i];
+        }
+    }
+    for (int b = 0; b < nk; b++) {
+        const int64_t kb = kb0 + b, g = kb / KILN_KG;
+        const int bg = (int)(kb % KILN_KG);
+        float d[KILN_PR] = {0}, m[KILN_PR] = {0};
+        for (int r = 0; r < KILN_PR; r++) {
+            if (r >= KILN_RG && !two_rg) break;
+            d[r] = kiln_fp16_to_fp32(kiln_rg_d(w, rg + r / KILN_RG, g)[bg * KILN_RG + r % KILN_RG]);
+            if (KILN_HAS_M(type))
+                m[r] = kiln_fp16_to_fp32(kiln_rg_m(w, rg + r / KILN_RG, g)[bg * KILN_RG + r % KILN_RG]);
+        }
+        p->dw[b][0] = _mm256_cvtps_pd(_mm_loadu_ps(d));
+        p->dw[b][1] = _mm256_cvtps_pd(_mm_loadu_ps(d + 4));
+        if (KILN_HAS_M(type)) p->m[b] = _mm256_loadu_ps(m);
+        if (signed_w)
+            for (int c = 0; c < 8; c++) p->aw[b][c] = _mm256_abs_epi8(p->w[b][c]);
+    }
+}
+
+static inline __m256i kiln_bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* nt (1 or 2) tokens' sums over the panel tile: acc[t][0..1] (rows 0..3, 4..7) += the
+ * blocks' terms, in block order. */
+static inline __attribute__((always_inline)) void
+kiln_panel_tokens(const kiln_panel *p, const kiln_act *act, int64_t kb0, int nk, __m256d acc[][2],
+                  const int nt, const int type) {
+    const int signed_w = KILN_WIDE(type) || KILN_NL(type), q5 = KILN_Q5(type);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nk; b++) {
+        const int64_t kb = kb0 + b, g = kb / KILN_KG;
+        const int bg = (int)(kb % KILN_KG);
+        const size_t lane = (size_t)kb * 4;
+        __m256i s[2];
+        for (int t = 0; t < nt; t++) {
+            const int8_t *ql = act[t].qs + g * KILN_KG * QK + 16 * bg, *qh = ql + KILN_KG * 16;
+            if (signed_w) {
+                __m256i sum = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c++) {
+                    __m256i a4 = kiln_bcast4(c < 4 ? ql + 4 * c : qh + 4 * (c - 4));
+                    __m256i pr = _mm256_maddubs_epi16(p->aw[b][c], _mm256_sign_epi8(a4, p->w[b][c]));
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pr, ones));
+                }
+                s[t] = sum;
+            } else {
+                __m256i p0 = _mm256_maddubs_epi16(p->w[b][0], kiln_bcast4(ql));
+                for (int c = 1; c < 4; c++)
+                    p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(p->w[b][c], kiln_bcast4(ql + 4 * c)));
+                __m256i p1 = _mm256_maddubs_epi16(p->w[b][4], kiln_bcast4(qh));
+                for (int c = 5; c < 8; c++)
+                    p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(p->w[b][c], kiln_bcast4(qh + 4 * (c - 4))));
+                __m256i sum = q5 ? _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones))
+                                 : _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
+                s[t] = _mm256_add_epi32(sum, _mm256_set1_epi32(act[t].off[lane]));
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            __m256d dx = _mm256_set1_pd(act[t].dx[lane]);
+            acc[t][0] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(s[t])),
+                                        _mm256_mul_pd(p->dw[b][0], dx), acc[t][0]);
+            acc[t][1] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(s[t], 1)),
+                                        _mm256_mul_pd(p->dw[b][1], dx), acc[t][1]);
+            if (KILN_HAS_M(type)) {
+                __m256 ms = _mm256_mul_ps(p->m[b], _mm256_set1_ps(act[t].sx[lane]));
+                acc[t][0] = _mm256_add_pd(acc[t][0], _mm256_cvtps_pd(_mm256_castps256_ps128(ms)));
+                acc[t][1] = _mm256_add_pd(acc[t][1], _mm256_cvtps_pd(_mm256_extractf128_ps(ms, 1)));
+            }
+        }
+    }
+}
+
+/* Row groups [rg0, rg1) for every token of the batch, panel by panel. */
+static inline __attribute__((always_inline)) void
+kiln_qgemm_panels_typed(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, const int type) {
+    const kiln_packed_view *w = &a->w;
+    kiln_panel p;
+    __m256d acc[KILN_PT][2];
+    for (int64_t t0 = 0; t0 < a->n_tokens; t0 += KILN_PT) {
+        const int ntb = a->n_tokens - t0 < KILN_PT ? (int)(a->n_tokens - t0) : KILN_PT;
+        for (int64_t rg = rg0; rg < rg1; rg += 2) {
+            const int two_rg = rg + 1 < rg1;
+            for (int t = 0; t < ntb; t++) acc[t][0] = acc[t][1] = _mm256_setzero_pd();
+            for (int64_t kb0 = 0; kb0 < w->nb; kb0 += KILN_PK) {
+                const int nk = (int)(w->nb - kb0 < KILN_PK ? w->nb - kb0 : KILN_PK);
+                kiln_panel_decode(&p, w, rg, two_rg, kb0, nk, type);
+                int t = 0;
+                for (; t + 2 <= ntb; t += 2) {
+                    kiln_act act[2] = {kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al),
+                                       kiln_act_at(a->act + (size_t)(t0 + t + 1) * a->act_stride, &a->al)};
+                    kiln_panel_tokens(&p, act, kb0, nk, &acc[t], 2, type);
+                }
+                if (t < ntb) {
+                    kiln_act act[1] = {kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al)};
+                    kiln_panel_tokens(&p, act, kb0, nk, &acc[t], 1, type);
+                }
+            }
+            for (int t = 0; t < ntb; t++) {
+                float y8[KILN_PR];
+                _mm_storeu_ps(y8, _mm256_cvtpd_ps(acc[t][0]));
+                _mm_storeu_ps(y8 + 4, _mm256_cvtpd_ps(acc[t][1]));
+                kiln_store_rows(a, rg, (int)(t0 + t), y8);
+                if (two_rg) kiln_store_rows(a, rg + 1, (int)(t0 + t), y8 + 4);
+            }
+        }
+    }
+}
+
+static void kiln_qgemm_panels(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
+    switch (a->w.type) {
+#define KILN_PANEL_CASE(T)                                                              \
+    case T: kiln_qgemm_panels_typed(a, rg0, rg1, T); break;
+    KILN_PANEL_CASE(KILN_TYPE_Q4_0)
+    KILN_PANEL_CASE(KILN_TYPE_Q4_1)
+    KILN_PANEL_CASE(KILN_TYPE_Q5_0)
+    KILN_PANEL_CASE(KILN_TYPE_Q5_1)
+    KILN_PANEL_CASE(KILN_TYPE_Q8_0)
+    KILN_PANEL_CASE(KILN_TYPE_IQ4_NL)
+#undef KILN_PANEL_CASE
+    default: /* kiln_matrix_init packs no other type */
+        abort();
+    }
+}
+#define KILN_HAS_PANELS 1
+#endif /* !__AVXVNNI__ */
+
 #elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
 #include <arm_neon.h>
 
@@ -477,6 +705,12 @@ static void kiln_qgemm_block(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1)
 }
 
 void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
+#if defined(KILN_HAS_PANELS)
+    if (a->n_tokens >= KILN_PANEL_MIN_TOKENS) {
+        kiln_qgemm_panels(a, rg0, rg1);
+        return;
+    }
+#endif
     /* a batch passes over the weights once per KILN_NT tokens: take them in blocks of
      * row groups small enough to stay in L2 meanwhile */
     int64_t step = a->n_tokens > KILN_NT ? (int64_t)((256u << 10) / a->w.rg_size) : rg1 - rg0;
