@@ -6,7 +6,9 @@ new tokens (what a chat or an app re-sending a growing prompt needs).
 """
 from __future__ import annotations
 
+import threading
 import time
+
 import numpy as np
 
 from engine.chat import chat_completion
@@ -56,13 +58,18 @@ class LLM:
         self.last_completion: Completion | None = None
         self._active_call = 0
         self._closed = False
+        # One model, one KV cache: a call from another thread waits while a call (or one
+        # step of a stream) runs, so each sees the cache as its own; a call started while
+        # a stream is unfinished makes that stream raise (the _active_call check).
+        self._lock = threading.RLock()
 
     # --- lifetime ----------------------------------------------------------------------
     def close(self):
-        if not self._closed:
-            self._closed = True
-            self._cache_tokens = []
-            self.model.close()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._cache_tokens = []
+                self.model.close()
 
     def __enter__(self):
         return self
@@ -140,10 +147,11 @@ class LLM:
     def logits(self, tokens) -> np.ndarray:
         """Teacher-forced logits of every position: row i predicts token i+1.
         Returns float32 (n_tokens, n_vocab)."""
-        self._check_open()
-        ids = self._prompt_ids(list(tokens))
-        self._active_call += 1
-        out = self._eval(ids, 0, logits_all=True)
+        with self._lock:
+            self._check_open()
+            ids = self._prompt_ids(list(tokens))
+            self._active_call += 1
+            out = self._eval(ids, 0, logits_all=True)
         return np.asarray(out, dtype=np.float32).reshape(len(ids), -1)
 
     # --- generation --------------------------------------------------------------------
@@ -162,6 +170,12 @@ class LLM:
         add no text), after max_tokens tokens, or when the context is full
         (finish_reason "length"). temperature=0 is greedy.
         """
+        with self._lock:  # a blocking call runs whole; a stream locks each step (_run)
+            return self._generate(prompt, max_tokens, temperature, top_k, top_p, min_p,
+                                  repeat_penalty, seed, stop, stream, ignore_eos)
+
+    def _generate(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                  seed, stop, stream, ignore_eos):
         self._check_open()
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty)
@@ -186,16 +200,17 @@ class LLM:
         steps = generation_steps(self.tokenizer, self.n_ctx, self._cache_tokens, ids, max_tokens,
                                  sampler, matcher, ignore_eos)
         try:
-            item = next(steps)
             while True:
-                if call_id != self._active_call:
-                    raise RuntimeError("another call on this LLM started while this stream was "
-                                       "being read; finish or drop a stream before the next call")
-                if isinstance(item, EvalRequest):
-                    item = steps.send(self._eval(item.tokens, item.n_past))
-                else:
-                    yield item
+                with self._lock:  # from one piece of text to the next
+                    if call_id != self._active_call:
+                        raise RuntimeError("another call on this LLM started while this stream "
+                                           "was being read; finish or drop a stream before the "
+                                           "next call")
+                    self._check_open()
                     item = next(steps)
+                    while isinstance(item, EvalRequest):
+                        item = steps.send(self._eval(item.tokens, item.n_past))
+                yield item
         except StopIteration as done:
             self.last_completion = done.value
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -54,6 +55,36 @@ def physical_cores() -> int:
 LAYER_VECTORS = {"attn_q.bias": "attn_q_bias", "attn_k.bias": "attn_k_bias",
                  "attn_v.bias": "attn_v_bias", "attn_q_norm.weight": "attn_q_norm",
                  "attn_k_norm.weight": "attn_k_norm"}
+
+
+def kv_cache_bytes(c: ModelConfig, n_ctx: int, n_seq: int) -> int:
+    """Bytes of the KV cache forward.c allocates: fp16 keys and values of every layer's
+    KV heads for n_ctx positions (rounded up to the attention block) per sequence."""
+    n_ctx_pad = -(-int(n_ctx) // 16) * 16  # KILN_ATT_BLOCK
+    return 2 * 2 * int(n_seq) * c.n_layer * n_ctx_pad * c.n_head_kv * c.head_dim
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_context(c: ModelConfig, n_ctx: int, n_seq: int) -> None:
+    """Refuses, before anything is allocated, a context whose KV cache cannot fit in this
+    machine's memory; warns about one longer than the model was trained for (allowed, as
+    llama.cpp allows it: quality degrades past it)."""
+    need, ram = kv_cache_bytes(c, n_ctx, n_seq), physical_memory()
+    if ram is not None and need > ram:
+        raise ModelError(f"n_ctx={n_ctx} needs a KV cache of {need / 2**30:.1f} GiB"
+                         f"{f' for {n_seq} sequences' if n_seq > 1 else ''}, more than this "
+                         f"machine's {ram / 2**30:.1f} GiB of memory (the model was trained "
+                         f"for {c.n_ctx_train} tokens)")
+    if n_ctx > c.n_ctx_train:
+        warnings.warn(f"n_ctx={n_ctx} is longer than the {c.n_ctx_train} tokens the model was "
+                      f"trained for: text past that may degrade", stacklevel=3)
 
 
 def expected_tensors(c: ModelConfig) -> dict:
@@ -153,6 +184,7 @@ class Model:
             check_tensors(tensors, c)
             expected = expected_tensors(c)
             self.n_ctx, self.n_threads, self.n_seq = int(n_ctx), int(n_threads), int(n_seq)
+            check_context(c, self.n_ctx, self.n_seq)
 
             def weight(name, first_row=0):
                 t = tensors[name]

@@ -120,3 +120,57 @@ def test_chat_delegates_to_the_chat_module(llm):
     assert "Paris" in out.text and out.finish_reason == "stop"
     pieces = list(llm.chat(question, temperature=0, max_tokens=32, stream=True))
     assert "".join(pieces) == out.text
+
+
+def test_threads_sharing_one_llm_get_their_own_answers(llm):
+    """Calls from several threads on one LLM are serialized (one model, one KV cache):
+    each returns what it returns alone, never a mix of the two conversations."""
+    import threading
+    prompts = [PROMPT, "Water boils at a temperature of"]
+    alone = [llm.generate(p, max_tokens=12, temperature=0).text for p in prompts]
+    for _ in range(3):
+        got, errors = {}, []
+
+        def run(i):
+            try:
+                got[i] = llm.generate(prompts[i % 2], max_tokens=12, temperature=0).text
+            except BaseException as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert [got[i] for i in range(4)] == [alone[i % 2] for i in range(4)]
+
+
+def test_a_stream_read_in_another_thread_meanwhile_fails_clearly(llm):
+    """A stream left unfinished while another call runs raises on its next read, with a
+    message saying why; the other call's answer is unaffected."""
+    import threading
+    alone = llm.generate(PROMPT, max_tokens=8, temperature=0).text
+    stream = llm.generate("Water boils at", max_tokens=32, temperature=0, ignore_eos=True, stream=True)
+    next(stream)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(text=llm.generate(PROMPT, max_tokens=8,
+                                                                      temperature=0).text))
+    t.start()
+    t.join()
+    assert got["text"] == alone
+    with pytest.raises(RuntimeError, match="another call on this LLM started"):
+        next(stream)
+
+
+def test_absurd_context_is_refused_before_allocating(smollm2_path):
+    from engine.errors import ModelError
+    with pytest.raises(ModelError, match=r"n_ctx=1000000000 needs a KV cache of [0-9.]+ GiB, "
+                                         r"more than this machine's [0-9.]+ GiB"):
+        LLM(smollm2_path, n_ctx=10**9)
+
+
+def test_context_above_the_trained_one_warns_and_runs(smollm2_path):
+    with pytest.warns(UserWarning, match="longer than the 8192 tokens the model was trained for"):
+        llm = LLM(smollm2_path, n_ctx=8192 + 16, n_threads=2)
+    with llm:
+        assert "Paris" in llm.generate(PROMPT, max_tokens=8, temperature=0).text
