@@ -544,3 +544,23 @@ def test_special_token_id_finds_control_tokens_by_text(bpe_toks, spm_tok):
     assert tok.special_token_id("Hello") is None          # ordinary text
     assert tok.special_token_id("<|im_end|>x") is None    # more than the token
     assert spm_tok.special_token_id(spm_tok.token_text(spm_tok.eos_id)) == spm_tok.eos_id
+
+
+@pytest.mark.parametrize("kind", ["spm", "bpe"])
+def test_token_bytes_that_are_not_utf8_load_and_decode_raw(kind, tmp_path, spm_fixture, smollm2_path):
+    """A vocabulary string whose bytes are not UTF-8 (a malformed or hostile file) does
+    not stop the tokenizer: the token decodes to the file's bytes, can never match text,
+    and every other token tokenizes as before."""
+    from engine.tokenizer import load_tokenizer
+    md = spm_metadata(spm_fixture["vocab"]) if kind == "spm" else bpe_metadata(smollm2_path, "smollm")
+    good = load_tokenizer(_read_metadata(write_vocab_gguf(tmp_path / "good.gguf", md)))
+    tokens = list(md["tokenizer.ggml.tokens"])
+    bad_id = next(i for i in range(len(tokens) - 1, 0, -1) if good.vocab.types[i] == 1)
+    tokens[bad_id] = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    tok = load_tokenizer(_read_metadata(write_vocab_gguf(tmp_path / "bad.gguf",
+                                                         {**md, "tokenizer.ggml.tokens": tokens})))
+    assert tok._decode_bytes([bad_id], False).endswith(b"\xff\xfe")
+    assert tok.decode([bad_id]).endswith("\ufffd\ufffd")
+    for text in ("Hello world", "tokens and more tokens", "ÿþ"):
+        ids = tok.encode(text, add_bos=False)
+        assert bad_id not in ids and tok.decode(ids) == good.decode(good.encode(text, add_bos=False))

@@ -153,9 +153,9 @@ class Tokenizer:
         kind = self.vocab.types[i]
         text = self.vocab.tokens[i]
         if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN):
-            return text.encode("utf-8") if special else b""
+            return token_bytes(text) if special else b""
         if kind == TOKEN_TYPE_USER_DEFINED:
-            return text.encode("utf-8")
+            return token_bytes(text)
         if kind == TOKEN_TYPE_NORMAL:
             return self._normal_piece(text)
         if kind == TOKEN_TYPE_BYTE:
@@ -183,6 +183,21 @@ class Tokenizer:
 
     def _normal_piece(self, text: str) -> bytes:
         raise NotImplementedError
+
+
+def token_bytes(text: str) -> bytes:
+    """A vocabulary string's bytes as the file holds them: the reader keeps bytes that
+    are not UTF-8 as surrogate escapes, and llama.cpp renders such a token's raw bytes."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def is_unicode(text: str) -> bool:
+    """False for a vocabulary string holding the reader's escapes of non-UTF-8 bytes."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _byte_token_value(text: str, fallback) -> bytes:

@@ -11,7 +11,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from ..errors import ModelError
-from .base import Tokenizer
+from .base import Tokenizer, is_unicode, token_bytes
 from .vocab import Vocab
 
 # The regexes of llama.cpp's llm_tokenizer_bpe, by pre-tokenizer family.
@@ -93,7 +93,11 @@ class BPETokenizer(Tokenizer):
                     pair[1] in vocab.token_to_id and pair[0] + pair[1] in vocab.token_to_id:
                 ranks[pair] = rank
         merges = sorted(ranks, key=ranks.get)
-        model = models.BPE(vocab=dict(vocab.token_to_id), merges=merges,
+        # A token whose file bytes are not UTF-8 (a malformed byte-level vocabulary: its
+        # strings are GPT-2 characters) can never match text; it still decodes to its bytes.
+        matchable = {t: i for t, i in vocab.token_to_id.items() if is_unicode(t)}
+        merges = [m for m in merges if is_unicode(m[0]) and is_unicode(m[1])]
+        model = models.BPE(vocab=matchable, merges=merges,
                            ignore_merges=ignore_merges, fuse_unk=False, byte_fallback=False)
         self._hf = HFTokenizer(model)
         self._hf.pre_tokenizer = pre_tokenizers.Sequence(
@@ -108,5 +112,5 @@ class BPETokenizer(Tokenizer):
             return text.translate(_TO_LATIN1).encode("latin-1")
         except UnicodeEncodeError:
             # characters outside GPT-2's table (a malformed vocabulary) keep their UTF-8 bytes
-            return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8")
+            return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else token_bytes(c)
                             for c in text)

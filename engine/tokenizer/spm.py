@@ -11,7 +11,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from ..errors import ModelError
-from .base import Tokenizer
+from .base import Tokenizer, is_unicode, token_bytes
 from .vocab import (TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN,
                     TOKEN_TYPE_USER_DEFINED, Vocab)
 
@@ -29,7 +29,13 @@ def build_model_proto(vocab: Vocab) -> spm_pb2.ModelProto:
     m = spm_pb2.ModelProto()
     has_bytes = all(f"<0x{b:02X}>" in vocab.token_to_id for b in range(256))
     unk_seen = False
-    for text, score, kind in zip(vocab.tokens, vocab.scores, vocab.types):
+    for i, (text, score, kind) in enumerate(zip(vocab.tokens, vocab.scores, vocab.types)):
+        if not is_unicode(text):
+            # bytes that are not UTF-8 (a malformed file) can never match text, and a
+            # SentencePiece piece must be Unicode: a placeholder keeps the id (the token
+            # still decodes to the file's bytes)
+            m.pieces.append(Piece(piece=f"<kiln-raw-{i}>", score=score, type=Piece.CONTROL))
+            continue
         if kind == TOKEN_TYPE_UNKNOWN and not unk_seen:
             ptype, unk_seen = Piece.UNKNOWN, True
         elif kind == TOKEN_TYPE_CONTROL or kind == TOKEN_TYPE_UNKNOWN:
@@ -82,4 +88,4 @@ class SPMTokenizer(Tokenizer):
         return [i if i < self._n else self._unk_fallback for i in ids]
 
     def _normal_piece(self, text: str) -> bytes:
-        return text.replace(SPACE, " ").encode("utf-8")
+        return token_bytes(text.replace(SPACE, " "))
