@@ -38,6 +38,7 @@ cdef extern from "forward.h":
     void kiln_model_free(kiln_model *m) nogil
     int kiln_model_n_threads(const kiln_model *m) nogil
     int kiln_model_cache_positions(const kiln_model *m, int layer) nogil
+    size_t kiln_model_kv_cache_bytes(const kiln_model *m) nogil
     int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                               float *logits, int logits_all, float *trace) nogil
     int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys,
@@ -158,6 +159,13 @@ cdef class ModelForward:
     @property
     def n_threads(self):
         return kiln_model_n_threads(self.model)
+
+    @property
+    def kv_cache_bytes(self):
+        """Bytes allocated for the KV cache."""
+        if self.model == NULL:
+            raise ValueError("model is closed")
+        return kiln_model_kv_cache_bytes(self.model)
 
     def cache_positions(self, int layer):
         """Positions of a layer's KV cache per sequence: n_ctx, or a sliding-window

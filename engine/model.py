@@ -211,6 +211,12 @@ class Model:
             self._file.close()
             raise
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache (fp16 keys and values of every sequence and layer; a
+        sliding-window layer's ring instead of n_ctx positions where it is smaller)."""
+        return self._forward.kv_cache_bytes
+
     def can_resume(self, n_past: int, seq: int = 0) -> bool:
         """Whether sequence seq's cache still holds what evaluating from position n_past
         needs. Always, for full caches; a sliding-window layer's ring of R positions

@@ -284,6 +284,10 @@ void kiln_model_free(kiln_model *m) {
 
 int kiln_model_n_threads(const kiln_model *m) { return kiln_pool_size(m->pool); }
 
+size_t kiln_model_kv_cache_bytes(const kiln_model *m) {
+    return (m->s.seq_keys + m->s.seq_values) * m->c.n_seq * sizeof(kiln_fp16);
+}
+
 int kiln_model_cache_positions(const kiln_model *m, int layer) {
     if (layer < 0 || layer >= m->c.n_layer) return -1;
     return m->s.ring[layer] ? m->s.ring[layer] : m->c.n_ctx;

@@ -13,6 +13,7 @@
 #ifndef KILN_FORWARD_H
 #define KILN_FORWARD_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* RoPE pairing, numbered as ggml's rope modes */
@@ -95,6 +96,9 @@ int kiln_model_n_threads(const kiln_model *m);
 /* Positions of a layer's KV cache per sequence: n_ctx, or the ring of a sliding-window
  * layer (fewer than n_ctx); -1 for a bad layer. */
 int kiln_model_cache_positions(const kiln_model *m, int layer);
+
+/* Bytes allocated for the KV cache of all sequences and layers. */
+size_t kiln_model_kv_cache_bytes(const kiln_model *m);
 
 /* Runs tokens[0..n_tokens) of sequence 0 at positions n_past.., writing their keys and
  * values into its KV cache from n_past on. logits receives (n_tokens, n_vocab) floats when

@@ -69,6 +69,11 @@ class Architecture:
     rope_freq_base_swa: float = 10000.0
     # attention scale rule (n_layer, n_embd, n_head, head_dim) -> scale; None: 1/sqrt(head_dim)
     attn_scale: object = None
+    # for the converter, as llama.cpp's writes the family: a value added to every
+    # *norm.weight (Gemma's RMSNorm multiplies by 1 + w), and SentencePiece's
+    # add_space_prefix when the family fixes it (None: the tokenizer.model's own)
+    norm_shift: float = 0.0
+    spm_add_space_prefix: bool | None = None
 
     @property
     def rope_neox(self) -> bool:

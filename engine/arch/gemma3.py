@@ -74,4 +74,6 @@ ARCH = Architecture(
     swa_pattern=6,
     rope_freq_base_swa=10000.0,
     attn_scale=attention_scale,
+    norm_shift=1.0,
+    spm_add_space_prefix=False,
 )
