@@ -270,7 +270,7 @@ def test_kiln_matches_transformers_in_f32(gemma3):
         "post-FFN norm": without(ref, ffn_post_norm=None),
         "sliding window": without(ref, swa=False),
         "local RoPE base": without(ref, inv_freq_swa=ref.inv_freq_for(N_F32)),
-        "interleaved RoPE": without(ref, config=dataclasses.replace(
+        "NEOX RoPE (interleaved instead)": without(ref, config=dataclasses.replace(
             c, arch=dataclasses.replace(arch, rope=ROPE_NORM))),
     }
     for what, wrong in broken.items():
