@@ -534,3 +534,40 @@ def test_chat_renders_the_file_template_and_stops_at_end_of_turn(gemma3, tmp_pat
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "\n\n"
+
+
+def test_server_slots_restart_a_prefix_the_ring_no_longer_holds(tmp_path):
+    """The server's slot keeps its sequence's tokens for the next request; a shared
+    prefix the slot's ring cannot resume is evaluated again (one that it can is reused),
+    and each reply is what a fresh LLM gives."""
+    import asyncio
+    from engine.cli.serve.slots import Job, SlotPool
+    path = make_tiny_llama(tmp_path / "m.gguf", arch="gemma3", vocab="llama", ftype="q8_0",
+                           seed=8, n_layer=6, n_swa=16)
+    rng = np.random.default_rng(6)
+    first = rng.integers(10, 300, 700).tolist()
+    second = first[:100] + rng.integers(10, 300, 20).tolist()
+    params = dict(max_tokens=5, temperature=0, ignore_eos=True)
+    pool = SlotPool(path, n_slots=1, n_ctx=2048, n_threads=2)
+
+    async def run(ids):
+        job = Job(ids, dict(params), asyncio.get_running_loop())
+        pool.submit(job)
+        while True:
+            kind, value = await job.events.get()
+            if kind == "done":
+                return value
+            assert kind != "error", value
+
+    try:
+        asyncio.run(run(first))
+        out = asyncio.run(run(second))
+        assert out.timings.prompt_tokens_evaluated == len(second)
+        third = second + out.tokens + [11, 12]
+        again = asyncio.run(run(third))
+        assert again.timings.prompt_tokens_evaluated < 10   # the ring still holds it
+    finally:
+        pool.close()
+    with LLM(path, n_ctx=2048, n_threads=2) as fresh:
+        assert fresh.generate(second, **params).tokens == out.tokens
+        assert fresh.generate(third, **params).tokens == again.tokens
