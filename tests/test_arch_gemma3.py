@@ -571,3 +571,32 @@ def test_server_slots_restart_a_prefix_the_ring_no_longer_holds(tmp_path):
     with LLM(path, n_ctx=2048, n_threads=2) as fresh:
         assert fresh.generate(second, **params).tokens == out.tokens
         assert fresh.generate(third, **params).tokens == again.tokens
+
+
+@pytest.mark.oracle
+def test_the_text_model_of_an_image_text_checkpoint_converts_alike(gemma3, tmp_path):
+    """Gemma3ForConditionalGeneration (the 4b/12b/27b layout): its text_config and its
+    language model's tensors give the text-only checkpoint's file; the vision tower and
+    the projector are left out."""
+    import transformers
+    torch = _oracles()
+    model, d, files = gemma3
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=model.config, vision_config=vision,
+                                    mm_tokens_per_image=4)
+    mm = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        mm.model.language_model.load_state_dict(model.model.state_dict())
+    out = tmp_path / "gemma3-tiny"
+    mm.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (out / name).write_bytes((d / name).read_bytes())
+    assert _convert(out, tmp_path / "mm.gguf") == 0
+    with formats.read_gguf(files["f32"]) as a, formats.read_gguf(tmp_path / "mm.gguf") as b:
+        assert {k: v for k, v in a.metadata.items() if k.startswith("gemma3.")} == \
+            {k: v for k, v in b.metadata.items() if k.startswith("gemma3.")}
+        assert a.tensors.keys() == b.tensors.keys()
+        for name, t in a.tensors.items():
+            np.testing.assert_array_equal(np.asarray(t.data), np.asarray(b.tensors[name].data))

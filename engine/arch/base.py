@@ -74,6 +74,15 @@ class Architecture:
     # add_space_prefix when the family fixes it (None: the tokenizer.model's own)
     norm_shift: float = 0.0
     spm_add_space_prefix: bool | None = None
+    # multimodal checkpoints among hf_classes, whose text model kiln converts: their
+    # config.json's text_config, their tensor names' prefixes as (prefix, the text-only
+    # checkpoint's), and the prefixes of what the text graph does not read
+    hf_multimodal: tuple = ()
+    hf_renames: tuple = ()
+    hf_ignored: tuple = ()
+    # (key, value) of config.json keys the checkpoints may leave out, as transformers'
+    # config class defaults them (llama.cpp's converter reads the config through it)
+    hf_defaults: tuple = ()
 
     @property
     def rope_neox(self) -> bool:
@@ -96,6 +105,16 @@ class Architecture:
             for i in range(cfg.n_layer) if s.per_layer else (0,):
                 out[s.gguf.format(i=i)] = (shape, s.matrix)
         return out
+
+    def hf_text_name(self, name: str) -> str | None:
+        """A multimodal checkpoint's tensor name as the text-only checkpoint's; None for
+        a tensor the text graph does not read."""
+        if name.startswith(self.hf_ignored):
+            return None
+        for prefix, to in self.hf_renames:
+            if name.startswith(prefix):
+                return to + name[len(prefix):]
+        return name
 
     def hf_names(self, n_layer: int) -> dict:
         """Hugging Face name -> GGUF name of every tensor the converter reads."""

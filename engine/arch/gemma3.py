@@ -1,4 +1,5 @@
-"""`gemma3`: Gemma 3 text models (270m, 1b, and the text part of 4b/12b/27b). Llama with:
+"""`gemma3`: Gemma 3 text models (270m, 1b, and the text model of the 4b/12b/27b
+image-text checkpoints). Llama with:
 
 - the token embeddings times sqrt(n_embd), rounded to float (llama.cpp's ggml_scale by
   sqrtf(n_embd); transformers' embed_scale, in the weights' dtype);
@@ -65,7 +66,7 @@ _TENSORS = with_layer_tensors(
 ARCH = Architecture(
     name="gemma3",
     models="Gemma 3 (text)",
-    hf_classes=("Gemma3ForCausalLM",),
+    hf_classes=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
     tensors=_TENSORS,
     rope=ROPE_NEOX,
     attn_qk_norm=True,
@@ -76,4 +77,18 @@ ARCH = Architecture(
     attn_scale=attention_scale,
     norm_shift=1.0,
     spm_add_space_prefix=False,
+    # the text model of Gemma 3's image-text checkpoints (4b, 12b, 27b), saved under
+    # language_model.model. (transformers 4 and 5's legacy layout) or
+    # model.language_model. (5's own); the vision tower and projector are left out, as
+    # llama.cpp's converter leaves them to the mmproj file
+    hf_multimodal=("Gemma3ForConditionalGeneration",),
+    hf_renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                ("language_model.lm_head.", "lm_head.")),
+    hf_ignored=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                "model.multi_modal_projector."),
+    # Gemma3TextConfig's defaults (the 4b/12b/27b text_config leave some out)
+    hf_defaults=(("vocab_size", 262208), ("num_attention_heads", 8),
+                 ("num_key_value_heads", 4), ("head_dim", 256), ("rms_norm_eps", 1e-6),
+                 ("max_position_embeddings", 131072), ("query_pre_attn_scalar", 256),
+                 ("sliding_window", 4096), ("tie_word_embeddings", True)),
 )

@@ -53,6 +53,22 @@ def _hf_weight_files(src: Path) -> dict:
     raise ConvertError(f"{src}: no model.safetensors or model.safetensors.index.json")
 
 
+def text_config(cfg: dict) -> dict:
+    """The config kiln converts: a multimodal checkpoint's text_config (with the top
+    level's class and name), any other config as it is; the family's defaults fill in
+    the keys it leaves out."""
+    archs = cfg.get("architectures") or []
+    arch = architectures.for_hf_class(archs[0]) if archs else None
+    if arch is None:
+        return cfg
+    if archs[0] in arch.hf_multimodal:
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConvertError(f"config.json of {archs[0]} has no text_config")
+        cfg = {**text, "architectures": archs, "_name_or_path": cfg.get("_name_or_path")}
+    return {**dict(arch.hf_defaults), **cfg}
+
+
 def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
     archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
     arch = architectures.for_hf_class(archs[0])
@@ -174,7 +190,7 @@ def model_config(hp: dict) -> ModelConfig:
 
 def plan_hf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan:
     cfg_path = src / "config.json"
-    cfg = read_json(cfg_path)
+    cfg = text_config(read_json(cfg_path))
     hp = hf_hparams(cfg, cfg_path)
     weight_files = _hf_weight_files(src)
     out_real = os.path.realpath(out)
