@@ -16,7 +16,7 @@ import formats
 from formats import GGMLType
 
 from .config import ModelConfig
-from .errors import ContextOverflowError, ModelError
+from .errors import CacheRewindError, ContextOverflowError, ModelError
 
 # Types kiln_matmul multiplies (and codecs.c dequantizes, for embedding rows): the
 # weight types of the C type table.
@@ -230,7 +230,7 @@ class Model:
 
     def _check_resume(self, seq: int, first: int, end: int) -> None:
         if not self.can_resume(first, seq):
-            raise ContextOverflowError(
+            raise CacheRewindError(
                 f"the sliding-window cache of sequence {seq} no longer holds the "
                 f"{self.config.n_swa - 1} positions before {first} (positions up to "
                 f"{self._written[seq]} were evaluated since); evaluate it again from "

@@ -188,8 +188,9 @@ static float *alloc_floats(size_t n) { return malloc(sizeof(float) * (n ? n : 1)
 static int round_up_block(int n) { return (n + ATT_BLOCK - 1) / ATT_BLOCK * ATT_BLOCK; }
 
 /* Each layer's share of a sequence's cache: the full n_ctx, or for a local layer a
- * mirrored ring of R = n_swa - 1 + n_batch positions (2R slots and a block of slack for
- * whole-block reads from any slot) when that takes at most half the full cache. */
+ * mirrored ring of R = n_swa - 1 + n_batch positions (2R slots) when that takes at most
+ * the full cache. A local layer's runs of keys start at any slot, and the scores kernel
+ * reads whole blocks: its key rows have a block of slack. */
 static int plan_cache(RunState *s, const kiln_model_config *c, const Layer *layers) {
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim;
     s->key_off = malloc(sizeof(size_t) * (c->n_layer + 1));
@@ -203,9 +204,9 @@ static int plan_cache(RunState *s, const kiln_model_config *c, const Layer *laye
         int64_t R = (int64_t)c->n_swa - 1 + c->n_batch, rows = c->n_ctx;
         if (layers[l].swa && 2 * R <= c->n_ctx) {
             s->ring[l] = (int)R;
-            rows = 2 * R + ATT_BLOCK;
+            rows = 2 * R;
         }
-        s->key_stride[l] = round_up_block((int)rows);
+        s->key_stride[l] = round_up_block((int)rows + (layers[l].swa ? ATT_BLOCK : 0));
         s->att_stride = s->key_stride[l] > s->att_stride ? s->key_stride[l] : s->att_stride;
         s->key_off[l] = s->seq_keys;
         s->value_off[l] = s->seq_values;

@@ -7,7 +7,8 @@
  * outlive the model); the KV cache and activation buffers are allocated once, at
  * create time, for n_seq sequences of n_ctx positions and batches of up to n_batch
  * tokens. A sliding-window layer's cache holds only the last n_swa - 1 + n_batch
- * positions of each sequence (a ring), when that is fewer than n_ctx: a sequence can
+ * positions of each sequence (a ring, stored twice), when that takes at most n_ctx
+ * positions' room: a sequence can
  * then be continued from position n_past only if the ring still holds the window before
  * it (engine/model.py's Model.can_resume). */
 #ifndef KILN_FORWARD_H
