@@ -617,3 +617,51 @@ def test_the_text_model_of_an_image_text_checkpoint_converts_alike(gemma3, tmp_p
         assert a.tensors.keys() == b.tensors.keys()
         for name, t in a.tensors.items():
             np.testing.assert_array_equal(np.asarray(t.data), np.asarray(b.tensors[name].data))
+
+
+# Gemma 3 instruct's template, in its structure: a leading system message folded into the
+# first user turn, contents as a string or a list of typed parts, roles that must
+# alternate (raise_exception otherwise), the assistant as "model"
+GEMMA3_IT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+  {%- if messages[0]['content'] is string -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+  {%- else -%}
+    {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+  {%- endif -%}
+  {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+  {%- set first_user_prefix = "" -%}
+  {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+  {%- endif -%}
+  {%- set role = "model" if message['role'] == 'assistant' else message['role'] -%}
+  {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+  {%- if message['content'] is string -%}
+    {{ message['content'] | trim }}
+  {%- elif message['content'] is iterable -%}
+    {%- for item in message['content'] -%}
+      {%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
+
+
+def test_gemma3_instruct_template_renders_in_the_sandbox():
+    from engine.chat_template import ChatTemplate, ChatTemplateError
+    t = ChatTemplate(GEMMA3_IT_TEMPLATE, "<bos>", "<eos>")
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": " Hi "},   # (kiln's messages hold strings)
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"}]
+    assert t.render(conv) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+        "Hello!<end_of_turn>\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n")
+    assert t.end_of_turn[0] == "<end_of_turn>"
+    with pytest.raises(ChatTemplateError, match="alternate"):
+        t.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
