@@ -20,12 +20,13 @@
  * so that scoring a query against many keys is a run of vector multiply-adds across
  * keys, with no horizontal sums.
  *
- * A sliding-window layer whose window fits well inside the context keeps a ring of
- * R = n_swa - 1 + n_batch positions per sequence instead of n_ctx: position p lives in
+ * A sliding-window layer keeps a ring of R = n_swa - 1 + n_batch positions per sequence
+ * instead of n_ctx, when its 2R slots take no more room than n_ctx: position p lives in
  * slot p % R, and is written twice, at that slot and R slots later (a mirrored ring), so
  * that any run of up to R consecutive positions is one contiguous run of slots, read in
- * position order as the full cache is. R covers a chunk: its first query's window
- * starts n_swa - 1 before it and its last key lies n_batch - 1 after it.
+ * position order as the full cache is (so the sums, and the results, are the same). R
+ * covers a chunk: its first query's window starts n_swa - 1 before it and its last key
+ * lies n_batch - 1 after it.
  *
  * Every value that is later quantized to 8 bits (the inputs of the quantized matrix
  * products) is the correctly rounded float of a well-defined real computation, not of
@@ -67,6 +68,7 @@ typedef struct {
     kiln_matrix output;           /* (n_vocab, n_embd) */
     double *rope_inv_freq;        /* (rope_dim / 2) */
     double *rope_inv_freq_swa;    /* (rope_dim / 2) of the local layers */
+    int has_swa;                  /* some layer is local: its angles are needed too */
     double rope_attn_factor;      /* cos and sin are scaled by it (1: plain RoPE) */
 } Weights;
 
@@ -162,6 +164,7 @@ static int build_weights(Weights *w, const kiln_model_config *c, const kiln_mode
         L->attn_post_norm = s->attn_post_norm;
         L->ffn_post_norm = s->ffn_post_norm;
         L->swa = c->n_swa > 0 && c->swa_layers && c->swa_layers[l];
+        w->has_swa |= L->swa;
         if (init_matrix(&L->wq, s->attn_q, q_dim, c->n_embd) ||
             init_matrix(&L->wk, s->attn_k, kv_dim, c->n_embd) ||
             init_matrix(&L->wv, s->attn_v, kv_dim, c->n_embd) ||
@@ -650,6 +653,7 @@ static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_out
             double theta = (double)s->row_pos[t] * w->rope_inv_freq[i];
             s->rope_cos[(size_t)t * half + i] = cos(theta) * w->rope_attn_factor;
             s->rope_sin[(size_t)t * half + i] = sin(theta) * w->rope_attn_factor;
+            if (!w->has_swa) continue;
             theta = (double)s->row_pos[t] * w->rope_inv_freq_swa[i];
             s->rope_cos_swa[(size_t)t * half + i] = cos(theta) * w->rope_attn_factor;
             s->rope_sin_swa[(size_t)t * half + i] = sin(theta) * w->rope_attn_factor;
