@@ -170,6 +170,8 @@ def test_converted_metadata_is_what_llama_cpp_reads(gemma3):
         assert md["tokenizer.chat_template"] == GEMMA_TEMPLATE
     c = ReferenceModel(files["f32"]).config
     assert c.swa_layers == (True,) * 5 + (False,) and c.n_swa == N_SWA
+    from engine.cli.info import model_info
+    assert model_info(files["f32"])["hparams"]["n_swa"] == N_SWA
     assert c.attn_scale == 1 / 8 and c.embd_scale == 16.0
 
 
