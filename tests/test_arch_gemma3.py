@@ -667,3 +667,41 @@ def test_gemma3_instruct_template_renders_in_the_sandbox():
     assert t.end_of_turn[0] == "<end_of_turn>"
     with pytest.raises(ChatTemplateError, match="alternate"):
         t.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+@pytest.mark.oracle
+def test_linear_rope_scaling_of_the_global_layers_matches_transformers(tmp_path):
+    """Gemma 3 4b/12b/27b scale the global layers' RoPE linearly (factor 8) and leave the
+    sliding layers' alone: the converted file does the same as transformers."""
+    torch = _oracles()
+    import transformers
+    d = tmp_path / "gemma3-scaled"
+    d.mkdir()
+    n_vocab, _ = write_gemma_tokenizer(d)
+    cfg = hf_config(n_vocab)
+    cfg.rope_parameters["full_attention"].update(rope_type="linear", factor=8.0)
+    torch.manual_seed(1)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.06 if p.ndim == 2 else 0.2))
+    model.save_pretrained(d, safe_serialization=True)
+    assert _convert(d, tmp_path / "s.gguf") == 0
+    with formats.read_gguf(tmp_path / "s.gguf") as f:
+        assert f.metadata["gemma3.rope.scaling.type"] == "linear"
+        assert f.metadata["gemma3.rope.scaling.factor"] == 8.0
+    c = ReferenceModel(tmp_path / "s.gguf").config
+    assert c.rope_freq_scale == 1 / 8
+    np.testing.assert_array_equal(c.rope_inv_freq_swa(), 1e4 ** (-np.arange(32) / 32.0))
+    tokens = tokens_for(tmp_path / "s.gguf", N_F32)
+    with torch.no_grad():
+        hf = model(torch.from_numpy(tokens)[None]).logits[0].numpy()
+    ours = kiln_logits(tmp_path / "s.gguf", tokens)
+    bound = 1e-3 * np.abs(hf).max()
+    assert np.abs(ours - hf).max() <= bound
+    unscaled = dataclasses.replace(ReferenceModel(tmp_path / "s.gguf", emulate_q8=False).config,
+                                   rope_freq_scale=1.0)
+    ref = ReferenceModel(tmp_path / "s.gguf", emulate_q8=False)
+    wrong = without(ref, config=unscaled)
+    wrong._inv_freq = {k: unscaled.rope_inv_freq() for k in ref._inv_freq}
+    assert np.abs(wrong(tokens) - hf).max() > 10 * bound

@@ -2,7 +2,7 @@
 image-text checkpoints). Llama with:
 
 - the token embeddings times sqrt(n_embd), rounded to float (llama.cpp's ggml_scale by
-  sqrtf(n_embd); transformers' embed_scale, in the weights' dtype);
+  sqrtf(n_embd); transformers' embed_scale is the same for float32 weights);
 - a per-head RMSNorm of Q and of K before RoPE (as qwen3), NEOX RoPE;
 - RMSNorms after attention (blk.N.post_attention_norm) and after the FFN
   (blk.N.post_ffw_norm), applied to the sub-layer's output before the residual add;
@@ -18,6 +18,9 @@ image-text checkpoints). Llama with:
   *norm.weight, as llama.cpp's converter does), so each norm is the plain x/rms * w.
 
 Where llama.cpp and transformers differ, kiln follows llama.cpp:
+- the embedding scale: transformers rounds sqrt(n_embd) to the weights' dtype (bf16 for
+  the released checkpoints: 33.75 for the 1b's sqrt(1152) = 33.94); llama.cpp keeps it
+  in float.
 - the attention scale: llama.cpp reads no key for it and uses 1/sqrt(head_dim), or
   1/sqrt(n_embd / n_head) for the 62-layer 27B; transformers uses
   query_pre_attn_scalar ** -0.5. They agree on the released checkpoints; the converter
