@@ -228,14 +228,18 @@ class Model:
         start = max(0, n_past - self.config.n_swa + 1)
         return all(self._written[seq] <= start + r for r in self._rings)
 
-    def _check_resume(self, seq: int, first: int, end: int) -> None:
-        if not self.can_resume(first, seq):
-            raise CacheRewindError(
-                f"the sliding-window cache of sequence {seq} no longer holds the "
-                f"{self.config.n_swa - 1} positions before {first} (positions up to "
-                f"{self._written[seq]} were evaluated since); evaluate it again from "
-                f"position 0")
-        self._written[seq] = max(self._written[seq], end) if first > 0 else end
+    def _check_resume(self, spans) -> None:
+        """Refuse, before anything runs, a call that continues a sequence its ring cannot
+        resume; then record how far each sequence's span (seq, first, end) writes."""
+        for seq, first, _ in spans:
+            if not self.can_resume(first, seq):
+                raise CacheRewindError(
+                    f"the sliding-window cache of sequence {seq} no longer holds the "
+                    f"{self.config.n_swa - 1} positions before {first} (positions up to "
+                    f"{self._written[seq]} were evaluated since); evaluate it again from "
+                    f"position 0")
+        for seq, first, end in spans:   # from position 0 the ring is rewritten afresh
+            self._written[seq] = max(self._written[seq], end) if first > 0 else end
 
     def eval(self, tokens, n_past: int, logits_all: bool = False) -> np.ndarray:
         """Run tokens at positions n_past.. (overwriting the KV cache from n_past on);
@@ -272,7 +276,7 @@ class Model:
         with self._lock:
             if self._forward is None:
                 raise ValueError("model is closed")
-            self._check_resume(0, n_past, n_past + n)
+            self._check_resume([(0, n_past, n_past + n)])
             self._forward.eval(tokens, n_past, logits, logits_all, trace)
         return logits.reshape(n, -1) if logits_all else logits
 
@@ -325,9 +329,9 @@ class Model:
             if self._forward is None:
                 raise ValueError("model is closed")
             if self._rings:
-                for seq in np.unique(seq_ids):
-                    pos = positions[seq_ids == seq]
-                    self._check_resume(int(seq), int(pos.min()), int(pos.max()) + 1)
+                self._check_resume([(int(s), int(positions[seq_ids == s].min()),
+                                     int(positions[seq_ids == s].max()) + 1)
+                                    for s in np.unique(seq_ids)])
             self._forward.eval_batch(np.ascontiguousarray(tokens, np.int32),
                                      np.ascontiguousarray(seq_ids, np.int32),
                                      np.ascontiguousarray(positions, np.int32), want, logits)

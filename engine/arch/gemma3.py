@@ -28,9 +28,10 @@ Where llama.cpp and transformers differ, kiln follows llama.cpp:
 - the local layers' RoPE base: llama.cpp fixes 10000 for gemma3 (it does not read
   rope.freq_base_swa for it); transformers reads rope_local_base_freq /
   rope_parameters.sliding_attention.rope_theta. The converter refuses another value.
-- GELU: llama.cpp's CPU backend looks GELU up in a table of fp16 inputs; kiln computes
-  the tanh approximation in double (as transformers does in float), a difference far
-  below the agreement the tests ask of llama.cpp.
+- GELU: llama.cpp's CPU backend (built with GGML_GELU_FP16, its default) looks gelu up
+  in a table indexed by the input rounded to fp16; kiln computes the tanh approximation
+  in double (as transformers does in float), a difference far below the agreement the
+  tests ask of llama.cpp.
 - final logit soft-capping: none in Gemma 3's configs; llama.cpp applies
   gemma3.final_logit_softcapping only without sliding windows. kiln refuses a file or
   checkpoint that asks for it.
