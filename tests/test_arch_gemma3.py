@@ -284,6 +284,7 @@ def test_kiln_matches_transformers_in_f32(gemma3):
         "embedding scale": without(ref, config=dataclasses.replace(
             c, arch=dataclasses.replace(arch, embd_scale_sqrt=False))),
         "GeGLU (SiLU instead)": without(ref, glu=lambda L: swiglu),
+        "Q/K norms": without(ref, q_norm=None, k_norm=None),
         "post-attention norm": without(ref, attn_post_norm=None),
         "post-FFN norm": without(ref, ffn_post_norm=None),
         "sliding window": without(ref, swa=False),

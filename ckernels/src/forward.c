@@ -748,6 +748,7 @@ int kiln_model_eval_batch(kiln_model *m, const int32_t *tokens, const int32_t *s
     const kiln_model_config *c = &m->c;
     RunState *s = &m->s;
     if (n_tokens < 1) return -1;
+    int ring = has_ring(m);
     for (int t = 0; t < n_tokens; t++) {
         if (tokens[t] < 0 || tokens[t] >= c->n_vocab || seq_ids[t] < 0 || seq_ids[t] >= c->n_seq ||
             positions[t] < 0 || positions[t] >= c->n_ctx)
@@ -757,7 +758,7 @@ int kiln_model_eval_batch(kiln_model *m, const int32_t *tokens, const int32_t *s
             if (positions[u] == positions[t]) return -1;
             /* a ring holds a chunk's keys only if they span fewer than n_batch positions */
             int d = positions[u] - positions[t];
-            if (has_ring(m) && u / c->n_batch == t / c->n_batch && (d >= c->n_batch || -d >= c->n_batch))
+            if (ring && u / c->n_batch == t / c->n_batch && (d >= c->n_batch || -d >= c->n_batch))
                 return -1;
         }
     }
