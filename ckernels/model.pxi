@@ -5,8 +5,10 @@ from libc.stdlib cimport calloc, free
 cdef extern from "forward.h":
     ctypedef struct kiln_model_config:
         int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, rope_dim, rope_type
-        int n_ctx, n_seq, n_batch
-        float rms_eps, rope_attn_factor
+        int n_ctx, n_seq, n_batch, ffn_act, n_swa
+        float rms_eps, rope_attn_factor, embd_scale
+        double attn_scale
+        const uint8_t *swa_layers
     ctypedef struct kiln_weight:
         int type
         const void *data
@@ -18,20 +20,25 @@ cdef extern from "forward.h":
         const float *attn_v_bias
         const float *attn_q_norm
         const float *attn_k_norm
+        const float *attn_post_norm
         const float *ffn_norm
         kiln_weight ffn_gate, ffn_up, ffn_down
+        const float *ffn_post_norm
     ctypedef struct kiln_model_weights:
         kiln_weight token_embd
         const kiln_layer_weights *layers
         const float *output_norm
         kiln_weight output
         const double *rope_inv_freq
+        const double *rope_inv_freq_swa
     ctypedef struct kiln_model:
         pass
     kiln_model *kiln_model_create(const kiln_model_config *cfg, const kiln_model_weights *w,
                                   int n_threads) nogil
     void kiln_model_free(kiln_model *m) nogil
     int kiln_model_n_threads(const kiln_model *m) nogil
+    int kiln_model_cache_positions(const kiln_model *m, int layer) nogil
+    size_t kiln_model_kv_cache_bytes(const kiln_model *m) nogil
     int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, int n_past,
                               float *logits, int logits_all, float *trace) nogil
     int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys,
@@ -58,14 +65,17 @@ cdef class ModelForward:
     alive for the object's lifetime (engine/model.py does both). `layers` is a list of
     per-layer dicts with keys attn_norm, ffn_norm (addresses of float32 vectors),
     attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down ((type, address))
-    and, optionally, attn_q_bias, attn_k_bias, attn_v_bias, attn_q_norm, attn_k_norm
-    (addresses of float32 vectors, 0 for none). config["rope_type"] is ggml's rope mode
-    (0 interleaved pairs, 2 NEOX)."""
+    and, optionally, attn_q_bias, attn_k_bias, attn_v_bias, attn_q_norm, attn_k_norm,
+    attn_post_norm, ffn_post_norm (addresses of float32 vectors, 0 for none).
+    config["rope_type"] is ggml's rope mode (0 interleaved pairs, 2 NEOX), config["ffn_act"]
+    forward.h's kiln_ffn_act (0 SiLU, 1 GELU); config["swa_layers"] (n_layer flags) marks
+    the layers that attend to config["n_swa"] positions, rotated by rope_inv_freq_swa."""
     cdef kiln_model *model
     cdef readonly int n_vocab, n_ctx, n_seq, kv_dim, n_layer, n_embd
 
     def __cinit__(self, dict config, token_embd, list layers, uintptr_t output_norm,
-                  output, const double[::1] rope_inv_freq, int n_threads):
+                  output, const double[::1] rope_inv_freq, int n_threads,
+                  const double[::1] rope_inv_freq_swa=None):
         cdef kiln_model_config c
         cdef kiln_model_weights w
         cdef kiln_layer_weights *lw
@@ -86,7 +96,17 @@ cdef class ModelForward:
         c.n_batch = config["n_batch"]
         c.rms_eps = config["rms_eps"]
         c.rope_attn_factor = config.get("rope_attn_factor", 1.0)
-        if len(layers) != c.n_layer or rope_inv_freq.shape[0] != c.rope_dim // 2:
+        c.ffn_act = config.get("ffn_act", 0)
+        c.embd_scale = config.get("embd_scale", 1.0)
+        c.attn_scale = config.get("attn_scale", 0.0)
+        c.n_swa = config.get("n_swa", 0)
+        swa = bytes(bytearray(int(bool(f)) for f in config.get("swa_layers", ())))
+        if len(swa) not in (0, c.n_layer):
+            raise ValueError("swa_layers does not have one flag per layer")
+        cdef const unsigned char[::1] swa_view = swa if swa else None
+        c.swa_layers = <const uint8_t *>&swa_view[0] if swa else NULL
+        if len(layers) != c.n_layer or rope_inv_freq.shape[0] != c.rope_dim // 2 or (
+                rope_inv_freq_swa is not None and rope_inv_freq_swa.shape[0] != c.rope_dim // 2):
             raise ValueError("layer list or rope table does not match the config")
         lw = <kiln_layer_weights *>calloc(max(c.n_layer, 1), sizeof(kiln_layer_weights))
         if lw == NULL:
@@ -108,11 +128,15 @@ cdef class ModelForward:
                 lw[i].attn_v_bias = <const float *><uintptr_t>d.get("attn_v_bias", 0)
                 lw[i].attn_q_norm = <const float *><uintptr_t>d.get("attn_q_norm", 0)
                 lw[i].attn_k_norm = <const float *><uintptr_t>d.get("attn_k_norm", 0)
+                lw[i].attn_post_norm = <const float *><uintptr_t>d.get("attn_post_norm", 0)
+                lw[i].ffn_post_norm = <const float *><uintptr_t>d.get("ffn_post_norm", 0)
             w.token_embd = _weight(token_embd)
             w.layers = lw
             w.output_norm = <const float *>output_norm
             w.output = _weight(output)
             w.rope_inv_freq = &rope_inv_freq[0] if rope_inv_freq.shape[0] else NULL
+            w.rope_inv_freq_swa = (&rope_inv_freq_swa[0] if rope_inv_freq_swa is not None
+                                   and rope_inv_freq_swa.shape[0] else NULL)
             with nogil:
                 self.model = kiln_model_create(&c, &w, n_threads)
         finally:
@@ -135,6 +159,23 @@ cdef class ModelForward:
     @property
     def n_threads(self):
         return kiln_model_n_threads(self.model)
+
+    @property
+    def kv_cache_bytes(self):
+        """Bytes allocated for the KV cache."""
+        if self.model == NULL:
+            raise ValueError("model is closed")
+        return kiln_model_kv_cache_bytes(self.model)
+
+    def cache_positions(self, int layer):
+        """Positions of a layer's KV cache per sequence: n_ctx, or a sliding-window
+        layer's ring."""
+        if self.model == NULL:
+            raise ValueError("model is closed")
+        cdef int n = kiln_model_cache_positions(self.model, layer)
+        if n < 0:
+            raise ValueError(f"no layer {layer}")
+        return n
 
     def eval(self, const int32_t[::1] tokens, int n_past, float[::1] logits, bint logits_all,
              float[::1] trace=None):

@@ -67,7 +67,23 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-BUILTIN_TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3}
+# Gemma's turns, as llama.cpp's built-in "gemma" writes them: no system role (a leading
+# system message opens the first user turn, followed by a blank line), the assistant
+# named "model", contents trimmed; the tokenizer adds BOS.
+GEMMA = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if loop.first and system and role != 'model' %}{{ system + '\n\n' }}{% endif %}"
+    "{{ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+BUILTIN_TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3, "gemma": GEMMA}
 
 # Tokens that end an assistant turn, by the marker text a template uses. The first one
 # found in the template source (and the vocabulary) becomes a stop token for chat.
@@ -77,11 +93,13 @@ END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "
 def detect_template(text: str) -> str | None:
     """Name of the built-in family `text` (a template source or vocabulary dump) belongs to.
 
-    The same marker tests as llama.cpp's llm_chat_detect_template, for the three families
-    kiln ships; None when none matches.
+    The same marker tests as llama.cpp's llm_chat_detect_template, for the families kiln
+    ships; None when none matches.
     """
     if "<|im_start|>" in text:
         return "chatml"
+    if "<start_of_turn>" in text:
+        return "gemma"
     if "<|start_header_id|>" in text and "<|end_header_id|>" in text:
         return "llama3"
     if "[INST]" in text:
@@ -181,7 +199,8 @@ class ChatTemplate:
 
     @classmethod
     def from_file(cls, path, bos_token: str = "", eos_token: str = "") -> "ChatTemplate":
-        """`--chat-template`: a Jinja file, or the name of a built-in (chatml, llama2, llama3)."""
+        """`--chat-template`: a Jinja file, or the name of a built-in (chatml, llama2, llama3,
+        gemma)."""
         path = str(path)
         if path in BUILTIN_TEMPLATES and not Path(path).exists():
             return cls.builtin(path, bos_token, eos_token)
@@ -215,7 +234,8 @@ def _special_text(tokenizer, token_id) -> str:
 
 def _family_from_vocab(metadata: Mapping, tokenizer) -> str:
     """With no template text, look for a family's marker tokens in the vocabulary."""
-    markers = ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "[INST]")
+    markers = ("<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "[INST]",
+               "<start_of_turn>")
     present = []
     n_vocab = getattr(tokenizer, "n_vocab", 0)
     wanted = set(markers)

@@ -1,11 +1,12 @@
 """A model's hyper-parameters and its architecture's variations, from GGUF metadata.
 
-One config for every family in engine/arch (llama, qwen2, qwen3): the keys are read under
-the prefix `general.architecture` names, and the architecture module adds the
-variations (RoPE pairing, Q/K/V biases, Q/K norms) that the C forward pass and the NumPy
-reference both follow. Keys and defaults follow llama.cpp's llm_load_hparams:
-head_count_kv defaults to head_count, key_length to n_embd / n_head,
-rope.dimension_count to the head size, rope.freq_base to 10000.
+One config for every family in engine/arch: the keys are read under the prefix
+`general.architecture` names, and the architecture module adds the variations (RoPE
+pairing, Q/K/V biases, Q/K norms, the FFN's activation, the embedding and attention
+scales, sliding-window layers) that the C forward pass and the NumPy reference both
+follow. Keys and defaults follow llama.cpp's llm_load_hparams: head_count_kv defaults to
+head_count, key_length to n_embd / n_head, rope.dimension_count to the head size,
+rope.freq_base to 10000, attention.sliding_window to none.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class ModelConfig:
     # which the short frequency factors are used (n_ctx_orig_yarn; default n_ctx_train)
     rope_attn_factor: float = 1.0
     n_ctx_orig: int | None = None
+    # sliding window of the architecture's local layers (attention.sliding_window); 0: none
+    n_swa: int = 0
 
     # the architecture's variations from the Llama graph (engine/arch/base.py)
     @property
@@ -74,6 +77,30 @@ class ModelConfig:
     @property
     def ffn_gate_up_fused(self) -> bool:
         return self.arch.ffn_gate_up_fused
+
+    @property
+    def ffn_gelu(self) -> bool:
+        return self.arch.ffn_act == architectures.FFN_GELU
+
+    @property
+    def embd_scale(self) -> float:
+        """What the token embeddings are multiplied by: a float32 value (gemma3's
+        sqrtf(n_embd)), applied in float as llama.cpp's ggml_scale is."""
+        return float(np.float32(np.sqrt(np.float32(self.n_embd)))) if self.arch.embd_scale_sqrt \
+            else 1.0
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor of the attention scores q.k (in double)."""
+        rule = self.arch.attn_scale
+        if rule is None:
+            return 1.0 / np.sqrt(float(self.head_dim))
+        return float(rule(self.n_layer, self.n_embd, self.n_head, self.head_dim))
+
+    @property
+    def swa_layers(self) -> tuple:
+        """Whether each layer is a sliding-window (local) layer."""
+        return self.arch.swa_layers(self.n_layer, self.n_swa)
 
     @property
     def n_embd_qkv(self) -> int:
@@ -158,9 +185,15 @@ class ModelConfig:
             tied_output=None if tensor_names is None else "output.weight" not in tensor_names,
             rope_attn_factor=get("rope.scaling.attn_factor", 1.0, float),
             n_ctx_orig=get("rope.scaling.original_context_length", 0) or None,
+            n_swa=get("attention.sliding_window", 0) if arch.swa_pattern else 0,
         )
+        if _value(md.get(f"{prefix}.final_logit_softcapping")):
+            raise ModelError(f"{prefix}.final_logit_softcapping is set; kiln does not "
+                             "soft-cap logits")
         if not cfg.rope_attn_factor > 0:
             raise ModelError(f"rope.scaling.attn_factor {cfg.rope_attn_factor} is not positive")
+        if cfg.n_swa < 0:
+            raise ModelError(f"{prefix}.attention.sliding_window {cfg.n_swa} is negative")
         for name in ("n_vocab", "n_embd", "n_layer", "head_dim", "n_ff"):
             if getattr(cfg, name) <= 0:
                 raise ModelError(f"model metadata gives {name} = {getattr(cfg, name)}")
@@ -189,3 +222,9 @@ class ModelConfig:
         if freq_factors is not None:
             inv = inv / np.asarray(freq_factors, dtype=np.float64)
         return inv
+
+    def rope_inv_freq_swa(self) -> np.ndarray:
+        """rope_inv_freq of the sliding-window layers: their own base, no scaling and no
+        frequency factors (llama.cpp's rope_freq_base_train_swa, freq_scale 1)."""
+        i = np.arange(self.rope_dim // 2, dtype=np.float64)
+        return self.arch.rope_freq_base_swa ** (-2.0 * i / self.rope_dim)

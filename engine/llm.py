@@ -198,7 +198,8 @@ class LLM:
         with this LLM's model. The prompt is evaluated on the first next(), so creating a
         stream costs nothing until it is read."""
         steps = generation_steps(self.tokenizer, self.n_ctx, self._cache_tokens, ids, max_tokens,
-                                 sampler, matcher, ignore_eos)
+                                 sampler, matcher, ignore_eos,
+                                 can_resume=getattr(self.model, "can_resume", None))
         try:
             while True:
                 with self._lock:  # from one piece of text to the next
@@ -246,7 +247,7 @@ def token_logprobs(logits: np.ndarray, token: int, n_top: int) -> tuple[float, l
 
 
 def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, matcher, ignore_eos,
-                     logprobs: int | None = None):
+                     logprobs: int | None = None, can_resume=None):
     """One generate() call as a generator, whoever runs the model: it yields EvalRequests
     (the driver evaluates them, updates `cache_tokens` — the tokens of the sequence's KV
     cache, in order — and sends the logits back) and str pieces of text, and returns the
@@ -254,7 +255,9 @@ def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, m
     one batched evaluation per step.
 
     The prompt reuses the longest prefix it shares with cache_tokens; its last token is
-    always run again, because the cache keeps keys and values, not logits. With logprobs
+    always run again, because the cache keeps keys and values, not logits; when
+    can_resume(n_past) says the cache no longer holds what continuing there needs (a
+    sliding-window ring, Model.can_resume), the prompt is evaluated from the start. With logprobs
     = N (>= 0), the Completion's `logprobs` holds, per generated token, its log
     probability and the N most likely tokens' (token_logprobs)."""
     timings = Timings(prompt_tokens=len(ids))
@@ -263,6 +266,8 @@ def generation_steps(tokenizer, n_ctx, cache_tokens, ids, max_tokens, sampler, m
     n_past = 0
     while n_past < n and cache_tokens[n_past] == ids[n_past]:
         n_past += 1
+    if can_resume is not None and not can_resume(n_past):
+        n_past = 0
     logits = yield EvalRequest(ids[n_past:], n_past)
     timings.prompt_tokens_evaluated = len(ids) - n_past
     t1 = time.perf_counter()

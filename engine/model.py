@@ -17,13 +17,14 @@ import formats
 from formats import GGMLType
 
 from .config import ModelConfig
-from .errors import ContextOverflowError, ModelError
+from .errors import CacheRewindError, ContextOverflowError, ModelError
 
 # Types kiln_matmul multiplies (and codecs.c dequantizes, for embedding rows): the
 # weight types of the C type table.
 MATRIX_TYPES = tuple(GGMLType(b.ggml_id) for b in ckernels.weight_types())
 N_BATCH = 512  # prompt tokens per internal chunk: bounds the activation buffers
 ROPE_NORM, ROPE_NEOX = 0, 2  # forward.h's kiln_rope_type (ggml's rope modes)
+FFN_SILU, FFN_GELU = 0, 1  # forward.h's kiln_ffn_act
 
 
 # Weight types the kernels repack at load time (kernels.h: they never read the file's
@@ -54,7 +55,9 @@ def physical_cores() -> int:
 # GGUF tensor blk.N.<name> -> the layer weights' field.
 LAYER_VECTORS = {"attn_q.bias": "attn_q_bias", "attn_k.bias": "attn_k_bias",
                  "attn_v.bias": "attn_v_bias", "attn_q_norm.weight": "attn_q_norm",
-                 "attn_k_norm.weight": "attn_k_norm"}
+                 "attn_k_norm.weight": "attn_k_norm",
+                 "post_attention_norm.weight": "attn_post_norm",
+                 "post_ffw_norm.weight": "ffn_post_norm"}
 
 
 def kv_cache_bytes(c: ModelConfig, n_ctx: int, n_seq: int) -> int:
@@ -212,16 +215,25 @@ class Model:
             } for i in range(c.n_layer)]
             freq_factors = rope_freq_factors(tensors, c, self.n_ctx)
             self._inv_freq = np.ascontiguousarray(c.rope_inv_freq(freq_factors), np.float64)
+            self._inv_freq_swa = np.ascontiguousarray(c.rope_inv_freq_swa(), np.float64)
             cfg = {k: getattr(c, k) for k in ("n_vocab", "n_embd", "n_layer", "n_head",
                                               "n_head_kv", "head_dim", "n_ff", "rope_dim",
                                               "rms_eps")}
-            cfg.update(n_ctx=self.n_ctx, n_seq=self.n_seq, n_batch=min(int(n_batch), self.n_ctx),
+            self._n_batch = min(int(n_batch), self.n_ctx)
+            cfg.update(n_ctx=self.n_ctx, n_seq=self.n_seq, n_batch=self._n_batch,
                        rope_type=ROPE_NEOX if c.rope_neox else ROPE_NORM,
-                       rope_attn_factor=c.rope_attn_factor)
+                       rope_attn_factor=c.rope_attn_factor,
+                       ffn_act=FFN_GELU if c.ffn_gelu else FFN_SILU, embd_scale=c.embd_scale,
+                       attn_scale=c.attn_scale, n_swa=c.n_swa, swa_layers=c.swa_layers)
             self._forward = ModelForward(
                 cfg, weight("token_embd.weight"), layers, vector("output_norm.weight"),
                 weight("token_embd.weight" if c.tied_output else "output.weight"),
-                self._inv_freq, self.n_threads)
+                self._inv_freq, self.n_threads, self._inv_freq_swa)
+            # Ring caches (sliding-window layers) and, per sequence, the furthest position
+            # ever written: what can_resume needs to know which prefixes a ring still holds
+            self._rings = [r for r in (self._forward.cache_positions(i) for i in range(c.n_layer))
+                           if r < self.n_ctx]
+            self._written = [0] * self.n_seq
             # The kernels now hold repacked copies of the block-quantized matrices; let
             # the file pages they were copied from go, so about one copy stays resident.
             self._file.release_pages(
@@ -230,6 +242,36 @@ class Model:
         except BaseException:
             self._file.close()
             raise
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache (fp16 keys and values of every sequence and layer; a
+        sliding-window layer's ring instead of n_ctx positions where it is smaller)."""
+        return self._forward.kv_cache_bytes
+
+    def can_resume(self, n_past: int, seq: int = 0) -> bool:
+        """Whether sequence seq's cache still holds what evaluating from position n_past
+        needs. Always, for full caches; a sliding-window layer's ring of R positions
+        holds the window before n_past (its n_swa - 1 positions) only if no position
+        R or more after that window's start has been written since (n_past = 0 always
+        can: it needs nothing)."""
+        if n_past <= 0 or not self._rings:
+            return True
+        start = max(0, n_past - self.config.n_swa + 1)
+        return all(self._written[seq] <= start + r for r in self._rings)
+
+    def _check_resume(self, spans) -> None:
+        """Refuse, before anything runs, a call that continues a sequence its ring cannot
+        resume; then record how far each sequence's span (seq, first, end) writes."""
+        for seq, first, _ in spans:
+            if not self.can_resume(first, seq):
+                raise CacheRewindError(
+                    f"the sliding-window cache of sequence {seq} no longer holds the "
+                    f"{self.config.n_swa - 1} positions before {first} (positions up to "
+                    f"{self._written[seq]} were evaluated since); evaluate it again from "
+                    f"position 0")
+        for seq, first, end in spans:   # from position 0 the ring is rewritten afresh
+            self._written[seq] = max(self._written[seq], end) if first > 0 else end
 
     def eval(self, tokens, n_past: int, logits_all: bool = False) -> np.ndarray:
         """Run tokens at positions n_past.. (overwriting the KV cache from n_past on);
@@ -266,6 +308,7 @@ class Model:
         with self._lock:
             if self._forward is None:
                 raise ValueError("model is closed")
+            self._check_resume([(0, n_past, n_past + n)])
             self._forward.eval(tokens, n_past, logits, logits_all, trace)
         return logits.reshape(n, -1) if logits_all else logits
 
@@ -302,10 +345,25 @@ class Model:
         cells = seq_ids.astype(np.int64) * self.n_ctx + positions
         if np.unique(cells).shape[0] != n:
             raise ValueError("two rows of the batch are at the same (sequence, position)")
+        if self._rings:
+            n_batch = self._n_batch
+            for c0 in range(0, n, n_batch):
+                chunk = slice(c0, c0 + n_batch)
+                for seq in np.unique(seq_ids[chunk]):
+                    pos = positions[chunk][seq_ids[chunk] == seq]
+                    if pos.max() - pos.min() >= n_batch:
+                        raise ValueError(
+                            f"rows of sequence {seq} within a chunk of {n_batch} rows span "
+                            f"{pos.max() - pos.min() + 1} positions; the sliding-window "
+                            f"cache needs fewer than {n_batch}")
         logits = np.empty(int(want.sum()) * self.config.n_vocab, np.float32)
         with self._lock:
             if self._forward is None:
                 raise ValueError("model is closed")
+            if self._rings:
+                self._check_resume([(int(s), int(positions[seq_ids == s].min()),
+                                     int(positions[seq_ids == s].max()) + 1)
+                                    for s in np.unique(seq_ids)])
             self._forward.eval_batch(np.ascontiguousarray(tokens, np.int32),
                                      np.ascontiguousarray(seq_ids, np.int32),
                                      np.ascontiguousarray(positions, np.int32), want, logits)

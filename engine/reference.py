@@ -3,8 +3,8 @@ against, for every family in engine/arch (the config's variations switch the sam
 forward.c switches). Slow and simple on purpose; every step mirrors forward.c.
 
 The residual stream and every activation are float32. Matrix products with quantized
-weights, RoPE, the attention and SwiGLU are computed in float64 and rounded to float32
-once, as forward.c does: the result is then a property of the arithmetic, not of an
+weights, RoPE, the attention and SwiGLU / GeGLU are computed in float64 and rounded to
+float32 once, as forward.c does: the result is then a property of the arithmetic, not of an
 order of float operations, so the two engines agree bit for bit (up to double
 roundings that almost never reach float32's last bit).
 
@@ -17,6 +17,8 @@ over many layers the flips add up to a visible difference in the logits. The KV 
 is fp16 in both (as in llama.cpp): k and v are rounded to float16.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -114,6 +116,17 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return (g / (1.0 + np.exp(-g)) * up).astype(np.float32)
 
 
+_tanh = np.vectorize(math.tanh, otypes=[np.float64])  # libm's, as forward.c calls it
+
+
+def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu(gate) * up with GELU's tanh approximation, in float64: forward.c's operations
+    in forward.c's order."""
+    g = gate.astype(np.float64)
+    u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return (0.5 * g * (1.0 + _tanh(u)) * up).astype(np.float32)
+
+
 class RowRange:
     """Rows [first, first + rows) of a 2-D GGUF tensor, as a tensor of their own (the
     row ranges of a fused matrix that forward.c multiplies as separate matrices)."""
@@ -140,6 +153,13 @@ class Layer:
             if c.attn_qkv_bias else (None, None, None))
         self.q_norm, self.k_norm = ((vector("attn_q_norm.weight"), vector("attn_k_norm.weight"))
                                     if c.attn_qk_norm else (None, None))
+        # the norms after attention and after the FFN, where the family has them
+        present = c.arch.tensor_shapes(c)
+        self.attn_post_norm, self.ffn_post_norm = (
+            vector(name) if f"blk.{i}.{name}" in present else None
+            for name in ("post_attention_norm.weight", "post_ffw_norm.weight"))
+        self.swa = c.swa_layers[i]
+        self.glu = geglu if c.ffn_gelu else swiglu
 
     def qkv(self, h: np.ndarray, c: ModelConfig, cos, sin):
         """The attention's queries and keys (normed per head and rotated) and values of the
@@ -173,6 +193,7 @@ class ReferenceModel:
                 if name in f.tensors:
                     self._inv_freq[name] = c.rope_inv_freq(dequantize_tensor(f.tensors[name]))
             self._inv_freq[None] = c.rope_inv_freq()
+            self._inv_freq_swa = c.rope_inv_freq_swa()
             self._tensor_names = list(f.tensors.keys())
             self.token_embd = dequantize_tensor(f.tensors["token_embd.weight"])
             self.layers = [Layer(f, i, c, emulate_q8) for i in range(c.n_layer)]
@@ -191,7 +212,7 @@ class ReferenceModel:
         return self.inv_freq_for(self.n_ctx if self.n_ctx is not None else self.config.n_ctx_train)
 
     def __call__(self, tokens) -> np.ndarray:
-        x = self.token_embd[np.asarray(tokens)]
+        x = self.token_embd[np.asarray(tokens)] * np.float32(self.config.embd_scale)
         for i in range(self.config.n_layer):
             x = self.layer(i, x)
         return self.logits(x)
@@ -199,11 +220,13 @@ class ReferenceModel:
     def layer(self, i: int, x: np.ndarray) -> np.ndarray:
         """Layer i on the residual stream x (n_tokens, n_embd) of positions 0.."""
         c, L, n = self.config, self.layers[i], x.shape[0]
-        inv_freq = self.inv_freq_for(self.n_ctx or n)
+        inv_freq = self._inv_freq_swa if L.swa else self.inv_freq_for(self.n_ctx or n)
         angle = np.arange(n, dtype=np.float64)[:, None] * inv_freq[None, :]
         cos, sin = np.cos(angle) * c.rope_attn_factor, np.sin(angle) * c.rope_attn_factor
         mask = np.triu(np.full((n, n), -np.inf), k=1)
-        scale = 1.0 / np.sqrt(float(c.head_dim))
+        if L.swa:  # a query at p attends to keys k with p - k < n_swa
+            mask += np.tril(np.full((n, n), -np.inf), k=-c.n_swa)
+        scale = c.attn_scale
         group = c.n_head // c.n_head_kv
         h = rms_norm(x, L.attn_norm, c.rms_eps)
         q, k, v = L.qkv(h, c, cos, sin)
@@ -216,9 +239,15 @@ class ReferenceModel:
             scores *= 1.0 / scores.sum(axis=-1, keepdims=True)
             att[:, hd] = scores @ v[:, kv]
         att = att.reshape(n, -1)
-        x = x + L.wo(att)
+        out = L.wo(att)
+        if L.attn_post_norm is not None:
+            out = rms_norm(out, L.attn_post_norm, c.rms_eps)
+        x = x + out
         h = rms_norm(x, L.ffn_norm, c.rms_eps)
-        return x + L.w2(swiglu(L.w1(h), L.w3(h)))
+        out = L.w2(L.glu(L.w1(h), L.w3(h)))
+        if L.ffn_post_norm is not None:
+            out = rms_norm(out, L.ffn_post_norm, c.rms_eps)
+        return x + out
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.output(rms_norm(x, self.output_norm, self.config.rms_eps))

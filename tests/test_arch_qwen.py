@@ -339,8 +339,8 @@ def test_config_reads_the_prefixed_keys_and_the_variations():
                **{"general.architecture": "qwen2"})
     c2 = ModelConfig.from_metadata(md2)
     assert c2.rope_neox and c2.attn_qkv_bias and not c2.attn_qk_norm
-    with pytest.raises(ModelError, match="'gemma3'.*'llama'.*'qwen2'.*'qwen3'"):
-        ModelConfig.from_metadata(dict(md, **{"general.architecture": "gemma3"}))
+    with pytest.raises(ModelError, match="'mamba'.*'llama'.*'qwen2'.*'qwen3'"):
+        ModelConfig.from_metadata(dict(md, **{"general.architecture": "mamba"}))
 
 
 

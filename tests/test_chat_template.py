@@ -54,6 +54,14 @@ def test_builtins():
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert llama3.end_of_turn == ["<|eot_id|>"]
+    # llama.cpp's gemma format: the system message opens the first user turn
+    gemma = ChatTemplate.builtin("gemma", "<bos>", "<eos>")
+    assert gemma.render(CONV) == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!"
+        "<end_of_turn>\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n")
+    assert gemma.render(CONV[1:2], add_generation_prompt=False) == (
+        "<start_of_turn>user\nHi<end_of_turn>\n")
+    assert gemma.end_of_turn[0] == "<end_of_turn>"
     with pytest.raises(ChatTemplateError, match="alternate"):
         llama2.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(ChatTemplateError, match="unknown built-in"):
@@ -64,6 +72,7 @@ def test_detect_template_like_llama_cpp():
     assert detect_template(SMOLLM2_TEMPLATE) == "chatml"
     assert detect_template(BUILTIN_TEMPLATES["llama3"]) == "llama3"
     assert detect_template(BUILTIN_TEMPLATES["llama2"]) == "llama2"
+    assert detect_template(BUILTIN_TEMPLATES["gemma"]) == "gemma"
     assert detect_template("{{ messages }}") is None
 
 
@@ -78,6 +87,9 @@ def test_for_model_prefers_file_template_then_vocab_family():
     assert ChatTemplate.for_model({"tokenizer.ggml.model": "gpt2"}, tok).name == "chatml"
     l3 = FakeTokenizer(vocab + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], 1, 2)
     assert ChatTemplate.for_model({"tokenizer.ggml.model": "gpt2"}, l3).name == "llama3"
+    # a SentencePiece vocabulary with Gemma's turn markers: Gemma, not Llama-2-chat
+    gemma = FakeTokenizer(vocab + ["<start_of_turn>", "<end_of_turn>"], 1, 2)
+    assert ChatTemplate.for_model({"tokenizer.ggml.model": "llama"}, gemma).name == "gemma"
 
 
 def test_override_from_file_or_name(tmp_path):

@@ -408,7 +408,8 @@ def _case_architecture(d):
     (d / "config.json").write_text(json.dumps(cfg))
     return (f"error: {d}/config.json: unsupported architecture 'GPT2LMHeadModel'; "
             f"supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-            f"Qwen3ForCausalLM, Phi3ForCausalLM")
+            f"Qwen3ForCausalLM, Phi3ForCausalLM, Gemma3ForCausalLM, "
+            f"Gemma3ForConditionalGeneration")
 
 
 def _case_tokenizer(d):

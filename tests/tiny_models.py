@@ -1,4 +1,4 @@
-"""Tiny random-weight GGUF files (llama, or qwen2 / qwen3 with arch=) with real tokenizer
+"""Tiny random-weight GGUF files (llama, or qwen2 / qwen3 / phi3 / gemma3 with arch=) with real tokenizer
 vocabularies, for tests.
 
     make_tiny_llama(path, vocab="gpt2", n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
@@ -184,14 +184,15 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
                     rms_eps: float = 1e-5, vocab_from=None, rope_dim: int | None = None,
                     rope_scaling_factor: float | None = None,
                     rope_freqs: np.ndarray | None = None, arch: str = "llama",
-                    longrope: tuple | None = None) -> str:
+                    longrope: tuple | None = None, n_swa: int | None = None) -> str:
     """Write a random-weight GGUF of architecture `arch` to path; returns str(path).
     Weights (the matrices and token_embd) are stored in ftype, norms and biases in F32.
     rope_dim < head_dim is partial RoPE; rope_scaling_factor is linear RoPE scaling;
     rope_freqs (rope_dim // 2 floats) is Llama 3.1's per-frequency divisors tensor.
     qwen2 adds Q/K/V biases, qwen3 per-head Q/K norm weights, phi3 fuses Q/K/V into
     attn_qkv and gate/up into ffn_up (engine/arch); longrope = (original context, attention
-    factor) adds LongRoPE's short and long factor tensors (phi3)."""
+    factor) adds LongRoPE's short and long factor tensors (phi3); gemma3 adds Q/K norms and
+    the norms after attention and after the FFN, and n_swa its sliding window."""
     if vocab_from is not None:
         with formats.read_gguf(vocab_from) as src:
             tok = {k: v for k, v in src.metadata.items() if k.startswith("tokenizer.")}
@@ -237,19 +238,25 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
             tensors += [(p + "attn_q.bias", (q_dim,), bias(q_dim), GGMLType.F32),
                         (p + "attn_k.bias", (kv_dim,), bias(kv_dim), GGMLType.F32),
                         (p + "attn_v.bias", (kv_dim,), bias(kv_dim), GGMLType.F32)]
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             tensors += [(p + "attn_q_norm.weight", (head_dim,), norm(head_dim), GGMLType.F32),
                         (p + "attn_k_norm.weight", (head_dim,), norm(head_dim), GGMLType.F32)]
         tensors += [
             (p + "attn_output.weight", (n_embd, q_dim), branch(n_embd, q_dim), wtype),
-            (p + "ffn_norm.weight", (n_embd,), norm(), GGMLType.F32),
         ]
+        if arch == "gemma3":  # a post-norm gain near BRANCH_GAIN keeps the branch modest
+            tensors += [(p + "post_attention_norm.weight", (n_embd,),
+                         norm() * np.float32(BRANCH_GAIN), GGMLType.F32)]
+        tensors += [(p + "ffn_norm.weight", (n_embd,), norm(), GGMLType.F32)]
         if arch == "phi3":
             tensors += [(p + "ffn_up.weight", (2 * n_ff, n_embd), matrix(2 * n_ff, n_embd), wtype)]
         else:
             tensors += [(p + "ffn_gate.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype),
                         (p + "ffn_up.weight", (n_ff, n_embd), matrix(n_ff, n_embd), wtype)]
         tensors += [(p + "ffn_down.weight", (n_embd, n_ff), branch(n_embd, n_ff), wtype)]
+        if arch == "gemma3":
+            tensors += [(p + "post_ffw_norm.weight", (n_embd,),
+                         norm() * np.float32(BRANCH_GAIN), GGMLType.F32)]
     tensors.append(("output_norm.weight", (n_embd,), norm(), GGMLType.F32))
     if not tied:
         tensors.append(("output.weight", (n_vocab, n_embd), matrix(n_vocab, n_embd, 0.25), wtype))
@@ -270,6 +277,8 @@ def make_tiny_llama(path, *, vocab: str = "gpt2", n_layer: int = 2, n_embd: int 
         f"{arch}.rope.dimension_count": rope_dim or head_dim,
         f"{arch}.vocab_size": n_vocab,
     }
+    if n_swa is not None:
+        metadata[f"{arch}.attention.sliding_window"] = int(n_swa)
     if rope_scaling_factor is not None:
         metadata[f"{arch}.rope.scaling.type"] = "linear"
         metadata[f"{arch}.rope.scaling.factor"] = float(rope_scaling_factor)

@@ -1,8 +1,11 @@
 /* The forward pass of the Llama-like families (what engine/reference.py computes, in C).
  *
- * Mirrors the reference line by line: embed, then per layer RMSNorm -> Q/K/V (+ bias,
- * qwen2) -> per-head RMSNorm of Q and K (qwen3) -> RoPE (interleaved or NEOX pairs) -> KV cache -> causal GQA attention -> output projection -> residual ->
- * RMSNorm -> SwiGLU FFN -> residual; final RMSNorm and logits. Matrix products go
+ * Mirrors the reference line by line: embed (times a scale, gemma3), then per layer
+ * RMSNorm -> Q/K/V (+ bias, qwen2) -> per-head RMSNorm of Q and K (qwen3, gemma3) -> RoPE
+ * (interleaved or NEOX pairs; the local layers' own angles) -> KV cache -> causal GQA
+ * attention (a sliding window on local layers) -> output projection (-> RMSNorm,
+ * gemma3) -> residual -> RMSNorm -> SwiGLU or GeGLU FFN (-> RMSNorm, gemma3) ->
+ * residual; final RMSNorm and logits. Matrix products go
  * through kiln_matmul (which splits rows over the pool; Q/K/V and gate/up each share
  * one activation quantization and one pass of the pool through kiln_matmul_multi);
  * the softmax, SwiGLU and the loops over the KV cache are kernels too, dispatched per
@@ -16,6 +19,14 @@
  * halves the attention's memory traffic. Keys are stored transposed (dimension-major)
  * so that scoring a query against many keys is a run of vector multiply-adds across
  * keys, with no horizontal sums.
+ *
+ * A sliding-window layer keeps a ring of R = n_swa - 1 + n_batch positions per sequence
+ * instead of n_ctx, when its 2R slots take no more room than n_ctx: position p lives in
+ * slot p % R, and is written twice, at that slot and R slots later (a mirrored ring), so
+ * that any run of up to R consecutive positions is one contiguous run of slots, read in
+ * position order as the full cache is (so the sums, and the results, are the same). R
+ * covers a chunk: its first query's window starts n_swa - 1 before it and its last key
+ * lies n_batch - 1 after it.
  *
  * Every value that is later quantized to 8 bits (the inputs of the quantized matrix
  * products) is the correctly rounded float of a well-defined real computation, not of
@@ -45,6 +56,8 @@ typedef struct {
     const float *attn_norm, *ffn_norm;
     const float *q_bias, *k_bias, *v_bias; /* NULL: none */
     const float *q_norm, *k_norm;          /* NULL: none */
+    const float *attn_post_norm, *ffn_post_norm; /* NULL: none */
+    int swa;                               /* a sliding-window (local) layer */
 } Layer;
 
 typedef struct {
@@ -54,6 +67,8 @@ typedef struct {
     const float *output_norm;     /* (n_embd) */
     kiln_matrix output;           /* (n_vocab, n_embd) */
     double *rope_inv_freq;        /* (rope_dim / 2) */
+    double *rope_inv_freq_swa;    /* (rope_dim / 2) of the local layers */
+    int has_swa;                  /* some layer is local: its angles are needed too */
     double rope_attn_factor;      /* cos and sin are scaled by it (1: plain RoPE) */
 } Weights;
 
@@ -68,19 +83,27 @@ typedef struct {
     float *hb2;      /* (n_batch, n_ff) up */
     double *rope_cos; /* (n_batch, rope_dim / 2) */
     double *rope_sin; /* (n_batch, rope_dim / 2) */
+    double *rope_cos_swa, *rope_sin_swa; /* the same with the local layers' angles */
     float *k;        /* (n_batch, n_head_kv * head_dim) new keys, before the transposed store */
     float *v;        /* (n_batch, n_head_kv * head_dim) new values, before the store */
-    double *att;     /* (n_threads, ATT_TILE, n_ctx_pad) scores of a tile of queries */
+    double *att;     /* (n_threads, ATT_TILE, att_stride) scores of a tile of queries */
     double *att_part; /* (n_head, n_threads, head_dim + 2) split attention: the unnormalized
                        * value sum, max score and exp sum of each head over a key segment */
     int *row_seq, *row_pos; /* (n_batch) each row's sequence and position */
     int *tiles;       /* (n_batch, 2) the attention's token tiles: first row, row count */
     int n_tiles;
     int *out_rows;    /* (n_batch) the rows that get logits */
-    /* the KV cache, fp16, one region per sequence */
-    kiln_fp16 *key_cache;   /* (n_seq, n_layer, n_head_kv, head_dim, n_ctx_pad) keys, transposed */
-    kiln_fp16 *value_cache; /* (n_seq, n_layer, n_ctx, n_head_kv * head_dim) */
-    int n_ctx_pad;      /* n_ctx rounded up to ATT_BLOCK: whole blocks stay in bounds */
+    /* the KV cache, fp16, one region per sequence, in it one per layer: the keys of a
+     * layer are (n_head_kv, head_dim, key_stride) halves, transposed, its values
+     * (value_rows, n_head_kv * head_dim) */
+    kiln_fp16 *key_cache;
+    kiln_fp16 *value_cache;
+    size_t seq_keys, seq_values;  /* halves of a sequence's region */
+    size_t *key_off, *value_off;  /* (n_layer) a layer's offset in its sequence's region */
+    int *ring;        /* (n_layer) ring positions R of a local layer; 0: the full n_ctx */
+    int *key_stride;  /* (n_layer) slots per key row, a multiple of ATT_BLOCK: whole
+                       * blocks read from any run of slots stay in bounds */
+    int att_stride;   /* the largest key_stride: score rows of any layer fit */
 } RunState;
 
 struct kiln_model {
@@ -108,6 +131,7 @@ static void free_weights(Weights *w, int n_layer) {
     }
     kiln_matrix_free(&w->output);
     free(w->rope_inv_freq);
+    free(w->rope_inv_freq_swa);
 }
 
 static int build_weights(Weights *w, const kiln_model_config *c, const kiln_model_weights *src) {
@@ -118,8 +142,14 @@ static int build_weights(Weights *w, const kiln_model_config *c, const kiln_mode
     w->output_norm = src->output_norm;
     w->layers = calloc(c->n_layer, sizeof(Layer));
     w->rope_inv_freq = malloc(sizeof(double) * (c->rope_dim / 2 + 1));
-    if (!w->layers || !w->rope_inv_freq || w->token_embd_row_size <= 0) return -1;
-    for (int i = 0; i < c->rope_dim / 2; i++) w->rope_inv_freq[i] = src->rope_inv_freq[i];
+    w->rope_inv_freq_swa = malloc(sizeof(double) * (c->rope_dim / 2 + 1));
+    if (!w->layers || !w->rope_inv_freq || !w->rope_inv_freq_swa || w->token_embd_row_size <= 0)
+        return -1;
+    for (int i = 0; i < c->rope_dim / 2; i++) {
+        w->rope_inv_freq[i] = src->rope_inv_freq[i];
+        w->rope_inv_freq_swa[i] = src->rope_inv_freq_swa ? src->rope_inv_freq_swa[i]
+                                                         : src->rope_inv_freq[i];
+    }
     w->rope_attn_factor = c->rope_attn_factor > 0 ? c->rope_attn_factor : 1.0;
     for (int l = 0; l < c->n_layer; l++) {
         const kiln_layer_weights *s = &src->layers[l];
@@ -131,6 +161,10 @@ static int build_weights(Weights *w, const kiln_model_config *c, const kiln_mode
         L->v_bias = s->attn_v_bias;
         L->q_norm = s->attn_q_norm;
         L->k_norm = s->attn_k_norm;
+        L->attn_post_norm = s->attn_post_norm;
+        L->ffn_post_norm = s->ffn_post_norm;
+        L->swa = c->n_swa > 0 && c->swa_layers && c->swa_layers[l];
+        w->has_swa |= L->swa;
         if (init_matrix(&L->wq, s->attn_q, q_dim, c->n_embd) ||
             init_matrix(&L->wk, s->attn_k, kv_dim, c->n_embd) ||
             init_matrix(&L->wv, s->attn_v, kv_dim, c->n_embd) ||
@@ -145,19 +179,51 @@ static int build_weights(Weights *w, const kiln_model_config *c, const kiln_mode
 
 static void free_run_state(RunState *s) {
     void *bufs[] = {s->x, s->xb, s->xb2, s->q, s->att_out, s->hb, s->hb2, s->rope_cos,
-                    s->rope_sin, s->k, s->v, s->att, s->att_part, s->row_seq, s->row_pos,
-                    s->tiles, s->out_rows, s->key_cache, s->value_cache};
+                    s->rope_sin, s->rope_cos_swa, s->rope_sin_swa, s->k, s->v, s->att,
+                    s->att_part, s->row_seq, s->row_pos, s->tiles, s->out_rows,
+                    s->key_cache, s->value_cache, s->key_off, s->value_off, s->ring,
+                    s->key_stride};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
 static float *alloc_floats(size_t n) { return malloc(sizeof(float) * (n ? n : 1)); }
 
-static int build_run_state(RunState *s, const kiln_model_config *c, int n_threads) {
-    size_t B = c->n_batch, q_dim = (size_t)c->n_head * c->head_dim;
+static int round_up_block(int n) { return (n + ATT_BLOCK - 1) / ATT_BLOCK * ATT_BLOCK; }
+
+/* Each layer's share of a sequence's cache: the full n_ctx, or for a local layer a
+ * mirrored ring of R = n_swa - 1 + n_batch positions (2R slots) when that takes at most
+ * the full cache. A local layer's runs of keys start at any slot, and the scores kernel
+ * reads whole blocks: its key rows have a block of slack. */
+static int plan_cache(RunState *s, const kiln_model_config *c, const Layer *layers) {
     size_t kv_dim = (size_t)c->n_head_kv * c->head_dim;
+    s->key_off = malloc(sizeof(size_t) * (c->n_layer + 1));
+    s->value_off = malloc(sizeof(size_t) * (c->n_layer + 1));
+    s->ring = calloc(c->n_layer + 1, sizeof(int));
+    s->key_stride = malloc(sizeof(int) * (c->n_layer + 1));
+    if (!s->key_off || !s->value_off || !s->ring || !s->key_stride) return -1;
+    s->seq_keys = s->seq_values = 0;
+    s->att_stride = ATT_BLOCK;
+    for (int l = 0; l < c->n_layer; l++) {
+        int64_t R = (int64_t)c->n_swa - 1 + c->n_batch, rows = c->n_ctx;
+        if (layers[l].swa && 2 * R <= c->n_ctx) {
+            s->ring[l] = (int)R;
+            rows = 2 * R;
+        }
+        s->key_stride[l] = round_up_block((int)rows + (layers[l].swa ? ATT_BLOCK : 0));
+        s->att_stride = s->key_stride[l] > s->att_stride ? s->key_stride[l] : s->att_stride;
+        s->key_off[l] = s->seq_keys;
+        s->value_off[l] = s->seq_values;
+        s->seq_keys += kv_dim * s->key_stride[l];
+        s->seq_values += kv_dim * (size_t)rows;
+    }
+    return 0;
+}
+
+static int build_run_state(RunState *s, const kiln_model_config *c, const Layer *layers,
+                           int n_threads) {
+    size_t B = c->n_batch, q_dim = (size_t)c->n_head * c->head_dim;
     memset(s, 0, sizeof *s);
-    s->n_ctx_pad = (c->n_ctx + ATT_BLOCK - 1) / ATT_BLOCK * ATT_BLOCK;
-    size_t kv = (size_t)c->n_seq * c->n_layer * s->n_ctx_pad * kv_dim;
+    if (plan_cache(s, c, layers)) return -1;
     s->x = alloc_floats(B * c->n_embd);
     s->xb = alloc_floats(B * c->n_embd);
     s->xb2 = alloc_floats(B * c->n_embd);
@@ -167,19 +233,24 @@ static int build_run_state(RunState *s, const kiln_model_config *c, int n_thread
     s->hb2 = alloc_floats(B * c->n_ff);
     s->rope_cos = malloc(sizeof(double) * (B * (c->rope_dim / 2) + 1));
     s->rope_sin = malloc(sizeof(double) * (B * (c->rope_dim / 2) + 1));
+    s->rope_cos_swa = malloc(sizeof(double) * (B * (c->rope_dim / 2) + 1));
+    s->rope_sin_swa = malloc(sizeof(double) * (B * (c->rope_dim / 2) + 1));
+    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim;
     s->k = alloc_floats(B * kv_dim);
     s->v = alloc_floats(B * kv_dim);
-    s->att = malloc(sizeof(double) * (size_t)n_threads * ATT_TILE * s->n_ctx_pad);
+    s->att = malloc(sizeof(double) * (size_t)n_threads * ATT_TILE * s->att_stride);
     s->att_part = malloc(sizeof(double) * (size_t)c->n_head * n_threads * (c->head_dim + 2));
     s->row_seq = malloc(sizeof(int) * B);
     s->row_pos = malloc(sizeof(int) * B);
     s->tiles = malloc(sizeof(int) * 2 * B);
     s->out_rows = malloc(sizeof(int) * B);
     /* calloc: pages of the cache are touched only as positions fill */
-    s->key_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
-    s->value_cache = calloc(kv ? kv : 1, sizeof(kiln_fp16));
+    size_t n_keys = s->seq_keys * c->n_seq, n_values = s->seq_values * c->n_seq;
+    s->key_cache = calloc(n_keys ? n_keys : 1, sizeof(kiln_fp16));
+    s->value_cache = calloc(n_values ? n_values : 1, sizeof(kiln_fp16));
     return s->x && s->xb && s->xb2 && s->q && s->att_out && s->hb && s->hb2 && s->rope_cos &&
-                   s->rope_sin && s->k && s->v && s->att && s->att_part && s->row_seq &&
+                   s->rope_sin && s->rope_cos_swa && s->rope_sin_swa && s->k && s->v &&
+                   s->att && s->att_part && s->row_seq &&
                    s->row_pos && s->tiles && s->out_rows && s->key_cache &&
                    s->value_cache ? 0 : -1;
 }
@@ -189,13 +260,18 @@ kiln_model *kiln_model_create(const kiln_model_config *cfg, const kiln_model_wei
     if (n_threads < 1 || cfg->n_batch < 1 || cfg->n_ctx < 1 || cfg->n_seq < 1 || cfg->n_head_kv < 1 ||
         cfg->n_head % cfg->n_head_kv || cfg->rope_dim > cfg->head_dim || cfg->rope_dim % 2 ||
         cfg->head_dim < 1 || cfg->head_dim > KILN_ATT_MAX_HEAD_DIM ||
-        (cfg->rope_type != KILN_ROPE_NORM && cfg->rope_type != KILN_ROPE_NEOX))
+        (cfg->rope_type != KILN_ROPE_NORM && cfg->rope_type != KILN_ROPE_NEOX) ||
+        (cfg->ffn_act != KILN_FFN_SILU && cfg->ffn_act != KILN_FFN_GELU) || cfg->n_swa < 0)
         return NULL;
     kiln_model *m = calloc(1, sizeof *m);
     if (!m) return NULL;
     m->c = *cfg;
+    m->c.swa_layers = NULL;  /* not owned: the layers keep their flags */
+    if (!(m->c.embd_scale > 0)) m->c.embd_scale = 1.0f;
+    if (!(m->c.attn_scale > 0)) m->c.attn_scale = 1.0 / sqrt((double)cfg->head_dim);
     m->pool = kiln_pool_create(n_threads);
-    if (!m->pool || build_weights(&m->w, cfg, w) || build_run_state(&m->s, cfg, n_threads)) {
+    if (!m->pool || build_weights(&m->w, cfg, w) ||
+        build_run_state(&m->s, cfg, m->w.layers, n_threads)) {
         kiln_model_free(m);
         return NULL;
     }
@@ -212,6 +288,15 @@ void kiln_model_free(kiln_model *m) {
 
 int kiln_model_n_threads(const kiln_model *m) { return kiln_pool_size(m->pool); }
 
+size_t kiln_model_kv_cache_bytes(const kiln_model *m) {
+    return (m->s.seq_keys + m->s.seq_values) * m->c.n_seq * sizeof(kiln_fp16);
+}
+
+int kiln_model_cache_positions(const kiln_model *m, int layer) {
+    if (layer < 0 || layer >= m->c.n_layer) return -1;
+    return m->s.ring[layer] ? m->s.ring[layer] : m->c.n_ctx;
+}
+
 /* ---- the pieces of a layer, each split over the pool ---- */
 
 /* A single row is not worth waking the workers for. */
@@ -220,21 +305,31 @@ static void run_rows(kiln_pool *pool, kiln_task_fn fn, void *ctx, int n_rows) {
     else kiln_pool_run(pool, fn, ctx);
 }
 
-/* Keys of sequence seq's layer's key/value head g: (head_dim, n_ctx_pad) halves, key p
- * of dimension d at d * n_ctx_pad + p (so the next head's keys follow at + head_dim *
- * n_ctx_pad). */
+/* Keys of sequence seq's layer's key/value head g: (head_dim, key_stride) halves, the
+ * key in slot i of dimension d at d * key_stride + i (so the next head's keys follow at
+ * + head_dim * key_stride). */
 static kiln_fp16 *key_cache_at(const kiln_model *m, int seq, int layer, int g) {
-    size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
-    size_t layer_keys = kv_dim * m->s.n_ctx_pad;
-    return m->s.key_cache + ((size_t)seq * m->c.n_layer + layer) * layer_keys +
-           (size_t)g * m->c.head_dim * m->s.n_ctx_pad;
+    return m->s.key_cache + (size_t)seq * m->s.seq_keys + m->s.key_off[layer] +
+           (size_t)g * m->c.head_dim * m->s.key_stride[layer];
 }
 
-/* Values of sequence seq's layer at position p: (n_head_kv * head_dim) halves, the next
- * position's right after. */
-static kiln_fp16 *value_cache_at(const kiln_model *m, int seq, int layer, int p) {
+/* Values of sequence seq's layer in slot i: (n_head_kv * head_dim) halves, the next
+ * slot's right after. */
+static kiln_fp16 *value_cache_at(const kiln_model *m, int seq, int layer, int i) {
     size_t kv_dim = (size_t)m->c.n_head_kv * m->c.head_dim;
-    return m->s.value_cache + (((size_t)seq * m->c.n_layer + layer) * m->c.n_ctx + p) * kv_dim;
+    return m->s.value_cache + (size_t)seq * m->s.seq_values + m->s.value_off[layer] +
+           (size_t)i * kv_dim;
+}
+
+/* The slot of position p in a layer's cache (the first of its two in a ring) */
+static int cache_slot(const kiln_model *m, int layer, int p) {
+    return m->s.ring[layer] ? p % m->s.ring[layer] : p;
+}
+
+/* The first position a query at p attends to in a layer */
+static int window_start(const kiln_model *m, int layer, int p) {
+    int lo = m->w.layers[layer].swa ? p - m->c.n_swa + 1 : 0;
+    return lo > 0 ? lo : 0;
 }
 
 typedef struct {
@@ -324,21 +419,22 @@ typedef struct {
 } AttentionStep;
 
 /* The chunk's queries and new keys and values as the attention takes them: biases
- * added, Q and K heads normed, RoPE on Q and K; the keys (transposed) and values then go
- * into the fp16 cache */
+ * added, Q and K heads normed, RoPE on Q and K (the local layers' angles on a local
+ * layer); the keys (transposed) and values then go into the fp16 cache, twice in a ring */
 static void task_rope_store(void *ctx, int ith, int nth) {
     const AttentionStep *k = ctx;
     const kiln_model_config *c = &k->m->c;
     const Layer *L = &k->m->w.layers[k->layer];
     RunState *s = &k->m->s;
     int q_dim = c->n_head * c->head_dim, kv_dim = c->n_head_kv * c->head_dim;
-    int half = c->rope_dim / 2;
+    int half = c->rope_dim / 2, ring = s->ring[k->layer], stride = s->key_stride[k->layer];
+    const double *cos_all = L->swa ? s->rope_cos_swa : s->rope_cos;
+    const double *sin_all = L->swa ? s->rope_sin_swa : s->rope_sin;
     int64_t lo, hi;
     kiln_share(k->n_tokens, ith, nth, &lo, &hi);
     for (int64_t t = lo; t < hi; t++) {
-        int seq = s->row_seq[t], pos = s->row_pos[t];
-        kiln_fp16 *keys = key_cache_at(k->m, seq, k->layer, 0) + pos;
-        const double *cs = s->rope_cos + (size_t)t * half, *sn = s->rope_sin + (size_t)t * half;
+        int seq = s->row_seq[t], slot = cache_slot(k->m, k->layer, s->row_pos[t]);
+        const double *cs = cos_all + (size_t)t * half, *sn = sin_all + (size_t)t * half;
         float *q = s->q + (size_t)t * q_dim, *key = s->k + (size_t)t * kv_dim;
         float *value = s->v + (size_t)t * kv_dim;
         if (L->q_bias) add_bias(q, L->q_bias, q_dim);
@@ -348,9 +444,13 @@ static void task_rope_store(void *ctx, int ith, int nth) {
         if (L->k_norm) rmsnorm_heads(key, L->k_norm, c->n_head_kv, c->head_dim, c->rms_eps);
         rope_heads(q, c->n_head, c->head_dim, c->rope_dim, c->rope_type, cs, sn);
         rope_heads(key, c->n_head_kv, c->head_dim, c->rope_dim, c->rope_type, cs, sn);
-        for (int i = 0; i < kv_dim; i++)  /* i = kv_head * head_dim + d */
-            keys[(size_t)i * s->n_ctx_pad] = kiln_fp32_to_fp16(key[i]);
-        kiln_quantize_row_f16(value, value_cache_at(k->m, seq, k->layer, pos), kv_dim);
+        for (int copy = 0; copy < (ring ? 2 : 1); copy++) {
+            int at = slot + copy * ring;
+            kiln_fp16 *keys = key_cache_at(k->m, seq, k->layer, 0) + at;
+            for (int i = 0; i < kv_dim; i++)  /* i = kv_head * head_dim + d */
+                keys[(size_t)i * stride] = kiln_fp32_to_fp16(key[i]);
+            kiln_quantize_row_f16(value, value_cache_at(k->m, seq, k->layer, at), kv_dim);
+        }
     }
 }
 
@@ -359,61 +459,70 @@ static void task_rope_store(void *ctx, int ith, int nth) {
  * computed whole by one thread. An item's query rows, its tokens times the `group`
  * query heads that share head g (GQA), go through the kernels up to ATT_TILE rows at a
  * time, so each key and value block read from the cache is widened once for all of
- * them: in generation, the rows are the group's heads. Each row's softmax covers its own
- * keys; its weights for the later keys another row of the same pass sees are 0, so the
+ * them: in generation, the rows are the group's heads. The keys read are one run of
+ * positions, from the earliest window start of the rows to their last position; each
+ * row's softmax covers its own window of it, and its weights outside it are 0, so the
  * value sum adds exact zeros there. */
 static void task_attention(void *ctx, int ith, int nth) {
     const AttentionStep *k = ctx;
     const kiln_model_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
-    int q_dim = c->n_head * hd;
-    double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
-    double scale = 1.0 / sqrt((double)hd);
+    int q_dim = c->n_head * hd, stride = s->key_stride[k->layer];
+    double *att = s->att + (size_t)ith * ATT_TILE * s->att_stride;
     for (int item = ith; item < s->n_tiles * c->n_head_kv; item += nth) {
         int tile = item / c->n_head_kv, g = item % c->n_head_kv;
         int t0 = s->tiles[2 * tile], n_q = s->tiles[2 * tile + 1], seq = s->row_seq[t0];
-        const kiln_fp16 *keys_t = key_cache_at(k->m, seq, k->layer, g);
-        const kiln_fp16 *values = value_cache_at(k->m, seq, k->layer, 0) + (size_t)g * hd;
+        int first = s->row_pos[t0];
+        for (int t = t0; t < t0 + n_q; t++)
+            first = window_start(k->m, k->layer, s->row_pos[t]) < first
+                        ? window_start(k->m, k->layer, s->row_pos[t]) : first;
+        int slot0 = cache_slot(k->m, k->layer, first);
+        const kiln_fp16 *keys_t = key_cache_at(k->m, seq, k->layer, g) + slot0;
+        const kiln_fp16 *values = value_cache_at(k->m, seq, k->layer, slot0) + (size_t)g * hd;
         for (int row0 = 0; row0 < n_q * group; row0 += ATT_TILE) {
             int R = n_q * group - row0 < ATT_TILE ? n_q * group - row0 : ATT_TILE;
             const float *q[ATT_TILE];
             float *out[ATT_TILE];
-            int n_keys[ATT_TILE], n_keys_max = 0;
+            int n_keys[ATT_TILE], skip[ATT_TILE], n_keys_max = 0;
             for (int r = 0; r < R; r++) {  /* row = token-major, then head in the group */
                 int t = t0 + (row0 + r) / group, h = g * group + (row0 + r) % group;
                 q[r] = s->q + (size_t)t * q_dim + (size_t)h * hd;
                 out[r] = s->att_out + (size_t)t * q_dim + (size_t)h * hd;
-                n_keys[r] = s->row_pos[t] + 1;
+                n_keys[r] = s->row_pos[t] - first + 1;
+                skip[r] = window_start(k->m, k->layer, s->row_pos[t]) - first;
                 n_keys_max = n_keys[r] > n_keys_max ? n_keys[r] : n_keys_max;
             }
-            kiln_attn_scores_f16(R, att, q, keys_t, n_keys_max, hd, s->n_ctx_pad, scale);
+            kiln_attn_scores_f16(R, att, q, keys_t, n_keys_max, hd, stride, c->attn_scale);
             for (int r = 0; r < R; r++) {
-                double *a = att + (size_t)r * s->n_ctx_pad;
-                kiln_softmax_f64(a, n_keys[r]);
+                double *a = att + (size_t)r * stride;
+                kiln_softmax_f64(a + skip[r], n_keys[r] - skip[r]);
+                for (int p = 0; p < skip[r]; p++) a[p] = 0.0;
                 for (int p = n_keys[r]; p < n_keys_max; p++) a[p] = 0.0;
             }
-            kiln_attn_values_f16(R, out, NULL, att, values, n_keys_max, hd,
-                                 kv_dim, s->n_ctx_pad);
+            kiln_attn_values_f16(R, out, NULL, att, values, n_keys_max, hd, kv_dim, stride);
         }
     }
 }
 
 /* One token deep in a context (generation) has only n_head_kv work items above, too few
- * to keep every thread busy. Instead each key/value head's keys are split into one
- * segment per thread (whole ATT_BLOCKs); a thread computes, for the group's heads over
- * its segment, the scores, their max m, the exps e^(score - m), their sum l and the
- * unnormalized value sum o (in double); attention_combine then joins the segments:
- * out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), M the largest m_s. In exact
- * arithmetic that is the softmax-weighted sum; in double it rounds to the same float. */
+ * to keep every thread busy. Instead each key/value head's keys (the token's window) are
+ * split into one segment per thread (whole ATT_BLOCKs); a thread computes, for the
+ * group's heads over its segment, the scores, their max m, the exps e^(score - m), their
+ * sum l and the unnormalized value sum o (in double); attention_combine then joins the
+ * segments: out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), M the largest m_s. In
+ * exact arithmetic that is the softmax-weighted sum; in double it rounds to the same
+ * float. */
 static void task_attention_split(void *ctx, int ith, int nth) {
     const AttentionStep *k = ctx;
     const kiln_model_config *c = &k->m->c;
     RunState *s = &k->m->s;
     int hd = c->head_dim, kv_dim = c->n_head_kv * hd, group = c->n_head / c->n_head_kv;
-    int seq = s->row_seq[0], n_keys = s->row_pos[0] + 1, n_blocks = (n_keys + ATT_BLOCK - 1) / ATT_BLOCK;
-    double *att = s->att + (size_t)ith * ATT_TILE * s->n_ctx_pad;
-    double scale = 1.0 / sqrt((double)hd);
+    int stride = s->key_stride[k->layer], seq = s->row_seq[0];
+    int first = window_start(k->m, k->layer, s->row_pos[0]);
+    int slot0 = cache_slot(k->m, k->layer, first);
+    int n_keys = s->row_pos[0] - first + 1, n_blocks = (n_keys + ATT_BLOCK - 1) / ATT_BLOCK;
+    double *att = s->att + (size_t)ith * ATT_TILE * s->att_stride;
     for (int item = ith; item < c->n_head_kv * nth; item += nth) {
         int g = item / nth, seg = item % nth;
         int64_t b0, b1;
@@ -434,12 +543,13 @@ static void task_attention_split(void *ctx, int ith, int nth) {
                 for (int r = 0; r < R; r++) memset(part[r], 0, sizeof(double) * hd);
                 continue;
             }
-            kiln_attn_scores_f16(R, att, q, key_cache_at(k->m, seq, k->layer, g) + k0, k1 - k0, hd,
-                                 s->n_ctx_pad, scale);
+            kiln_attn_scores_f16(R, att, q, key_cache_at(k->m, seq, k->layer, g) + slot0 + k0,
+                                 k1 - k0, hd, stride, c->attn_scale);
             for (int r = 0; r < R; r++)
-                part[r][hd + 1] = kiln_exp_shifted_f64(att + (size_t)r * s->n_ctx_pad, k1 - k0, &part[r][hd]);
-            kiln_attn_values_f16(R, NULL, part, att, value_cache_at(k->m, seq, k->layer, k0) + (size_t)g * hd,
-                                 k1 - k0, hd, kv_dim, s->n_ctx_pad);
+                part[r][hd + 1] = kiln_exp_shifted_f64(att + (size_t)r * stride, k1 - k0, &part[r][hd]);
+            kiln_attn_values_f16(R, NULL, part, att,
+                                 value_cache_at(k->m, seq, k->layer, slot0 + k0) + (size_t)g * hd,
+                                 k1 - k0, hd, kv_dim, stride);
         }
     }
 }
@@ -472,20 +582,35 @@ typedef struct {
     float *gate;     /* (n, n_ff) */
     const float *up; /* (n, n_ff) */
     int n, n_ff;
-} SwigluRows;
+} GluRows;
 
 static void task_swiglu(void *ctx, int ith, int nth) {
-    const SwigluRows *a = ctx;
+    const GluRows *a = ctx;
     int64_t lo, hi;
     kiln_share(a->n, ith, nth, &lo, &hi);
     kiln_swiglu_f32(a->gate + (size_t)lo * a->n_ff, a->up + (size_t)lo * a->n_ff,
                     (size_t)(hi - lo) * a->n_ff);
 }
 
-/* gate = silu(gate) * up over n rows of n_ff floats */
-static void swiglu_rows(kiln_pool *pool, float *gate, const float *up, int n, int n_ff) {
-    SwigluRows a = {gate, up, n, n_ff};
-    run_rows(pool, task_swiglu, &a, n);
+/* GELU's tanh approximation times up, in double and rounded once, as engine/reference.py
+ * computes it (the same operations in the same order; libm's tanh, which the reference
+ * calls too): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) up. Not an ISA kernel:
+ * tanh has no vector form here, and one C loop gives the same bits on every variant. */
+static void task_geglu(void *ctx, int ith, int nth) {
+    const GluRows *a = ctx;
+    int64_t lo, hi;
+    kiln_share(a->n, ith, nth, &lo, &hi);
+    for (size_t i = (size_t)lo * a->n_ff; i < (size_t)hi * a->n_ff; i++) {
+        double g = a->gate[i];
+        double u = 0.7978845608028654 * (g + 0.044715 * g * g * g);
+        a->gate[i] = (float)(0.5 * g * (1.0 + tanh(u)) * a->up[i]);
+    }
+}
+
+/* gate = act(gate) * up over n rows of n_ff floats: SwiGLU or GeGLU */
+static void glu_rows(kiln_pool *pool, int act, float *gate, const float *up, int n, int n_ff) {
+    GluRows a = {gate, up, n, n_ff};
+    run_rows(pool, act == KILN_FFN_GELU ? task_geglu : task_swiglu, &a, n);
 }
 
 /* ---- forward ---- */
@@ -518,13 +643,20 @@ static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_out
 
     make_tiles(s, n);
     for (int t = 0; t < n; t++) {
+        float *x = s->x + (size_t)t * c->n_embd;
         kiln_dequantize_row(w->token_embd.type,
                             (const char *)w->token_embd.data + tokens[t] * w->token_embd_row_size,
-                            s->x + (size_t)t * c->n_embd, c->n_embd);
+                            x, c->n_embd);
+        if (c->embd_scale != 1.0f)
+            for (int i = 0; i < c->n_embd; i++) x[i] *= c->embd_scale;
         for (int i = 0; i < half; i++) {
             double theta = (double)s->row_pos[t] * w->rope_inv_freq[i];
             s->rope_cos[(size_t)t * half + i] = cos(theta) * w->rope_attn_factor;
             s->rope_sin[(size_t)t * half + i] = sin(theta) * w->rope_attn_factor;
+            if (!w->has_swa) continue;
+            theta = (double)s->row_pos[t] * w->rope_inv_freq_swa[i];
+            s->rope_cos_swa[(size_t)t * half + i] = cos(theta) * w->rope_attn_factor;
+            s->rope_sin_swa[(size_t)t * half + i] = sin(theta) * w->rope_attn_factor;
         }
     }
     if (trace) memcpy(trace, s->x, sizeof(float) * chunk);
@@ -532,29 +664,35 @@ static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_out
     for (int l = 0; l < c->n_layer; l++) {
         Layer *L = &w->layers[l];
 
-        /* attention: x += wo(attention(rope(wq xb), rope(wk xb), wv xb)), xb = rmsnorm(x) */
+        /* attention: x += [post-norm] wo(attention(rope(wq xb), rope(wk xb), wv xb)),
+         * xb = rmsnorm(x) */
         rmsnorm_rows(m->pool, s->xb, s->x, L->attn_norm, n, c->n_embd, c->rms_eps);
         const kiln_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
         float *qkv_out[3] = {s->q, s->k, s->v};
         kiln_matmul_multi(m->pool, 3, qkv, s->xb, n, qkv_out);
         AttentionStep step = {m, l, n};
         run_rows(m->pool, task_rope_store, &step, n);
-        if (n == 1 && nth > 1 && s->row_pos[0] + 1 >= ATT_SPLIT_MIN_KEYS) {
+        if (n == 1 && nth > 1 &&
+            s->row_pos[0] - window_start(m, l, s->row_pos[0]) + 1 >= ATT_SPLIT_MIN_KEYS) {
             kiln_pool_run(m->pool, task_attention_split, &step);
             attention_combine(m, nth);
         } else {
             kiln_pool_run(m->pool, task_attention, &step);
         }
         kiln_matmul(m->pool, &L->wo, s->att_out, n, s->xb2);
+        if (L->attn_post_norm)
+            rmsnorm_rows(m->pool, s->xb2, s->xb2, L->attn_post_norm, n, c->n_embd, c->rms_eps);
         add_rows(m->pool, s->x, s->xb2, n, c->n_embd);
 
-        /* feed-forward: x += w_down(silu(w_gate xb) * w_up xb), xb = rmsnorm(x) */
+        /* feed-forward: x += [post-norm] w_down(act(w_gate xb) * w_up xb), xb = rmsnorm(x) */
         rmsnorm_rows(m->pool, s->xb, s->x, L->ffn_norm, n, c->n_embd, c->rms_eps);
         const kiln_matrix *gate_up[2] = {&L->w_gate, &L->w_up};
         float *gate_up_out[2] = {s->hb, s->hb2};
         kiln_matmul_multi(m->pool, 2, gate_up, s->xb, n, gate_up_out);
-        swiglu_rows(m->pool, s->hb, s->hb2, n, c->n_ff);
+        glu_rows(m->pool, c->ffn_act, s->hb, s->hb2, n, c->n_ff);
         kiln_matmul(m->pool, &L->w_down, s->hb, n, s->xb2);
+        if (L->ffn_post_norm)
+            rmsnorm_rows(m->pool, s->xb2, s->xb2, L->ffn_post_norm, n, c->n_embd, c->rms_eps);
         add_rows(m->pool, s->x, s->xb2, n, c->n_embd);
 
         if (trace) memcpy(trace + (size_t)(l + 1) * trace_stride, s->x, sizeof(float) * chunk);
@@ -598,18 +736,31 @@ int kiln_model_eval_trace(kiln_model *m, const int32_t *tokens, int n_tokens, in
     return 0;
 }
 
+static int has_ring(const kiln_model *m) {
+    for (int l = 0; l < m->c.n_layer; l++)
+        if (m->s.ring[l]) return 1;
+    return 0;
+}
+
 int kiln_model_eval_batch(kiln_model *m, const int32_t *tokens, const int32_t *seq_ids,
                           const int32_t *positions, int n_tokens, const uint8_t *logits_rows,
                           float *logits) {
     const kiln_model_config *c = &m->c;
     RunState *s = &m->s;
     if (n_tokens < 1) return -1;
+    int ring = has_ring(m);
     for (int t = 0; t < n_tokens; t++) {
         if (tokens[t] < 0 || tokens[t] >= c->n_vocab || seq_ids[t] < 0 || seq_ids[t] >= c->n_seq ||
             positions[t] < 0 || positions[t] >= c->n_ctx)
             return -1;
-        for (int u = 0; u < t; u++) /* two rows writing one cache cell: which one wins? */
-            if (seq_ids[u] == seq_ids[t] && positions[u] == positions[t]) return -1;
+        for (int u = 0; u < t; u++) { /* two rows writing one cache cell: which one wins? */
+            if (seq_ids[u] != seq_ids[t]) continue;
+            if (positions[u] == positions[t]) return -1;
+            /* a ring holds a chunk's keys only if they span fewer than n_batch positions */
+            int d = positions[u] - positions[t];
+            if (ring && u / c->n_batch == t / c->n_batch && (d >= c->n_batch || -d >= c->n_batch))
+                return -1;
+        }
     }
     for (int done = 0; done < n_tokens; done += c->n_batch) {
         int n = n_tokens - done < c->n_batch ? n_tokens - done : c->n_batch, n_out = 0;
@@ -627,11 +778,13 @@ int kiln_model_eval_batch(kiln_model *m, const int32_t *tokens, const int32_t *s
 int kiln_model_get_kv(const kiln_model *m, int layer, int n, float *keys, float *values) {
     const kiln_model_config *c = &m->c;
     if (layer < 0 || layer >= c->n_layer || n < 0 || n > c->n_ctx) return -1;
-    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, pad = m->s.n_ctx_pad;
+    size_t kv_dim = (size_t)c->n_head_kv * c->head_dim, stride = m->s.key_stride[layer];
     const kiln_fp16 *key_cache = key_cache_at(m, 0, layer, 0);
-    for (int p = 0; p < n; p++)
+    for (int p = 0; p < n; p++) {
+        int slot = cache_slot(m, layer, p);
         for (size_t i = 0; i < kv_dim; i++)
-            keys[p * kv_dim + i] = kiln_fp16_to_fp32(key_cache[i * pad + p]);
-    kiln_dequantize_row_f16(value_cache_at(m, 0, layer, 0), values, (int64_t)n * kv_dim);
+            keys[p * kv_dim + i] = kiln_fp16_to_fp32(key_cache[i * stride + slot]);
+        kiln_dequantize_row_f16(value_cache_at(m, 0, layer, slot), values + p * kv_dim, kv_dim);
+    }
     return 0;
 }

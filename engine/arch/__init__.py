@@ -7,13 +7,14 @@ names and variations as data: base.py says what a module declares).
 from __future__ import annotations
 
 from ..errors import ModelError
-from . import llama, phi3, qwen2, qwen3
-from .base import ROPE_NEOX, ROPE_NORM, Architecture, TensorSpec
+from . import gemma3, llama, phi3, qwen2, qwen3
+from .base import FFN_GELU, FFN_SILU, ROPE_NEOX, ROPE_NORM, Architecture, TensorSpec
 
-ARCHITECTURES = {a.name: a for a in (llama.ARCH, qwen2.ARCH, qwen3.ARCH, phi3.ARCH)}
+ARCHITECTURES = {a.name: a for a in (llama.ARCH, qwen2.ARCH, qwen3.ARCH,
+                                              phi3.ARCH, gemma3.ARCH)}
 
-__all__ = ["ARCHITECTURES", "Architecture", "TensorSpec", "ROPE_NORM", "ROPE_NEOX", "get",
-           "for_hf_class", "supported"]
+__all__ = ["ARCHITECTURES", "Architecture", "TensorSpec", "ROPE_NORM", "ROPE_NEOX",
+           "FFN_SILU", "FFN_GELU", "get", "for_hf_class", "supported"]
 
 
 def supported() -> str:

@@ -5,15 +5,14 @@ The variations are fields that engine/config.py copies into the one ModelConfig 
 C forward pass (ckernels/src/forward.c) and the NumPy reference (engine/reference.py)
 both read; a new family is a new module with other values, never another forward pass.
 
-The families still to come add fields of the same two kinds. A switch of the graph is an
-Architecture field copied into the config and forward.h's kiln_model_config (as
-`rope`): the gated FFN's activation (SiLU or tanh-GELU), an embedding scale (Gemma's
-sqrt(n_embd)), sliding-window layers with their own RoPE base (a layer pattern plus
-window and base from the file's keys). A weight that only some families have is a
-TensorSpec, passed to C as a pointer that is NULL elsewhere (as the Q/K/V biases and
-Q/K norms are): norms after attention and after the FFN, RoPE frequency factors. Fused
-QKV / gate-up tensors are TensorSpecs whose rows the loader hands to the kernels as
-views of one matrix.
+The variations are of two kinds. A switch of the graph is an Architecture field copied
+into the config and forward.h's kiln_model_config (as `rope`): the gated FFN's
+activation (SiLU or tanh-GELU), an embedding scale (Gemma's sqrt(n_embd)), the attention
+scale, sliding-window layers with their own RoPE base (a layer pattern here, the window
+from the file's keys). A weight that only some families have is a TensorSpec, passed to
+C as a pointer that is NULL elsewhere: the Q/K/V biases, the Q/K norms, the norms after
+attention and after the FFN, RoPE frequency factors. Fused QKV / gate-up tensors are
+TensorSpecs whose rows the loader hands to the kernels as views of one matrix.
 """
 from __future__ import annotations
 
@@ -24,6 +23,12 @@ from dataclasses import dataclass
 # Hugging Face checkpoints of Qwen, Gemma and Phi are stored and GGUF keeps them).
 ROPE_NORM = "norm"
 ROPE_NEOX = "neox"
+
+# The gated FFN's activation, by llama.cpp's names (LLM_FFN_SILU, LLM_FFN_GELU): SwiGLU
+# silu(gate) * up, or GeGLU gelu(gate) * up with GELU's tanh approximation (Gemma's
+# gelu_pytorch_tanh).
+FFN_SILU = "silu"
+FFN_GELU = "gelu"
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,40 @@ class Architecture:
     attn_qk_norm: bool = False    # per-head RMSNorm of Q and K (weights of head_dim), before RoPE
     attn_qkv_fused: bool = False  # one attn_qkv matrix: the Q, K then V rows (phi3)
     ffn_gate_up_fused: bool = False  # one ffn_up matrix of 2 n_ff rows: gate, then up (phi3)
+    ffn_act: str = FFN_SILU       # FFN_SILU | FFN_GELU
+    embd_scale_sqrt: bool = False  # token embeddings times sqrt(n_embd), in float (gemma3)
+    # Sliding-window layers (llama.cpp's set_swa_pattern(n)): when the file gives a window,
+    # layer il is local iff il % swa_pattern < swa_pattern - 1 (the last of every
+    # swa_pattern layers is global); 0: every layer is global. Local layers rotate with
+    # their own base rope_freq_base_swa, unscaled.
+    swa_pattern: int = 0
+    rope_freq_base_swa: float = 10000.0
+    # attention scale rule (n_layer, n_embd, n_head, head_dim) -> scale; None: 1/sqrt(head_dim)
+    attn_scale: object = None
+    # for the converter, as llama.cpp's writes the family: a value added to every
+    # *norm.weight (Gemma's RMSNorm multiplies by 1 + w), and SentencePiece's
+    # add_space_prefix when the family fixes it (None: the tokenizer.model's own)
+    norm_shift: float = 0.0
+    spm_add_space_prefix: bool | None = None
+    # multimodal checkpoints among hf_classes, whose text model kiln converts: their
+    # config.json's text_config, their tensor names' prefixes as (prefix, the text-only
+    # checkpoint's), and the prefixes of what the text graph does not read
+    hf_multimodal: tuple = ()
+    hf_renames: tuple = ()
+    hf_ignored: tuple = ()
+    # (key, value) of config.json keys the checkpoints may leave out, as transformers'
+    # config class defaults them (llama.cpp's converter reads the config through it)
+    hf_defaults: tuple = ()
 
     @property
     def rope_neox(self) -> bool:
         return self.rope == ROPE_NEOX
+
+    def swa_layers(self, n_layer: int, n_swa: int) -> tuple:
+        """Whether each layer attends to a sliding window of n_swa positions."""
+        if not self.swa_pattern or n_swa <= 0:
+            return (False,) * n_layer
+        return tuple(il % self.swa_pattern < self.swa_pattern - 1 for il in range(n_layer))
 
     def tensor_shapes(self, cfg) -> dict:
         """GGUF name -> (NumPy shape, matrix) of every tensor the graph reads, for cfg (a
@@ -70,6 +105,16 @@ class Architecture:
             for i in range(cfg.n_layer) if s.per_layer else (0,):
                 out[s.gguf.format(i=i)] = (shape, s.matrix)
         return out
+
+    def hf_text_name(self, name: str) -> str | None:
+        """A multimodal checkpoint's tensor name as the text-only checkpoint's; None for
+        a tensor the text graph does not read."""
+        if name.startswith(self.hf_ignored):
+            return None
+        for prefix, to in self.hf_renames:
+            if name.startswith(prefix):
+                return to + name[len(prefix):]
+        return name
 
     def hf_names(self, n_layer: int) -> dict:
         """Hugging Face name -> GGUF name of every tensor the converter reads."""

@@ -23,6 +23,7 @@ HPARAM_KEYS = (
     ("attention.head_count_kv", "n_head_kv"),
     ("attention.key_length", "head_dim"),
     ("rope.dimension_count", "n_rot"),
+    ("attention.sliding_window", "n_swa"),
     ("rope.freq_base", "rope_freq_base"),
     ("attention.layer_norm_rms_epsilon", "rms_eps"),
     ("vocab_size", "n_vocab"),

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--system", "-s", metavar="TEXT", default=None, help="system prompt")
     p.add_argument("--chat-template", metavar="FILE",
-                   help="Jinja chat template file, or a built-in name: chatml, llama2, llama3 "
-                        "(default: the model's own)")
+                   help="Jinja chat template file, or a built-in name: chatml, llama2, llama3, "
+                        "gemma (default: the model's own)")
     p.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N",
                    help="longest reply in tokens (default: until the end of turn or the context is full)")
     _add_sampling(p)

@@ -1,5 +1,5 @@
 """Planning the conversion of a Hugging Face checkpoint of a family in engine/arch
-(Llama/Mistral, Qwen2, Qwen3): config.json's hyperparameters, the safetensors shards, the
+(Llama/Mistral, Qwen2, Qwen3, Phi-3, Gemma 3): config.json's hyperparameters, the safetensors shards, the
 tensors the family's graph needs, and the GGUF metadata (keys as llama.cpp's
 convert_hf_to_gguf.py writes them, under the family's prefix)."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ from engine.convert.mixes import (QUANTIZATION_VERSION, Mix, ModelFacts, is_bloc
                                   layer_of, tensor_type)
 from engine import arch as architectures
 from engine.config import ModelConfig
+from engine.convert.gemma3 import gemma3_hparams
 from engine.convert.naming import _gguf_order, hf_to_gguf_name, unpermute_rows
 from engine.convert.plan import Plan, TensorPlan
 from engine.convert.vocab import SPECIAL_KEYS, SPECIAL_KINDS, Vocab, read_hf_tokenizer, read_json
@@ -52,6 +53,22 @@ def _hf_weight_files(src: Path) -> dict:
     raise ConvertError(f"{src}: no model.safetensors or model.safetensors.index.json")
 
 
+def text_config(cfg: dict) -> dict:
+    """The config kiln converts: a multimodal checkpoint's text_config (with the top
+    level's class and name), any other config as it is; the family's defaults fill in
+    the keys it leaves out."""
+    archs = cfg.get("architectures") or []
+    arch = architectures.for_hf_class(archs[0]) if archs else None
+    if arch is None:
+        return cfg
+    if archs[0] in arch.hf_multimodal:
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConvertError(f"config.json of {archs[0]} has no text_config")
+        cfg = {**text, "architectures": archs, "_name_or_path": cfg.get("_name_or_path")}
+    return {**dict(arch.hf_defaults), **cfg}
+
+
 def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
     archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
     arch = architectures.for_hf_class(archs[0])
@@ -76,9 +93,12 @@ def hf_hparams(cfg: dict, cfg_path: Path) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise ConvertError(f"{cfg_path}: missing or invalid hyperparameter {e}") from None
     hp["rope_dim"] = hp["head_dim"]
+    hp["n_swa"] = 0
     if arch.name == "phi3":
         _phi3_hparams(cfg, cfg_path, hp)
-    scaling = cfg.get("rope_scaling") or _rope_params(cfg)
+    if arch.name == "gemma3":
+        gemma3_hparams(cfg, cfg_path, hp)
+    scaling = hp.pop("rope_scaling_source", None) or cfg.get("rope_scaling") or _rope_params(cfg)
     hp["rope_scaling"] = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -141,7 +161,10 @@ def _longrope(scaling: dict, hp: dict, cfg_path: Path) -> dict:
 
 
 def _check_variations(cfg: dict, cfg_path: Path, arch):
-    """Refuse what config.json asks for beyond the family's graph as llama.cpp runs it."""
+    """Refuse what config.json asks for beyond the family's graph as llama.cpp runs it
+    (gemma3's own checks: engine/convert/gemma3.py)."""
+    if arch.name == "gemma3":
+        return
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConvertError(f"{cfg_path}: hidden_act {act!r} is not supported for "
@@ -162,12 +185,12 @@ def model_config(hp: dict) -> ModelConfig:
         n_head=hp["n_head"], n_head_kv=hp["n_head_kv"], head_dim=hp["head_dim"],
         n_ff=hp["n_ff"], n_ctx_train=hp["n_ctx"], rms_eps=hp["rms_eps"],
         rope_freq_base=hp["rope_theta"], rope_dim=hp["rope_dim"], rope_freq_scale=1.0,
-        tied_output=hp["tied"])
+        tied_output=hp["tied"], n_swa=hp["n_swa"])
 
 
 def plan_hf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan:
     cfg_path = src / "config.json"
-    cfg = read_json(cfg_path)
+    cfg = text_config(read_json(cfg_path))
     hp = hf_hparams(cfg, cfg_path)
     weight_files = _hf_weight_files(src)
     out_real = os.path.realpath(out)
@@ -175,7 +198,7 @@ def plan_hf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan
         if os.path.realpath(p) == out_real:
             raise ConvertError(f"output {out} is one of the source's weight files; "
                                f"write the GGUF to another path")
-    vocab = read_hf_tokenizer(src, hp["n_vocab"], cfg)
+    vocab = read_hf_tokenizer(src, hp["n_vocab"], cfg, hp["arch"])
 
     # Open every shard and index its tensors (headers only).
     opened = {}
@@ -218,7 +241,8 @@ def _hf_tensor_plans(located: dict, hp: dict, mix, embed_type) -> list:
             "attn_q.weight": hp["n_head"], "attn_k.weight": hp["n_head_kv"]}.get(
             name.split(".", 2)[-1])
         out_type, note = tensor_type(name, info.shape, layer_of(name), mix, model, embed_type)
-        plans[name] = _safetensors_plan(name, st, hf_name, n_head, out_type, note)
+        shift = arch.norm_shift if name.endswith("norm.weight") else 0.0
+        plans[name] = _safetensors_plan(name, st, hf_name, n_head, out_type, note, shift)
 
     # Every tensor the family's graph needs must be there, with the right shape.
     want = {name: shape for name, (shape, _) in
@@ -265,7 +289,9 @@ def llama3_rope_factors(scaling: dict, base: float, dim: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, out_type, note):
+def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, out_type, note,
+                      shift: float = 0.0):
+    """shift is added to every value (Gemma's norm weights, stored as w + 1), in float32."""
     info = st.tensors[hf_name]
     shape = info.shape
     n = shape[-1] if shape else 1
@@ -275,9 +301,8 @@ def _safetensors_plan(name, st: SafetensorsFile, hf_name, n_head, out_type, note
     def read_rows(i, j):
         view = st.tensor(hf_name).reshape(n_rows, n)
         rows = view[rows_idx[i:j]] if rows_idx is not None else view[i:j]
-        if info.dtype == "BF16":
-            return bf16_to_f32(rows)
-        return np.asarray(rows, dtype=np.float32)
+        rows = bf16_to_f32(rows) if info.dtype == "BF16" else np.asarray(rows, dtype=np.float32)
+        return rows + np.float32(shift) if shift else rows
 
     def release(i, j):
         if rows_idx is None:  # permuted rows come from all over the tensor: released at the end
@@ -313,7 +338,9 @@ def hf_metadata(src: Path, cfg: dict, hp: dict, vocab: Vocab, mix: Mix) -> tuple
     put(f"{prefix}.attention.head_count_kv", hp["n_head_kv"], VT.UINT32)
     put(f"{prefix}.attention.layer_norm_rms_epsilon", hp["rms_eps"], VT.FLOAT32)
     put(f"{prefix}.rope.freq_base", hp["rope_theta"], VT.FLOAT32)
-    if hp["head_dim"] != hp["n_embd"] // hp["n_head"]:
+    if hp["n_swa"]:
+        put(f"{prefix}.attention.sliding_window", hp["n_swa"], VT.UINT32)
+    if hp["head_dim"] != hp["n_embd"] // hp["n_head"] or hp["arch"].name == "gemma3":
         put(f"{prefix}.attention.key_length", hp["head_dim"], VT.UINT32)
         put(f"{prefix}.attention.value_length", hp["head_dim"], VT.UINT32)
     if hp["rope_scaling"] and hp["rope_scaling"][0] == "linear":

@@ -12,7 +12,11 @@ from engine.errors import ConvertError
 
 def hf_to_gguf_name(name: str, arch: Architecture, n_layer: int) -> str | None:
     """GGUF name of an HF tensor; None for tensors llama.cpp does not use. A tensor of a
-    layer past n_layer gets its blk.N name (the plan then refuses it)."""
+    layer past n_layer gets its blk.N name (the plan then refuses it). A multimodal
+    checkpoint's text tensors are named as the text-only checkpoint's first."""
+    name = arch.hf_text_name(name)
+    if name is None:
+        return None
     names = arch.hf_names(n_layer)
     if name in names:
         return names[name]

@@ -53,11 +53,15 @@ SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos
                 "pad": "tokenizer.ggml.padding_token_id"}
 
 
-def read_hf_tokenizer(src: Path, n_vocab: int, cfg: dict) -> Vocab:
+def read_hf_tokenizer(src: Path, n_vocab: int, cfg: dict, arch=None) -> Vocab:
+    """The checkpoint's vocabulary; arch (engine/arch) may fix SentencePiece's space
+    prefix (gemma3: none, as llama.cpp's converter writes it)."""
     tok_model, tok_json = src / "tokenizer.model", src / "tokenizer.json"
     tok_cfg = read_json(src / "tokenizer_config.json", required=False) or {}
     if tok_model.is_file():
         vocab = read_spm_vocab(tok_model, n_vocab, src, tok_cfg)
+        if arch is not None and arch.spm_add_space_prefix is not None:
+            vocab.add_space_prefix = arch.spm_add_space_prefix
         added = []
     elif tok_json.is_file():
         tj = read_json(tok_json)

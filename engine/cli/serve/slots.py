@@ -87,7 +87,8 @@ class _Slot:
         self.steps = generation_steps(llm.tokenizer, llm.n_ctx, self.cache_tokens, job.prompt_ids,
                                       check_max_tokens(p.pop("max_tokens", None)), sampler,
                                       StopMatcher(p.pop("stop", None)), p.pop("ignore_eos", False),
-                                      logprobs=p.pop("logprobs", None))
+                                      logprobs=p.pop("logprobs", None),
+                                      can_resume=lambda n: llm.model.can_resume(n, self.index))
         self.advance(None, first=True)
 
     def advance(self, logits, first=False):
