@@ -60,11 +60,23 @@ LAYER_VECTORS = {"attn_q.bias": "attn_q_bias", "attn_k.bias": "attn_k_bias",
                  "post_ffw_norm.weight": "ffn_post_norm"}
 
 
-def kv_cache_bytes(c: ModelConfig, n_ctx: int, n_seq: int) -> int:
-    """Bytes of the KV cache forward.c allocates: fp16 keys and values of every layer's
-    KV heads for n_ctx positions (rounded up to the attention block) per sequence."""
-    n_ctx_pad = -(-int(n_ctx) // 16) * 16  # KILN_ATT_BLOCK
-    return 2 * 2 * int(n_seq) * c.n_layer * n_ctx_pad * c.n_head_kv * c.head_dim
+def kv_cache_bytes(c: ModelConfig, n_ctx: int, n_seq: int, n_batch: int = N_BATCH) -> int:
+    """Bytes of the KV cache forward.c's plan_cache lays out, known before anything is
+    allocated (Model.kv_cache_bytes reports the allocation itself; a test ties the two):
+    fp16 keys and values of each layer's KV heads per sequence, for n_ctx positions or, on
+    a sliding-window layer, a mirrored ring of 2 (n_swa - 1 + n_batch) where that is
+    smaller; key rows rounded up to the attention block, plus one on a ring."""
+    block, kv_dim = 16, c.n_head_kv * c.head_dim  # KILN_ATT_BLOCK
+    n_batch = min(int(n_batch), int(n_ctx))
+    total = 0
+    for layer in range(c.n_layer):
+        swa = bool(c.swa_layers[layer])
+        rows = int(n_ctx)
+        if swa and 2 * (c.n_swa - 1 + n_batch) <= rows:
+            rows = 2 * (c.n_swa - 1 + n_batch)
+        key_rows = -(-(rows + (block if swa else 0)) // block) * block
+        total += 2 * kv_dim * (key_rows + rows)
+    return total * int(n_seq)
 
 
 def physical_memory() -> int | None:
@@ -75,11 +87,11 @@ def physical_memory() -> int | None:
         return None
 
 
-def check_context(c: ModelConfig, n_ctx: int, n_seq: int) -> None:
+def check_context(c: ModelConfig, n_ctx: int, n_seq: int, n_batch: int = N_BATCH) -> None:
     """Refuses, before anything is allocated, a context whose KV cache cannot fit in this
     machine's memory; warns about one longer than the model was trained for (allowed, as
     llama.cpp allows it: quality degrades past it)."""
-    need, ram = kv_cache_bytes(c, n_ctx, n_seq), physical_memory()
+    need, ram = kv_cache_bytes(c, n_ctx, n_seq, n_batch), physical_memory()
     if ram is not None and need > ram:
         raise ModelError(f"n_ctx={n_ctx} needs a KV cache of {need / 2**30:.1f} GiB"
                          f"{f' for {n_seq} sequences' if n_seq > 1 else ''}, more than this "
@@ -187,7 +199,7 @@ class Model:
             check_tensors(tensors, c)
             expected = expected_tensors(c)
             self.n_ctx, self.n_threads, self.n_seq = int(n_ctx), int(n_threads), int(n_seq)
-            check_context(c, self.n_ctx, self.n_seq)
+            check_context(c, self.n_ctx, self.n_seq, n_batch)
 
             def weight(name, first_row=0):
                 t = tensors[name]

@@ -454,6 +454,19 @@ def test_the_sliding_window_layers_cache_is_bounded_by_the_window(tmp_path):
         assert m.kv_cache_bytes == (6 * 1024 * 2 + 5 * 16) * kv_dim * half
 
 
+def test_the_context_check_knows_the_cache_size_before_allocating(tmp_path):
+    """engine.model.kv_cache_bytes (what the n_ctx check refuses on, before anything is
+    allocated) is the size the C engine then allocates, rings or not."""
+    from engine.model import kv_cache_bytes
+    shape = dict(n_layer=6, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_ff=96)
+    for n_swa in (0, 8, 512):
+        path = make_tiny_llama(tmp_path / f"w{n_swa}.gguf", arch="gemma3", n_swa=n_swa, **shape)
+        for n_ctx, n_batch, n_seq in ((8192, 512, 1), (1024, 512, 2), (100, 16, 3), (37, 64, 1)):
+            with Model(path, n_ctx=n_ctx, n_threads=1, n_batch=n_batch, n_seq=n_seq) as m:
+                assert kv_cache_bytes(m.config, n_ctx, n_seq, n_batch) == m.kv_cache_bytes, \
+                    (n_swa, n_ctx, n_batch, n_seq)
+
+
 def test_rewinding_past_the_ring_is_refused_and_restarting_is_exact(tmp_path):
     path = make_tiny_llama(tmp_path / "m.gguf", arch="gemma3", ftype="q8_0", seed=6,
                            n_layer=6, n_swa=8)
