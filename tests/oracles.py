@@ -6,9 +6,11 @@ abort or crash is exactly what the oracle tests exist to catch. Under KILN_REQUI
 import ctypes
 import glob
 import importlib.util
+import json
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -26,6 +28,44 @@ def run_oracle(argv, timeout: float) -> subprocess.CompletedProcess:
         pytest.fail(f"the oracle process died of {name}: {proc.stderr[-1500:]}", pytrace=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
+
+
+# One llama.cpp process for a tiny model's runs: teacher-forced logits of each file (default
+# and flash-attention paths; n_ctx = the tokens, which llama.cpp rounds up to 256), and the
+# tokenization of texts with the vocabulary of one file, without and with special tokens.
+LLAMA_RUNS_CHILD = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+jobs = json.load(open(sys.argv[1], encoding="utf-8"))
+for path, flash, n, out in jobs["logits"]:
+    ids = np.load(jobs["ids"])[:n].tolist()
+    llm = Llama(path, n_ctx=n, n_batch=n, n_threads=2, logits_all=True,
+                flash_attn=flash, verbose=False)
+    llm.eval(ids)
+    np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+    llm.close()
+llm = Llama(jobs["vocab"], vocab_only=True, verbose=False)
+json.dump([[llm.tokenize(t.encode("utf-8"), add_bos=False, special=s) for s in (False, True)]
+           for t in jobs["texts"]], open(jobs["tokens"], "w"))
+"""
+
+
+def llama_cpp_runs(files: dict, ids, runs, texts, vocab: str, d) -> dict:
+    """{(type, flash, n): llama.cpp's logits of files[type] over ids[:n]} for each run
+    (type, flash, n), and {"tokens": the ids of texts without and with special-token
+    parsing, by vocab's file}; d is a scratch directory (a pathlib.Path)."""
+    import numpy as np
+    np.save(d / "ids.npy", np.asarray(ids))
+    jobs = {"ids": str(d / "ids.npy"), "vocab": str(vocab), "texts": list(texts),
+            "tokens": str(d / "tokens.json"),
+            "logits": [(str(files[t]), flash, n, str(d / f"{t}-{int(flash)}-{n}.npy"))
+                       for t, flash, n in runs]}
+    (d / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    run_oracle([sys.executable, "-c", LLAMA_RUNS_CHILD, str(d / "jobs.json")], timeout=600)
+    out = {(t, flash, n): np.load(d / f"{t}-{int(flash)}-{n}.npy") for t, flash, n in runs}
+    out["tokens"] = json.loads((d / "tokens.json").read_text())
+    return out
 
 
 def ggml_base_library() -> ctypes.CDLL:

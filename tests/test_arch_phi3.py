@@ -33,7 +33,7 @@ from engine.cli import convert as convert_cli
 from engine.convert.mixes import MIXES, ModelFacts, tensor_type
 from engine.model import Model
 from engine.reference import ReferenceModel
-from oracles import run_oracle
+from oracles import llama_cpp_runs
 from test_agreement_llamacpp import KL_FACTOR, distance, top1_floor
 from test_tokenizer import CORPUS, fuzz_texts
 from tiny_models import SUPER_BLOCK_SHAPE, make_tiny_llama, mean_kl, needs_super_blocks
@@ -206,24 +206,6 @@ def test_kiln_matches_transformers_in_f32(phi3, regime):
         assert e > 10 * bound, what
 
 
-# One llama.cpp process: teacher-forced logits of the F16 and quantized files (default and
-# flash-attention paths), and the tokenization of TEXTS with the file's vocabulary.
-LLAMA_CHILD = """
-import json, sys
-import numpy as np
-from llama_cpp import Llama
-jobs = json.load(open(sys.argv[1], encoding="utf-8"))
-for path, flash, n, out in jobs["logits"]:
-    ids = np.load(jobs["ids"])[:n].tolist()
-    llm = Llama(path, n_ctx=n, n_batch=n, n_threads=2, logits_all=True,
-                flash_attn=flash, verbose=False)
-    llm.eval(ids)
-    np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
-    llm.close()
-llm = Llama(jobs["vocab"], vocab_only=True, verbose=False)
-json.dump([[llm.tokenize(t.encode("utf-8"), add_bos=False, special=s) for s in (False, True)]
-           for t in jobs["texts"]], open(jobs["tokens"], "w"))
-"""
 F16_RUNS = REGIMES   # llama.cpp's n_ctx = the tokens (rounded up to 256): same regime
 QUANTIZED = {"q8_0": 256, "q4_k_m": 256}
 N_IDS = max(*F16_RUNS.values(), *QUANTIZED.values())   # the token ids both engines read
@@ -238,18 +220,9 @@ def llama_cpp(phi3, tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is the outside oracle")
     files = phi3[2]
     d = tmp_path_factory.mktemp("llamacpp")
-    np.save(d / "ids.npy", tokens_for(files["f16"], N_IDS))
     runs = [("f16", False, n) for n in F16_RUNS.values()] + [
         (t, flash, n) for t, n in QUANTIZED.items() for flash in (False, True)]
-    jobs = {"ids": str(d / "ids.npy"), "vocab": str(files["f32"]), "texts": TEXTS,
-            "tokens": str(d / "tokens.json"),
-            "logits": [(str(files[t]), flash, n, str(d / f"{t}-{int(flash)}-{n}.npy"))
-                       for t, flash, n in runs]}
-    (d / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
-    run_oracle([sys.executable, "-c", LLAMA_CHILD, str(d / "jobs.json")], timeout=600)
-    out = {(t, flash, n): np.load(d / f"{t}-{int(flash)}-{n}.npy") for t, flash, n in runs}
-    out["tokens"] = json.loads((d / "tokens.json").read_text())
-    return out
+    return llama_cpp_runs(files, tokens_for(files["f16"], N_IDS), runs, TEXTS, files["f32"], d)
 
 
 def kiln_logits(path, tokens):
