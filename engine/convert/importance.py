@@ -35,6 +35,27 @@ def load(path) -> Imatrix:
     return im
 
 
+def attach_hessians(plan: Plan, hessians: dict) -> int:
+    """--method gptq: give each tensor of `plan` to be encoded in a block type its input
+    Hessian from the calibration (engine.convert.gptq rounds it); returns how many got one.
+    Tensors without one (token_embd, output) keep their importance weights or none."""
+    from engine.convert.gptq import GPTQ_TYPES
+    used = 0
+    for tp in plan.tensors:
+        h = hessians.get(tp.name)
+        if tp.raw is not None or tp.out_type not in GPTQ_TYPES or h is None:
+            continue
+        if h.shape[-2:] != (tp.shape[-1],) * 2:
+            raise ConvertError(f"calibration Hessian of {tp.name} is {h.shape[0]} wide but the "
+                               f"tensor's rows have {tp.shape[-1]} columns")
+        tp.hessian = h
+        used += 1
+    if used == 0:
+        raise ConvertError("--method gptq: no tensor of this conversion has a calibration "
+                           "Hessian (a type without blocks, such as f16?)")
+    return used
+
+
 def attach(plan: Plan, im: Imatrix, source: str) -> int:
     """Give each tensor of `plan` to be encoded in a weighted type its importance weights;
     returns how many got one. Raises ConvertError (naming the tensor) on a mismatch."""

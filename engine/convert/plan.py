@@ -29,6 +29,7 @@ class TensorPlan:
     release: Callable = lambda i, j: None   # rows i..j are done: drop their source pages
     note: str | None = None
     imatrix: np.ndarray | None = None       # importance weights (n,) for the quantizer
+    hessian: np.ndarray | None = None       # input Hessian (n, n): GPTQ rounding (gptq.py)
 
     @property
     def n_elements(self) -> int:

@@ -39,10 +39,15 @@ def convert_tensor(w, tp: TensorPlan, want_rmse: bool, progress=lambda n: None) 
     n_rows = tp.n_elements // n if n else 0
     step = max(1, CHUNK_BYTES // (4 * max(1, n)))
     sq_err = 0.0
+    solver = None
+    if tp.hessian is not None:
+        from engine.convert.gptq import GPTQ
+        solver = GPTQ(tp.hessian, tp.out_type)
+        step = max(1, step // 4)  # its float64 copy and updates are larger than the rows
     for i in range(0, n_rows, step):
         j = min(n_rows, i + step)
         x = tp.read_rows(i, j).reshape(j - i, n)
-        q = encode_rows(x, tp.out_type, tp.imatrix)
+        q = solver.quantize(x, i, n_rows) if solver else encode_rows(x, tp.out_type, tp.imatrix)
         if want_rmse and tp.out_type != GGMLType.F32:
             d = decode_rows(q, tp.out_type, (j - i, n)) - x
             sq_err += float(np.dot(d.ravel(), d.ravel()))
