@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="TEXT",
                    help="compute the importance matrix on this UTF-8 text first (as `kiln "
                         "imatrix` would) and quantize with it")
+    p.add_argument("--method", choices=("imatrix", "gptq"), default="imatrix",
+                   help="with --calibration: imatrix (llama-quantize's importance-weighted "
+                        "scales, the default) or gptq (those scales, and each block's rounding "
+                        "error pushed onto the columns after it through the inverse Hessian "
+                        "of the calibration activations; the output is still plain blocks)")
     p.add_argument("--calibration-ctx", type=int, default=512, metavar="N",
                    help="with --calibration: tokens per chunk (default: %(default)s)")
     p.add_argument("--calibration-chunks", type=int, default=None, metavar="N",
@@ -66,34 +71,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def importance_matrix(args):
-    """(Imatrix, its name for the file's metadata) from --imatrix or --calibration, or None."""
+def calibration(args):
+    """(Calibration, its name for the file's metadata) from --imatrix or --calibration, or
+    None; --method gptq needs --calibration (an imatrix file has no Hessians)."""
     from engine.convert import importance
+    from engine.convert.calibrate import Calibration
     if args.imatrix and args.calibration:
         raise ConvertError("give --imatrix FILE or --calibration TEXT, not both")
+    if args.method == "gptq" and not args.calibration:
+        raise ConvertError("--method gptq needs --calibration TEXT: it uses the Hessians of "
+                           "the activations, which an imatrix file does not hold")
     if args.imatrix:
-        return importance.load(args.imatrix), args.imatrix
+        return Calibration(importance.load(args.imatrix)), args.imatrix
     if not args.calibration:
         return None
     return calibrate_source(args), args.calibration
 
 
 def calibrate_source(args):
-    """The importance matrix of SRC on --calibration's text (a Hugging Face directory is
+    """The Calibration of SRC on --calibration's text (a Hugging Face directory is
     first written as a temporary F16 GGUF for the reference model to read)."""
     import tempfile
     from pathlib import Path
 
-    from engine.convert.calibrate import collect_imatrix
+    from engine.convert.calibrate import calibrate
     from engine.perplexity import PerplexityError, read_text
     try:
         text = read_text(args.calibration)
     except PerplexityError as e:
         raise ConvertError(str(e)) from None
     kw = dict(n_ctx=args.calibration_ctx, n_chunks=args.calibration_chunks,
-              dataset=args.calibration, quiet=args.quiet)
+              dataset=args.calibration, quiet=args.quiet, hessians=args.method == "gptq")
     if not Path(args.src).is_dir():
-        return collect_imatrix(args.src, text, **kw)
+        return calibrate(args.src, text, **kw)
     with tempfile.TemporaryDirectory(dir=Path(args.out).resolve().parent) as d:
         tmp = Path(d) / "calibration-f16.gguf"
         p = convert.plan(args.src, tmp, "f16")
@@ -101,7 +111,7 @@ def calibrate_source(args):
             convert.write(p, tmp, quiet=True)
         finally:
             p.close()
-        return collect_imatrix(tmp, text, **kw)
+        return calibrate(tmp, text, **kw)
 
 
 def main(argv=None) -> int:
@@ -113,13 +123,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        im = importance_matrix(args)
-        if im is not None:
+        cal = calibration(args)
+        if cal is not None:
             from engine.convert import importance
-            n = importance.attach(p, *im)
+            n = importance.attach(p, cal[0].imatrix, cal[1])
             if not args.quiet:
-                print(f"imatrix: {n} tensors quantized with importance weights from {im[1]}",
+                print(f"imatrix: {n} tensors quantized with importance weights from {cal[1]}",
                       file=sys.stderr)
+            if args.method == "gptq":
+                n = importance.attach_hessians(p, cal[0].hessians)
+                p.metadata[importance.KEY_METHOD] = "gptq"
+                p.types[importance.KEY_METHOD] = formats.GGUFValueType.STRING
+                if not args.quiet:
+                    print(f"gptq: {n} tensors rounded with error feedback", file=sys.stderr)
     except (KilnError, formats.FormatError) as e:
         p.close()
         print(f"error: {e}", file=sys.stderr)

@@ -157,7 +157,8 @@ def calibrate(model_path, text: str, n_ctx: int = 512, n_chunks: int | None = No
     current = [None]
     if hessians:
         model.attention_probe = lambda p: current[0].attention(p, model.config.n_head_kv)
-    with tqdm(total=len(chunks) * n_ctx, unit="tok", desc="imatrix", disable=quiet,
+    with tqdm(total=len(chunks) * n_ctx, unit="tok", disable=quiet,
+              desc="calibration" if hessians else "imatrix",
               file=sys.stderr, leave=False) as bar:
         for chunk in chunks:
             x = model.token_embd[chunk] * np.float32(model.config.embd_scale)

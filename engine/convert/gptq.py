@@ -103,6 +103,9 @@ class GPTQ:
         n = h.shape[0]
         if h.ndim != 2 or h.shape != (n, n) or n == 0:
             raise GPTQError(f"a Hessian must be square, got shape {h.shape}")
+        if not np.all(np.isfinite(h)):
+            raise GPTQError("the Hessian has NaN or infinite entries (calibration "
+                            "activations that overflowed?)")
         self.block = formats.GGML_QUANT_SIZES[self.type][0]
         if n % self.block:
             raise GPTQError(f"rows of {n} are not whole {self.type.name} blocks "
@@ -121,8 +124,8 @@ class GPTQ:
             l_inv = np.linalg.inv(lower)
             u = np.linalg.cholesky(l_inv.T @ l_inv).T
         except np.linalg.LinAlgError:
-            raise GPTQError("the Hessian is not positive definite even after dampening "
-                            "(calibration activations with NaN or infinity?)") from None
+            raise GPTQError("the Hessian is not positive semi-definite: not a sum of "
+                            "x x^T") from None
         self.n = n
         self.steps = []  # per block: (start, stop, column weights, propagation to the rest)
         for b0 in range(0, n, self.block):

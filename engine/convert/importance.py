@@ -19,6 +19,7 @@ KEY_FILE = "quantize.imatrix.file"
 KEY_DATASET = "quantize.imatrix.dataset"
 KEY_ENTRIES = "quantize.imatrix.entries_count"
 KEY_CHUNKS = "quantize.imatrix.chunks_count"
+KEY_METHOD = "quantize.kiln.method"  # "gptq" when the rounding used error feedback
 
 
 def load(path) -> Imatrix:
