@@ -52,6 +52,7 @@ class Linear:
 
     def __init__(self, t, emulate_q8: bool):
         self.name = getattr(t, "name", None)  # the GGUF tensor (calibration records by it)
+        self.first = getattr(t, "first", 0)   # its first row in that tensor (fused ones)
         self.act_type = ACTIVATION_TYPE.get(GGMLType(t.type)) if emulate_q8 else None
         self.block_min = None
         if self.act_type == GGMLType.Q8_1:
@@ -132,7 +133,7 @@ class RowRange:
     row ranges of a fused matrix that forward.c multiplies as separate matrices)."""
 
     def __init__(self, t, first: int, rows: int):
-        self.name, self.type = t.name, t.type
+        self.name, self.type, self.first = t.name, t.type, first
         self.shape = (rows, t.shape[-1])
         self.data = t.data[first:first + rows]
 

@@ -19,7 +19,8 @@ squared attention it receives. That weight is far from uniform: the first token 
 sequence takes most of many heads' attention (an attention sink), so an unweighted Hessian
 lets GPTQ trade that token's values for the others'. attn_v gets one Hessian per KV head,
 each token's row weighted by the attention its heads give it (summed over the group's
-query heads, scaled to a mean of 1): (n_head_kv, n, n). Only `blk.*` matrices are recorded (llama-imatrix without
+query heads, scaled to a mean of 1): (n_head_kv, n, n). The output matrix (token_embd when
+tied) gets the Hessian of the normed final states too (`--type auto` sizes its errors). Only `blk.*` matrices are recorded (llama-imatrix without
 --process-output): token_embd is a lookup, and output is left out by default.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Calibration:
     matrices reading one input share the array; the row count is imatrix.counts)."""
     imatrix: Imatrix
     hessians: dict = field(default_factory=dict)
+    tokens: np.ndarray | None = None        # the first chunk (auto's probe text)
 
 
 class _LayerInputs:
@@ -135,7 +137,7 @@ def calibrate(model_path, text: str, n_ctx: int = 512, n_chunks: int | None = No
     from tqdm import tqdm
 
     from engine.perplexity import PerplexityError, split_chunks
-    from engine.reference import ReferenceModel
+    from engine.reference import ReferenceModel, rms_norm
     from engine.tokenizer import load_tokenizer
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
         raise CalibrationError(f"--ctx must be a positive integer, got {n_ctx!r}")
@@ -149,6 +151,7 @@ def calibrate(model_path, text: str, n_ctx: int = 512, n_chunks: int | None = No
     except PerplexityError as e:
         raise CalibrationError(str(e)) from None
     model = ReferenceModel(model_path, emulate_q8=False, exact=False)
+    out_name = "output.weight" if model.config.untied_output else "token_embd.weight"
     sums: dict = {}
     counts: dict = {}
     hess: dict | None = {} if hessians else None
@@ -165,6 +168,9 @@ def calibrate(model_path, text: str, n_ctx: int = 512, n_chunks: int | None = No
             for i in range(model.config.n_layer):
                 current[0] = per_layer[i]
                 x = model.layer(i, x)
+            if hess is not None:  # the output matrix's input, for the sensitivity of auto
+                h = np.ascontiguousarray(rms_norm(x, model.output_norm, model.config.rms_eps))
+                hess[out_name] = hess.get(out_name, 0.0) + (h.T @ h).astype(np.float64)
             bar.update(n_ctx)
     im = Imatrix(datasets=[dataset] if dataset else [], chunk_count=len(chunks),
                  chunk_size=n_ctx)
@@ -173,4 +179,4 @@ def calibrate(model_path, text: str, n_ctx: int = 512, n_chunks: int | None = No
         im.counts[name] = np.array([counts[name]], np.float64)
     if hess:
         hess.update(weighted)
-    return Calibration(im, hess or {})
+    return Calibration(im, hess or {}, np.asarray(chunks[0]))

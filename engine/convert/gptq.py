@@ -85,47 +85,62 @@ class GPTQError(ValueError):
     """A Hessian that does not fit the matrix it is given for."""
 
 
+def factor(hessian: np.ndarray, damp: float = DAMP):
+    """(dead columns, U) of a Hessian: dampened, dead columns cut loose, and U upper
+    triangular with U^T U = H^-1. A stack (g, n, n) gives a list, one per Hessian."""
+    h = np.array(hessian, dtype=np.float64)
+    if h.ndim == 3:
+        return [factor(x, damp) for x in h]
+    n = h.shape[0]
+    if h.ndim != 2 or h.shape != (n, n) or n == 0:
+        raise GPTQError(f"a Hessian must be square, got shape {h.shape}")
+    if not np.all(np.isfinite(h)):
+        raise GPTQError("the Hessian has NaN or infinite entries (calibration "
+                        "activations that overflowed?)")
+    diag = np.diag(h).copy()
+    dead = ~(diag > 0)
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    live = diag[~dead]
+    h[np.diag_indices(n)] += damp * (float(live.mean()) if live.size else 1.0)
+    h[dead, dead] = 1.0
+    # from the Cholesky factor L of H (H = L L^T): H^-1 = L^-T L^-1, whose own Cholesky
+    # factor's transpose is U
+    try:
+        lower = np.linalg.cholesky(h)
+        l_inv = np.linalg.inv(lower)
+        u = np.linalg.cholesky(l_inv.T @ l_inv).T
+    except np.linalg.LinAlgError:
+        raise GPTQError("the Hessian is not positive semi-definite: not a sum of "
+                        "x x^T") from None
+    return dead, u
+
+
 class GPTQ:
     """The solver for one matrix: factor its Hessian once, then quantize rows in chunks
     (rows are independent: each row's error moves only its own later columns). A stack of
     Hessians (g, n, n) gives each of g equal groups of rows its own (attn_v's KV heads)."""
 
-    def __new__(cls, hessian, type_, damp: float = DAMP):
+    def __new__(cls, hessian, type_, damp: float = DAMP, fact=None):
         if np.ndim(hessian) == 3:
-            return _Grouped(hessian, type_, damp)
+            return _Grouped(hessian, type_, damp, fact)
         return super().__new__(cls)
 
-    def __init__(self, hessian: np.ndarray, type_, damp: float = DAMP):
+    def __init__(self, hessian: np.ndarray, type_, damp: float = DAMP, fact=None):
+        """fact: factor(hessian, damp), when the caller has it already (one Hessian, many
+        types: engine.convert.auto)."""
         self.type = formats.GGMLType(type_)
         if self.type not in GPTQ_TYPES:
             raise GPTQError(f"{self.type.name} is not a block type GPTQ can round into")
-        h = np.array(hessian, dtype=np.float64)
-        n = h.shape[0]
-        if h.ndim != 2 or h.shape != (n, n) or n == 0:
-            raise GPTQError(f"a Hessian must be square, got shape {h.shape}")
-        if not np.all(np.isfinite(h)):
-            raise GPTQError("the Hessian has NaN or infinite entries (calibration "
-                            "activations that overflowed?)")
+        shape = np.shape(hessian)
+        n = shape[-1] if shape else 0
+        if shape != (n, n) or n == 0:
+            raise GPTQError(f"a Hessian must be square, got shape {shape}")
         self.block = formats.GGML_QUANT_SIZES[self.type][0]
         if n % self.block:
             raise GPTQError(f"rows of {n} are not whole {self.type.name} blocks "
                             f"of {self.block}")
-        diag = np.diag(h).copy()
-        self.dead = ~(diag > 0)
-        h[self.dead, :] = 0.0
-        h[:, self.dead] = 0.0
-        live = diag[~self.dead]
-        h[np.diag_indices(n)] += damp * (float(live.mean()) if live.size else 1.0)
-        h[self.dead, self.dead] = 1.0
-        # U upper with U^T U = H^-1: from the Cholesky factor L of H (H = L L^T),
-        # H^-1 = L^-T L^-1, whose Cholesky factor is found directly
-        try:
-            lower = np.linalg.cholesky(h)
-            l_inv = np.linalg.inv(lower)
-            u = np.linalg.cholesky(l_inv.T @ l_inv).T
-        except np.linalg.LinAlgError:
-            raise GPTQError("the Hessian is not positive semi-definite: not a sum of "
-                            "x x^T") from None
+        self.dead, u = factor(hessian, damp) if fact is None else fact
         self.n = n
         self.steps = []  # per block: (start, stop, column weights, propagation to the rest)
         for b0 in range(0, n, self.block):
@@ -180,8 +195,9 @@ class GPTQ:
 class _Grouped:
     """GPTQ with a Hessian per group of consecutive rows (a stack (g, n, n))."""
 
-    def __init__(self, hessians, type_, damp: float = DAMP):
-        self.solvers = [GPTQ(h, type_, damp) for h in hessians]
+    def __init__(self, hessians, type_, damp: float = DAMP, fact=None):
+        self.solvers = [GPTQ(h, type_, damp, None if fact is None else f)
+                        for h, f in zip(hessians, fact or [None] * len(hessians))]
 
     def quantize(self, x: np.ndarray, first_row: int = 0, n_rows: int | None = None):
         """As GPTQ.quantize; n_rows: the whole matrix's rows (default: these rows)."""

@@ -39,11 +39,13 @@ def load(path) -> Imatrix:
 def attach_hessians(plan: Plan, hessians: dict) -> int:
     """--method gptq: give each tensor of `plan` to be encoded in a block type its input
     Hessian from the calibration (engine.convert.gptq rounds it); returns how many got one.
-    Tensors without one (token_embd, output) keep their importance weights or none."""
+    Tensors without one keep their importance weights or none; a tied token_embd is left
+    out (its rows are also the input embeddings, which the output's Hessian says nothing
+    about)."""
     from engine.convert.gptq import GPTQ_TYPES
     used = 0
     for tp in plan.tensors:
-        h = hessians.get(tp.name)
+        h = hessians.get(tp.name) if tp.name != "token_embd.weight" else None
         if tp.raw is not None or tp.out_type not in GPTQ_TYPES or h is None:
             continue
         if h.shape[-2:] != (tp.shape[-1],) * 2:
