@@ -165,3 +165,32 @@ def test_llama_cpp_runs_a_gptq_file_as_kiln_does(tiny, tmp_path):
         got = llm.generate("Once upon a time", max_tokens=16, temperature=0,
                            ignore_eos=True).tokens
     assert got == want
+
+
+def test_attn_v_hessians_weight_each_token_by_the_attention_it_receives(tiny):
+    """An independent computation, position by position, from the reference model's
+    attention probabilities of layer 0 on one chunk."""
+    from engine.convert.calibrate import calibrate
+    from engine.perplexity import read_text, split_chunks
+    from engine.reference import ReferenceModel, rms_norm
+    from engine.tokenizer import load_tokenizer
+    path, calib, _ = tiny
+    cal = calibrate(path, read_text(calib), n_ctx=64, n_chunks=1, quiet=True, hessians=True)
+    with formats.read_gguf(path) as f:
+        tok = load_tokenizer(f.metadata)
+    chunk = split_chunks(tok.encode(read_text(calib)), 64, tok.bos_id if tok.add_bos else None, 1)[0]
+    m = ReferenceModel(path, emulate_q8=False, exact=False)
+    seen = []
+    m.attention_probe = seen.append
+    x = m.token_embd[chunk]
+    m.layer(0, x)
+    probs = seen[0].astype(np.float64)                       # (n_head 4, 64, 64)
+    h_in = rms_norm(x, m.layers[0].attn_norm, m.config.rms_eps).astype(np.float64)
+    for kv in range(2):                                      # heads 2kv, 2kv+1 share kv
+        w = np.array([sum(probs[hd, q, t] ** 2 for hd in (2 * kv, 2 * kv + 1)
+                          for q in range(64)) for t in range(64)])
+        w *= 64 / w.sum()
+        want = sum(w[t] * np.outer(h_in[t], h_in[t]) for t in range(64))
+        np.testing.assert_allclose(cal.hessians["blk.0.attn_v.weight"][kv], want,
+                                   rtol=2e-3, atol=1e-4 * np.abs(want).max())
+    assert w[0] > 2 * w[1:].mean()  # the first position is attended most (every query sees it)
