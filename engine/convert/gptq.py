@@ -142,7 +142,9 @@ class GPTQ:
                             f"of {self.block}")
         self.dead, u = factor(hessian, damp) if fact is None else fact
         self.n = n
-        self.steps = []  # per block: (start, stop, column weights, propagation to the rest)
+        # per block: start, stop, the column weights of its scale search, the propagation
+        # of its error to the columns after it, and its rows of U from its start on
+        self.steps = []
         for b0 in range(0, n, self.block):
             b1 = b0 + self.block
             u_bb_inv = np.linalg.inv(u[b0:b1, b0:b1])
