@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 KILN := $(VENV)/bin/kiln
 PYTEST_ARGS ?=
 
-.PHONY: install build test chat bench pull clean ctest crosstools
+.PHONY: install build test chat bench pull clean ctest crosstools test-asan fuzz
 
 # The venv is (re)made when the project's metadata changes; the extension is rebuilt
 # in place whenever a C/Cython source changed (setuptools checks timestamps).
@@ -21,8 +21,24 @@ install: $(VENV)/.installed build
 build: $(VENV)/.installed
 	$(PY) setup.py -q build_ext --inplace
 
-test: install ctest
+test: install ctest test-asan
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The extension itself built with AddressSanitizer + UndefinedBehaviorSanitizer (into
+# build/asan, apart from the in-place build) and run over the kernel tests and the forward
+# passes of every architecture and block type. The interpreter is not instrumented, so the
+# sanitizer runtimes are preloaded; -P keeps the source tree's ckernels off sys.path, and
+# KILN_SANITIZED makes conftest.py check that the sanitized build is the one loaded.
+ASAN_TESTS := tests/test_kernels.py tests/test_forward_isas.py tests/test_model_batch.py \
+	tests/test_model.py tests/test_reference.py tests/test_model_rope.py \
+	tests/test_arch_qwen.py tests/test_arch_phi3.py tests/test_arch_gemma3.py \
+	tests/test_codecs.py tests/test_codecs_k.py tests/test_codecs_5bit_iq.py tests/test_gguf_corrupt.py tests/test_fuzz.py
+test-asan: install
+	KILN_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-temp
+	cp ckernels/__init__.py build/asan/ckernels/
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	KILN_SANITIZED=1 PYTHONPATH=build/asan $(PY) -P -m pytest -q -p no:cacheprovider -m "not oracle" $(ASAN_TESTS)
 
 # The standalone C kernel harness: x86 variants natively, ASan+UBSan, NEON under qemu.
 ctest: crosstools
@@ -39,6 +55,12 @@ crosstools:
 	            gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null; \
 	    fi; \
 	fi
+
+# A long fuzz run over the GGUF loaders (the CI-sized one is tests/test_fuzz.py); mutants
+# that crash, hang or escape with a foreign exception are kept in build/fuzz-crashers.
+FUZZ_SECONDS ?= 1800
+fuzz: install pull
+	$(PY) tools/fuzz_gguf.py --seconds $(FUZZ_SECONDS)
 
 pull: install
 	$(KILN) pull

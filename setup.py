@@ -51,6 +51,18 @@ def isa_variants():
 # it changes no value (no reassociation, no contraction).
 COMMON_FLAGS = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-fno-math-errno",
                 "-fno-trapping-math", "-ffp-contract=off", "-Wall", "-Wno-unused-function"]
+LINK_FLAGS = ["-pthread"]
+
+# KILN_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer in every C file, the
+# extension's own code (forward pass, loaders, thread pool) as well as the kernels, for
+# `make test-asan`. The first undefined-behaviour report aborts, so a report cannot
+# scroll past unnoticed. -O1 keeps the stack traces readable; the run needs libasan
+# preloaded into the (uninstrumented) interpreter.
+SANITIZE_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=undefined"]
+if os.environ.get("KILN_SANITIZE"):
+    COMMON_FLAGS += SANITIZE_FLAGS
+    LINK_FLAGS += ["-fsanitize=address,undefined"]
 
 
 class build_ext_isa(build_ext):
@@ -85,7 +97,7 @@ def extension():
         sources=sources,
         include_dirs=[SRC, numpy.get_include()],
         extra_compile_args=COMMON_FLAGS,
-        extra_link_args=["-pthread"],
+        extra_link_args=LINK_FLAGS,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         depends=sorted(glob.glob(os.path.join(SRC, "*.h"))
                        + glob.glob(os.path.join(SRC, "isa", "*.c"))

@@ -31,6 +31,9 @@ def _value(v):
 
 # the attention kernels hold a query head in double on the stack (KILN_ATT_MAX_HEAD_DIM)
 MAX_HEAD_DIM = 256
+# llama.cpp's LLAMA_MAX_LAYERS: a block count above it is a corrupt file, and refusing it
+# up front keeps a wild count from driving a loop over billions of layers' tensor names.
+MAX_LAYERS = 512
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,12 @@ class ModelConfig:
             raise ModelError(f"rope.scaling.attn_factor {cfg.rope_attn_factor} is not positive")
         if cfg.n_swa < 0:
             raise ModelError(f"{prefix}.attention.sliding_window {cfg.n_swa} is negative")
-        for name in ("n_vocab", "n_embd", "n_layer", "head_dim", "n_ff"):
+        for name in ("n_vocab", "n_embd", "n_layer", "head_dim", "n_ff", "n_ctx_train"):
             if getattr(cfg, name) <= 0:
                 raise ModelError(f"model metadata gives {name} = {getattr(cfg, name)}")
+        if cfg.n_layer > MAX_LAYERS:
+            raise ModelError(f"{prefix}.block_count {cfg.n_layer} is more than the "
+                             f"{MAX_LAYERS} layers a model can have")
         return cfg
 
     def rope_factors_name(self, tensor_names, n_ctx: int) -> str | None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from engine.chat import chat_completion
 from engine.completion import Completion, StopMatcher, Timings
-from engine.errors import ContextOverflowError
+from engine.errors import ContextOverflowError, ModelError
 from engine.model import Model
 from engine.sampler import DEFAULT_SAMPLING, Sampler, SamplingParams, check_seed
 from engine.tokenizer import load_tokenizer
@@ -123,6 +123,11 @@ class LLM:
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
                                  f"(0..{self.n_vocab - 1})")
+        if not ids and isinstance(prompt, str) and prompt:
+            # Text that a usable vocabulary cannot fail to encode (it has byte fallback
+            # or all 256 byte tokens): the file's vocabulary is broken, not the prompt.
+            raise ModelError(f"the model's vocabulary encodes the prompt {prompt[:40]!r} "
+                             "to no tokens")
         if not ids:
             raise ValueError("the prompt is empty (and this model adds no BOS token)")
         if len(ids) > self.n_ctx:

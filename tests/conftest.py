@@ -15,6 +15,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.model)
 
 
+# `make test-asan` sets KILN_SANITIZED=1: the run proves nothing unless the extension it
+# loads is the sanitized build in build/asan rather than the ordinary in-place one.
+if os.environ.get("KILN_SANITIZED") == "1":
+    import ckernels._ext
+    _where = os.path.abspath(ckernels._ext.__file__)
+    _asan = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "asan")
+    if not _where.startswith(_asan + os.sep):
+        raise RuntimeError(f"KILN_SANITIZED=1 but ckernels._ext is {_where}, not the build in {_asan}")
+
+
 # .ci/run installs every oracle and sets KILN_REQUIRE_ORACLES=1: there a skip (a missing
 # oracle, download or tool) is a failure, so a green CI run has run everything.
 REQUIRE_ALL = os.environ.get("KILN_REQUIRE_ORACLES") == "1"

@@ -224,5 +224,6 @@ class Vocab:
         if parse_special:
             kinds |= {TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN}
         found = [(t, i) for i, t in enumerate(self.tokens) if self.types[i] in kinds]
-        found.sort(key=lambda ti: -len(ti[0].encode("utf-8")))
+        # A token's text holds its bytes, surrogate-escaped where they are not UTF-8.
+        found.sort(key=lambda ti: -len(ti[0].encode("utf-8", "surrogateescape")))
         return found
