@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +57,29 @@ def end_of_turn_stops(llm, template: ChatTemplate) -> list[str]:
     return stops
 
 
-def tokenize_prompt(llm, template: ChatTemplate, text: str) -> list[int]:
+def tokenize_prompt(llm, template: ChatTemplate, text: str, spans=None) -> list[int]:
     """Rendered chat text -> ids, parsing special-token text (the template writes
-    `<|im_start|>` etc. as text). The file's BOS is added unless the template already
-    wrote it, so a BOS never appears twice."""
+    `<|im_start|>` etc. as text) except inside `spans`, the messages' contents (from
+    ChatTemplate.render_with_spans), where such text stays text. The file's BOS is added
+    unless the template already wrote it, so a BOS never appears twice."""
     add_bos = None
     if template.bos_token and text.startswith(template.bos_token):
         add_bos = False
-    return llm.tokenize(text, add_bos=add_bos, special=True)
+    return llm.tokenize(text, add_bos=add_bos, special=True, plain_spans=spans or ())
+
+
+def render_prompt(template: ChatTemplate, messages, special: bool = False):
+    """(text, spans) of the generation prompt for messages. special=True parses special-
+    token text in the messages too (llama.cpp's server does); by default it is plain text,
+    and where the template's rewriting of contents hides them, that is said once."""
+    if special:
+        return template.render(messages, add_generation_prompt=True), None
+    text, spans = template.render_with_spans(messages, add_generation_prompt=True)
+    if spans is None and not getattr(template, "_warned_spans", False):
+        template._warned_spans = True
+        warnings.warn("this chat template rewrites message contents, so kiln cannot keep "
+                      "special-token text in them as plain text", stacklevel=3)
+    return text, spans
 
 
 def _merge_stops(stop, extra):
@@ -71,18 +87,21 @@ def _merge_stops(stop, extra):
     return stop + [s for s in extra if s not in stop]
 
 
-def chat_completion(llm, messages, stream: bool = False, chat_template=None, **sampling):
+def chat_completion(llm, messages, stream: bool = False, chat_template=None, special: bool = False,
+                    **sampling):
     """Reply to `messages` (a list of {"role", "content"} dicts) as the assistant.
 
     The messages are rendered with the model's chat template (or `chat_template`: a
     ChatTemplate, template file or built-in name) and generation stops at the template's
-    end of turn. Returns what `llm.generate` returns: a Completion, or with stream=True
-    an iterator of str pieces (the Completion is then in `llm.last_completion`).
+    end of turn. Text in the messages that spells a special token (`<|im_end|>`) is
+    plain text unless special=True. Returns what `llm.generate` returns: a Completion, or
+    with stream=True an iterator of str pieces (the Completion is then in
+    `llm.last_completion`).
     """
     template = template_for(llm, chat_template)
-    text = template.render(messages, add_generation_prompt=True)
+    text, spans = render_prompt(template, messages, special)
     sampling["stop"] = _merge_stops(sampling.get("stop"), end_of_turn_stops(llm, template))
-    return llm.generate(tokenize_prompt(llm, template, text), stream=stream, **sampling)
+    return llm.generate(tokenize_prompt(llm, template, text, spans), stream=stream, **sampling)
 
 
 @dataclass
@@ -121,6 +140,7 @@ class ChatSession:
             self.messages.append({"role": "system", "content": system})
         self.last_stats: TurnStats | None = None
         self._stops = end_of_turn_stops(llm, self.template)
+        self._spans = None  # the message contents' spans in the last rendered prompt
         self._forget_tokens()
 
     # --- settings and history ----------------------------------------------------------
@@ -183,19 +203,24 @@ class ChatSession:
         self._prev_reply_ids: list[int] = []
 
     def _prompt_ids(self, text: str) -> list[int]:
-        """Ids of the rendered prompt `text`, reusing the previous turn's ids."""
+        """Ids of the rendered prompt `text` (the last _render's), reusing the previous
+        turn's ids."""
         prev = self._prev_prompt_text
+        spans = self._spans or ()
         if prev is not None and text.startswith(prev):
             ids = list(self._prev_prompt_ids)
-            rest = text[len(prev):]
-            if self._prev_reply_ids and rest.startswith(self._prev_reply_text):
+            off = len(prev)
+            if self._prev_reply_ids and text[off:].startswith(self._prev_reply_text):
                 ids += self._prev_reply_ids
-                rest = rest[len(self._prev_reply_text):]
-            return ids + self.llm.tokenize(rest, add_bos=False, special=True)
-        return tokenize_prompt(self.llm, self.template, text)
+                off += len(self._prev_reply_text)
+            rest = [(a - off, b - off) for a, b in spans if b > off]
+            return ids + self.llm.tokenize(text[off:], add_bos=False, special=True,
+                                           plain_spans=rest)
+        return tokenize_prompt(self.llm, self.template, text, spans)
 
     def _render(self, messages) -> str:
-        return self.template.render(messages, add_generation_prompt=True)
+        text, self._spans = render_prompt(self.template, messages)
+        return text
 
     def _fit(self, messages) -> tuple[list[dict], str, list[int], int]:
         """Drop the oldest messages after the system prompt until the prompt leaves room
@@ -207,7 +232,8 @@ class ChatSession:
         dropped = 0
         while True:
             text = self._render(messages)
-            ids = self._prompt_ids(text) if dropped == 0 else tokenize_prompt(self.llm, self.template, text)
+            ids = (self._prompt_ids(text) if dropped == 0
+                   else tokenize_prompt(self.llm, self.template, text, self._spans))
             if len(ids) + reserve <= n_ctx:
                 return messages, text, ids, dropped
             first = 1 if messages and messages[0]["role"] == "system" else 0

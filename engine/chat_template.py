@@ -19,6 +19,7 @@ and ChatML otherwise, which is llama.cpp's default.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -189,6 +190,38 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template failed: {e}") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+    def render_with_spans(self, messages, add_generation_prompt: bool = True):
+        """(text, spans): render()'s text and the (start, end) ranges in it that are the
+        messages' contents, which the tokenizer keeps as plain text (a user writing
+        '<|im_end|>' must not end their turn). Found by rendering once more with a
+        marker for each content: where the template transforms contents beyond
+        stripping them, spans is None."""
+        text = self.render(messages, add_generation_prompt)
+        messages = list(messages)
+        contents = [m.get("content") if isinstance(m, Mapping) else None for m in messages]
+        marked = [dict(m, content=f"\ue000{k}\ue001") if isinstance(c, str) and c else m
+                  for k, (m, c) in enumerate(zip(messages, contents))]
+        try:
+            text_marked = self.render(marked, add_generation_prompt)
+        except ChatTemplateError:
+            return text, None
+        for form in (str, str.strip):
+            out, spans, at, length = [], [], 0, 0
+            for m in re.finditer("\ue000(\\d+)\ue001", text_marked):
+                k = int(m.group(1))
+                if k >= len(contents) or not isinstance(contents[k], str):
+                    break
+                piece, content = text_marked[at:m.start()], form(contents[k])
+                spans.append((length + len(piece), length + len(piece) + len(content)))
+                out += [piece, content]
+                length += len(piece) + len(content)
+                at = m.end()
+            else:
+                out.append(text_marked[at:])
+                if "".join(out) == text:
+                    return text, spans
+        return text, None
 
     @classmethod
     def builtin(cls, name: str, bos_token: str = "", eos_token: str = "") -> "ChatTemplate":

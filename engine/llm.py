@@ -100,15 +100,25 @@ class LLM:
         self._cache_tokens = []
 
     # --- tokens ------------------------------------------------------------------------
-    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False,
+                 plain_spans=()) -> list[int]:
         """Text -> token ids. add_bos None = the file's default; special=True lets text such
-        as `<|im_start|>` become its special token (off for untrusted user text)."""
-        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+        as `<|im_start|>` become its special token (off for untrusted user text), except
+        inside plain_spans ((start, end) ranges of text, e.g. messages in a chat prompt)."""
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special, plain_spans=plain_spans)
 
     def detokenize(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
 
     def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            # Text as UTF-8 bytes (what llama-cpp-python's tokenize takes), never a list of
+            # token ids byte by byte.
+            try:
+                prompt = bytes(prompt).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"the prompt's bytes are not valid UTF-8: byte "
+                                 f"{bytes(prompt)[e.start]:#04x} at offset {e.start}") from None
         if isinstance(prompt, str):
             # A completion prompt is written by the app, template and all, so special-token
             # text in it is honoured (as llama.cpp and llama-cpp-python do).

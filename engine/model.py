@@ -33,6 +33,14 @@ FFN_SILU, FFN_GELU = 0, 1  # forward.h's kiln_ffn_act
 REPACKED_TYPES = tuple(GGMLType(b.ggml_id) for b in ckernels.weight_types() if b.repacked)
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on: hyper-threads share a core's matmul
     units, so llama.cpp's default of one thread per core is faster than one per CPU."""
@@ -190,6 +198,11 @@ class Model:
         if int(n_threads) > ckernels.MAX_THREADS:
             raise ValueError(f"n_threads ({n_threads}) is above the thread pool's limit of "
                              f"{ckernels.MAX_THREADS}")
+        cpus = usable_cpus()
+        if int(n_threads) > cpus:
+            warnings.warn(f"n_threads={n_threads} is more than the {cpus} CPUs this process can "
+                          "run on: the extra threads wait for a CPU, which slows every step "
+                          "(the results are the same)", stacklevel=3)
         self.path = str(path)
         self._file = formats.read_gguf(path)  # the mmap the C engine reads: kept open
         try:
@@ -318,8 +331,7 @@ class Model:
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         logits = np.empty((n if logits_all else 1) * self.config.n_vocab, np.float32)
         with self._lock:
-            if self._forward is None:
-                raise ValueError("model is closed")
+            self._check_usable()
             self._check_resume([(0, n_past, n_past + n)])
             self._forward.eval(tokens, n_past, logits, logits_all, trace)
         return logits.reshape(n, -1) if logits_all else logits
@@ -370,8 +382,7 @@ class Model:
                             f"cache needs fewer than {n_batch}")
         logits = np.empty(int(want.sum()) * self.config.n_vocab, np.float32)
         with self._lock:
-            if self._forward is None:
-                raise ValueError("model is closed")
+            self._check_usable()
             if self._rings:
                 self._check_resume([(int(s), int(positions[seq_ids == s].min()),
                                      int(positions[seq_ids == s].max()) + 1)
@@ -380,6 +391,20 @@ class Model:
                                      np.ascontiguousarray(seq_ids, np.int32),
                                      np.ascontiguousarray(positions, np.int32), want, logits)
         return logits.reshape(-1, self.config.n_vocab)
+
+    def _check_usable(self) -> None:
+        """Before each evaluation: the model is open and its file is as it was loaded.
+        The engine reads weights from the file's memory map, which shows the file's
+        current bytes: a file changed in place would silently change the answers, so it
+        is refused instead. (Replacing the file by a rename is safe: the map keeps the
+        file that was opened. Truncating it while an evaluation runs can still end the
+        process with SIGBUS, as for any memory-mapped file.)"""
+        if self._forward is None:
+            raise ValueError("model is closed")
+        change = self._file.changed_on_disk()
+        if change:
+            raise ModelError(f"{self.path} was {change} after it was loaded; the weights "
+                             "kiln reads from it are no longer the model's: load it again")
 
     def close(self) -> None:
         lock = getattr(self, "_lock", None)

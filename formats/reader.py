@@ -72,8 +72,30 @@ class GGUFFile:
         self.data_offset = data_offset
         self.file_size = file_size
         self._mmap = mm
+        self._fh, self._identity = None, None  # the open file, and its size and mtime then
+
+    def changed_on_disk(self) -> str | None:
+        """How the file this map reads has changed since it was opened (truncated,
+        extended, or written in place), or None. The map shows a file's current bytes, so
+        a changed file would change what a consumer reads; a file replaced by a rename
+        is not a change: the open file (and the map) are still the one loaded."""
+        fh = self._fh
+        if fh is None or fh.closed:
+            return None
+        st = os.fstat(fh.fileno())
+        (size, mtime), now = self._identity, _identity(st)
+        if now == self._identity:
+            return None
+        if st.st_size < size:
+            return f"truncated from {size} to {st.st_size} bytes"
+        if st.st_size > size:
+            return f"extended from {size} to {st.st_size} bytes"
+        return "written in place (its modification time changed)"
 
     def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
         mm, self._mmap = self._mmap, None
         if mm is not None:
             try:
@@ -221,22 +243,35 @@ def read_gguf(path) -> GGUFFile:
     """Open a GGUF (v2 or v3) file. Raises FormatError if it is malformed, OSError if it
     cannot be opened."""
     path = os.fspath(path)
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    fh = open(path, "rb")
+    try:
+        st = os.fstat(fh.fileno())
+        size = st.st_size
         head = fh.read(4)
         if head != GGUF_MAGIC:
             if len(head) < 4:
                 raise FormatError(f"{path}: not a GGUF file (only {size} bytes)")
             raise FormatError(f"{path}: not a GGUF file (magic {head!r} at offset 0, expected {GGUF_MAGIC!r})")
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except BaseException:
+        fh.close()
+        raise
     try:
-        return _parse(path, mm, size)
+        f = _parse(path, mm, size)
     except FormatError as e:
         mm.close()
+        fh.close()
         raise FormatError(f"{path}: {e}") from None
     except BaseException:
         mm.close()
+        fh.close()
         raise
+    f._fh, f._identity = fh, _identity(st)
+    return f
+
+
+def _identity(st) -> tuple:
+    return st.st_size, st.st_mtime_ns
 
 
 def _parse(path, mm, size) -> GGUFFile:

@@ -515,6 +515,9 @@ def make_seeds(directory: Path, smollm2: str | None = None) -> list[Path]:
 # --- outcomes -------------------------------------------------------------------------------
 
 OK_OUTCOMES = ("loaded", "refused")
+# Under `make test-asan` (AddressSanitizer's shadow memory is a vast address-space
+# reservation, which an address-space limit would break).
+SANITIZED = os.environ.get("KILN_SANITIZED") == "1"
 FAIL_OUTCOMES = ("signal", "hang", "foreign")
 
 
@@ -559,8 +562,13 @@ class _Worker:
         self.proc = ctx.Process(target=_worker, args=(child, target, mem_limit), daemon=True)
         self.proc.start()
         child.close()
-        if not self.conn.poll(60) or self.conn.recv() != "ready":
-            raise RuntimeError("fuzz worker did not start")
+        try:
+            ready = self.conn.poll(120) and self.conn.recv() == "ready"
+        except EOFError:
+            ready = False
+        if not ready:
+            self.proc.join(5)
+            raise RuntimeError(f"a fuzz worker did not start (exit status {self.proc.exitcode})")
         self.job = None
         self.started = 0.0
 
@@ -642,7 +650,7 @@ def mutants(seeds: list[Path], n: int, rng: random.Random, workdir: Path):
 
 def run(seeds: list[Path], n: int, *, workdir: Path, crashers: Path, rng_seed: int = 0,
         workers: int = 2, timeout: float = 20.0, target: str = "gguf_fuzz:load_and_generate",
-        mem_limit: int | None = 4 << 30, extra: list[tuple[str, bytes]] = (), progress: bool = False,
+        mem_limit: int | None = None if SANITIZED else 4 << 30, extra: list[tuple[str, bytes]] = (), progress: bool = False,
         max_seconds: float | None = None) -> Report:
     """Load n mutants of seeds (and the `extra` (description, bytes) ones) in worker
     processes running `target` ("module:function", importable from tests/); return the

@@ -27,8 +27,14 @@ class ByteTokenizer:
     eos_id = IM_END
     eog_ids = {IM_END, ENDOFTEXT}
 
-    def encode(self, text, add_bos=None, special=False):
-        ids = []
+    def encode(self, text, add_bos=None, special=False, plain_spans=()):
+        ids, at = [], 0
+        if plain_spans:
+            for start, end in [*sorted(plain_spans), (len(text), len(text))]:
+                ids += self.encode(text[at:start], special=special)
+                ids += list(text[start:end].encode())  # message contents: plain text
+                at = end
+            return ids
         parts = re.split("(" + "|".join(map(re.escape, SPECIAL)) + ")", text) if special else [text]
         for p in parts:
             ids += [SPECIAL[p]] if p in SPECIAL else list(p.encode())

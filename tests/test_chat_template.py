@@ -158,8 +158,8 @@ def test_fallback_with_a_real_tokenizer_adds_bos_once(vocab, family):
     assert t.name == family
 
     class Tokenizing:          # the one LLM method tokenize_prompt uses
-        def tokenize(self, text, add_bos=None, special=False):
-            return tok.encode(text, add_bos=add_bos, special=special)
+        def tokenize(self, text, add_bos=None, special=False, plain_spans=()):
+            return tok.encode(text, add_bos=add_bos, special=special, plain_spans=plain_spans)
 
     text = t.render(CONV)
     ids = tokenize_prompt(Tokenizing(), t, text)

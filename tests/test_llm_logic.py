@@ -21,7 +21,7 @@ class ScriptedTokenizer:
     eos_id = EOS
     eog_ids = {EOS}
 
-    def encode(self, text, add_bos=None, special=False):
+    def encode(self, text, add_bos=None, special=False, plain_spans=()):
         return ([BOS] if add_bos in (None, True) else []) + list(text.encode())
 
     def token_bytes(self, i):

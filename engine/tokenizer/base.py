@@ -9,6 +9,10 @@ from .vocab import (TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKE
 C_SPACE = " \t\n\v\f\r"   # what C's isspace() takes, which llama.cpp strips with
 
 
+class _Plain(str):
+    """A fragment of text inside a plain span (Tokenizer._partition)."""
+
+
 class Tokenizer:
     """A GGUF file's tokenizer; build it with engine.tokenizer.load_tokenizer(metadata)."""
 
@@ -68,12 +72,14 @@ class Tokenizer:
         return pieces[self._check_id(token_id)]
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False,
-               add_eos: bool | None = None) -> list[int]:
+               add_eos: bool | None = None, plain_spans=()) -> list[int]:
         """Token ids of `text`, as llama_tokenize gives them.
 
         add_bos / add_eos: None follows the file (tokenizer.ggml.add_bos_token/add_eos_token).
         special: parse control tokens such as <|im_start|> written in the text (chat
         templates); user text is tokenized with special=False so it cannot inject them.
+        plain_spans: (start, end) ranges of text parsed as with special=False even when
+        special is true (the messages inside a rendered chat prompt).
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
@@ -89,7 +95,7 @@ class Tokenizer:
         if add_bos:
             out.append(self._required(self.vocab.bos_id, "BOS"))
         prev_special = True
-        for frag in self._partition(text, special):
+        for frag in self._partition(text, special, plain_spans):
             if isinstance(frag, int):
                 out.append(frag)
                 prev_special = True
@@ -127,16 +133,31 @@ class Tokenizer:
             raise ValueError(f"this vocabulary has no {name} token")
         return token_id
 
-    def _partition(self, text: str, parse_special: bool) -> list:
+    def _partition(self, text: str, parse_special: bool, plain_spans=()) -> list:
         """Split text around special tokens, longest first (llama.cpp tokenizer_st_partition).
-        Returns raw-text fragments (str) and token ids (int), in order."""
-        frags = [text] if text else []
+        Returns raw-text fragments (str) and token ids (int), in order. Within
+        plain_spans ((start, end) ranges of text: message contents in a chat prompt) only
+        the tokens special=False would split out are: there a control token's text is
+        text, and the text around it is tokenized as if the span had no boundaries."""
+        frags, at = [], 0
+        for start, end in sorted(plain_spans):
+            start, end = max(start, at), min(end, len(text))
+            if start >= end:
+                continue
+            if start > at:
+                frags.append(text[at:start])
+            frags.append(_Plain(text[start:end]))
+            at = end
+        if at < len(text):
+            frags.append(text[at:])
+        always = {t for t, _ in self._specials[False]}
         for tok_text, tok_id in self._specials[parse_special]:
+            in_plain = tok_text in always
             if not any(isinstance(f, str) and tok_text in f for f in frags):
                 continue
             split = []
             for f in frags:
-                if isinstance(f, int) or tok_text not in f:
+                if isinstance(f, int) or tok_text not in f or (isinstance(f, _Plain) and not in_plain):
                     split.append(f)
                     continue
                 for k, part in enumerate(f.split(tok_text)):
@@ -145,9 +166,15 @@ class Tokenizer:
                         if tok_id in self.vocab.rstrip_ids:
                             part = part.lstrip(C_SPACE)
                     if part:
-                        split.append(part)
+                        split.append(_Plain(part) if isinstance(f, _Plain) else part)
             frags = split
-        return frags
+        merged = []  # a span's edges are no fragment boundaries: neighbouring text joins up
+        for f in frags:
+            if isinstance(f, str) and merged and isinstance(merged[-1], str):
+                merged[-1] = str(merged[-1]) + f
+            else:
+                merged.append(str(f) if isinstance(f, str) else f)
+        return merged
 
     def _piece(self, i: int, special: bool) -> bytes:
         kind = self.vocab.types[i]

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from engine.chat import end_of_turn_stops, template_for, tokenize_prompt
+from engine.chat import end_of_turn_stops, render_prompt, template_for, tokenize_prompt
 from engine.chat_template import ChatTemplateError
 from engine.cli.serve.metrics import Metrics
 from engine.cli.serve.schemas import ChatRequest, CompletionRequest
@@ -193,8 +193,8 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
 
         def render():
             template = template_for(llm)
-            text = template.render(messages, add_generation_prompt=True)
-            return tokenize_prompt(llm, template, text), end_of_turn_stops(llm, template)
+            text, spans = render_prompt(template, messages)
+            return tokenize_prompt(llm, template, text, spans), end_of_turn_stops(llm, template)
 
         try:
             ids, eot = await run_in_threadpool(render)
