@@ -25,6 +25,7 @@ from engine.chat_template import ChatTemplate, ChatTemplateError
 from engine.errors import ContextOverflowError, KilnError
 from engine.completion import Timings, stop_list
 from engine.sampler import sampling_defaults
+from formats.atomic import atomic_write
 
 ROLES = ("system", "user", "assistant")
 
@@ -175,7 +176,8 @@ class ChatSession:
         """Write the conversation (and settings) as JSON."""
         data = {"messages": self.messages, "settings": self.settings}
         try:
-            Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            with atomic_write(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         except OSError as e:
             raise KilnError(f"cannot save the conversation to {path}: {e.strerror}") from None
 

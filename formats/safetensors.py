@@ -17,12 +17,13 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from .atomic import atomic_write
 
 # Sizes of every dtype the format defines, so a header naming any of them validates; only
 # the float types below are convertible.
@@ -215,28 +216,17 @@ def write_safetensors(path, tensors: Iterable, metadata: dict | None = None) -> 
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the reference writer aligns the data section to 8
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name, dtype, shape, produce in entries:
-                data = np.asarray(produce())
-                if dtype == "BF16":
-                    bits = data if data.dtype == np.uint16 else f32_to_bf16(data)
-                else:
-                    bits = np.ascontiguousarray(data, dtype=_NUMPY_DTYPES[dtype])
-                if bits.size != int(np.prod(shape, dtype=np.int64)):
-                    raise ValueError(f"tensor {name}: produced {bits.size} elements "
-                                     f"for shape {tuple(shape)}")
-                # the format is little-endian; so is every platform kiln runs on
-                f.write(np.ascontiguousarray(bits).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape, produce in entries:
+            data = np.asarray(produce())
+            if dtype == "BF16":
+                bits = data if data.dtype == np.uint16 else f32_to_bf16(data)
+            else:
+                bits = np.ascontiguousarray(data, dtype=_NUMPY_DTYPES[dtype])
+            if bits.size != int(np.prod(shape, dtype=np.int64)):
+                raise ValueError(f"tensor {name}: produced {bits.size} elements "
+                                 f"for shape {tuple(shape)}")
+            # the format is little-endian; so is every platform kiln runs on
+            f.write(np.ascontiguousarray(bits).data)

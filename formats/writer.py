@@ -31,14 +31,13 @@ a converter holds one chunk of a tensor at a time, never the whole tensor.
 from __future__ import annotations
 
 import enum
-import glob
 import os
-import secrets
 import struct
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .atomic import commit, create_temp, discard
 from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGML_NUMPY_DTYPES, GGML_QUANT_SIZES,
                         GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLType)
 from .constants import GGUFValueType as VT
@@ -192,10 +191,7 @@ class GGUFWriter:
                       struct.pack("<IQ", ti.type, ti.offset)]
         header = b"".join(parts)
         header += b"\0" * _pad(len(header), self.alignment)
-        d, base = os.path.split(self.path)
-        self.tmp_path = os.path.join(d, f"{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        # os.open with 0o666 (not mkstemp's 0o600): the final file gets the usual umask mode
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd, self.tmp_path = create_temp(self.path)
         self._fh = os.fdopen(fd, "wb")
         self._state = _State.DATA
         self._fh.write(header)
@@ -309,18 +305,8 @@ class GGUFWriter:
         fh.flush()
         os.fsync(fh.fileno())
         fh.close()
-        os.replace(self.tmp_path, self.path)
+        commit(self.tmp_path, self.path)
         self._state = _State.DONE
-        d = os.path.dirname(self.path)
-        try:
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)  # make the rename itself durable
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-        _remove_stale_temps(self.path)
 
     def abort(self) -> None:
         """Discard everything written; the target path is untouched."""
@@ -331,10 +317,7 @@ class GGUFWriter:
         if fh is not None:
             fh.close()
         if self.tmp_path is not None:
-            try:
-                os.unlink(self.tmp_path)
-            except FileNotFoundError:
-                pass
+            discard(self.tmp_path)
 
     def __del__(self):
         # dropped without finish(): discard the partial file like an exception would
@@ -373,27 +356,6 @@ def _pieces(arr: np.ndarray, block: int):
     step = max(1, _ENCODE_CHUNK_ELEMENTS // max(inner, 1))
     for i in range(0, arr.shape[0], step):
         yield arr[i : i + step]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temps(path: str) -> None:
-    """Delete temp files of earlier writes to `path` whose writer process is gone."""
-    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
-        pid = tmp[len(path) + len(".tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def write_gguf(path, metadata, tensors, alignment: int | None = None) -> None:

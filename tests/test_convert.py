@@ -458,8 +458,8 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tiny_hf, tmp_path, caps
     out.parent.mkdir()
     if case == "output_is_weights":
         out = d / "model.safetensors"
-        expected = (f"error: output {out} is one of the source's weight files; "
-                    f"write the GGUF to another path")
+        expected = (f"error: output {out} is a file of the source ({out}); kiln never "
+                    f"writes over its inputs: give another output path")
     else:
         expected = case(d)
     before = {p: p.stat().st_mtime_ns for p in d.iterdir()}

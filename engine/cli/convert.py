@@ -89,6 +89,9 @@ def check_args(args) -> None:
     """The flag combinations that cannot work, refused before anything runs."""
     if args.imatrix and args.calibration:
         raise ConvertError("give --imatrix FILE or --calibration TEXT, not both")
+    for flag, f in (("--imatrix", args.imatrix), ("--calibration", args.calibration)):
+        if f:
+            convert.check_output(args.out, [f], f"the {flag} file")
     if args.method == "gptq" and not args.calibration:
         raise ConvertError("--method gptq needs --calibration TEXT: it uses the Hessians of "
                            "the activations, which an imatrix file does not hold")

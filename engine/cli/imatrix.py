@@ -31,12 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from engine.cli.kiln import resolve_model
+    from engine.convert import check_output
     from engine.convert.calibrate import collect_imatrix
     from engine.perplexity import read_text
     from formats.imatrix import write_imatrix
     args = build_parser().parse_args(argv)
     text = read_text(args.file)
     path = resolve_model(args.model)
+    check_output(args.output, [path, args.file], "an input")
     t0 = time.perf_counter()
     im = collect_imatrix(path, text, n_ctx=args.ctx, n_chunks=args.chunks,
                          dataset=args.file, quiet=args.quiet)

@@ -14,6 +14,7 @@ import sys
 
 from engine.chat import ChatSession
 from engine.errors import KilnError
+from formats.atomic import atomic_path
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -126,7 +127,8 @@ class Repl:
             return
         try:
             self._history.parent.mkdir(parents=True, exist_ok=True)
-            self._readline.write_history_file(self._history)
+            with atomic_path(self._history) as tmp:
+                self._readline.write_history_file(tmp)
         except OSError:
             pass
 

@@ -19,6 +19,7 @@ each tensor gets), `streaming` (writing), `export_hf` (GGUF back to a checkpoint
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from engine.convert.gguf_source import plan_gguf
@@ -28,10 +29,35 @@ from engine.convert.plan import Plan, TensorPlan, check_encodable
 from engine.convert.streaming import write
 from engine.errors import ConvertError
 
-__all__ = ["plan", "write", "Plan", "TensorPlan", "MIXES", "OUT_TYPES"]
+__all__ = ["plan", "write", "check_output", "source_files", "Plan", "TensorPlan", "MIXES", "OUT_TYPES"]
 
 # --type name -> its main type
 OUT_TYPES = {name: m.default for name, m in MIXES.items()}
+
+
+def source_files(src) -> list[Path]:
+    """The files a conversion of `src` reads: the GGUF itself, or every file of the
+    Hugging Face directory but GGUFs (a GGUF written into the directory by an earlier
+    run is an output, not an input)."""
+    src = Path(src)
+    if not src.is_dir():
+        return [src]
+    return [f for f in src.iterdir() if f.is_file() and f.suffix != ".gguf"]
+
+
+def check_output(out, inputs, what: str = "an input") -> None:
+    """ConvertError if writing `out` would replace one of `inputs` (the same file under
+    any name: a symlink or a hard link counts)."""
+    if not os.path.exists(out):
+        return
+    for f in inputs:
+        try:
+            same = os.path.samefile(out, f)
+        except OSError:
+            continue
+        if same:
+            raise ConvertError(f"output {out} is {what} ({f}); kiln never writes over its "
+                               f"inputs: give another output path")
 
 
 def plan(src, out, out_type: str = "q8_0", embed_type: str | None = None) -> Plan:
@@ -51,6 +77,7 @@ def plan(src, out, out_type: str = "q8_0", embed_type: str | None = None) -> Pla
                            f"{out / 'model.gguf'}")
     if not out.resolve().parent.is_dir():
         raise ConvertError(f"output directory {out.resolve().parent} does not exist")
+    check_output(out, source_files(src), "a file of the source")
     if src.is_dir():
         p = plan_hf(src, out, mix, embed)
     else:

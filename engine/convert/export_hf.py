@@ -10,7 +10,6 @@ checkpoint from real weights without any download, and lets `transformers` check
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from engine.convert.naming import permute_qk
 from engine.convert.vocab import (SPECIAL_KEYS, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNUSED,
                                   TOKEN_USER_DEFINED, pre_tokenizer_json)
 from engine.errors import ConvertError
+from formats.atomic import atomic_write
 from formats.safetensors import write_safetensors
 
 # GGUF name -> HF name, per-layer names with `{i}` for the layer (llama's declaration)
@@ -204,7 +204,8 @@ def export(gguf_path, out_dir, dtype: str = "f32", shards: int = 1) -> Path:
         if tok_model == "gpt2":
             _write_json(out_dir / "tokenizer.json", bpe_tokenizer_json(md))
         else:
-            (out_dir / "tokenizer.model").write_bytes(spm_model_proto(md))
+            with atomic_write(out_dir / "tokenizer.model") as fp:
+                fp.write(spm_model_proto(md))
         _write_json(out_dir / "tokenizer_config.json", tokenizer_config(md, tok_model == "gpt2"))
     return out_dir
 
@@ -229,7 +230,5 @@ def _write_weights(out_dir: Path, entries: list, shards: int):
 
 
 def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fp:
+    with atomic_write(path, "w", encoding="utf-8") as fp:
         json.dump(obj, fp, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)

@@ -4,7 +4,6 @@ tensors the family's graph needs, and the GGUF metadata (keys as llama.cpp's
 convert_hf_to_gguf.py writes them, under the family's prefix)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -193,11 +192,6 @@ def plan_hf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan
     cfg = text_config(read_json(cfg_path))
     hp = hf_hparams(cfg, cfg_path)
     weight_files = _hf_weight_files(src)
-    out_real = os.path.realpath(out)
-    for p in set(weight_files.values()):
-        if os.path.realpath(p) == out_real:
-            raise ConvertError(f"output {out} is one of the source's weight files; "
-                               f"write the GGUF to another path")
     vocab = read_hf_tokenizer(src, hp["n_vocab"], cfg, hp["arch"])
 
     # Open every shard and index its tensors (headers only).
