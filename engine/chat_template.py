@@ -11,6 +11,11 @@ ImmutableSandboxedEnvironment, where attribute access to Python internals (`__cl
 `__globals__`, ...) and mutation of lists/dicts are refused. llama-cpp-python rendered
 templates in a plain Environment and a model file could execute arbitrary code
 (CVE-2024-34359); here any such attempt raises ChatTemplateError and executes nothing.
+The sandbox also bounds what a render may cost, since a hostile template could otherwise
+hang the process or exhaust its memory with a few characters (`'a' * 10**10`, nested
+loops over big ranges, a string doubled in a loop): every string or list the template
+builds, and the rendered text, is at most MAX_RENDERED long, and one render iterates at
+most RANGE_BUDGET range() items in all. Real templates stay far below both.
 
 Files without a template get a built-in one, chosen like llama.cpp chooses: by looking
 for a family's marker tokens (here in the vocabulary, since there is no template text),
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import jinja2
+from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -33,6 +39,14 @@ from engine.errors import KilnError
 
 class ChatTemplateError(KilnError):
     """A chat template is malformed, unsafe, or refused the messages it was given."""
+
+
+# The longest string or list a template may build, and the longest prompt it may render
+# (16 Mi characters: some 4 M tokens, far beyond any context window).
+MAX_RENDERED = 1 << 24
+# range() items one render may iterate, nested loops included (a template loops over the
+# messages, and over ranges of a few items at most).
+RANGE_BUDGET = 1_000_000
 
 
 # Built-in templates, written in the same Jinja dialect as the ones models ship.
@@ -122,20 +136,132 @@ def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
+def _too_big(what: str, n: int):
+    return SecurityError(f"{what} of {n} is over the sandbox's limit of {MAX_RENDERED} "
+                         f"characters or items")
+
+
+def _size(x) -> int | None:
+    return len(x) if isinstance(x, (str, list, tuple)) else None
+
+
+# the widths and precisions of str.format fields and printf-style conversions
+_FORMAT_NUMBERS = re.compile(r"\{[^{}]*?:[^{}\d]*(\d+)(?:\.(\d+))?|%(?:\([^)]*\))?[-+ #0]*(\d+)?(?:\.(\d+))?")
+
+
+def _check_format(fmt):
+    """SecurityError if a format string asks for a field wider than MAX_RENDERED."""
+    if isinstance(fmt, str):
+        for m in _FORMAT_NUMBERS.finditer(fmt):
+            n = max((int(g) for g in m.groups() if g), default=0)
+            if n > MAX_RENDERED:
+                raise _too_big("a formatted field", n)
+
+
+def _check_width_args(args, what: str):
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and a > MAX_RENDERED:
+            raise _too_big(what, a)
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's code generator, with `a ~ b` (string concatenation, which the sandbox has
+    no hook for) going through the environment's size check."""
+
+    def visit_Concat(self, node, frame):
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, but an unsafe attribute raises at once instead of turning
-    into an Undefined that prints as an empty string."""
+    into an Undefined that prints as an empty string, and the operators that can build
+    huge values check the size of their result before building it."""
+
+    code_generator_class = _BoundedCodeGenerator
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
 
     def unsafe_undefined(self, obj, attribute):
         raise SecurityError(f"access to attribute {attribute!r} of "
                             f"{type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if _size(seq) is not None and isinstance(n, int) and len(seq) * n > MAX_RENDERED:
+                    raise _too_big("a repetition", len(seq) * n)
+        elif operator == "+":
+            a, b = _size(left), _size(right)
+            if a is not None and b is not None and a + b > MAX_RENDERED:
+                raise _too_big("a concatenation", a + b)
+        elif operator == "%":
+            _check_format(left)
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * max(1, abs(left).bit_length()) > 4096:
+                raise SecurityError(f"{left} ** {right} is over the sandbox's limit of 4096 bits")
+        return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+
+        def checked(*args, **kwargs):
+            _check_format(value.__self__)
+            _check_width_args((*args, *kwargs.values()), "a str.format() argument")
+            return wrapped(*args, **kwargs)
+        return checked
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (the sandbox's own names)
+        # str methods that pad or repeat to a width given as an argument (center, ljust, zfill, ...)
+        if isinstance(getattr(__obj, "__self__", None), str):
+            _check_width_args((*args, *kwargs.values()), f"str.{getattr(__obj, '__name__', '?')}()")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    @staticmethod
+    def checked_concat(parts):
+        parts = [p if isinstance(p, str) else str(p) for p in parts]
+        n = sum(map(len, parts))
+        if n > MAX_RENDERED:
+            raise _too_big("a concatenation", n)
+        return "".join(parts)
+
+
+def _budgeted_range():
+    """range() for one render: each call's items count against RANGE_BUDGET."""
+    left = RANGE_BUDGET
+
+    def bounded_range(*args):
+        nonlocal left
+        r = range(*args)
+        if len(r) > left:
+            raise SecurityError(f"range() asked for {len(r)} items with {left} of the render's "
+                                f"budget of {RANGE_BUDGET} left")
+        left -= len(r)
+        return r
+    return bounded_range
 
 
 def _make_env() -> jinja2.Environment:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
                    autoescape=False, keep_trailing_newline=False)
     env.filters["tojson"] = _tojson
-    env.globals = {"range": range, "dict": dict, "namespace": env.globals["namespace"],
+    format_filter, center_filter = env.filters["format"], env.filters["center"]
+
+    def checked_format(value, *args, **kwargs):
+        _check_format(value)
+        return format_filter(value, *args, **kwargs)
+
+    def checked_center(value, width=80):
+        _check_width_args((width,), "the center filter's width")
+        return center_filter(value, width)
+    env.filters["format"], env.filters["center"] = checked_format, checked_center
+    # range is given per render (_budgeted_range); this one only stands in at compile time
+    env.globals = {"range": _budgeted_range(), "dict": dict, "namespace": env.globals["namespace"],
                    "raise_exception": _raise_exception, "strftime_now": _strftime_now}
     return env
 
@@ -179,8 +305,18 @@ class ChatTemplate:
         """The prompt text for `messages`; raises ChatTemplateError, never runs Python code."""
         messages = _check_messages(list(messages) if not isinstance(messages, Sequence) else messages)
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            pieces, n = [], 0
+            for piece in self._template.generate(
+                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token, eos_token=self.eos_token, range=_budgeted_range()):
+                n += len(piece)
+                if n > MAX_RENDERED:
+                    raise _too_big("the rendered prompt", n)
+                pieces.append(piece)
+            return "".join(pieces)
+        except (RecursionError, MemoryError) as e:
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__} (it recursed "
+                                    f"or built values too large)") from None
         except SecurityError as e:
             raise ChatTemplateError(f"chat template tried an unsafe operation and was stopped: {e}") \
                 from None
