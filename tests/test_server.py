@@ -275,7 +275,8 @@ def test_chat_page_is_served(server):
 
 
 def test_serve_refuses_bad_arguments(smollm2_path):
-    for args in (["--parallel", "0"], ["--ctx", "-5"], ["--port", "70000"]):
+    for args in (["--parallel", "0"], ["--ctx", "-5"], ["--port", "70000"], ["--timeout", "0"],
+                 ["--timeout", "nan"], ["--timeout", "inf"]):
         r = subprocess.run([sys.executable, "-m", "engine", "serve", str(smollm2_path), *args],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "must be" in r.stderr and "Traceback" not in r.stderr, args

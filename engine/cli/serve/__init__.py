@@ -1,7 +1,7 @@
 """`kiln serve [MODEL]`: an OpenAI-compatible HTTP server (extra `kiln[server]`).
 
     kiln serve [MODEL] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--ctx N]
-               [--parallel N] [--threads N]
+               [--parallel N] [--threads N] [--max-body BYTES] [--timeout SECONDS]
 
 POST /v1/completions, POST /v1/chat/completions (both with "stream": true as Server-Sent
 Events), GET /v1/models, GET /health, GET /metrics (Prometheus), and a chat page at /.
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute threads (default: physical cores)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body accepted (default: 1 MiB)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds a client has to send a request's head, and then its body "
+                        "(default: 30); a slower one gets 408 and is disconnected")
     p.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve (extra kiln[ray]): on the cluster $RAY_ADDRESS "
                         "names, else on this machine")
@@ -56,11 +59,14 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise KilnError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     if not 0 <= args.port <= 65535:
         raise KilnError(f"--port must be in 0..65535, got {args.port}")
     try:
         import uvicorn
         from engine.cli.serve.app import DEFAULT_MAX_BODY, create_app
+        from engine.cli.serve.protocol import DEFAULT_TIMEOUT, with_timeout
     except ImportError as e:
         raise KilnError(f"kiln serve needs the server extra: pip install 'kiln[server]' ({e})") from None
     from engine.cli.kiln import resolve_model
@@ -80,9 +86,11 @@ def main(argv=None) -> int:
     threads = pool.llm.n_threads
     try:
         name = Path(path).name.removesuffix(".gguf")
-        app = create_app(pool, name, api_key=args.api_key, max_body=args.max_body or DEFAULT_MAX_BODY)
+        timeout = args.timeout or DEFAULT_TIMEOUT
+        app = create_app(pool, name, api_key=args.api_key, max_body=args.max_body or DEFAULT_MAX_BODY,
+                         timeout=timeout)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, http=with_timeout(timeout))
         server = uvicorn.Server(config)
         # the bound address on stderr, so a caller that asked for port 0 learns the port
         original_startup = server.startup

@@ -18,10 +18,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.chat import end_of_turn_stops, render_prompt, template_for, tokenize_prompt
 from engine.chat_template import ChatTemplateError
 from engine.cli.serve.metrics import Metrics
+from engine.cli.serve.protocol import DEFAULT_TIMEOUT
 from engine.cli.serve.schemas import ChatRequest, CompletionRequest
 from engine.cli.serve.slots import Job, SlotPool
 
@@ -44,12 +46,13 @@ class ApiError(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over max_bytes gets 413, whether or not it says
-    its length up front (a body without Content-Length is read, up to the limit, before
-    the app sees it)."""
+    """ASGI middleware: the request body is read here, before the app sees it, within
+    `timeout` seconds and up to max_bytes, whether or not it says its length up front.
+    Over the limit gets 413, too slow gets 408; both close the connection, so the rest
+    of a refused body is never read."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float = DEFAULT_TIMEOUT):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -63,18 +66,23 @@ class BodyLimit:
             except ValueError:
                 over = True
             if over:
-                return await _send_json(send, 413, too_big.body())
-            return await self.app(scope, receive, send)
+                return await _send_json(send, 413, too_big.body(), close=True)
         chunks, seen, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left
-                return
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > limit:
-                return await _send_json(send, 413, too_big.body())
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client left
+                        return
+                    chunks.append(message.get("body", b""))
+                    seen += len(chunks[-1])
+                    if seen > limit:
+                        return await _send_json(send, 413, too_big.body(), close=True)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            late = ApiError(408, f"the request body did not arrive within {self.timeout:g} s",
+                            code="request_timeout")
+            return await _send_json(send, 408, late.body(), close=True)
         body, replayed = b"".join(chunks), False
 
         async def replay():
@@ -87,11 +95,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _send_json(send, status, obj):
+async def _send_json(send, status, obj, close=False):
     body = json.dumps(obj).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -103,7 +112,7 @@ def _sampling(req) -> dict:
 
 
 def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str] = None,
-               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+               max_body: int = DEFAULT_MAX_BODY, timeout: float = DEFAULT_TIMEOUT) -> FastAPI:
     """The app over `pool`; with pool None, over REPLICA_POOLS[model_name], which a Ray
     Serve replica fills in its own process (Ray ships the app and the replica class to
     the replica separately, so a pool set on the app object would not reach the copy
@@ -118,7 +127,7 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
         # by value carries a copy of this module's globals, the import finds the module
         import engine.cli.serve.app as this
         return this.REPLICA_POOLS[model_name]
-    app.add_middleware(BodyLimit, max_bytes=max_body)
+    app.add_middleware(BodyLimit, max_bytes=max_body, timeout=timeout)
     metrics = Metrics()
     created = int(time.time())
 
@@ -131,6 +140,12 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
     async def invalid_body(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", byte offset)
+            where = first.get("loc", ())[-1:]
+            detail = (first.get("ctx") or {}).get("error", first.get("msg", ""))
+            at = f" at byte {where[0]}" if where and isinstance(where[0], int) else ""
+            return error_response(ApiError(400, f"invalid request body: not valid JSON{at} ({detail})"),
+                                  request.url.path)
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = first.get("msg", "invalid request body")
         return error_response(ApiError(400, f"invalid request body: {loc + ': ' if loc else ''}{msg}",
@@ -140,15 +155,23 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
     async def api_error(request: Request, exc: ApiError):
         return error_response(exc, request.url.path)
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc):
-        return error_response(ApiError(404, f"no route {request.method} {request.url.path}",
-                                       code="not_found"), request.url.path)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            e = ApiError(404, f"no route {request.method} {request.url.path}", code="not_found")
+        elif exc.status_code == 405:
+            e = ApiError(405, f"method {request.method} is not allowed on {request.url.path}")
+        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            e = ApiError(400, "invalid request body: it cannot be parsed as JSON (invalid UTF-8, a "
+                              "number too long or nesting too deep)")
+        else:
+            e = ApiError(exc.status_code, str(exc.detail))
+        return error_response(e, request.url.path)
 
-    @app.exception_handler(405)
-    async def bad_method(request: Request, exc):
-        return error_response(ApiError(405, f"method {request.method} is not allowed on "
-                                            f"{request.url.path}"), request.url.path)
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                       type_="server_error"), request.url.path)
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -175,7 +198,10 @@ def create_app(pool: Optional[SlotPool], model_name: str, api_key: Optional[str]
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
             raise ApiError(400, "one prompt per request: a string or a list of token ids", param="prompt")
         if isinstance(prompt, str):
-            ids = await run_in_threadpool(_pool().llm.tokenize, prompt, None, True)
+            try:
+                ids = await run_in_threadpool(_pool().llm.tokenize, prompt, None, True)
+            except ValueError as e:  # text the tokenizer refuses (a lone surrogate, say)
+                raise ApiError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from None
         else:
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < _pool().llm.n_vocab]
