@@ -205,3 +205,34 @@ def test_llms_created_and_closed_leak_no_descriptors_mappings_or_memory(smollm2_
     assert fds == fds0, f"{fds - fds0} file descriptors left open over 20 loads"
     assert maps <= maps0 + 8, f"{maps - maps0} more mappings after 20 loads"
     assert rss - rss0 < 30, f"RSS grew {rss - rss0} MB over 20 loads"
+
+
+def test_a_hundred_llms_closed_or_left_to_a_with_block_leave_nothing_open(tmp_path):
+    """100 LLM objects, half closed by LLM.close(), half by leaving a with block (and one
+    closed twice): not one file descriptor or mapping more than before them."""
+    import gc
+    import os
+
+    import tiny_models
+    path = tiny_models.make_tiny_llama(tmp_path / "tiny.gguf")
+
+    def counts():
+        gc.collect()
+        with open("/proc/self/maps") as f:
+            return len(os.listdir("/proc/self/fd")), sum(1 for _ in f)
+
+    with LLM(path, n_ctx=64, n_threads=1) as llm:  # warm up (imports, allocator)
+        llm.generate([1, 2, 3], max_tokens=2, temperature=0)
+    before = counts()
+    for i in range(100):
+        if i % 2:
+            with LLM(path, n_ctx=64, n_threads=1) as llm:
+                llm.generate([1, 2, 3], max_tokens=2, temperature=0)
+        else:
+            llm = LLM(path, n_ctx=64, n_threads=1)
+            llm.generate([1, 2, 3], max_tokens=2, temperature=0)
+            llm.close()
+            llm.close()  # closing twice is harmless
+    fds, maps = counts()
+    assert fds == before[0], f"{fds - before[0]} file descriptors left open by 100 LLMs"
+    assert maps <= before[1] + 4, f"{maps - before[1]} more mappings after 100 LLMs"
