@@ -534,8 +534,9 @@ def test_gguf_source_errors(smol_vocab, tmp_path, capsys):
     src = make_tiny_gguf(tmp_path / "t.gguf", smol_vocab)
     capsys.readouterr()
     assert run_convert(src, "-o", src, "--type", "q8_0") == 1
-    assert capsys.readouterr().err == (f"error: output {src} is the source file; "
-                                       f"write the GGUF to another path\n")
+    assert capsys.readouterr().err == (f"error: output {src} is a file of the source ({src}); "
+                                       f"kiln never writes over its inputs: give another output "
+                                       f"path\n")
     assert run_convert(tmp_path / "nope", "-o", tmp_path / "o.gguf") == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such file or directory\n"
     (tmp_path / "junk.bin").write_bytes(b"not a model")

@@ -2,7 +2,6 @@
 from its type (or copied when the type does not change)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,6 @@ GGMLType = formats.GGMLType
 
 
 def plan_gguf(src: Path, out: Path, mix: Mix, embed_type: GGMLType | None) -> Plan:
-    if os.path.realpath(src) == os.path.realpath(out):
-        raise ConvertError(f"output {out} is the source file; write the GGUF to another path")
     try:
         f = formats.read_gguf(src)
     except formats.FormatError as e:
