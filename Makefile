@@ -56,11 +56,14 @@ crosstools:
 	    fi; \
 	fi
 
-# A long fuzz run over the GGUF loaders (the CI-sized one is tests/test_fuzz.py); mutants
-# that crash, hang or escape with a foreign exception are kept in build/fuzz-crashers.
+# A long fuzz run over the GGUF loaders (the CI-sized ones are tests/test_fuzz.py and
+# tests/test_fuzz_atheris.py): the mutation fuzzer through load and generation, whose
+# findings are kept in build/fuzz-crashers, then the coverage-guided one (atheris) over
+# the reader, config and tokenizer loaders, whose findings are crash-* files in build/.
 FUZZ_SECONDS ?= 1800
 fuzz: install pull
 	$(PY) tools/fuzz_gguf.py --seconds $(FUZZ_SECONDS)
+	mkdir -p build && cd build && ../$(PY) ../tools/fuzz_atheris.py -max_total_time=$(FUZZ_SECONDS)
 
 pull: install
 	$(KILN) pull

@@ -19,7 +19,7 @@ from tiny_models import make_tiny_llama
 # well under a minute. Under `make test-asan` the sanitized engine is far slower, so the
 # run there is smaller.
 SANITIZED = gguf_fuzz.SANITIZED
-CI_MUTANTS = 2000 if SANITIZED else 15000
+CI_MUTANTS = 2000 if SANITIZED else 8000
 
 
 def test_ci_sized_run_finds_no_crash_hang_or_foreign_exception(smollm2_path, tmp_path_factory):

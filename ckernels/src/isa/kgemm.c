@@ -190,7 +190,8 @@ static inline void kiln_kstore(const kiln_kgemm_args *a, int64_t row, int t0, in
 #if defined(__AVX2__)
 /* The AVX-VNNI and AVX512-VNNI variants compile this AVX2 path with their flags: the
  * chunk scales are applied to 16-bit pair sums (vpmaddwd), which dpbusd's 32-bit sums
- * of four would need a 32-bit multiply for. */
+ * of four would need a 32-bit multiply for. With AVX512BW the per-token products run
+ * 64 bytes wide; the integer sums are the same, so the bits are too. */
 #include <immintrin.h>
 
 /* q of super-block blk in 8 registers, q[k] = elements 32k .. 32k + 31. */
@@ -341,6 +342,13 @@ static inline __attribute__((always_inline)) void
 kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, const int type) {
     const int has_min = kiln_khas_min(type), offset = kiln_koffset(type), sgn = type == KILN_TYPE_IQ4_XS;
     const size_t bsize = a->row_size / (size_t)a->nb;
+#if defined(__AVX512BW__)
+    /* 64-byte products for batches: for one token (generation) widening the decoded
+     * quants costs more than the halved product loop saves (measured) */
+    const int WIDE = nt > 1;
+#else
+    const int WIDE = 0;
+#endif
     /* the scale of chunks 2k (low 128-bit lane) and 2k + 1 (high lane), as 16-bit lanes,
      * picked from 8 scales repeated in both lanes */
     __m256i pick[4];
@@ -361,7 +369,7 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
             kiln_kscales_avx2(blk, type, &sc8, &coef8, &d, &dmin);
             __m256i q[8], qa[8], scv[8];
             kiln_kquants_avx2(blk, type, q);
-            if (sgn)
+            if (sgn && !WIDE)
                 for (int k = 0; k < 8; k++) qa[k] = _mm256_abs_epi8(q[k]);
             __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
             __m256i s_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), s_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
@@ -371,14 +379,42 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
             }
             __m256i coef = has_min ? _mm256_cvtepi8_epi16(coef8)
                                    : _mm256_mullo_epi16(sc16, _mm256_set1_epi16((short)-offset));
+#if defined(__AVX512BW__)
+            /* the same products and pair sums, 64 elements (four chunks) per instruction */
+            __m512i q5[4], qa5[4], sc5[4];
+            if (WIDE)
+                for (int k = 0; k < 4; k++) {
+                    q5[k] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * k]), q[2 * k + 1], 1);
+                    sc5[k] = _mm512_inserti64x4(_mm512_castsi256_si512(scv[2 * k]), scv[2 * k + 1], 1);
+                    if (sgn) qa5[k] = _mm512_abs_epi8(q5[k]);
+                }
+#endif
             for (int t = 0; t < nt; t++) {
                 const block_q8_K *x = a->act + (size_t)(t0 + t) * a->nb + ib;
-                __m256i s = _mm256_setzero_si256();
+                __m256i s;
+#if defined(__AVX512BW__)
+                if (WIDE) {
+                __m512i s5 = _mm512_setzero_si512();
+                for (int k = 0; k < 4; k++) {
+                    __m512i ax = _mm512_loadu_si512((const void *)(x->qs + 64 * k));
+                    /* IQ4_XS: |q| times a with q's sign (AVX512 has no sign_epi8; where q
+                     * is 0, |q| is 0 and the product too, as sign_epi8 gives) */
+                    __m512i p = sgn ? _mm512_maddubs_epi16(qa5[k], _mm512_mask_sub_epi8(ax, _mm512_movepi8_mask(q5[k]),
+                                                                                        _mm512_setzero_si512(), ax))
+                                    : _mm512_maddubs_epi16(q5[k], ax);
+                    s5 = _mm512_add_epi32(s5, _mm512_madd_epi16(p, sc5[k]));
+                }
+                s = _mm256_add_epi32(_mm512_castsi512_si256(s5), _mm512_extracti64x4_epi64(s5, 1));
+                } else
+#endif
+                {
+                s = _mm256_setzero_si256();
                 for (int k = 0; k < 8; k++) {
                     __m256i ax = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
                     __m256i p = sgn ? _mm256_maddubs_epi16(qa[k], _mm256_sign_epi8(ax, q[k]))
                                     : _mm256_maddubs_epi16(q[k], ax);
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
+                }
                 }
                 int32_t isum, msum = 0;
                 if (offset || has_min) {
