@@ -28,8 +28,9 @@ FFN_SILU, FFN_GELU = 0, 1  # forward.h's kiln_ffn_act
 
 
 # Weight types the kernels repack at load time (kernels.h: they never read the file's
-# blocks again after kiln_matrix_init). token_embd's rows are still looked up in the
-# file, one row per token: those few pages simply fault back in.
+# blocks again after kiln_matrix_init). A tied token_embd's rows are looked up in the
+# output's packed copy (forward.c), so its pages are not read again either; an untied
+# one's rows are read from the file, one per token: those few pages fault back in.
 REPACKED_TYPES = tuple(GGMLType(b.ggml_id) for b in ckernels.weight_types() if b.repacked)
 
 

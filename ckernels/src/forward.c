@@ -62,6 +62,7 @@ typedef struct {
 
 typedef struct {
     kiln_weight token_embd;       /* (n_vocab, n_embd), rows dequantized on lookup */
+    int embd_in_output;           /* tied and repacked: rows are looked up in output's copy */
     int64_t token_embd_row_size;  /* bytes per row */
     Layer *layers;                /* (n_layer) */
     const float *output_norm;     /* (n_embd) */
@@ -174,7 +175,12 @@ static int build_weights(Weights *w, const kiln_model_config *c, const kiln_mode
             init_matrix(&L->w_down, s->ffn_down, c->n_embd, c->n_ff))
             return -1;
     }
-    return init_matrix(&w->output, src->output, c->n_vocab, c->n_embd);
+    if (init_matrix(&w->output, src->output, c->n_vocab, c->n_embd)) return -1;
+    /* a tied embedding's rows from the packed output: the file's pages of the table are
+     * then read once, at load (engine/model.py releases them), not again per new token */
+    w->embd_in_output = w->output.packed && src->output.data == src->token_embd.data &&
+                        src->output.type == src->token_embd.type;
+    return 0;
 }
 
 static void free_run_state(RunState *s) {
@@ -644,9 +650,12 @@ static void forward_chunk(kiln_model *m, const int32_t *tokens, int n, int n_out
     make_tiles(s, n);
     for (int t = 0; t < n; t++) {
         float *x = s->x + (size_t)t * c->n_embd;
-        kiln_dequantize_row(w->token_embd.type,
-                            (const char *)w->token_embd.data + tokens[t] * w->token_embd_row_size,
-                            x, c->n_embd);
+        if (w->embd_in_output)
+            kiln_matrix_row(&w->output, tokens[t], x);
+        else
+            kiln_dequantize_row(w->token_embd.type,
+                                (const char *)w->token_embd.data + tokens[t] * w->token_embd_row_size,
+                                x, c->n_embd);
         if (c->embd_scale != 1.0f)
             for (int i = 0; i < c->n_embd; i++) x[i] *= c->embd_scale;
         for (int i = 0; i < half; i++) {

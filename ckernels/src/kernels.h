@@ -57,6 +57,11 @@ int kiln_matrix_init(kiln_matrix *m, int type, int64_t rows, int64_t cols, const
  * float types and the super-block types (Q2_K .. Q6_K, IQ4_XS), keep reading m->data.) */
 void kiln_matrix_free(kiln_matrix *m);
 
+/* Row `row` of m dequantized into y (m->cols floats): the bits the scalar codec gives
+ * for the row's GGUF blocks, read back from the packed copy when m has one (so a tied
+ * token_embd is looked up without touching the file's pages again), else from m->data. */
+void kiln_matrix_row(const kiln_matrix *m, int64_t row, float *y);
+
 /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens, r < rows.
  * x is (n_tokens, cols) float32, y is (n_tokens, rows) float32. Activations are
  * quantized on the fly to the weight type's activation type in the table (Q8_0; Q8_1

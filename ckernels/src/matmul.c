@@ -66,6 +66,31 @@ void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, i
     }
 }
 
+void kiln_matrix_row(const kiln_matrix *m, int64_t row, float *y) {
+    const kiln_type_traits *tt = kiln_weight_traits(m->type);
+    if (!m->packed) {
+        tt->dequantize_row((const uint8_t *)m->data + (size_t)row * (size_t)(m->cols / tt->block_size) *
+                                                          (size_t)tt->type_size, y, m->cols);
+        return;
+    }
+    kiln_packed_view v = kiln_packed_view_of(m->type, m->rows, m->cols, m->packed);
+    int64_t rg = row / KILN_RG;
+    int r = (int)(row % KILN_RG);
+    size_t bb = (size_t)tt->packed_block_bytes;
+    uint8_t block[64]; /* one GGUF block: at most Q8_0's 34 bytes */
+    for (int64_t g = 0; g < v.ng; g++) {
+        int64_t b0 = g * KILN_KG;
+        int nt = (int)(v.nb - b0 < KILN_KG ? v.nb - b0 : KILN_KG);
+        const uint8_t *rq = kiln_rg_qs(&v, rg, g) + (size_t)r * nt * bb;
+        const kiln_fp16 *d = kiln_rg_d(&v, rg, g);
+        const kiln_fp16 *mn = tt->n_scale_sets > 1 ? kiln_rg_m(&v, rg, g) : NULL;
+        for (int b = 0; b < nt; b++) {
+            tt->unpack_block(rq, b, nt, d[b * KILN_RG + r], mn ? mn[b * KILN_RG + r] : 0, block);
+            tt->dequantize_row(block, y + (b0 + b) * QK, QK);
+        }
+    }
+}
+
 /* Packed copies are carved one after another from large chunks on transparent huge
  * pages: the kernels stream them, the hardware prefetchers stop at every 4 KiB page,
  * and a model's many small matrices (a few hundred KiB each) would otherwise each sit

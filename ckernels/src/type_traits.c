@@ -85,6 +85,52 @@ static void pack_q8_0(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d
     *d = x->d;
 }
 
+/* The inverses, for a row looked up in a packed copy (kiln_matrix_row). */
+static void unpack_q4_0(const uint8_t *q, int b, int nt, kiln_fp16 d, kiln_fp16 m, void *block) {
+    block_q4_0 *x = block;
+    (void)nt, (void)m;
+    memcpy(x->qs, q + 16 * b, 16);
+    x->d = d;
+}
+
+static void unpack_q4_1(const uint8_t *q, int b, int nt, kiln_fp16 d, kiln_fp16 m, void *block) {
+    block_q4_1 *x = block;
+    (void)nt;
+    memcpy(x->qs, q + 16 * b, 16);
+    x->d = d;
+    x->m = m;
+}
+
+static void unpack_q5_bits(const uint8_t *q, int b, int nt, uint8_t qh[4], uint8_t qs[16]) {
+    memcpy(qs, q + 16 * b, 16);
+    memcpy(qh, q + 16 * nt + 2 * b, 2);
+    memcpy(qh + 2, q + 18 * nt + 2 * b, 2);
+}
+
+static void unpack_q5_0(const uint8_t *q, int b, int nt, kiln_fp16 d, kiln_fp16 m, void *block) {
+    block_q5_0 *x = block;
+    (void)m;
+    unpack_q5_bits(q, b, nt, x->qh, x->qs);
+    x->d = d;
+}
+
+static void unpack_q5_1(const uint8_t *q, int b, int nt, kiln_fp16 d, kiln_fp16 m, void *block) {
+    block_q5_1 *x = block;
+    unpack_q5_bits(q, b, nt, x->qh, x->qs);
+    x->d = d;
+    x->m = m;
+}
+
+static void unpack_q8_0(const uint8_t *q, int b, int nt, kiln_fp16 d, kiln_fp16 m, void *block) {
+    block_q8_0 *x = block;
+    (void)m;
+    for (int j = 0; j < 16; j++) {
+        x->qs[j] = (int8_t)(q[16 * b + j] - 128);
+        x->qs[j + 16] = (int8_t)(q[16 * nt + 16 * b + j] - 128);
+    }
+    x->d = d;
+}
+
 /* F32, F16 and BF16 weights take float activations; Q8_1 is an activation format only. */
 static const kiln_type_traits kiln_types[] = {
     {.name = "F32", .type = KILN_TYPE_F32, .block_size = 1, .type_size = 4,
@@ -95,23 +141,28 @@ static const kiln_type_traits kiln_types[] = {
      .quantize_row = quantize_f16, .dequantize_row = dequantize_f16},
     {.name = "Q4_0", .type = KILN_TYPE_Q4_0, .block_size = QK, .type_size = sizeof(block_q4_0),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
-     .packed_block_bytes = 16, .n_scale_sets = 1, .act_offset = 8, .pack_block = pack_q4_0,
+     .packed_block_bytes = 16, .n_scale_sets = 1, .act_offset = 8,
+     .pack_block = pack_q4_0, .unpack_block = unpack_q4_0,
      .quantize_row = quantize_q4_0, .dequantize_row = dequantize_q4_0},
     {.name = "Q4_1", .type = KILN_TYPE_Q4_1, .block_size = QK, .type_size = sizeof(block_q4_1),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_1,
-     .packed_block_bytes = 16, .n_scale_sets = 2, .act_offset = 0, .pack_block = pack_q4_1,
+     .packed_block_bytes = 16, .n_scale_sets = 2, .act_offset = 0,
+     .pack_block = pack_q4_1, .unpack_block = unpack_q4_1,
      .quantize_row = quantize_q4_1, .dequantize_row = dequantize_q4_1},
     {.name = "Q5_0", .type = KILN_TYPE_Q5_0, .block_size = QK, .type_size = sizeof(block_q5_0),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
-     .packed_block_bytes = 20, .n_scale_sets = 1, .act_offset = 16, .pack_block = pack_q5_0,
+     .packed_block_bytes = 20, .n_scale_sets = 1, .act_offset = 16,
+     .pack_block = pack_q5_0, .unpack_block = unpack_q5_0,
      .quantize_row = quantize_q5_0, .dequantize_row = dequantize_q5_0},
     {.name = "Q5_1", .type = KILN_TYPE_Q5_1, .block_size = QK, .type_size = sizeof(block_q5_1),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_1,
-     .packed_block_bytes = 20, .n_scale_sets = 2, .act_offset = 0, .pack_block = pack_q5_1,
+     .packed_block_bytes = 20, .n_scale_sets = 2, .act_offset = 0,
+     .pack_block = pack_q5_1, .unpack_block = unpack_q5_1,
      .quantize_row = quantize_q5_1, .dequantize_row = dequantize_q5_1},
     {.name = "Q8_0", .type = KILN_TYPE_Q8_0, .block_size = QK, .type_size = sizeof(block_q8_0),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
-     .packed_block_bytes = 32, .n_scale_sets = 1, .act_offset = 128, .pack_block = pack_q8_0,
+     .packed_block_bytes = 32, .n_scale_sets = 1, .act_offset = 128,
+     .pack_block = pack_q8_0, .unpack_block = unpack_q8_0,
      .quantize_row = quantize_q8_0, .dequantize_row = dequantize_q8_0},
     {.name = "Q8_1", .type = KILN_TYPE_Q8_1, .block_size = QK, .type_size = sizeof(block_q8_1),
      .is_weight = 0, .act_type = -1,
@@ -139,7 +190,8 @@ static const kiln_type_traits kiln_types[] = {
     /* the kernels look the indices up as kvalues_iq4nl + 128 (unsigned, as Q8_0's) */
     {.name = "IQ4_NL", .type = KILN_TYPE_IQ4_NL, .block_size = QK, .type_size = sizeof(block_iq4_nl),
      .is_weight = 1, .act_type = KILN_TYPE_Q8_0,
-     .packed_block_bytes = 16, .n_scale_sets = 1, .act_offset = 128, .pack_block = pack_q4_0,
+     .packed_block_bytes = 16, .n_scale_sets = 1, .act_offset = 128,
+     .pack_block = pack_q4_0, .unpack_block = unpack_q4_0,
      .quantize_row = quantize_iq4_nl, .dequantize_row = dequantize_iq4_nl},
     /* IQ4_XS: a super-block type for the kernels (isa/kgemm.c), Q8_K activations */
     {.name = "IQ4_XS", .type = KILN_TYPE_IQ4_XS, .block_size = QK_K, .type_size = sizeof(block_iq4_xs),

@@ -28,6 +28,8 @@ typedef struct {
      * the row's quants of that group (nt * packed_block_bytes bytes, kernels_impl.h
      * says where each part goes), its scales at *d and *m */
     void (*pack_block)(const void *block, uint8_t *q, int b, int nt, kiln_fp16 *d, kiln_fp16 *m);
+    /* its inverse: the GGUF block back from the packed quants and scales, byte for byte */
+    void (*unpack_block)(const uint8_t *q, int b, int nt, kiln_fp16 d, kiln_fp16 m, void *block);
     /* the scalar reference codecs (codecs.c); n a multiple of block_size */
     void (*quantize_row)(const float *x, void *y, int64_t n);
     void (*dequantize_row)(const void *x, float *y, int64_t n);

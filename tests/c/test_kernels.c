@@ -432,6 +432,37 @@ static void test_pool(void) {
     kiln_pool_free(max);
 }
 
+/* kiln_matrix_row: every row of every weight type, read back from the packed copy (or
+ * the blocks), is the scalar codec's dequantization of the row's GGUF blocks, bit for
+ * bit; shapes with a partial row group and a partial block group. */
+static void test_matrix_row(void) {
+    static const int64_t shapes[][2] = {{7, 32}, {9, 160}, {5, 576}, {4, 256}};
+    for (int k = 0; kiln_type_traits_at(k); k++) {
+        const kiln_type_traits *tt = kiln_type_traits_at(k);
+        if (!tt->is_weight || is_k_type(tt->type)) continue; /* (make_weights makes no K blocks) */
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+            int64_t rows = shapes[s][0], cols = shapes[s][1];
+            if (cols % tt->block_size) continue;
+            void *w = make_weights(tt->type, rows, cols, 0);
+            kiln_matrix m;
+            CHECK(kiln_matrix_init(&m, tt->type, rows, cols, w) == 0, "kiln_matrix_row", "-", "init %s", tt->name);
+            float *got = malloc(sizeof(float) * cols), *want = malloc(sizeof(float) * cols);
+            size_t row_bytes = (size_t)(cols / tt->block_size) * (size_t)tt->type_size;
+            for (int64_t r = 0; r < rows; r++) {
+                kiln_matrix_row(&m, r, got);
+                tt->dequantize_row((const uint8_t *)w + (size_t)r * row_bytes, want, cols);
+                CHECK(memcmp(got, want, sizeof(float) * cols) == 0, "kiln_matrix_row", "-",
+                      "%s rows %lld cols %lld: row %lld differs (packed %d)", tt->name, (long long)rows,
+                      (long long)cols, (long long)r, m.packed != NULL);
+            }
+            free(got);
+            free(want);
+            kiln_matrix_free(&m);
+            free(w);
+        }
+    }
+}
+
 static void test_refusals(void) {
     kiln_matrix bad;
     CHECK(kiln_matrix_init(&bad, KILN_TYPE_Q4_0, 4, 48, "") == -1, "kiln_matrix_init", "-",
@@ -476,6 +507,7 @@ int main(void) {
     test_expected_isas(names, n);
     test_pool();
     test_refusals();
+    test_matrix_row();
     test_codecs();
     for (int t = 1; t <= 3; t++) pools[t] = kiln_pool_create(t);
     for (int i = 0; i < n; i++) {
