@@ -116,7 +116,8 @@ def test_keyboard_interrupt_in_the_middle_of_a_blocking_call(llm):
     still_good(llm)
     # And interrupted while a stream is being read (the REPL's Ctrl-C).
     with pytest.raises(KeyboardInterrupt):
-        for i, _ in enumerate(llm.generate(PROMPT, max_tokens=50, stream=True)):
+        for i, _ in enumerate(llm.generate(PROMPT, max_tokens=50, temperature=0, ignore_eos=True,
+                                           stream=True)):
             if i == 3:
                 raise KeyboardInterrupt
     still_good(llm)
