@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         raise KilnError(f"--port must be in 0..65535, got {args.port}")
     try:
         import uvicorn
-        from engine.cli.serve.app import DEFAULT_MAX_BODY, create_app
-        from engine.cli.serve.protocol import DEFAULT_TIMEOUT, with_timeout
+        from engine.cli.serve.app import DEFAULT_MAX_BODY, DEFAULT_TIMEOUT, create_app
+        from engine.cli.serve.protocol import with_timeout
     except ImportError as e:
         raise KilnError(f"kiln serve needs the server extra: pip install 'kiln[server]' ({e})") from None
     from engine.cli.kiln import resolve_model

@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.chat import end_of_turn_stops, render_prompt, template_for, tokenize_prompt
 from engine.chat_template import ChatTemplateError
 from engine.cli.serve.metrics import Metrics
-from engine.cli.serve.protocol import DEFAULT_TIMEOUT
 from engine.cli.serve.schemas import ChatRequest, CompletionRequest
 from engine.cli.serve.slots import Job, SlotPool
 
@@ -31,6 +30,9 @@ from engine.cli.serve.slots import Job, SlotPool
 REPLICA_POOLS: dict = {}
 # Requests larger than this are refused with 413 before they are parsed.
 DEFAULT_MAX_BODY = 1 << 20
+# Seconds a client has to send a request's head (engine/cli/serve/protocol.py), then its
+# body (BodyLimit); a slower one gets 408.
+DEFAULT_TIMEOUT = 30.0
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
 

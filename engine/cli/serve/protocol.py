@@ -13,13 +13,12 @@ import json
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-DEFAULT_TIMEOUT = 30.0
+from engine.cli.serve.app import DEFAULT_TIMEOUT, ApiError
 
 
-def _timeout_response() -> bytes:
-    body = json.dumps({"error": {"message": "the request head did not arrive in time",
-                                 "type": "invalid_request_error", "param": None,
-                                 "code": "request_timeout"}}).encode()
+def _timeout_response(seconds: float) -> bytes:
+    late = ApiError(408, f"the request head did not arrive within {seconds:g} s", code="request_timeout")
+    body = json.dumps(late.body()).encode()
     return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
@@ -47,7 +46,7 @@ class HeadDeadlineProtocol(H11Protocol):
         # a new request began since the deadline was set: its head arrived in time
         if self.cycle is not cycle or self.transport.is_closing():
             return
-        self.transport.write(_timeout_response())
+        self.transport.write(_timeout_response(self.head_timeout))
         self.transport.close()
 
     def on_response_complete(self):
