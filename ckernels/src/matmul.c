@@ -69,8 +69,8 @@ void kiln_pack_rows(kiln_packed_view *v, uint8_t *dst, int type, int64_t rows, i
 void kiln_matrix_row(const kiln_matrix *m, int64_t row, float *y) {
     const kiln_type_traits *tt = kiln_weight_traits(m->type);
     if (!m->packed) {
-        tt->dequantize_row((const uint8_t *)m->data + (size_t)row * (size_t)(m->cols / tt->block_size) *
-                                                          (size_t)tt->type_size, y, m->cols);
+        tt->dequantize_row((const uint8_t *)m->data + (size_t)row * (size_t)kiln_row_size(m->type, m->cols), y,
+                           m->cols);
         return;
     }
     kiln_packed_view v = kiln_packed_view_of(m->type, m->rows, m->cols, m->packed);

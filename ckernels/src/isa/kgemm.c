@@ -394,27 +394,27 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
                 __m256i s;
 #if defined(__AVX512BW__)
                 if (WIDE) {
-                __m512i s5 = _mm512_setzero_si512();
-                for (int k = 0; k < 4; k++) {
-                    __m512i ax = _mm512_loadu_si512((const void *)(x->qs + 64 * k));
-                    /* IQ4_XS: |q| times a with q's sign (AVX512 has no sign_epi8; where q
-                     * is 0, |q| is 0 and the product too, as sign_epi8 gives) */
-                    __m512i p = sgn ? _mm512_maddubs_epi16(qa5[k], _mm512_mask_sub_epi8(ax, _mm512_movepi8_mask(q5[k]),
-                                                                                        _mm512_setzero_si512(), ax))
-                                    : _mm512_maddubs_epi16(q5[k], ax);
-                    s5 = _mm512_add_epi32(s5, _mm512_madd_epi16(p, sc5[k]));
-                }
-                s = _mm256_add_epi32(_mm512_castsi512_si256(s5), _mm512_extracti64x4_epi64(s5, 1));
+                    __m512i s5 = _mm512_setzero_si512();
+                    for (int k = 0; k < 4; k++) {
+                        __m512i ax = _mm512_loadu_si512((const void *)(x->qs + 64 * k));
+                        /* IQ4_XS: |q| times a with q's sign (AVX512 has no sign_epi8; where
+                         * q is 0, |q| is 0 and the product too, as sign_epi8 gives) */
+                        __m512i p = sgn ? _mm512_maddubs_epi16(qa5[k], _mm512_mask_sub_epi8(ax, _mm512_movepi8_mask(q5[k]),
+                                                                                            _mm512_setzero_si512(), ax))
+                                        : _mm512_maddubs_epi16(q5[k], ax);
+                        s5 = _mm512_add_epi32(s5, _mm512_madd_epi16(p, sc5[k]));
+                    }
+                    s = _mm256_add_epi32(_mm512_castsi512_si256(s5), _mm512_extracti64x4_epi64(s5, 1));
                 } else
 #endif
                 {
-                s = _mm256_setzero_si256();
-                for (int k = 0; k < 8; k++) {
-                    __m256i ax = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
-                    __m256i p = sgn ? _mm256_maddubs_epi16(qa[k], _mm256_sign_epi8(ax, q[k]))
-                                    : _mm256_maddubs_epi16(q[k], ax);
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
-                }
+                    s = _mm256_setzero_si256();
+                    for (int k = 0; k < 8; k++) {
+                        __m256i ax = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
+                        __m256i p = sgn ? _mm256_maddubs_epi16(qa[k], _mm256_sign_epi8(ax, q[k]))
+                                        : _mm256_maddubs_epi16(q[k], ax);
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
+                    }
                 }
                 int32_t isum, msum = 0;
                 if (offset || has_min) {
