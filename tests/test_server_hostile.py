@@ -76,6 +76,13 @@ def read_response(sock) -> tuple[int, dict, bytes]:
     return status, headers, rest
 
 
+def send_completion(sock, **body) -> None:
+    """A whole completion request on `sock`, the reply left unread."""
+    raw = json.dumps({"prompt": PROMPT, **body}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+
+
 def completion(server, **body) -> dict:
     status, _, raw = request(server, "POST", "/v1/completions", json.dumps(
         {"model": "kiln", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, **body}).encode())
@@ -118,9 +125,7 @@ def warm_up(server):
     socks = []
     for i in range(30):  # all sent before any is read: 30 requests in the server at once
         s = connect(server)
-        body = json.dumps({"prompt": PROMPT, "max_tokens": 2, "seed": i, "temperature": 0.7}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        send_completion(s, max_tokens=2, seed=i, temperature=0.7)
         socks.append(s)
     for s in socks:
         assert read_response(s)[0] == 200
@@ -246,9 +251,7 @@ def test_connections_opened_and_dropped(server):
         connect(server).close()
     for i in range(16):   # send a request and leave before the answer
         s = connect(server)
-        body = json.dumps({"prompt": PROMPT, "max_tokens": 50, "seed": i, "temperature": 0.7}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        send_completion(s, max_tokens=50, seed=i, temperature=0.7)
         if i % 2:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
         s.close()
@@ -260,10 +263,7 @@ def test_streams_abandoned_mid_way_free_their_slots(server):
     socks = []
     for i in range(4):
         s = connect(server)
-        body = json.dumps({"prompt": PROMPT, "max_tokens": 200, "stream": True,
-                           "seed": i}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        send_completion(s, max_tokens=200, stream=True, seed=i)
         socks.append(s)
     for s in socks[:PARALLEL]:  # the running ones: read the first event, then leave
         data = b""
@@ -277,9 +277,7 @@ def test_streams_abandoned_mid_way_free_their_slots(server):
     # generation ends, which max_tokens bounds
     s = connect(server)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    body = json.dumps({"prompt": PROMPT, "max_tokens": 64, "stream": True}).encode()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    send_completion(s, max_tokens=64, stream=True)
     wait_until_idle(server)
     s.close()
 
