@@ -11,6 +11,8 @@ X86_NEEDS = {
     "avxvnni": {"avx2", "fma", "f16c", "avx_vnni"},
     "avx512vnni": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
                    "avx512_vnni"},
+    "amx": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+            "avx512_vnni", "amx_tile", "amx_int8"},
 }
 ARM_NEEDS = {"neon": {"asimdhp", "asimddp"}}
 

@@ -11,6 +11,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define KILN_X86 1
 #elif defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -27,6 +29,9 @@ extern const kiln_isa_ops kiln_ops_avxvnni;
 #endif
 #ifdef KILN_HAVE_AVX512VNNI
 extern const kiln_isa_ops kiln_ops_avx512vnni;
+#endif
+#ifdef KILN_HAVE_AMX
+extern const kiln_isa_ops kiln_ops_amx;
 #endif
 #ifdef KILN_HAVE_NEON
 extern const kiln_isa_ops kiln_ops_neon;
@@ -81,6 +86,22 @@ static int kiln_cpu_avx512vnni(void) {
     unsigned need_b = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31); /* F DQ BW VL */
     return (b & need_b) == need_b && (c & (1u << 11));                   /* VNNI */
 }
+/* AVX512-VNNI plus AMX-TILE and AMX-INT8, their tile state enabled by the OS (XCR0 bits
+ * 17, 18), and Linux's permission to use it: the tile data state is granted per
+ * process on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without
+ * it the first tile instruction faults. Idempotent, so asking on every check is safe. */
+static int kiln_cpu_amx(void) {
+    unsigned a, b, c, d;
+    if (!kiln_cpu_avx512vnni()) return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
+    if ((kiln_xgetbv0() & (3ull << 17)) != (3ull << 17)) return 0;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
 #endif
 
 #ifdef KILN_ARM64_LINUX
@@ -101,6 +122,9 @@ static const kiln_variant kiln_variants[] = {
 #endif
 #if defined(KILN_HAVE_AVX512VNNI) && defined(KILN_X86)
     {&kiln_ops_avx512vnni, kiln_cpu_avx512vnni},
+#endif
+#if defined(KILN_HAVE_AMX) && defined(KILN_X86)
+    {&kiln_ops_amx, kiln_cpu_amx},
 #endif
 #if defined(KILN_HAVE_NEON) && defined(KILN_ARM64_LINUX)
     {&kiln_ops_neon, kiln_cpu_neon},

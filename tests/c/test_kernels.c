@@ -336,15 +336,15 @@ static void check_matmul(const char *isa, int type, int64_t rows, int64_t cols, 
 /* Every weight type of the table over rows around KILN_RG (and the 8-row float gemv
  * pass), column counts around the vector steps (whole blocks for the quantized types:
  * block counts around KILN_KG, and 4096 for the L2-blocked batch path) and token
- * counts around each variant's token tiles (qgemm 8, 4, 1..3; fgemm 4 or 2). */
+ * counts around each variant's token tiles (qgemm 8, 4, 1..3, AMX 16; fgemm 4 or 2). */
 static void test_matmul_shapes(const char *isa) {
     static const int64_t rows[] = {1, 3, 5, 9, 37}; /* 37 = 4 x 8 + 4 + 1 */
     static const int64_t qcols[] = {32, 96, 160, 288, 576};
     static const int64_t fcols[] = {1, 7, 8, 9, 15, 16, 17, 33, 45, 100, 576};
-    static const int tokens[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17, 33};
+    static const int tokens[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17, 33};
     static const int tokens_small[] = {1, 2, 3, 4, 5, 9, 17};
     const int *tv = small_sizes ? tokens_small : tokens;
-    int ntok = small_sizes ? 7 : 12;
+    int ntok = small_sizes ? 7 : 13;
     for (int k = 0; kiln_type_traits_at(k); k++) {
         const kiln_type_traits *tt = kiln_type_traits_at(k);
         if (!tt->is_weight || is_k_type(tt->type)) continue;

@@ -69,25 +69,18 @@ static inline __m512i kiln_tsum4(__m512i s0, __m512i s1, __m512i s2, __m512i s3)
     return _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
 }
 
-/* One block group (nb blocks; lm masks their quant bytes) of a row group: four blocks
- * per step, one 512-bit vpdpbusd covering 4 blocks' lo or hi halves. */
+/* The quants of one block group (nb blocks; lm masks their bytes) of a row group as
+ * unsigned bytes: wl[r] holds row r's lo halves (128-bit lane b: elements 0..15 of
+ * block b), wh[r] its hi halves (elements 16..31). */
 static inline __attribute__((always_inline)) void
-kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t rg, int64_t g,
-           int nb, __mmask64 lm, const int nt_tok, const int type) {
+kiln_decode_rg512(__m512i wl[KILN_RG], __m512i wh[KILN_RG], const uint8_t *qs, int nb, __mmask64 lm,
+                  const int type) {
     const int wide = KILN_WIDE(type), q5 = KILN_Q5(type), nl = KILN_NL(type);
     const size_t bb = KILN_BLOCK_BYTES(type);
     const __m512i mask4 = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
     /* the grid offset to unsigned, as the type table's act_offset says (128) */
     const __m512i grid = _mm512_broadcast_i32x4(
         _mm_xor_si128(_mm_loadu_si128((const __m128i *)kiln_kvalues_iq4nl), _mm_set1_epi8((char)0x80)));
-    const uint8_t *qs = kiln_rg_qs(w, rg, g);
-    /* the arithmetic per byte leaves too few loads in flight for the hardware
-     * prefetcher to hide DRAM latency on its own */
-    for (int i = 0; i < KILN_GROUP_LINES(type); i++)
-        _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
-    for (int i = 0; i < KILN_GROUP_LINES(type); i++)
-        _mm_prefetch((const char *)qs + KILN_PREFETCH_L2 + 64 * i, _MM_HINT_T1);
-    __m512i wl[KILN_RG], wh[KILN_RG];
     for (int r = 0; r < KILN_RG; r++) {
         const uint8_t *rq = qs + (size_t)r * nb * bb;
         if (wide) {
@@ -107,6 +100,22 @@ kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t
             }
         }
     }
+}
+
+/* One block group (nb blocks; lm masks their quant bytes) of a row group: four blocks
+ * per step, one 512-bit vpdpbusd covering 4 blocks' lo or hi halves. */
+static inline __attribute__((always_inline)) void
+kiln_qstep(__m512d *acc, const kiln_packed_view *w, const kiln_act *act, int64_t rg, int64_t g,
+           int nb, __mmask64 lm, const int nt_tok, const int type) {
+    const uint8_t *qs = kiln_rg_qs(w, rg, g);
+    /* the arithmetic per byte leaves too few loads in flight for the hardware
+     * prefetcher to hide DRAM latency on its own */
+    for (int i = 0; i < KILN_GROUP_LINES(type); i++)
+        _mm_prefetch((const char *)qs + KILN_PREFETCH + 64 * i, _MM_HINT_T0);
+    for (int i = 0; i < KILN_GROUP_LINES(type); i++)
+        _mm_prefetch((const char *)qs + KILN_PREFETCH_L2 + 64 * i, _MM_HINT_T1);
+    __m512i wl[KILN_RG], wh[KILN_RG];
+    kiln_decode_rg512(wl, wh, qs, nb, lm, type);
     /* d_w of lanes [b][r] in double, for every token */
     __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kiln_rg_d(w, rg, g)));
     __m512d dw_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(dw));
@@ -160,6 +169,196 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
         kiln_store_rows(a, rg, t0 + t, tmp);
     }
 }
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+/* ---- prompt batches with AMX int8 tiles (the amx variant) ----
+ * One tile multiply-add gives the exact integer sums of one block half for 16 tokens
+ * x 16 rows, int32 as every other kernel's; two of them (lo and hi halves) a block's.
+ * The float step after that is the scalar reference's (per block isum * (d_w * d_x)
+ * into a double, then the m term, blocks in order), so the results are the same bits.
+ * Activations are read in place: a token's lo half of block b is 16 contiguous bytes
+ * of its layout, so one tile load at the activation stride takes 16 tokens' lo halves
+ * (a second their hi halves). Weights: the rows of a row tile (4 row groups) are
+ * decoded once per call into a panel in the tiles' order (tile row k of a block half:
+ * its elements 4k..4k+3 of each of the 16 rows, side by side), which every token tile
+ * of the batch then loads from L1/L2. The decode also takes the zero point off (types
+ * with one become signed, tdpbssd), so no offset term is left for the float step.
+ * A token tile's block sums are stored (one tile store per block), then each token's
+ * 16 rows are summed over the blocks in two double registers. */
+#define KILN_AMX_RGS 4         /* row groups per row tile: 16 rows */
+#define KILN_AMX_TOKENS 16     /* tokens per token tile (a tile's rows) */
+#define KILN_AMX_MIN_TOKENS 16 /* smaller batches take the row kernels */
+/* the zero point the decode takes off (the type table's act_offset) */
+#define KILN_ZERO_POINT(t) ((t) == KILN_TYPE_Q4_0 ? 8 : (t) == KILN_TYPE_Q5_0 ? 16 : \
+                            (t) == KILN_TYPE_Q8_0 || (t) == KILN_TYPE_IQ4_NL ? 128 : 0)
+
+/* tile registers (literals: the tile intrinsics paste them into register names) */
+#define KILN_TA_LO 0 /* activations, lo halves: tokens x 16 bytes */
+#define KILN_TA_HI 1
+#define KILN_TB_LO 2 /* weights, lo halves: 4 x (16 rows x 4 bytes) */
+#define KILN_TB_HI 3
+#define KILN_TC 4    /* block sums: tokens x 16 rows of int32 */
+
+/* The panel of one row tile: per block, 2 halves x 4 tile rows x 16 rows x 4 bytes of
+ * quants, 16 d_w (and m_w), and a token tile's 16 x 16 block sums. */
+#define KILN_AMX_PANEL_BYTES (512 + 16 * sizeof(double) + 16 * sizeof(float) + 256 * sizeof(int32_t))
+
+/* The tile shapes (palette 1) for token tiles of nt tokens. */
+static void kiln_amx_config(int nt) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((aligned(64))) c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    c.rows[KILN_TA_LO] = c.rows[KILN_TA_HI] = (uint8_t)nt;
+    c.colsb[KILN_TA_LO] = c.colsb[KILN_TA_HI] = 16;
+    c.rows[KILN_TB_LO] = c.rows[KILN_TB_HI] = 4;
+    c.colsb[KILN_TB_LO] = c.colsb[KILN_TB_HI] = 64;
+    c.rows[KILN_TC] = (uint8_t)nt;
+    c.colsb[KILN_TC] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* Decodes row groups [rg, rg + nrg) (nrg <= 4; the rest of the tile is zero) into the
+ * panel: quants pq, scales pdw (and pm). */
+static inline __attribute__((always_inline)) void
+kiln_amx_decode(uint8_t *pq, double *pdw, float *pm, const kiln_packed_view *w, int64_t rg, int nrg,
+                const int type) {
+    const __m512i chunks = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i zp = _mm512_set1_epi8((char)KILN_ZERO_POINT(type));
+    for (int64_t g = 0; g < w->ng; g++) {
+        const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
+        const __mmask64 lm = nb == KILN_KG ? ~(__mmask64)0 : ((__mmask64)1 << (nb * 16)) - 1;
+        __attribute__((aligned(64))) uint8_t half[2][KILN_AMX_RGS * KILN_RG][64];
+        for (int q = 0; q < KILN_AMX_RGS; q++) {
+            __m512i wl[KILN_RG], wh[KILN_RG];
+            if (q < nrg) kiln_decode_rg512(wl, wh, kiln_rg_qs(w, rg + q, g), nb, lm, type);
+            for (int r = 0; r < KILN_RG; r++) {
+                __m512i l = q < nrg ? _mm512_sub_epi8(wl[r], zp) : _mm512_setzero_si512();
+                __m512i h = q < nrg ? _mm512_sub_epi8(wh[r], zp) : _mm512_setzero_si512();
+                _mm512_store_si512(half[0][q * KILN_RG + r], l);
+                _mm512_store_si512(half[1][q * KILN_RG + r], h);
+            }
+        }
+        for (int j = 0; j < nb; j++) {
+            const int64_t b = g * KILN_KG + j;
+            for (int s = 0; s < 2; s++) {
+                uint8_t *dst = pq + (size_t)b * 512 + (size_t)s * 256;
+                for (int q = 0; q < KILN_AMX_RGS; q++) {
+                    /* rows 4q..4q+3 of block j's half, one per 128-bit lane, then lane k
+                     * = their 4-byte chunk k: tile row k's columns 4q..4q+3 */
+                    const uint8_t *src = half[s][q * KILN_RG] + 16 * j;
+                    __m512i z = _mm512_castsi128_si512(_mm_load_si128((const __m128i *)src));
+                    z = _mm512_inserti32x4(z, _mm_load_si128((const __m128i *)(src + 64)), 1);
+                    z = _mm512_inserti32x4(z, _mm_load_si128((const __m128i *)(src + 128)), 2);
+                    z = _mm512_inserti32x4(z, _mm_load_si128((const __m128i *)(src + 192)), 3);
+                    z = _mm512_permutexvar_epi32(chunks, z);
+                    _mm_storeu_si128((__m128i *)(dst + 16 * q), _mm512_castsi512_si128(z));
+                    _mm_storeu_si128((__m128i *)(dst + 64 + 16 * q), _mm512_extracti32x4_epi32(z, 1));
+                    _mm_storeu_si128((__m128i *)(dst + 128 + 16 * q), _mm512_extracti32x4_epi32(z, 2));
+                    _mm_storeu_si128((__m128i *)(dst + 192 + 16 * q), _mm512_extracti32x4_epi32(z, 3));
+                }
+            }
+            /* d_w (and m_w) of the 16 rows: 4 fp16 per row group, [b][r] in the group */
+            uint64_t d4[KILN_AMX_RGS] = {0}, m4[KILN_AMX_RGS] = {0};
+            for (int q = 0; q < nrg; q++) {
+                memcpy(&d4[q], kiln_rg_d(w, rg + q, g) + j * KILN_RG, 8);
+                if (KILN_HAS_M(type)) memcpy(&m4[q], kiln_rg_m(w, rg + q, g) + j * KILN_RG, 8);
+            }
+            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d4));
+            _mm512_store_pd(pdw + b * 16, _mm512_cvtps_pd(_mm512_castps512_ps256(d)));
+            _mm512_store_pd(pdw + b * 16 + 8, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1))));
+            if (KILN_HAS_M(type))
+                _mm512_store_ps(pm + b * 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m4)));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+kiln_qgemm_tiles_typed(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, uint8_t *panel, const int type) {
+    const kiln_packed_view *w = &a->w;
+    const int64_t nb = w->nb;
+    uint8_t *pq = panel;
+    double *pdw = (double *)(pq + (size_t)nb * 512);
+    float *pm = (float *)(pdw + (size_t)nb * 16);
+    int32_t *pc = (int32_t *)(pm + (size_t)nb * 16);
+    int tile_nt = 0;
+    for (int64_t rg = rg0; rg < rg1; rg += KILN_AMX_RGS) {
+        const int nrg = (int)(rg1 - rg < KILN_AMX_RGS ? rg1 - rg : KILN_AMX_RGS);
+        kiln_amx_decode(pq, pdw, pm, w, rg, nrg, type);
+        const int64_t r0 = rg * KILN_RG;
+        const int64_t nrows = w->rows - r0 < nrg * KILN_RG ? w->rows - r0 : nrg * KILN_RG;
+        const __mmask16 rows_mask = (__mmask16)((1u << nrows) - 1);
+        for (int t0 = 0; t0 < a->n_tokens; t0 += KILN_AMX_TOKENS) {
+            const int nt = a->n_tokens - t0 < KILN_AMX_TOKENS ? a->n_tokens - t0 : KILN_AMX_TOKENS;
+            if (nt != tile_nt) kiln_amx_config(tile_nt = nt);
+            const uint8_t *aq0 = a->act + (size_t)t0 * a->act_stride + a->al.off_qs;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *aq = aq0 + (size_t)(b / KILN_KG) * KILN_KG * QK + 16 * (size_t)(b % KILN_KG);
+                _tile_zero(KILN_TC);
+                _tile_loadd(KILN_TA_LO, aq, a->act_stride);
+                _tile_loadd(KILN_TA_HI, aq + KILN_KG * 16, a->act_stride);
+                _tile_loadd(KILN_TB_LO, pq + (size_t)b * 512, 64);
+                _tile_loadd(KILN_TB_HI, pq + (size_t)b * 512 + 256, 64);
+                if (KILN_ZERO_POINT(type)) { /* signed weights */
+                    _tile_dpbssd(KILN_TC, KILN_TA_LO, KILN_TB_LO);
+                    _tile_dpbssd(KILN_TC, KILN_TA_HI, KILN_TB_HI);
+                } else {
+                    _tile_dpbsud(KILN_TC, KILN_TA_LO, KILN_TB_LO);
+                    _tile_dpbsud(KILN_TC, KILN_TA_HI, KILN_TB_HI);
+                }
+                _tile_stored(KILN_TC, pc + (size_t)b * 256, 64);
+            }
+            for (int t = 0; t < nt; t++) {
+                const kiln_act act = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
+                __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd(); /* rows 0..7, 8..15 */
+                for (int64_t b = 0; b < nb; b++) {
+                    const __m512i s = _mm512_load_si512(pc + (size_t)b * 256 + 16 * t);
+                    const __m512d dx = _mm512_set1_pd(act.dx[4 * b]); /* act lanes 4b..4b+3 */
+                    acc0 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(s)),
+                                           _mm512_mul_pd(_mm512_load_pd(pdw + b * 16), dx), acc0);
+                    acc1 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1)),
+                                           _mm512_mul_pd(_mm512_load_pd(pdw + b * 16 + 8), dx), acc1);
+                    if (KILN_HAS_M(type)) {
+                        __m512 ms = _mm512_mul_ps(_mm512_load_ps(pm + b * 16), _mm512_set1_ps(act.sx[4 * b]));
+                        acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(ms)));
+                        acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(
+                                                       _mm512_extractf64x4_pd(_mm512_castps_pd(ms), 1))));
+                    }
+                }
+                __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(acc0)), _mm512_cvtpd_ps(acc1), 1);
+                _mm512_mask_storeu_ps(a->y + (size_t)(t0 + t) * w->rows + r0, rows_mask, y);
+            }
+        }
+    }
+}
+
+/* Row groups [rg0, rg1) for every token with AMX tiles; 0 when the panel cannot be
+ * allocated (the caller then takes the row kernels, which give the same bits). */
+static int kiln_qgemm_tiles(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
+    size_t size = ((size_t)a->w.nb * KILN_AMX_PANEL_BYTES + 63) & ~(size_t)63;
+    uint8_t *panel = aligned_alloc(64, size);
+    if (!panel) return 0;
+    switch (a->w.type) {
+#define KILN_AMX_CASE(T) \
+    case T: kiln_qgemm_tiles_typed(a, rg0, rg1, panel, T); break;
+    KILN_AMX_CASE(KILN_TYPE_Q4_0)
+    KILN_AMX_CASE(KILN_TYPE_Q4_1)
+    KILN_AMX_CASE(KILN_TYPE_Q5_0)
+    KILN_AMX_CASE(KILN_TYPE_Q5_1)
+    KILN_AMX_CASE(KILN_TYPE_Q8_0)
+    KILN_AMX_CASE(KILN_TYPE_IQ4_NL)
+#undef KILN_AMX_CASE
+    default: /* kiln_matrix_init packs no other type */
+        abort();
+    }
+    _tile_release();
+    free(panel);
+    return 1;
+}
+#endif /* __AMX_INT8__ */
 
 #elif defined(__AVX2__)
 #include <immintrin.h>
@@ -705,6 +904,9 @@ static void kiln_qgemm_block(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1)
 }
 
 void KILN_FN(kiln_qgemm)(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+    if (a->n_tokens >= KILN_AMX_MIN_TOKENS && kiln_qgemm_tiles(a, rg0, rg1)) return;
+#endif
 #if defined(KILN_HAS_PANELS)
     if (a->n_tokens >= KILN_PANEL_MIN_TOKENS) {
         kiln_qgemm_panels(a, rg0, rg1);
