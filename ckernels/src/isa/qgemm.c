@@ -172,39 +172,42 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 /* ---- prompt batches with AMX int8 tiles (the amx variant) ----
- * One tile multiply-add gives the exact integer sums of one block half for 16 tokens
- * x 16 rows, int32 as every other kernel's; two of them (lo and hi halves) a block's.
- * The float step after that is the scalar reference's (per block isum * (d_w * d_x)
- * into a double, then the m term, blocks in order), so the results are the same bits.
- * Activations are read in place: a token's lo half of block b is 16 contiguous bytes
- * of its layout, so one tile load at the activation stride takes 16 tokens' lo halves
- * (a second their hi halves). Weights: the rows of a row tile (4 row groups) are
- * decoded once per call into a panel in the tiles' order (tile row k of a block half:
- * its elements 4k..4k+3 of each of the 16 rows, side by side), which every token tile
- * of the batch then loads from L1/L2. The decode also takes the zero point off (types
- * with one become signed, tdpbssd), so no offset term is left for the float step.
- * A token tile's block sums are stored (one tile store per block), then each token's
- * 16 rows are summed over the blocks in two double registers. */
+ * One tile multiply-add (16 rows x 32 bytes of weights times 32 x 16 tokens of
+ * activations) gives the exact integer sums of one block for 16 rows x 16 tokens,
+ * int32 as every other kernel's. The float step after that is the scalar reference's
+ * (per block isum * (d_w * d_x) into a double, then the m term, blocks in order), so
+ * the results are the same bits.
+ * Weights: the rows of a row tile (4 row groups) are decoded once per call into a panel
+ * of tile rows (a weight row's 32 quants of a block, in element order), with the zero
+ * point taken off (types with one become signed, tdpbssd; Q4_1 and Q5_1 stay unsigned,
+ * tdpbsud), so no offset term is left for the float step.
+ * Activations: each call first lays its batch out in the tiles' order, per 16-token
+ * tile and block: tile row k holds elements 4k..4k+3 of each of the 16 tokens side by
+ * side (zeros past the last token), with the tokens' d_x (and s_x) beside it.
+ * The tiles take 8 rows at a time (their 8 x 16 double sums fit the registers), two
+ * blocks in flight (tiles 0-2 and 3-5) ahead of the float step. */
 #define KILN_AMX_RGS 4         /* row groups per row tile: 16 rows */
-#define KILN_AMX_TOKENS 16     /* tokens per token tile (a tile's rows) */
+#define KILN_AMX_TOKENS 16     /* tokens per token tile */
 #define KILN_AMX_MIN_TOKENS 16 /* smaller batches take the row kernels */
 /* the zero point the decode takes off (the type table's act_offset) */
 #define KILN_ZERO_POINT(t) ((t) == KILN_TYPE_Q4_0 ? 8 : (t) == KILN_TYPE_Q5_0 ? 16 : \
                             (t) == KILN_TYPE_Q8_0 || (t) == KILN_TYPE_IQ4_NL ? 128 : 0)
 
-/* tile registers (literals: the tile intrinsics paste them into register names) */
-#define KILN_TA_LO 0 /* activations, lo halves: tokens x 16 bytes */
-#define KILN_TA_HI 1
-#define KILN_TB_LO 2 /* weights, lo halves: 4 x (16 rows x 4 bytes) */
-#define KILN_TB_HI 3
-#define KILN_TC 4    /* block sums: tokens x 16 rows of int32 */
+/* tile registers (literals: the tile intrinsics paste them into register names);
+ * W: 8 rows x 32 bytes of weights, X: 8 x (16 tokens x 4 bytes), C: 8 rows x 16 int32 */
+#define KILN_TW0 0
+#define KILN_TX0 1
+#define KILN_TC0 2
+#define KILN_TW1 3
+#define KILN_TX1 4
+#define KILN_TC1 5
 
-/* The panel of one row tile: per block, 2 halves x 4 tile rows x 16 rows x 4 bytes of
- * quants, 16 d_w (and m_w), and a token tile's 16 x 16 block sums. */
-#define KILN_AMX_PANEL_BYTES (512 + 16 * sizeof(double) + 16 * sizeof(float) + 256 * sizeof(int32_t))
+/* Per block: the weight panel's quants (512 bytes), d_w and m_w of its 16 rows. */
+#define KILN_AMX_PANEL_BYTES (512 + 16 * sizeof(double) + 16 * sizeof(float))
+/* Per block and token tile: the activations' tile (512 bytes), d_x and s_x. */
+#define KILN_AMX_XTILE_BYTES (512 + 16 * sizeof(double) + 16 * sizeof(float))
 
-/* The tile shapes (palette 1) for token tiles of nt tokens. */
-static void kiln_amx_config(int nt) {
+static void kiln_amx_config(void) {
     struct {
         uint8_t palette, start_row, reserved[14];
         uint16_t colsb[16];
@@ -212,55 +215,82 @@ static void kiln_amx_config(int nt) {
     } __attribute__((aligned(64))) c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    c.rows[KILN_TA_LO] = c.rows[KILN_TA_HI] = (uint8_t)nt;
-    c.colsb[KILN_TA_LO] = c.colsb[KILN_TA_HI] = 16;
-    c.rows[KILN_TB_LO] = c.rows[KILN_TB_HI] = 4;
-    c.colsb[KILN_TB_LO] = c.colsb[KILN_TB_HI] = 64;
-    c.rows[KILN_TC] = (uint8_t)nt;
-    c.colsb[KILN_TC] = 64;
+    c.rows[KILN_TW0] = c.rows[KILN_TW1] = 8, c.colsb[KILN_TW0] = c.colsb[KILN_TW1] = 32;
+    c.rows[KILN_TX0] = c.rows[KILN_TX1] = 8, c.colsb[KILN_TX0] = c.colsb[KILN_TX1] = 64;
+    c.rows[KILN_TC0] = c.rows[KILN_TC1] = 8, c.colsb[KILN_TC0] = c.colsb[KILN_TC1] = 64;
     _tile_loadconfig(&c);
 }
 
-/* Decodes row groups [rg, rg + nrg) (nrg <= 4; the rest of the tile is zero) into the
- * panel: quants pq, scales pdw (and pm). */
-static inline __attribute__((always_inline)) void
-kiln_amx_decode(uint8_t *pq, double *pdw, float *pm, const kiln_packed_view *w, int64_t rg, int nrg,
-                const int type) {
+/* 16 sources of 16 bytes (4 chunks of 4) -> 4 rows of 64 bytes at dst (row stride 64):
+ * row k holds chunk k of every source, source i at bytes 4i..4i+3. */
+static inline void kiln_amx_transpose(uint8_t *dst, const uint8_t *const src[16]) {
     const __m512i chunks = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int q = 0; q < 4; q++) {
+        __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)src[4 * q]));
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)src[4 * q + 1]), 1);
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)src[4 * q + 2]), 2);
+        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)src[4 * q + 3]), 3);
+        z = _mm512_permutexvar_epi32(chunks, z); /* lane k: chunk k of sources 4q..4q+3 */
+        _mm_storeu_si128((__m128i *)(dst + 16 * q), _mm512_castsi512_si128(z));
+        _mm_storeu_si128((__m128i *)(dst + 64 + 16 * q), _mm512_extracti32x4_epi32(z, 1));
+        _mm_storeu_si128((__m128i *)(dst + 128 + 16 * q), _mm512_extracti32x4_epi32(z, 2));
+        _mm_storeu_si128((__m128i *)(dst + 192 + 16 * q), _mm512_extracti32x4_epi32(z, 3));
+    }
+}
+
+/* The batch's activations in tile order: xt holds n_tiles x nb x KILN_AMX_XTILE_BYTES. */
+static void kiln_amx_layout_acts(uint8_t *xt, const kiln_qgemm_args *a, int has_m) {
+    static const int8_t zeros[16] = {0};
+    const int64_t nb = a->w.nb;
+    for (int t0 = 0; t0 < a->n_tokens; t0 += KILN_AMX_TOKENS) {
+        kiln_act act[KILN_AMX_TOKENS];
+        const int nt = a->n_tokens - t0 < KILN_AMX_TOKENS ? a->n_tokens - t0 : KILN_AMX_TOKENS;
+        for (int t = 0; t < nt; t++) act[t] = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *x = xt + ((size_t)(t0 / KILN_AMX_TOKENS) * nb + b) * KILN_AMX_XTILE_BYTES;
+            double *dx = (double *)(x + 512);
+            float *sx = (float *)(dx + 16);
+            const size_t lo = (size_t)(b / KILN_KG) * KILN_KG * QK + 16 * (size_t)(b % KILN_KG);
+            const uint8_t *src[2][16];
+            for (int t = 0; t < KILN_AMX_TOKENS; t++) {
+                src[0][t] = t < nt ? (const uint8_t *)act[t].qs + lo : (const uint8_t *)zeros;
+                src[1][t] = t < nt ? (const uint8_t *)act[t].qs + lo + KILN_KG * 16 : (const uint8_t *)zeros;
+                dx[t] = t < nt ? act[t].dx[4 * b] : 0.0; /* act lanes 4b..4b+3 */
+                sx[t] = t < nt && has_m ? act[t].sx[4 * b] : 0.0f;
+            }
+            kiln_amx_transpose(x, src[0]);       /* rows 0..3: elements 0..15 */
+            kiln_amx_transpose(x + 256, src[1]); /* rows 4..7: elements 16..31 */
+        }
+    }
+}
+
+/* Decodes row groups [rg, rg + nrg) (nrg <= 4; the rest of the tile is zero) into the
+ * panel: quants pw, scales pdw (and pm). */
+static inline __attribute__((always_inline)) void
+kiln_amx_decode(uint8_t *pw, double *pdw, float *pm, const kiln_packed_view *w, int64_t rg, int nrg,
+                const int type) {
     const __m512i zp = _mm512_set1_epi8((char)KILN_ZERO_POINT(type));
     for (int64_t g = 0; g < w->ng; g++) {
         const int nb = (int)(w->nb - g * KILN_KG < KILN_KG ? w->nb - g * KILN_KG : KILN_KG);
         const __mmask64 lm = nb == KILN_KG ? ~(__mmask64)0 : ((__mmask64)1 << (nb * 16)) - 1;
-        __attribute__((aligned(64))) uint8_t half[2][KILN_AMX_RGS * KILN_RG][64];
         for (int q = 0; q < KILN_AMX_RGS; q++) {
             __m512i wl[KILN_RG], wh[KILN_RG];
             if (q < nrg) kiln_decode_rg512(wl, wh, kiln_rg_qs(w, rg + q, g), nb, lm, type);
             for (int r = 0; r < KILN_RG; r++) {
                 __m512i l = q < nrg ? _mm512_sub_epi8(wl[r], zp) : _mm512_setzero_si512();
                 __m512i h = q < nrg ? _mm512_sub_epi8(wh[r], zp) : _mm512_setzero_si512();
-                _mm512_store_si512(half[0][q * KILN_RG + r], l);
-                _mm512_store_si512(half[1][q * KILN_RG + r], h);
+                __attribute__((aligned(64))) uint8_t lb[64], hb[64];
+                _mm512_store_si512(lb, l);
+                _mm512_store_si512(hb, h);
+                for (int j = 0; j < nb; j++) { /* tile row: elements 0..15, then 16..31 */
+                    uint8_t *dst = pw + (size_t)(g * KILN_KG + j) * 512 + (size_t)(q * KILN_RG + r) * 32;
+                    memcpy(dst, lb + 16 * j, 16);
+                    memcpy(dst + 16, hb + 16 * j, 16);
+                }
             }
         }
         for (int j = 0; j < nb; j++) {
             const int64_t b = g * KILN_KG + j;
-            for (int s = 0; s < 2; s++) {
-                uint8_t *dst = pq + (size_t)b * 512 + (size_t)s * 256;
-                for (int q = 0; q < KILN_AMX_RGS; q++) {
-                    /* rows 4q..4q+3 of block j's half, one per 128-bit lane, then lane k
-                     * = their 4-byte chunk k: tile row k's columns 4q..4q+3 */
-                    const uint8_t *src = half[s][q * KILN_RG] + 16 * j;
-                    __m512i z = _mm512_castsi128_si512(_mm_load_si128((const __m128i *)src));
-                    z = _mm512_inserti32x4(z, _mm_load_si128((const __m128i *)(src + 64)), 1);
-                    z = _mm512_inserti32x4(z, _mm_load_si128((const __m128i *)(src + 128)), 2);
-                    z = _mm512_inserti32x4(z, _mm_load_si128((const __m128i *)(src + 192)), 3);
-                    z = _mm512_permutexvar_epi32(chunks, z);
-                    _mm_storeu_si128((__m128i *)(dst + 16 * q), _mm512_castsi512_si128(z));
-                    _mm_storeu_si128((__m128i *)(dst + 64 + 16 * q), _mm512_extracti32x4_epi32(z, 1));
-                    _mm_storeu_si128((__m128i *)(dst + 128 + 16 * q), _mm512_extracti32x4_epi32(z, 2));
-                    _mm_storeu_si128((__m128i *)(dst + 192 + 16 * q), _mm512_extracti32x4_epi32(z, 3));
-                }
-            }
             /* d_w (and m_w) of the 16 rows: 4 fp16 per row group, [b][r] in the group */
             uint64_t d4[KILN_AMX_RGS] = {0}, m4[KILN_AMX_RGS] = {0};
             for (int q = 0; q < nrg; q++) {
@@ -276,74 +306,104 @@ kiln_amx_decode(uint8_t *pq, double *pdw, float *pm, const kiln_packed_view *w, 
     }
 }
 
+/* Block b's sums for 8 rows (the half of the row tile at pw) x 16 tokens, into ring
+ * slot b % 3 of pc, on tile set b % 2. */
+#define KILN_AMX_BLOCK(W, X, C, b)                                                            \
+    do {                                                                                      \
+        _tile_zero(C);                                                                        \
+        _tile_loadd(W, pw + (size_t)(b) * 512, 32);                                           \
+        _tile_loadd(X, x0 + (size_t)(b) * KILN_AMX_XTILE_BYTES, 64);                          \
+        if (KILN_ZERO_POINT(type)) _tile_dpbssd(C, W, X); /* signed weights */                \
+        else _tile_dpbusd(C, W, X);                                                           \
+        _tile_stored(C, pc + (size_t)((b) % 3) * 128, 64);                                    \
+    } while (0)
+#define KILN_AMX_ISSUE(b)                                                                     \
+    do {                                                                                      \
+        if ((b) & 1) KILN_AMX_BLOCK(KILN_TW1, KILN_TX1, KILN_TC1, b);                         \
+        else KILN_AMX_BLOCK(KILN_TW0, KILN_TX0, KILN_TC0, b);                                 \
+    } while (0)
+
+/* 8 rows (pw, pdw, pm: the half's panel) x the 16 tokens of x0: y8[row][token].
+ * Software-pipelined: the tiles of block b + 2 run while block b's sums meet the
+ * scales, so the tiles' latency hides behind the float step. */
 static inline __attribute__((always_inline)) void
-kiln_qgemm_tiles_typed(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, uint8_t *panel, const int type) {
+kiln_amx_rows8(float y8[8][16], const uint8_t *pw, const double *pdw, const float *pm, const uint8_t *x0,
+               int64_t nb, int32_t *pc, const int type) {
+    __m512d acc[8][2]; /* [row][tokens 0..7, 8..15] */
+    for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
+    KILN_AMX_ISSUE(0);
+    if (nb > 1) KILN_AMX_ISSUE(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const double *dx = (const double *)(x0 + (size_t)b * KILN_AMX_XTILE_BYTES + 512);
+        const __m512d dx0 = _mm512_load_pd(dx), dx1 = _mm512_load_pd(dx + 8);
+        const int32_t *c = pc + (size_t)(b % 3) * 128;
+        for (int r = 0; r < 8; r++) {
+            const __m512i s = _mm512_load_si512(c + 16 * r);
+            const __m512d dw = _mm512_set1_pd(pdw[b * 16 + r]);
+            acc[r][0] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(s)), _mm512_mul_pd(dw, dx0), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1)), _mm512_mul_pd(dw, dx1), acc[r][1]);
+            if (KILN_HAS_M(type)) {
+                __m512 ms = _mm512_mul_ps(_mm512_set1_ps(pm[b * 16 + r]), _mm512_load_ps((const float *)(dx + 16)));
+                acc[r][0] = _mm512_add_pd(acc[r][0], _mm512_cvtps_pd(_mm512_castps512_ps256(ms)));
+                acc[r][1] = _mm512_add_pd(acc[r][1], _mm512_cvtps_pd(_mm256_castpd_ps(
+                                                         _mm512_extractf64x4_pd(_mm512_castps_pd(ms), 1))));
+            }
+        }
+        if (b + 2 < nb) KILN_AMX_ISSUE(b + 2);
+    }
+    for (int r = 0; r < 8; r++)
+        _mm512_store_ps(y8[r], _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(acc[r][0])),
+                                                  _mm512_cvtpd_ps(acc[r][1]), 1));
+}
+#undef KILN_AMX_ISSUE
+#undef KILN_AMX_BLOCK
+
+static inline __attribute__((always_inline)) void
+kiln_qgemm_tiles_typed(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, uint8_t *panel,
+                       const uint8_t *xt, const int type) {
     const kiln_packed_view *w = &a->w;
     const int64_t nb = w->nb;
-    uint8_t *pq = panel;
-    double *pdw = (double *)(pq + (size_t)nb * 512);
+    uint8_t *pw = panel;
+    double *pdw = (double *)(pw + (size_t)nb * 512);
     float *pm = (float *)(pdw + (size_t)nb * 16);
     int32_t *pc = (int32_t *)(pm + (size_t)nb * 16);
-    int tile_nt = 0;
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
     for (int64_t rg = rg0; rg < rg1; rg += KILN_AMX_RGS) {
         const int nrg = (int)(rg1 - rg < KILN_AMX_RGS ? rg1 - rg : KILN_AMX_RGS);
-        kiln_amx_decode(pq, pdw, pm, w, rg, nrg, type);
+        kiln_amx_decode(pw, pdw, pm, w, rg, nrg, type);
         const int64_t r0 = rg * KILN_RG;
-        const int64_t nrows = w->rows - r0 < nrg * KILN_RG ? w->rows - r0 : nrg * KILN_RG;
+        const int nrows = (int)(w->rows - r0 < nrg * KILN_RG ? w->rows - r0 : nrg * KILN_RG);
         const __mmask16 rows_mask = (__mmask16)((1u << nrows) - 1);
         for (int t0 = 0; t0 < a->n_tokens; t0 += KILN_AMX_TOKENS) {
             const int nt = a->n_tokens - t0 < KILN_AMX_TOKENS ? a->n_tokens - t0 : KILN_AMX_TOKENS;
-            if (nt != tile_nt) kiln_amx_config(tile_nt = nt);
-            const uint8_t *aq0 = a->act + (size_t)t0 * a->act_stride + a->al.off_qs;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *aq = aq0 + (size_t)(b / KILN_KG) * KILN_KG * QK + 16 * (size_t)(b % KILN_KG);
-                _tile_zero(KILN_TC);
-                _tile_loadd(KILN_TA_LO, aq, a->act_stride);
-                _tile_loadd(KILN_TA_HI, aq + KILN_KG * 16, a->act_stride);
-                _tile_loadd(KILN_TB_LO, pq + (size_t)b * 512, 64);
-                _tile_loadd(KILN_TB_HI, pq + (size_t)b * 512 + 256, 64);
-                if (KILN_ZERO_POINT(type)) { /* signed weights */
-                    _tile_dpbssd(KILN_TC, KILN_TA_LO, KILN_TB_LO);
-                    _tile_dpbssd(KILN_TC, KILN_TA_HI, KILN_TB_HI);
-                } else {
-                    _tile_dpbsud(KILN_TC, KILN_TA_LO, KILN_TB_LO);
-                    _tile_dpbsud(KILN_TC, KILN_TA_HI, KILN_TB_HI);
-                }
-                _tile_stored(KILN_TC, pc + (size_t)b * 256, 64);
-            }
-            for (int t = 0; t < nt; t++) {
-                const kiln_act act = kiln_act_at(a->act + (size_t)(t0 + t) * a->act_stride, &a->al);
-                __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd(); /* rows 0..7, 8..15 */
-                for (int64_t b = 0; b < nb; b++) {
-                    const __m512i s = _mm512_load_si512(pc + (size_t)b * 256 + 16 * t);
-                    const __m512d dx = _mm512_set1_pd(act.dx[4 * b]); /* act lanes 4b..4b+3 */
-                    acc0 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(s)),
-                                           _mm512_mul_pd(_mm512_load_pd(pdw + b * 16), dx), acc0);
-                    acc1 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1)),
-                                           _mm512_mul_pd(_mm512_load_pd(pdw + b * 16 + 8), dx), acc1);
-                    if (KILN_HAS_M(type)) {
-                        __m512 ms = _mm512_mul_ps(_mm512_load_ps(pm + b * 16), _mm512_set1_ps(act.sx[4 * b]));
-                        acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(ms)));
-                        acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(
-                                                       _mm512_extractf64x4_pd(_mm512_castps_pd(ms), 1))));
-                    }
-                }
-                __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(acc0)), _mm512_cvtpd_ps(acc1), 1);
-                _mm512_mask_storeu_ps(a->y + (size_t)(t0 + t) * w->rows + r0, rows_mask, y);
-            }
+            const uint8_t *x0 = xt + (size_t)(t0 / KILN_AMX_TOKENS) * nb * KILN_AMX_XTILE_BYTES;
+            __attribute__((aligned(64))) float y16[16][16]; /* [row][token] */
+            for (int h = 0; h < 2 && 8 * h < nrows; h++)
+                kiln_amx_rows8((float(*)[16])y16[8 * h], pw + 256 * h, pdw + 8 * h, pm + 8 * h, x0, nb, pc, type);
+            /* y is (tokens, rows): token t's 16 rows are column t of y16 */
+            for (int t = 0; t < nt; t++)
+                _mm512_mask_storeu_ps(a->y + (size_t)(t0 + t) * w->rows + r0, rows_mask,
+                                      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows_mask, column, &y16[0][t], 4));
         }
     }
 }
 
-/* Row groups [rg0, rg1) for every token with AMX tiles; 0 when the panel cannot be
+
+/* Row groups [rg0, rg1) for every token with AMX tiles; 0 when the buffers cannot be
  * allocated (the caller then takes the row kernels, which give the same bits). */
 static int kiln_qgemm_tiles(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
-    size_t size = ((size_t)a->w.nb * KILN_AMX_PANEL_BYTES + 63) & ~(size_t)63;
-    uint8_t *panel = aligned_alloc(64, size);
-    if (!panel) return 0;
+    const size_t n_tiles = (size_t)(a->n_tokens + KILN_AMX_TOKENS - 1) / KILN_AMX_TOKENS;
+    /* the panel, then a ring of 3 blocks' 8 x 16 sums */
+    const size_t panel_size = (size_t)a->w.nb * KILN_AMX_PANEL_BYTES + 3 * 128 * sizeof(int32_t);
+    const size_t xt_size = n_tiles * (size_t)a->w.nb * KILN_AMX_XTILE_BYTES;
+    uint8_t *buf = aligned_alloc(64, panel_size + xt_size);
+    if (!buf) return 0;
+    kiln_amx_layout_acts(buf + panel_size, a, KILN_HAS_M(a->w.type));
+    kiln_amx_config();
     switch (a->w.type) {
 #define KILN_AMX_CASE(T) \
-    case T: kiln_qgemm_tiles_typed(a, rg0, rg1, panel, T); break;
+    case T: kiln_qgemm_tiles_typed(a, rg0, rg1, buf, buf + panel_size, T); break;
     KILN_AMX_CASE(KILN_TYPE_Q4_0)
     KILN_AMX_CASE(KILN_TYPE_Q4_1)
     KILN_AMX_CASE(KILN_TYPE_Q5_0)
@@ -355,7 +415,7 @@ static int kiln_qgemm_tiles(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) 
         abort();
     }
     _tile_release();
-    free(panel);
+    free(buf);
     return 1;
 }
 #endif /* __AMX_INT8__ */
