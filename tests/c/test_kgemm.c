@@ -117,8 +117,8 @@ void test_kgemm(const char *isa) {
     for (int t = 1; t <= 2; t++) kpools[t] = kiln_pool_create(t);
     static const int64_t rows[] = {1, 3, 5, 37};
     static const int64_t cols[] = {256, 512, 1536, 2816};
-    static const int tokens[] = {1, 2, 3, 7, 8, 9, 17};
-    static const int tokens_small[] = {1, 3, 9};
+    static const int tokens[] = {1, 2, 3, 7, 8, 9, 16, 17, 33}; /* AMX: 16-token tiles */
+    static const int tokens_small[] = {1, 3, 9, 17};
     const int *tv = small_sizes ? tokens_small : tokens;
     int nt = small_sizes ? N_OF(tokens_small) : N_OF(tokens);
     for (int k = 0; kiln_type_traits_at(k); k++) {
@@ -129,6 +129,7 @@ void test_kgemm(const char *isa) {
                 for (int t = 0; t < nt; t++) check_k_matmul(isa, type, rows[r], cols[c], tv[t]);
         /* a batch over more than one L2-sized block of rows */
         check_k_matmul(isa, type, small_sizes ? 150 : 600, 2816, 10);
+        check_k_matmul(isa, type, small_sizes ? 19 : 45, 2816, small_sizes ? 17 : 40); /* AMX: 8-row tiles and a tail */
     }
     for (int t = 1; t <= 2; t++) kiln_pool_free(kpools[t]);
 }

@@ -430,6 +430,209 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
     }
 }
 
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+/* ---- prompt batches with AMX int8 tiles (the amx variant) ----
+ * For 8 rows x 16 tokens at a time, one tile product per scale chunk (32 elements for
+ * the types with one scale per sub-block of 32: Q4_K, Q5_K, IQ4_XS; 16 for the others)
+ * gives the chunk's exact dots q . a in int32; each row then adds them up times its
+ * chunk scales (vpmulld), adds the bsums terms (vpdpwssd: coef pairs times bsum pairs,
+ * exact in int32), and meets kiln_ksum_step's float step per super-block, vectorised
+ * over the tokens with the same operations in the same order (a multiply, then an add
+ * or subtract: no fused multiply-add, as -ffp-contract=off keeps the scalar code), so
+ * the results are the same bits.
+ * The weights of the 8 rows are decoded once per call into a panel (quants in tile
+ * rows, scales as int32 for broadcasts); the batch's activations are laid out once per
+ * call in the tiles' order (kiln_amx_xpose), with their bsums as int16 pairs of
+ * chunks and d_x in double, per 16-token tile. Two chunks are in flight (tiles 0-2 and
+ * 3-5) ahead of the integer and float steps. */
+#include "amx_tiles.h"
+
+#define KILN_KAMX_MIN_TOKENS 16
+/* elements per chunk scale */
+#define KILN_KAMX_CH(t) ((t) == KILN_TYPE_Q4_K || (t) == KILN_TYPE_Q5_K || (t) == KILN_TYPE_IQ4_XS ? 32 : 16)
+
+/* One super-block of 8 rows. */
+typedef struct {
+    uint8_t q[8 * QK_K];   /* chunk c, row r: CH bytes at (8 c + r) CH */
+    int32_t sc[16][8];     /* chunk scale [c][r] */
+    int32_t coef2[8][8];   /* [pair p][r]: the bsums weights of chunks 2p (low 16 bits), 2p + 1 */
+    float d[8], dmin[8];
+} __attribute__((aligned(64))) kiln_kpanel;
+
+/* One super-block of 16 tokens. */
+typedef struct {
+    uint8_t x[16 * QK_K];  /* chunk c: CH / 4 tile rows of 16 tokens x 4 bytes at 16 CH c */
+    int16_t bs[8][16][2];  /* [pair p][token]: bsums of chunks 2p, 2p + 1 */
+    double dx[16];
+} __attribute__((aligned(64))) kiln_kxtile;
+
+static void kiln_kamx_layout_acts(kiln_kxtile *xt, const kiln_kgemm_args *a) {
+    static const int8_t zeros[QK_K] = {0};
+    for (int t0 = 0; t0 < a->n_tokens; t0 += 16) {
+        const int nt = a->n_tokens - t0 < 16 ? a->n_tokens - t0 : 16;
+        for (int64_t ib = 0; ib < a->nb; ib++) {
+            kiln_kxtile *x = xt + (size_t)(t0 / 16) * a->nb + ib;
+            const uint8_t *src[16];
+            for (int t = 0; t < 16; t++) {
+                const block_q8_K *b = t < nt ? a->act + (size_t)(t0 + t) * a->nb + ib : NULL;
+                src[t] = b ? (const uint8_t *)b->qs : (const uint8_t *)zeros;
+                x->dx[t] = b ? (double)b->d : 0.0;
+                for (int p = 0; p < 8; p++) {
+                    x->bs[p][t][0] = b ? b->bsums[2 * p] : 0;
+                    x->bs[p][t][1] = b ? b->bsums[2 * p + 1] : 0;
+                }
+            }
+            /* 16 elements at a time: 4 tile rows; chunks of 32 are two such, in order */
+            for (int e = 0; e < QK_K; e += 16) {
+                const uint8_t *s16[16];
+                for (int t = 0; t < 16; t++) s16[t] = src[t] + e;
+                kiln_amx_xpose(x->x + 16 * e, s16);
+            }
+        }
+    }
+}
+
+/* Rows [row, row + nr) (nr <= 8; the rest zero) into the panel, one per super-block. */
+static inline __attribute__((always_inline)) void
+kiln_kamx_decode(kiln_kpanel *p, const kiln_kgemm_args *a, int64_t row, int nr, const int type) {
+    const int ch = KILN_KAMX_CH(type), has_min = kiln_khas_min(type), offset = kiln_koffset(type);
+    const size_t bsize = a->row_size / (size_t)a->nb;
+    for (int64_t ib = 0; ib < a->nb; ib++) {
+        kiln_kpanel *pb = p + ib;
+        memset(pb, 0, sizeof *pb);
+        for (int r = 0; r < nr; r++) {
+            const void *blk = a->w + (size_t)(row + r) * a->row_size + (size_t)ib * bsize;
+            __m256i q[8];
+            kiln_kquants_avx2(blk, type, q);
+            __attribute__((aligned(32))) uint8_t qb[QK_K];
+            for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(qb + 32 * k), q[k]);
+            for (int c = 0; c < QK_K / ch; c++) memcpy(pb->q + (size_t)(8 * c + r) * ch, qb + c * ch, (size_t)ch);
+            __m128i sc8, coef8;
+            float d, dmin;
+            kiln_kscales_avx2(blk, type, &sc8, &coef8, &d, &dmin);
+            int8_t sc[16], cf[16];
+            _mm_storeu_si128((__m128i *)sc, sc8);
+            _mm_storeu_si128((__m128i *)cf, coef8);
+            for (int c = 0; c < QK_K / ch; c++) pb->sc[c][r] = sc[c * ch / 16];
+            for (int j = 0; j < 8; j++) {
+                int16_t lo = has_min ? cf[2 * j] : (int16_t)(-offset * sc[2 * j]);
+                int16_t hi = has_min ? cf[2 * j + 1] : (int16_t)(-offset * sc[2 * j + 1]);
+                pb->coef2[j][r] = (int32_t)(uint16_t)lo | (int32_t)((uint32_t)(uint16_t)hi << 16);
+            }
+            pb->d[r] = d;
+            pb->dmin[r] = dmin;
+        }
+    }
+}
+
+/* Chunk i (super-block i / nch, chunk i % nch) of the 8 rows x 16 tokens into ring slot
+ * i % 3 of pc, on tile set i % 2. */
+#define KILN_KAMX_CHUNK(W, X, C, i)                                                            \
+    do {                                                                                       \
+        const int64_t sb_ = (i) / nch, c_ = (i) % nch;                                         \
+        _tile_zero(C);                                                                         \
+        _tile_loadd(W, p[sb_].q + (size_t)c_ * 8 * ch, ch);                                    \
+        _tile_loadd(X, x0[sb_].x + (size_t)c_ * 16 * ch, 64);                                  \
+        if (type == KILN_TYPE_IQ4_XS) _tile_dpbssd(C, W, X); /* signed grid values */          \
+        else _tile_dpbusd(C, W, X);                                                            \
+        _tile_stored(C, pc + (size_t)((i) % 3) * 128, 64);                                     \
+    } while (0)
+#define KILN_KAMX_ISSUE(i)                                                                     \
+    do {                                                                                       \
+        if ((i) & 1) KILN_KAMX_CHUNK(KILN_TW1, KILN_TX1, KILN_TC1, i);                         \
+        else KILN_KAMX_CHUNK(KILN_TW0, KILN_TX0, KILN_TC0, i);                                 \
+    } while (0)
+
+static inline __attribute__((always_inline)) void
+kiln_kamx_rows8(float y8[8][16], const kiln_kpanel *p, const kiln_kxtile *x0, int64_t nb, int32_t *pc,
+                const int type) {
+    const int ch = KILN_KAMX_CH(type), nch = QK_K / ch;
+    const int has_min = kiln_khas_min(type), offset = kiln_koffset(type);
+    const int64_t n = nb * nch;
+    __m512d acc[8][2]; /* [row][tokens 0..7, 8..15] */
+    for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
+    KILN_KAMX_ISSUE(0);
+    if (n > 1) KILN_KAMX_ISSUE(1);
+    for (int64_t sb = 0; sb < nb; sb++) {
+        __m512i isum[8];
+        for (int r = 0; r < 8; r++) isum[r] = _mm512_setzero_si512();
+        for (int c = 0; c < nch; c++) {
+            const int64_t i = sb * nch + c;
+            const int32_t *cs = pc + (size_t)(i % 3) * 128;
+            for (int r = 0; r < 8; r++)
+                isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(_mm512_load_si512(cs + 16 * r),
+                                                                       _mm512_set1_epi32(p[sb].sc[c][r])));
+            if (i + 2 < n) KILN_KAMX_ISSUE(i + 2);
+        }
+        const kiln_kxtile *x = x0 + sb;
+        const __m512d dx0 = _mm512_load_pd(x->dx), dx1 = _mm512_load_pd(x->dx + 8);
+        for (int r = 0; r < 8; r++) {
+            __m512i msum = _mm512_setzero_si512();
+            if (has_min || offset) {
+                __m512i m = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j++)
+                    m = _mm512_dpwssd_epi32(m, _mm512_load_si512(x->bs[j]), _mm512_set1_epi32(p[sb].coef2[j][r]));
+                if (has_min) msum = m;
+                else isum[r] = _mm512_add_epi32(isum[r], m);
+            }
+            /* kiln_ksum_step, 16 tokens at once */
+            const __m512d d = _mm512_set1_pd((double)p[sb].d[r]), dm = _mm512_set1_pd((double)p[sb].dmin[r]);
+            acc[r][0] = _mm512_add_pd(acc[r][0], _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(isum[r])), _mm512_mul_pd(d, dx0)));
+            acc[r][1] = _mm512_add_pd(acc[r][1], _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(isum[r], 1)), _mm512_mul_pd(d, dx1)));
+            acc[r][0] = _mm512_sub_pd(acc[r][0], _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(msum)), _mm512_mul_pd(dm, dx0)));
+            acc[r][1] = _mm512_sub_pd(acc[r][1], _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(msum, 1)), _mm512_mul_pd(dm, dx1)));
+        }
+    }
+    for (int r = 0; r < 8; r++)
+        _mm512_store_ps(y8[r], _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(acc[r][0])),
+                                                  _mm512_cvtpd_ps(acc[r][1]), 1));
+}
+#undef KILN_KAMX_ISSUE
+#undef KILN_KAMX_CHUNK
+
+static inline __attribute__((always_inline)) void
+kiln_kgemm_tiles_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, kiln_kpanel *p, int32_t *pc,
+                       const kiln_kxtile *xt, const int type) {
+    kiln_amx_config(KILN_KAMX_CH(type));
+    for (int64_t row = r0; row < r1; row += 8) {
+        const int nr = (int)(r1 - row < 8 ? r1 - row : 8);
+        kiln_kamx_decode(p, a, row, nr, type);
+        for (int t0 = 0; t0 < a->n_tokens; t0 += 16) {
+            const int nt = a->n_tokens - t0 < 16 ? a->n_tokens - t0 : 16;
+            __attribute__((aligned(64))) float y8[8][16];
+            kiln_kamx_rows8(y8, p, xt + (size_t)(t0 / 16) * a->nb, a->nb, pc, type);
+            for (int t = 0; t < nt; t++)
+                for (int r = 0; r < nr; r++) a->y[(size_t)(t0 + t) * a->rows + row + r] = y8[r][t];
+        }
+    }
+}
+
+/* Rows [r0, r1) for every token with AMX tiles; 0 when the buffers cannot be allocated
+ * (the caller then takes the row kernels, which give the same bits). */
+static int kiln_kgemm_tiles(const kiln_kgemm_args *a, int64_t r0, int64_t r1) {
+    const size_t n_tiles = (size_t)(a->n_tokens + 15) / 16;
+    const size_t panel = (size_t)a->nb * sizeof(kiln_kpanel), ring = 3 * 128 * sizeof(int32_t);
+    uint8_t *buf = aligned_alloc(64, panel + ring + n_tiles * (size_t)a->nb * sizeof(kiln_kxtile));
+    if (!buf) return 0;
+    kiln_kpanel *p = (kiln_kpanel *)buf;
+    int32_t *pc = (int32_t *)(buf + panel);
+    kiln_kxtile *xt = (kiln_kxtile *)(buf + panel + ring);
+    kiln_kamx_layout_acts(xt, a);
+    switch (a->type) {
+    case KILN_TYPE_Q2_K: kiln_kgemm_tiles_typed(a, r0, r1, p, pc, xt, KILN_TYPE_Q2_K); break;
+    case KILN_TYPE_Q3_K: kiln_kgemm_tiles_typed(a, r0, r1, p, pc, xt, KILN_TYPE_Q3_K); break;
+    case KILN_TYPE_Q4_K: kiln_kgemm_tiles_typed(a, r0, r1, p, pc, xt, KILN_TYPE_Q4_K); break;
+    case KILN_TYPE_Q5_K: kiln_kgemm_tiles_typed(a, r0, r1, p, pc, xt, KILN_TYPE_Q5_K); break;
+    case KILN_TYPE_Q6_K: kiln_kgemm_tiles_typed(a, r0, r1, p, pc, xt, KILN_TYPE_Q6_K); break;
+    case KILN_TYPE_IQ4_XS: kiln_kgemm_tiles_typed(a, r0, r1, p, pc, xt, KILN_TYPE_IQ4_XS); break;
+    default: abort(); /* kiln_matmul routes no other type here */
+    }
+    _tile_release();
+    free(buf);
+    return 1;
+}
+#endif /* __AMX_INT8__ */
+
 #elif defined(__ARM_FEATURE_DOTPROD) && defined(__aarch64__)
 #include <arm_neon.h>
 
@@ -534,6 +737,9 @@ static void kiln_krows_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, i
 }
 
 void KILN_FN(kiln_kgemm)(const kiln_kgemm_args *a, int64_t r0, int64_t r1) {
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+    if (a->n_tokens >= KILN_KAMX_MIN_TOKENS && kiln_kgemm_tiles(a, r0, r1)) return;
+#endif
     /* a batch passes over the weights once per KILN_KNT tokens: take the rows in
      * blocks small enough to stay in L2 meanwhile */
     int64_t step = a->n_tokens > KILN_KNT ? (int64_t)((256u << 10) / a->row_size) : r1 - r0;

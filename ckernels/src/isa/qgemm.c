@@ -172,8 +172,8 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 /* ---- prompt batches with AMX int8 tiles (the amx variant) ----
- * One tile multiply-add (16 rows x 32 bytes of weights times 32 x 16 tokens of
- * activations) gives the exact integer sums of one block for 16 rows x 16 tokens,
+ * One tile multiply-add (8 rows x 32 bytes of weights times 32 x 16 tokens of
+ * activations) gives the exact integer sums of one block for 8 rows x 16 tokens,
  * int32 as every other kernel's. The float step after that is the scalar reference's
  * (per block isum * (d_w * d_x) into a double, then the m term, blocks in order), so
  * the results are the same bits.
@@ -186,6 +186,8 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
  * side (zeros past the last token), with the tokens' d_x (and s_x) beside it.
  * The tiles take 8 rows at a time (their 8 x 16 double sums fit the registers), two
  * blocks in flight (tiles 0-2 and 3-5) ahead of the float step. */
+#include "amx_tiles.h"
+
 #define KILN_AMX_RGS 4         /* row groups per row tile: 16 rows */
 #define KILN_AMX_TOKENS 16     /* tokens per token tile */
 #define KILN_AMX_MIN_TOKENS 16 /* smaller batches take the row kernels */
@@ -193,50 +195,10 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
 #define KILN_ZERO_POINT(t) ((t) == KILN_TYPE_Q4_0 ? 8 : (t) == KILN_TYPE_Q5_0 ? 16 : \
                             (t) == KILN_TYPE_Q8_0 || (t) == KILN_TYPE_IQ4_NL ? 128 : 0)
 
-/* tile registers (literals: the tile intrinsics paste them into register names);
- * W: 8 rows x 32 bytes of weights, X: 8 x (16 tokens x 4 bytes), C: 8 rows x 16 int32 */
-#define KILN_TW0 0
-#define KILN_TX0 1
-#define KILN_TC0 2
-#define KILN_TW1 3
-#define KILN_TX1 4
-#define KILN_TC1 5
-
 /* Per block: the weight panel's quants (512 bytes), d_w and m_w of its 16 rows. */
 #define KILN_AMX_PANEL_BYTES (512 + 16 * sizeof(double) + 16 * sizeof(float))
 /* Per block and token tile: the activations' tile (512 bytes), d_x and s_x. */
 #define KILN_AMX_XTILE_BYTES (512 + 16 * sizeof(double) + 16 * sizeof(float))
-
-static void kiln_amx_config(void) {
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } __attribute__((aligned(64))) c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    c.rows[KILN_TW0] = c.rows[KILN_TW1] = 8, c.colsb[KILN_TW0] = c.colsb[KILN_TW1] = 32;
-    c.rows[KILN_TX0] = c.rows[KILN_TX1] = 8, c.colsb[KILN_TX0] = c.colsb[KILN_TX1] = 64;
-    c.rows[KILN_TC0] = c.rows[KILN_TC1] = 8, c.colsb[KILN_TC0] = c.colsb[KILN_TC1] = 64;
-    _tile_loadconfig(&c);
-}
-
-/* 16 sources of 16 bytes (4 chunks of 4) -> 4 rows of 64 bytes at dst (row stride 64):
- * row k holds chunk k of every source, source i at bytes 4i..4i+3. */
-static inline void kiln_amx_transpose(uint8_t *dst, const uint8_t *const src[16]) {
-    const __m512i chunks = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    for (int q = 0; q < 4; q++) {
-        __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)src[4 * q]));
-        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)src[4 * q + 1]), 1);
-        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)src[4 * q + 2]), 2);
-        z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)src[4 * q + 3]), 3);
-        z = _mm512_permutexvar_epi32(chunks, z); /* lane k: chunk k of sources 4q..4q+3 */
-        _mm_storeu_si128((__m128i *)(dst + 16 * q), _mm512_castsi512_si128(z));
-        _mm_storeu_si128((__m128i *)(dst + 64 + 16 * q), _mm512_extracti32x4_epi32(z, 1));
-        _mm_storeu_si128((__m128i *)(dst + 128 + 16 * q), _mm512_extracti32x4_epi32(z, 2));
-        _mm_storeu_si128((__m128i *)(dst + 192 + 16 * q), _mm512_extracti32x4_epi32(z, 3));
-    }
-}
 
 /* The batch's activations in tile order: xt holds n_tiles x nb x KILN_AMX_XTILE_BYTES. */
 static void kiln_amx_layout_acts(uint8_t *xt, const kiln_qgemm_args *a, int has_m) {
@@ -258,8 +220,8 @@ static void kiln_amx_layout_acts(uint8_t *xt, const kiln_qgemm_args *a, int has_
                 dx[t] = t < nt ? act[t].dx[4 * b] : 0.0; /* act lanes 4b..4b+3 */
                 sx[t] = t < nt && has_m ? act[t].sx[4 * b] : 0.0f;
             }
-            kiln_amx_transpose(x, src[0]);       /* rows 0..3: elements 0..15 */
-            kiln_amx_transpose(x + 256, src[1]); /* rows 4..7: elements 16..31 */
+            kiln_amx_xpose(x, src[0]);       /* rows 0..3: elements 0..15 */
+            kiln_amx_xpose(x + 256, src[1]); /* rows 4..7: elements 16..31 */
         }
     }
 }
@@ -400,7 +362,7 @@ static int kiln_qgemm_tiles(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) 
     uint8_t *buf = aligned_alloc(64, panel_size + xt_size);
     if (!buf) return 0;
     kiln_amx_layout_acts(buf + panel_size, a, KILN_HAS_M(a->w.type));
-    kiln_amx_config();
+    kiln_amx_config(32);
     switch (a->w.type) {
 #define KILN_AMX_CASE(T) \
     case T: kiln_qgemm_tiles_typed(a, rg0, rg1, buf, buf + panel_size, T); break;
