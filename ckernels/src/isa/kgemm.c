@@ -430,152 +430,6 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
     }
 }
 
-#if defined(__AVX512BW__)
-/* Q4_K and Q6_K for one token in 64-byte registers: each load of quants decodes to
- * two 32-element sub-blocks side by side, which the token's activations are paired
- * to once per super-block (kiln_kact512) and the row's chunk scales per row
- * (vpermw). The integer sums are the 32-byte loop's, so the bits are too. */
-#define KILN_K512(t) ((t) == KILN_TYPE_Q4_K || (t) == KILN_TYPE_Q6_K)
-
-/* The activations in the order kiln_krow512 decodes the quants: Q4_K's register h of a
- * 64-byte load holds sub-blocks (4h, 4h + 2) in its low nibbles and (4h + 1, 4h + 3)
- * in its high ones; Q6_K's holds elements 64i.. 64i + 63 in order. */
-static inline __attribute__((always_inline)) void kiln_kact512(const block_q8_K *x, const int type, __m512i ax[4]) {
-    for (int i = 0; i < 4; i++) {
-        if (type == KILN_TYPE_Q4_K) {
-            const int8_t *p = x->qs + 128 * (i / 2) + 32 * (i % 2);
-            ax[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
-                                       _mm256_loadu_si256((const __m256i *)(p + 64)), 1);
-        } else {
-            ax[i] = _mm512_loadu_si512((const void *)(x->qs + 64 * i));
-        }
-    }
-}
-
-/* Chunk scale indices (into 16 chunk scales as int16) of the 32 pair sums of
- * kiln_krow512's products i = 0..3. */
-static const int16_t kiln_k512_pick[2][4][32] = {
-    { /* Q4_K: sub-block j's scale is chunk 2j's */
-     {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4},
-     {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6},
-     {8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12, 12},
-     {10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14}},
-    { /* Q6_K: 8 pair sums per chunk of 16 */
-     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-     {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
-     {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
-     {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13, 14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}}};
-
-/* sum_c sc[c] * (q . a over chunk c) of one row's super-block, in 8 int32 lanes. */
-static inline __attribute__((always_inline)) __m256i
-kiln_krow512(const void *blk, const int type, const __m512i ax[4], __m256i sc16) {
-    const __m512i m4 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
-    const __m512i sc = _mm512_castsi256_si512(sc16);
-    const int k6 = type == KILN_TYPE_Q6_K;
-    __m512i q[4];
-    for (int h = 0; h < 2; h++) {
-        const uint8_t *qs = k6 ? ((const block_q6_K *)blk)->ql + 64 * h : ((const block_q4_K *)blk)->qs + 64 * h;
-        __m512i v = _mm512_loadu_si512((const void *)qs);
-        q[2 * h] = _mm512_and_si512(v, m4);
-        q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        if (k6) { /* elements 128h + 32k + l: high bits 2k, 2k + 1 of qh[32h + l] -> bits 4, 5 */
-            const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(((const block_q6_K *)blk)->qh + 32 * h)));
-            const __m512i s01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-            const __m512i s23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
-            q[2 * h] = _mm512_or_si512(q[2 * h], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, s01), m3), 4));
-            q[2 * h + 1] = _mm512_or_si512(q[2 * h + 1], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, s23), m3), 4));
-        }
-    }
-    __m512i acc = _mm512_setzero_si512();
-    for (int i = 0; i < 4; i++) {
-        const __m512i scv = _mm512_permutexvar_epi16(_mm512_loadu_si512((const void *)kiln_k512_pick[k6][i]), sc);
-        acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(q[i], ax[i]), scv));
-    }
-    return _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
-}
-#else
-#define KILN_K512(t) 0
-#endif
-
-/* Generation (one token): 4 rows at a time, so the token's activations are loaded once
- * for 4 rows, the 4 rows' lane sums are reduced together, and kiln_ksum_step runs for
- * the 4 rows in one double register, lane by lane the same operations. */
-static inline __m128i kiln_hsum8x4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
-    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)); /* [s0 s1 s2 s3] */
-}
-
-static inline __attribute__((always_inline)) void
-kiln_krows4(const kiln_kgemm_args *a, int64_t row, int nr, int t0, const int type) {
-    const int has_min = kiln_khas_min(type), offset = kiln_koffset(type), sgn = type == KILN_TYPE_IQ4_XS;
-    const size_t bsize = a->row_size / (size_t)a->nb;
-    __m256i pick[4]; /* as in kiln_krows */
-    for (int k = 0; k < 4; k++)
-        pick[k] = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                   4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                   4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
-                                   4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
-    const uint8_t *wr[4];
-    for (int r = 0; r < 4; r++) wr[r] = a->w + (size_t)(row + (r < nr ? r : 0)) * a->row_size;
-    __m256d acc = _mm256_setzero_pd();
-    for (int64_t ib = 0; ib < a->nb; ib++) {
-        const block_q8_K *x = a->act + (size_t)t0 * a->nb + ib;
-        __m256i ax[8];
-#if defined(__AVX512BW__)
-        __m512i ax5[4];
-        if (KILN_K512(type)) kiln_kact512(x, type, ax5);
-        else
-#endif
-            for (int k = 0; k < 8; k++) ax[k] = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
-        const __m256i bsums = _mm256_loadu_si256((const __m256i *)x->bsums);
-        __m256i s[4], m[4];
-        float d[4], dmin[4];
-        for (int r = 0; r < 4; r++) {
-            const void *blk = wr[r] + (size_t)ib * bsize;
-            _mm_prefetch((const char *)blk + 2 * bsize, _MM_HINT_T0);
-            /* the next 4 rows' block, into L2: the 4 interleaved rows hide the
-             * sequential stream from the hardware prefetcher */
-            _mm_prefetch((const char *)blk + 4 * a->row_size, _MM_HINT_T1);
-            __m128i sc8, coef8;
-            kiln_kscales_avx2(blk, type, &sc8, &coef8, &d[r], &dmin[r]);
-            __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-            __m256i acc_r = _mm256_setzero_si256();
-#if defined(__AVX512BW__)
-            if (KILN_K512(type)) acc_r = kiln_krow512(blk, type, ax5, sc16);
-            else
-#endif
-            {
-                __m256i q[8];
-                kiln_kquants_avx2(blk, type, q);
-                __m256i s_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), s_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-                for (int k = 0; k < 8; k++) {
-                    __m256i scv = _mm256_shuffle_epi8(k < 4 ? s_lo : s_hi, pick[k % 4]);
-                    __m256i p = sgn ? _mm256_maddubs_epi16(_mm256_abs_epi8(q[k]), _mm256_sign_epi8(ax[k], q[k]))
-                                    : _mm256_maddubs_epi16(q[k], ax[k]);
-                    acc_r = _mm256_add_epi32(acc_r, _mm256_madd_epi16(p, scv));
-                }
-            }
-            m[r] = _mm256_setzero_si256();
-            if (offset || has_min) {
-                __m256i coef = has_min ? _mm256_cvtepi8_epi16(coef8)
-                                       : _mm256_mullo_epi16(sc16, _mm256_set1_epi16((short)-offset));
-                m[r] = _mm256_madd_epi16(bsums, coef);
-                if (!has_min) acc_r = _mm256_add_epi32(acc_r, m[r]), m[r] = _mm256_setzero_si256();
-            }
-            s[r] = acc_r;
-        }
-        /* kiln_ksum_step for the 4 rows */
-        const __m256d dx = _mm256_set1_pd((double)x->d);
-        const __m256d dd = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(d)), dx);
-        acc = _mm256_add_pd(acc, _mm256_mul_pd(_mm256_cvtepi32_pd(kiln_hsum8x4(s[0], s[1], s[2], s[3])), dd));
-        const __m256d dm = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(dmin)), dx);
-        acc = _mm256_sub_pd(acc, _mm256_mul_pd(_mm256_cvtepi32_pd(kiln_hsum8x4(m[0], m[1], m[2], m[3])), dm));
-    }
-    double y[4];
-    _mm256_storeu_pd(y, acc);
-    for (int r = 0; r < nr; r++) a->y[(size_t)t0 * a->rows + row + r] = (float)y[r];
-}
-
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 /* ---- prompt batches with AMX int8 tiles (the amx variant) ----
  * For 8 rows x 16 tokens at a time, one tile product per scale chunk (32 elements for
@@ -864,21 +718,11 @@ static inline __attribute__((always_inline)) void kiln_krows(const kiln_kgemm_ar
 }
 #endif
 
-/* One token: 4 rows at a time where the variant has kiln_krows4. */
-static inline __attribute__((always_inline)) void
-kiln_krows1(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, const int type) {
-#if defined(__AVX2__)
-    for (int64_t row = r0; row < r1; row += 4) kiln_krows4(a, row, r1 - row < 4 ? (int)(r1 - row) : 4, t0, type);
-#else
-    kiln_krows(a, r0, r1, t0, 1, type);
-#endif
-}
-
 /* Rows [r0, r1) for tokens [t0, t0 + nt), with the type a compile-time constant, and
  * the token count too for generation (1) and full tiles, so the accumulators stay in
  * registers rather than making a store-reload chain per super-block. */
 #define KILN_KROWS_NT(T)                                                                  \
-    (nt == 1 ? kiln_krows1(a, r0, r1, t0, T)                                              \
+    (nt == 1 ? kiln_krows(a, r0, r1, t0, 1, T)                                            \
              : nt == KILN_KNT ? kiln_krows(a, r0, r1, t0, KILN_KNT, T) : kiln_krows(a, r0, r1, t0, nt, T))
 static void kiln_krows_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt) {
     switch (a->type) {
