@@ -18,6 +18,25 @@
 #define KILN_TX1 4
 #define KILN_TC1 5
 
+/* C = W x X over the tile set's registers (signed_w: tdpbssd, else tdpbusd: unsigned
+ * weights), loaded from w (rows w_stride apart) and x, stored to out (64 bytes a row). */
+#define KILN_AMX_TILE_PRODUCT(W, X, C, w, w_stride, x, signed_w, out)                          \
+    do {                                                                                       \
+        _tile_zero(C);                                                                         \
+        _tile_loadd(W, w, w_stride);                                                           \
+        _tile_loadd(X, x, 64);                                                                 \
+        if (signed_w) _tile_dpbssd(C, W, X);                                                   \
+        else _tile_dpbusd(C, W, X);                                                            \
+        _tile_stored(C, out, 64);                                                              \
+    } while (0)
+/* The same on set 1 if odd, else set 0: consecutive products alternate sets, so two are
+ * in flight. */
+#define KILN_AMX_PRODUCT(odd, w, w_stride, x, signed_w, out)                                   \
+    do {                                                                                       \
+        if (odd) KILN_AMX_TILE_PRODUCT(KILN_TW1, KILN_TX1, KILN_TC1, w, w_stride, x, signed_w, out); \
+        else KILN_AMX_TILE_PRODUCT(KILN_TW0, KILN_TX0, KILN_TC0, w, w_stride, x, signed_w, out); \
+    } while (0)
+
 /* The shapes (palette 1) for products over k bytes (16 or 32). */
 static inline void kiln_amx_config(int k) {
     struct {

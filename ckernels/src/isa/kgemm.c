@@ -526,22 +526,11 @@ kiln_kamx_decode(kiln_kpanel *p, const kiln_kgemm_args *a, int64_t row, int nr, 
 }
 
 /* Chunk i (super-block i / nch, chunk i % nch) of the 8 rows x 16 tokens into ring slot
- * i % 3 of pc, on tile set i % 2. */
-#define KILN_KAMX_CHUNK(W, X, C, i)                                                            \
-    do {                                                                                       \
-        const int64_t sb_ = (i) / nch, c_ = (i) % nch;                                         \
-        _tile_zero(C);                                                                         \
-        _tile_loadd(W, p[sb_].q + (size_t)c_ * 8 * ch, ch);                                    \
-        _tile_loadd(X, x0[sb_].x + (size_t)c_ * 16 * ch, 64);                                  \
-        if (type == KILN_TYPE_IQ4_XS) _tile_dpbssd(C, W, X); /* signed grid values */          \
-        else _tile_dpbusd(C, W, X);                                                            \
-        _tile_stored(C, pc + (size_t)((i) % 3) * 128, 64);                                     \
-    } while (0)
+ * i % 3 of pc; IQ4_XS's grid values are signed. */
 #define KILN_KAMX_ISSUE(i)                                                                     \
-    do {                                                                                       \
-        if ((i) & 1) KILN_KAMX_CHUNK(KILN_TW1, KILN_TX1, KILN_TC1, i);                         \
-        else KILN_KAMX_CHUNK(KILN_TW0, KILN_TX0, KILN_TC0, i);                                 \
-    } while (0)
+    KILN_AMX_PRODUCT((i) & 1, p[(i) / nch].q + (size_t)((i) % nch) * 8 * ch, ch,                \
+                     x0[(i) / nch].x + (size_t)((i) % nch) * 16 * ch, type == KILN_TYPE_IQ4_XS,  \
+                     pc + (size_t)((i) % 3) * 128)
 
 static inline __attribute__((always_inline)) void
 kiln_kamx_rows8(float y8[8][16], const kiln_kpanel *p, const kiln_kxtile *x0, int64_t nb, int32_t *pc,
@@ -588,7 +577,6 @@ kiln_kamx_rows8(float y8[8][16], const kiln_kpanel *p, const kiln_kxtile *x0, in
                                                   _mm512_cvtpd_ps(acc[r][1]), 1));
 }
 #undef KILN_KAMX_ISSUE
-#undef KILN_KAMX_CHUNK
 
 static inline __attribute__((always_inline)) void
 kiln_kgemm_tiles_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, kiln_kpanel *p, int32_t *pc,

@@ -269,21 +269,10 @@ kiln_amx_decode(uint8_t *pw, double *pdw, float *pm, const kiln_packed_view *w, 
 }
 
 /* Block b's sums for 8 rows (the half of the row tile at pw) x 16 tokens, into ring
- * slot b % 3 of pc, on tile set b % 2. */
-#define KILN_AMX_BLOCK(W, X, C, b)                                                            \
-    do {                                                                                      \
-        _tile_zero(C);                                                                        \
-        _tile_loadd(W, pw + (size_t)(b) * 512, 32);                                           \
-        _tile_loadd(X, x0 + (size_t)(b) * KILN_AMX_XTILE_BYTES, 64);                          \
-        if (KILN_ZERO_POINT(type)) _tile_dpbssd(C, W, X); /* signed weights */                \
-        else _tile_dpbusd(C, W, X);                                                           \
-        _tile_stored(C, pc + (size_t)((b) % 3) * 128, 64);                                    \
-    } while (0)
+ * slot b % 3 of pc. */
 #define KILN_AMX_ISSUE(b)                                                                     \
-    do {                                                                                      \
-        if ((b) & 1) KILN_AMX_BLOCK(KILN_TW1, KILN_TX1, KILN_TC1, b);                         \
-        else KILN_AMX_BLOCK(KILN_TW0, KILN_TX0, KILN_TC0, b);                                 \
-    } while (0)
+    KILN_AMX_PRODUCT((b) & 1, pw + (size_t)(b) * 512, 32, x0 + (size_t)(b) * KILN_AMX_XTILE_BYTES, \
+                     KILN_ZERO_POINT(type) /* signed weights */, pc + (size_t)((b) % 3) * 128)
 
 /* 8 rows (pw, pdw, pm: the half's panel) x the 16 tokens of x0: y8[row][token].
  * Software-pipelined: the tiles of block b + 2 run while block b's sums meet the
@@ -318,7 +307,6 @@ kiln_amx_rows8(float y8[8][16], const uint8_t *pw, const double *pdw, const floa
                                                   _mm512_cvtpd_ps(acc[r][1]), 1));
 }
 #undef KILN_AMX_ISSUE
-#undef KILN_AMX_BLOCK
 
 static inline __attribute__((always_inline)) void
 kiln_qgemm_tiles_typed(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, uint8_t *panel,
