@@ -1,6 +1,6 @@
 /* AMX tile helpers shared by the amx variant's kernels (isa/qgemm.c, isa/kgemm.c):
- * the tile registers, their shapes, and the 4-byte transpose that lays bytes out in
- * the tiles' order. Only for sources compiled with -mamx-tile -mamx-int8. */
+ * the tile registers and their shapes, one tile product, and the 4-byte transpose that
+ * lays bytes out in the tiles' order. Only for sources compiled with -mamx-tile -mamx-int8. */
 #ifndef KILN_AMX_TILES_H
 #define KILN_AMX_TILES_H
 

@@ -191,9 +191,8 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
 #define KILN_AMX_RGS 4         /* row groups per row tile: 16 rows */
 #define KILN_AMX_TOKENS 16     /* tokens per token tile */
 #define KILN_AMX_MIN_TOKENS 16 /* smaller batches take the row kernels */
-/* the zero point the decode takes off (the type table's act_offset) */
-#define KILN_ZERO_POINT(t) ((t) == KILN_TYPE_Q4_0 ? 8 : (t) == KILN_TYPE_Q5_0 ? 16 : \
-                            (t) == KILN_TYPE_Q8_0 || (t) == KILN_TYPE_IQ4_NL ? 128 : 0)
+/* the zero point the decode takes off: the type table's act_offset */
+#define KILN_ZERO_POINT(t) (kiln_type_traits_of(t)->act_offset)
 
 /* Per block: the weight panel's quants (512 bytes), d_w and m_w of its 16 rows. */
 #define KILN_AMX_PANEL_BYTES (512 + 16 * sizeof(double) + 16 * sizeof(float))
@@ -272,7 +271,7 @@ kiln_amx_decode(uint8_t *pw, double *pdw, float *pm, const kiln_packed_view *w, 
  * slot b % 3 of pc. */
 #define KILN_AMX_ISSUE(b)                                                                     \
     KILN_AMX_PRODUCT((b) & 1, pw + (size_t)(b) * 512, 32, x0 + (size_t)(b) * KILN_AMX_XTILE_BYTES, \
-                     KILN_ZERO_POINT(type) /* signed weights */, pc + (size_t)((b) % 3) * 128)
+                     signed_w, pc + (size_t)((b) % 3) * 128)
 
 /* 8 rows (pw, pdw, pm: the half's panel) x the 16 tokens of x0: y8[row][token].
  * Software-pipelined: the tiles of block b + 2 run while block b's sums meet the
@@ -280,6 +279,7 @@ kiln_amx_decode(uint8_t *pw, double *pdw, float *pm, const kiln_packed_view *w, 
 static inline __attribute__((always_inline)) void
 kiln_amx_rows8(float y8[8][16], const uint8_t *pw, const double *pdw, const float *pm, const uint8_t *x0,
                int64_t nb, int32_t *pc, const int type) {
+    const int signed_w = KILN_ZERO_POINT(type) != 0; /* the decode made them signed */
     __m512d acc[8][2]; /* [row][tokens 0..7, 8..15] */
     for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_pd();
     KILN_AMX_ISSUE(0);
