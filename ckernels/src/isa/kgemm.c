@@ -447,7 +447,7 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
  * 3-5) ahead of the integer and float steps. */
 #include "amx_tiles.h"
 
-#define KILN_KAMX_MIN_TOKENS 16
+#define KILN_KAMX_MIN_TOKENS 16 /* smaller batches take the row kernels */
 /* elements per chunk scale */
 #define KILN_KAMX_CH(t) ((t) == KILN_TYPE_Q4_K || (t) == KILN_TYPE_Q5_K || (t) == KILN_TYPE_IQ4_XS ? 32 : 16)
 
@@ -532,6 +532,8 @@ kiln_kamx_decode(kiln_kpanel *p, const kiln_kgemm_args *a, int64_t row, int nr, 
                      x0[(i) / nch].x + (size_t)((i) % nch) * 16 * ch, type == KILN_TYPE_IQ4_XS,  \
                      pc + (size_t)((i) % 3) * 128)
 
+/* The panel's 8 rows x the 16 tokens of x0 over every super-block: y8[row][token].
+ * The tiles of chunk i + 2 run while chunk i's sums meet the scales. */
 static inline __attribute__((always_inline)) void
 kiln_kamx_rows8(float y8[8][16], const kiln_kpanel *p, const kiln_kxtile *x0, int64_t nb, int32_t *pc,
                 const int type) {
