@@ -339,7 +339,6 @@ kiln_qgemm_tiles_typed(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1, uint8
     }
 }
 
-
 /* Row groups [rg0, rg1) for every token with AMX tiles; 0 when the buffers cannot be
  * allocated (the caller then takes the row kernels, which give the same bits). */
 static int kiln_qgemm_tiles(const kiln_qgemm_args *a, int64_t rg0, int64_t rg1) {
