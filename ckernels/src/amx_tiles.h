@@ -8,6 +8,11 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Tokens per token tile: a C row holds 16 int32, one per token. Batches smaller than
+ * KILN_AMX_MIN_TOKENS take the row kernels. */
+#define KILN_AMX_TOKENS 16
+#define KILN_AMX_MIN_TOKENS 16
+
 /* Tile registers (literals: the tile intrinsics paste them into register names), two
  * sets so that two products are in flight: W, 8 rows x k bytes of weights; X, k / 4
  * rows of 16 tokens x 4 bytes of activations; C, 8 rows x 16 tokens of int32. */

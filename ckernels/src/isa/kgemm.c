@@ -447,7 +447,6 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
  * 3-5) ahead of the integer and float steps. */
 #include "amx_tiles.h"
 
-#define KILN_KAMX_MIN_TOKENS 16 /* smaller batches take the row kernels */
 /* elements per chunk scale */
 #define KILN_KAMX_CH(t) ((t) == KILN_TYPE_Q4_K || (t) == KILN_TYPE_Q5_K || (t) == KILN_TYPE_IQ4_XS ? 32 : 16)
 
@@ -468,10 +467,10 @@ typedef struct {
 
 static void kiln_kamx_layout_acts(kiln_kxtile *xt, const kiln_kgemm_args *a) {
     static const int8_t zeros[QK_K] = {0};
-    for (int t0 = 0; t0 < a->n_tokens; t0 += 16) {
-        const int nt = a->n_tokens - t0 < 16 ? a->n_tokens - t0 : 16;
+    for (int t0 = 0; t0 < a->n_tokens; t0 += KILN_AMX_TOKENS) {
+        const int nt = a->n_tokens - t0 < KILN_AMX_TOKENS ? a->n_tokens - t0 : KILN_AMX_TOKENS;
         for (int64_t ib = 0; ib < a->nb; ib++) {
-            kiln_kxtile *x = xt + (size_t)(t0 / 16) * a->nb + ib;
+            kiln_kxtile *x = xt + (size_t)(t0 / KILN_AMX_TOKENS) * a->nb + ib;
             const uint8_t *src[16];
             for (int t = 0; t < 16; t++) {
                 const block_q8_K *b = t < nt ? a->act + (size_t)(t0 + t) * a->nb + ib : NULL;
@@ -587,10 +586,10 @@ kiln_kgemm_tiles_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, kiln_kp
     for (int64_t row = r0; row < r1; row += 8) {
         const int nr = (int)(r1 - row < 8 ? r1 - row : 8);
         kiln_kamx_decode(p, a, row, nr, type);
-        for (int t0 = 0; t0 < a->n_tokens; t0 += 16) {
-            const int nt = a->n_tokens - t0 < 16 ? a->n_tokens - t0 : 16;
+        for (int t0 = 0; t0 < a->n_tokens; t0 += KILN_AMX_TOKENS) {
+            const int nt = a->n_tokens - t0 < KILN_AMX_TOKENS ? a->n_tokens - t0 : KILN_AMX_TOKENS;
             __attribute__((aligned(64))) float y8[8][16];
-            kiln_kamx_rows8(y8, p, xt + (size_t)(t0 / 16) * a->nb, a->nb, pc, type);
+            kiln_kamx_rows8(y8, p, xt + (size_t)(t0 / KILN_AMX_TOKENS) * a->nb, a->nb, pc, type);
             for (int t = 0; t < nt; t++)
                 for (int r = 0; r < nr; r++) a->y[(size_t)(t0 + t) * a->rows + row + r] = y8[r][t];
         }
@@ -600,7 +599,7 @@ kiln_kgemm_tiles_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, kiln_kp
 /* Rows [r0, r1) for every token with AMX tiles; 0 when the buffers cannot be allocated
  * (the caller then takes the row kernels, which give the same bits). */
 static int kiln_kgemm_tiles(const kiln_kgemm_args *a, int64_t r0, int64_t r1) {
-    const size_t n_tiles = (size_t)(a->n_tokens + 15) / 16;
+    const size_t n_tiles = (size_t)(a->n_tokens + KILN_AMX_TOKENS - 1) / KILN_AMX_TOKENS;
     const size_t panel = (size_t)a->nb * sizeof(kiln_kpanel), ring = 3 * 128 * sizeof(int32_t);
     uint8_t *buf = aligned_alloc(64, panel + ring + n_tiles * (size_t)a->nb * sizeof(kiln_kxtile));
     if (!buf) return 0;
@@ -728,7 +727,7 @@ static void kiln_krows_typed(const kiln_kgemm_args *a, int64_t r0, int64_t r1, i
 
 void KILN_FN(kiln_kgemm)(const kiln_kgemm_args *a, int64_t r0, int64_t r1) {
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-    if (a->n_tokens >= KILN_KAMX_MIN_TOKENS && kiln_kgemm_tiles(a, r0, r1)) return;
+    if (a->n_tokens >= KILN_AMX_MIN_TOKENS && kiln_kgemm_tiles(a, r0, r1)) return;
 #endif
     /* a batch passes over the weights once per KILN_KNT tokens: take the rows in
      * blocks small enough to stay in L2 meanwhile */

@@ -189,8 +189,6 @@ kiln_qgemm_rg(const kiln_qgemm_args *a, int64_t rg, int t0, const int nt_tok, co
 #include "amx_tiles.h"
 
 #define KILN_AMX_RGS 4         /* row groups per row tile: 16 rows */
-#define KILN_AMX_TOKENS 16     /* tokens per token tile */
-#define KILN_AMX_MIN_TOKENS 16 /* smaller batches take the row kernels */
 /* the zero point the decode takes off: the type table's act_offset */
 #define KILN_ZERO_POINT(t) (kiln_type_traits_of(t)->act_offset)
 
