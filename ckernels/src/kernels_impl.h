@@ -54,6 +54,11 @@
 #define KILN_RG 4 /* rows per row group */
 #define KILN_KG 4 /* blocks per block group */
 
+/* Software prefetch distances of the weight streams in generation (qgemm, kgemm):
+ * bytes ahead into L1, and into L2 far enough ahead to cover DRAM latency. */
+#define KILN_PREFETCH 4096
+#define KILN_PREFETCH_L2 16384
+
 /* A view of a packed matrix, enough for the kernels. */
 typedef struct {
     int type;

@@ -29,8 +29,6 @@
 #include "kernels_impl.h"
 
 #define KILN_NT 8 /* tokens per pass over a row group */
-#define KILN_PREFETCH 4096     /* bytes ahead in the weight stream, into L1 */
-#define KILN_PREFETCH_L2 16384 /* and into L2, far enough ahead to cover DRAM latency */
 
 #include <stdlib.h>
 #include <string.h>
