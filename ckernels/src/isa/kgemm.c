@@ -296,8 +296,12 @@ kiln_kscales_avx2(const void *blk, const int type, __m128i *sc, __m128i *coef, f
     case KILN_TYPE_Q4_K:
     case KILN_TYPE_Q5_K: { /* kiln_scales_k4, four sub-blocks per 32-bit word */
         const uint8_t *s = type == KILN_TYPE_Q4_K ? ((const block_q4_K *)blk)->scales : ((const block_q5_K *)blk)->scales;
+        /* three loads into registers: a memcpy of all 12 bytes went through the stack,
+         * and its 8-byte store could not forward to the 4-byte reloads */
         uint32_t a[3];
-        memcpy(a, s, 12);
+        memcpy(&a[0], s, 4);
+        memcpy(&a[1], s + 4, 4);
+        memcpy(&a[2], s + 8, 4);
         const uint32_t k6 = 0x3f3f3f3f, k4 = 0x0f0f0f0f, k2 = 0x03030303;
         uint64_t scs = (a[0] & k6) | (uint64_t)((a[2] & k4) | ((a[0] >> 6) & k2) << 4) << 32;
         uint64_t mins = (a[1] & k6) | (uint64_t)(((a[2] >> 4) & k4) | ((a[1] >> 6) & k2) << 4) << 32;
@@ -338,10 +342,130 @@ static inline int32_t kiln_hsum8(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* Cache lines a super-block of the type spans at most, less one (a constant per
+ * instantiation, so the prefetch loop unrolls): prefetching at
+ * 0, 64, ... of every block covers the stream (a block's last line is the next one's
+ * first). */
+static inline int kiln_klines(int type) {
+    size_t bsize = type == KILN_TYPE_Q2_K ? sizeof(block_q2_K) : type == KILN_TYPE_Q3_K ? sizeof(block_q3_K)
+                 : type == KILN_TYPE_Q4_K ? sizeof(block_q4_K) : type == KILN_TYPE_Q5_K ? sizeof(block_q5_K)
+                 : type == KILN_TYPE_Q6_K ? sizeof(block_q6_K) : sizeof(block_iq4_xs);
+    return (int)((bsize + 63) / 64);
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* One token (generation) for Q4_K, Q5_K and Q6_K, 64 elements per instruction in
+ * element order: a 32-byte run of quants is broadcast to both halves of a register and
+ * shifted per half (vpsrlvw), so the activations are read as they are; the 16-bit pair
+ * sums of vpmaddubsw meet their chunk scales in vpdpwssd. isum and msum are the same
+ * exact integers as kiln_krows', and the float step is kiln_ksum_step: the same bits. */
+static inline __attribute__((always_inline)) void
+kiln_krow1_512(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, const int type) {
+    const int has_min = type != KILN_TYPE_Q6_K;
+    const size_t bsize = a->row_size / (size_t)a->nb;
+    const int lines = kiln_klines(type);
+    const __m512i m4 = _mm512_set1_epi8(15), m1 = _mm512_set1_epi8(1), m3 = _mm512_set1_epi8(3);
+    /* per-half shift counts (16-bit lanes 0..15 | 16..31) */
+    const __m512i sh04 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(4), 1);
+    const __m512i sh02 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    const __m512i sh46 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+    /* scale word picks: pick[k] gives the 32 pair lanes of register k (elements 64k ..
+     * 64k + 63) the scales of their chunks 4k .. 4k + 3, 8 lanes each */
+    __m512i pick[4];
+    for (int k = 0; k < 4; k++) {
+        int16_t idx[32];
+        for (int l = 0; l < 32; l++) idx[l] = (int16_t)(4 * k + l / 8);
+        pick[k] = _mm512_loadu_si512((const void *)idx);
+    }
+    const block_q8_K *xb = a->act + (size_t)t0 * a->nb;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *wr = a->w + (size_t)row * a->row_size;
+        __m128d acc = _mm_setzero_pd(); /* kiln_ksum_step's acc, in lane 0 */
+        for (int64_t ib = 0; ib < a->nb; ib++) {
+            const uint8_t *blk = wr + (size_t)ib * bsize;
+            for (int l = 0; l < lines; l++) {
+                _mm_prefetch((const char *)blk + KILN_PREFETCH + 64 * l, _MM_HINT_T0);
+                _mm_prefetch((const char *)blk + KILN_PREFETCH_L2 + 64 * l, _MM_HINT_T1);
+            }
+            const block_q8_K *x = xb + ib;
+            __m128i sc8, coef8;
+            float d, dmin;
+            kiln_kscales_avx2(blk, type, &sc8, &coef8, &d, &dmin);
+            __m512i q[4];
+            if (type == KILN_TYPE_Q6_K) {
+                const block_q6_K *b = (const block_q6_K *)blk;
+                for (int h = 0; h < 2; h++) {
+                    __m512i l = _mm512_loadu_si512((const void *)(b->ql + 64 * h));
+                    __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b->qh + 32 * h)));
+                    /* elements 128h + 0..63: low nibbles, qh bits 0-1 | 2-3;
+                     * 128h + 64..127: high nibbles, qh bits 4-5 | 6-7 */
+                    __m512i h0 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh02), m3), 4);
+                    __m512i h1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh46), m3), 4);
+                    q[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), h0);
+                    q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), h1);
+                }
+            } else {
+                const uint8_t *qs = type == KILN_TYPE_Q4_K ? ((const block_q4_K *)blk)->qs : ((const block_q5_K *)blk)->qs;
+                __m512i qh = type == KILN_TYPE_Q5_K
+                                 ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)((const block_q5_K *)blk)->qh))
+                                 : _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++) {
+                    /* elements 64c .. 64c + 31: low nibbles of qs[32c ..], then the high */
+                    __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * c)));
+                    q[c] = _mm512_and_si512(_mm512_srlv_epi16(v, sh04), m4);
+                    if (type == KILN_TYPE_Q5_K) {
+                        /* fifth bits: qh bit 2c (low half), 2c + 1 (high half) */
+                        __m512i hv = _mm512_srlv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * c)),
+                                                                               _mm256_set1_epi16((short)(2 * c + 1)), 1));
+                        q[c] = _mm512_or_si512(q[c], _mm512_slli_epi16(_mm512_and_si512(hv, m1), 4));
+                    }
+                }
+            }
+            __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8));
+            /* two chains of products, so the latency to the float step is shorter */
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k += 2) {
+                __m512i p0 = _mm512_maddubs_epi16(q[k], _mm512_loadu_si512((const void *)(x->qs + 64 * k)));
+                __m512i p1 = _mm512_maddubs_epi16(q[k + 1], _mm512_loadu_si512((const void *)(x->qs + 64 * k + 64)));
+                s0 = _mm512_dpwssd_epi32(s0, p0, _mm512_permutexvar_epi16(pick[k], sc16));
+                s1 = _mm512_dpwssd_epi32(s1, p1, _mm512_permutexvar_epi16(pick[k + 1], sc16));
+            }
+            __m512i s = _mm512_add_epi32(s0, s1);
+            __m256i coef = has_min ? _mm256_cvtepi8_epi16(coef8)
+                                   : _mm256_mullo_epi16(_mm512_castsi512_si256(sc16), _mm256_set1_epi16(-32));
+            __m256i m = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), coef);
+            __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+            if (!has_min) s8 = _mm256_add_epi32(s8, m), m = _mm256_setzero_si256();
+            /* isum and msum side by side, and the float step in vector registers (no
+             * round trip through integer registers): lane 0 isum, lane 1 msum */
+            __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi64(s8, m), _mm256_unpackhi_epi64(s8, m));
+            __m128i v = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+            v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1));                /* [S S M M] */
+            __m128d sm = _mm_cvtepi32_pd(_mm_shuffle_epi32(v, 0x08));       /* [S M] */
+            /* [d dmin] * d_x, exact, as kiln_ksum_step; Q6_K's dmin lane is 0 */
+            __m128d f = _mm_mul_pd(_mm_cvtps_pd(_mm_setr_ps(d, dmin, 0.0f, 0.0f)), _mm_set1_pd((double)x->d));
+            __m128d pr = _mm_mul_pd(sm, f);
+            acc = _mm_add_sd(acc, pr);
+            /* Q6_K skips the msum term: it is +-0, and acc, a sum from +0, is never -0,
+             * so subtracting it would change nothing */
+            if (has_min) acc = _mm_sub_sd(acc, _mm_unpackhi_pd(pr, pr));
+        }
+        a->y[(size_t)t0 * a->rows + row] = (float)_mm_cvtsd_f64(acc);
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void
 kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, const int type) {
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (nt == 1 && (type == KILN_TYPE_Q4_K || type == KILN_TYPE_Q5_K || type == KILN_TYPE_Q6_K)) {
+        kiln_krow1_512(a, r0, r1, t0, type);
+        return;
+    }
+#endif
     const int has_min = kiln_khas_min(type), offset = kiln_koffset(type), sgn = type == KILN_TYPE_IQ4_XS;
     const size_t bsize = a->row_size / (size_t)a->nb;
+    const int lines = kiln_klines(type);
 #if defined(__AVX512BW__)
     /* 64-byte products for batches: for one token (generation) widening the decoded
      * quants costs more than the halved product loop saves (measured) */
@@ -363,10 +487,9 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
         for (int t = 0; t < nt; t++) acc[t] = 0.0;
         for (int64_t ib = 0; ib < a->nb; ib++) {
             const void *blk = wr + (size_t)ib * bsize;
-            /* a super-block spans up to 3 cache lines; without these the kernel's
-             * arithmetic leaves too few misses in flight (measured from DRAM: Q4_K
-             * 7.8 -> 20 GB/s on 2 threads) */
-            for (int l = 0; l < 3; l++) {
+            /* without these the kernel's arithmetic leaves too few misses in flight
+             * (measured from DRAM: Q4_K 7.8 -> 20 GB/s on 2 threads) */
+            for (int l = 0; l < lines; l++) {
                 _mm_prefetch((const char *)blk + KILN_PREFETCH + 64 * l, _MM_HINT_T0);
                 _mm_prefetch((const char *)blk + KILN_PREFETCH_L2 + 64 * l, _MM_HINT_T1);
             }
