@@ -11,6 +11,10 @@ compete with the other's), and the best of `-r` runs is reported. kiln is timed 
 `LLM.generate`; llama.cpp through `Llama.eval` with the same greedy loop in Python (the
 last sampled token is not evaluated, as in kiln). Without file arguments, Q4_0 and Q8_0
 files are made from the default SmolLM2 Q4_1 with llama.cpp's quantizer (cached).
+The last column is generation's share of the memory bandwidth: the bytes of weights a
+token reads (every tensor but the token embedding) times kiln's tokens/s, over the
+best streaming read (`ckernels.stream_read`, same threads) of as many bytes, measured
+in each kiln worker right after its timing.
 llama-cpp-python must be importable (.ci/run builds it for the CPU at hand).
 """
 from __future__ import annotations
@@ -88,9 +92,35 @@ def llamacpp_run(path: str, n_prompt: int, n_gen: int, n_threads: int) -> dict:
     return {"prompt_tokens_per_second": pp, "generation_tokens_per_second": tg}
 
 
+def weight_bytes_per_token(path: str) -> int:
+    """Bytes of weights one generated token reads: every tensor but the token embedding,
+    of which it reads one row (unless the output projection is the embedding itself)."""
+    with formats.read_gguf(path) as f:
+        tied = "output.weight" not in f.tensors
+        return sum(t.nbytes for name, t in f.tensors.items() if tied or name != "token_embd.weight")
+
+
+def stream_read_gbps(n_bytes: int, n_threads: int) -> float:
+    """The machine's streaming read bandwidth over a buffer of n_bytes (at least 256 MiB,
+    beyond the last-level cache), split over n_threads as kiln splits a matmul: best of 5."""
+    import numpy as np
+    import ckernels
+    buf = np.ones(max(n_bytes, 256 << 20) // 64 * 64, np.uint8)
+    pool = ckernels.Pool(n_threads)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        ckernels.stream_read(pool, buf)
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best / 1e9
+
+
 def kiln_run(path: str, n_prompt: int, n_gen: int, n_threads: int) -> dict:
     r = bench_model(path, n_prompt, n_gen, n_threads, repetitions=1)
-    return {k: r[k] for k in ("prompt_tokens_per_second", "generation_tokens_per_second", "isa")}
+    out = {k: r[k] for k in ("prompt_tokens_per_second", "generation_tokens_per_second", "isa")}
+    # the bandwidth yardstick, in the same process right after the timing
+    out["read_gbps"] = stream_read_gbps(weight_bytes_per_token(path), n_threads)
+    return out
 
 
 def run_in_subprocess(engine: str, path: str, args) -> dict:
@@ -98,6 +128,13 @@ def run_in_subprocess(engine: str, path: str, args) -> dict:
            "-n", str(args.n_gen), "-t", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bandwidth(row) -> str:
+    f = row["tg_read_fraction"]
+    if f is None:
+        return "-"
+    return f"{f * row['read_gbps']:.1f} / {row['read_gbps']:.1f} = {f:.2f}"
 
 
 def ratio(a, b):
@@ -143,6 +180,13 @@ def main(argv=None) -> int:
             row[f"{test}_llamacpp"] = best(m, "llamacpp", key)
             row[f"{test}_ratio"] = (row[f"{test}_kiln"] / row[f"{test}_llamacpp"]
                                     if row[f"{test}_kiln"] and row[f"{test}_llamacpp"] else None)
+        # generation's share of the bandwidth: weights read per token x tokens/s, over
+        # the best streaming read measured in the same runs
+        row["weights_mib_per_token"] = weight_bytes_per_token(m) / 2**20
+        row["read_gbps"] = max(r["read_gbps"] for r in runs[(m, "kiln")])
+        tg_kiln = row[f"tg{args.n_gen}_kiln"]
+        row["tg_read_fraction"] = (weight_bytes_per_token(m) * tg_kiln / 1e9 / row["read_gbps"]
+                                   if tg_kiln else None)
         rows.append(row)
 
     if args.json:
@@ -151,13 +195,15 @@ def main(argv=None) -> int:
         return 0
     pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
     print(f"threads={args.threads}, best of {args.repetitions}, tokens/s (kiln ISA: {rows[0]['isa']})")
-    print(f"| file | size | {pp} kiln | {pp} llama.cpp | ratio | {tg} kiln | {tg} llama.cpp | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| file | size | {pp} kiln | {pp} llama.cpp | ratio | {tg} kiln | {tg} llama.cpp | ratio "
+          f"| kiln {tg} GB/s of read GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
     for r in rows:
         print(f"| {r['model']} | {r['size_mib']:.0f} MiB | {fmt(r[pp + '_kiln'])} | {fmt(r[pp + '_llamacpp'])} "
               f"| {ratio(r[pp + '_kiln'], r[pp + '_llamacpp'])} | {fmt(r[tg + '_kiln'])} "
-              f"| {fmt(r[tg + '_llamacpp'])} | {ratio(r[tg + '_kiln'], r[tg + '_llamacpp'])} |")
+              f"| {fmt(r[tg + '_llamacpp'])} | {ratio(r[tg + '_kiln'], r[tg + '_llamacpp'])} "
+              f"| {bandwidth(r)} |")
     return 0
 
 
