@@ -285,10 +285,13 @@ kiln_amx_rows8(float y8[8][16], const uint8_t *pw, const double *pdw, const floa
         const __m512d dx0 = _mm512_load_pd(dx), dx1 = _mm512_load_pd(dx + 8);
         const int32_t *c = pc + (size_t)(b % 3) * 128;
         for (int r = 0; r < 8; r++) {
-            const __m512i s = _mm512_load_si512(c + 16 * r);
+            /* each token half loaded on its own: a load, where splitting one 512-bit
+             * load took a shuffle on the port the conversions need */
+            const __m256i s0 = _mm256_load_si256((const __m256i *)(c + 16 * r));
+            const __m256i s1 = _mm256_load_si256((const __m256i *)(c + 16 * r + 8));
             const __m512d dw = _mm512_set1_pd(pdw[b * 16 + r]);
-            acc[r][0] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(s)), _mm512_mul_pd(dw, dx0), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(s, 1)), _mm512_mul_pd(dw, dx1), acc[r][1]);
+            acc[r][0] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(s0), _mm512_mul_pd(dw, dx0), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_pd(_mm512_cvtepi32_pd(s1), _mm512_mul_pd(dw, dx1), acc[r][1]);
             if (KILN_HAS_M(type)) {
                 __m512 ms = _mm512_mul_ps(_mm512_set1_ps(pm[b * 16 + r]), _mm512_load_ps((const float *)(dx + 16)));
                 acc[r][0] = _mm512_add_pd(acc[r][0], _mm512_cvtps_pd(_mm512_castps512_ps256(ms)));
