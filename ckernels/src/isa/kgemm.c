@@ -335,11 +335,24 @@ kiln_kscales_avx2(const void *blk, const int type, __m128i *sc, __m128i *coef, f
     }
 }
 
-static inline int32_t kiln_hsum8(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+
+/* kiln_ksum_step for one token from the lanes of its sums: isum is the sum of s's 8
+ * lanes, msum of m's (types with mins; for the others m is already in s and 0 here).
+ * Both reduce side by side and the float step stays in vector registers, with no round
+ * trip through integer registers: the same operations on the same values as
+ * kiln_ksum_step, so the same bits. Types without mins skip the msum term: it is +-0,
+ * and acc, a sum from +0, is never -0, so subtracting it would change nothing. */
+static inline __attribute__((always_inline)) double
+kiln_kstep_lanes(double acc, __m256i s, __m256i m, float d, float dmin, float d_x, const int has_min) {
+    __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi64(s, m), _mm256_unpackhi_epi64(s, m));
+    __m128i v = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1));          /* [S S M M] */
+    __m128d sm = _mm_cvtepi32_pd(_mm_shuffle_epi32(v, 0x08)); /* [S M] */
+    __m128d f = _mm_mul_pd(_mm_cvtps_pd(_mm_setr_ps(d, dmin, 0.0f, 0.0f)), _mm_set1_pd((double)d_x));
+    __m128d pr = _mm_mul_pd(sm, f);
+    __m128d a = _mm_add_sd(_mm_set_sd(acc), pr);
+    if (has_min) a = _mm_sub_sd(a, _mm_unpackhi_pd(pr, pr));
+    return _mm_cvtsd_f64(a);
 }
 
 /* Cache lines a super-block of the type spans at most, less one (a constant per
@@ -380,7 +393,7 @@ kiln_krow1_512(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, const i
     const block_q8_K *xb = a->act + (size_t)t0 * a->nb;
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t *wr = a->w + (size_t)row * a->row_size;
-        __m128d acc = _mm_setzero_pd(); /* kiln_ksum_step's acc, in lane 0 */
+        double acc = 0.0;
         for (int64_t ib = 0; ib < a->nb; ib++) {
             const uint8_t *blk = wr + (size_t)ib * bsize;
             for (int l = 0; l < lines; l++) {
@@ -436,21 +449,9 @@ kiln_krow1_512(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, const i
             __m256i m = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), coef);
             __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
             if (!has_min) s8 = _mm256_add_epi32(s8, m), m = _mm256_setzero_si256();
-            /* isum and msum side by side, and the float step in vector registers (no
-             * round trip through integer registers): lane 0 isum, lane 1 msum */
-            __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi64(s8, m), _mm256_unpackhi_epi64(s8, m));
-            __m128i v = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-            v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1));                /* [S S M M] */
-            __m128d sm = _mm_cvtepi32_pd(_mm_shuffle_epi32(v, 0x08));       /* [S M] */
-            /* [d dmin] * d_x, exact, as kiln_ksum_step; Q6_K's dmin lane is 0 */
-            __m128d f = _mm_mul_pd(_mm_cvtps_pd(_mm_setr_ps(d, dmin, 0.0f, 0.0f)), _mm_set1_pd((double)x->d));
-            __m128d pr = _mm_mul_pd(sm, f);
-            acc = _mm_add_sd(acc, pr);
-            /* Q6_K skips the msum term: it is +-0, and acc, a sum from +0, is never -0,
-             * so subtracting it would change nothing */
-            if (has_min) acc = _mm_sub_sd(acc, _mm_unpackhi_pd(pr, pr));
+            acc = kiln_kstep_lanes(acc, s8, m, d, dmin, x->d, has_min);
         }
-        a->y[(size_t)t0 * a->rows + row] = (float)_mm_cvtsd_f64(acc);
+        a->y[(size_t)t0 * a->rows + row] = (float)acc;
     }
 }
 #endif
@@ -545,14 +546,12 @@ kiln_krows(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, int nt, con
                         s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scv[k]));
                     }
                 }
-                int32_t isum, msum = 0;
+                __m256i m = _mm256_setzero_si256();
                 if (offset || has_min) {
-                    __m256i m = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), coef);
-                    if (has_min) msum = kiln_hsum8(m);
-                    else s = _mm256_add_epi32(s, m);
+                    m = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), coef);
+                    if (!has_min) s = _mm256_add_epi32(s, m), m = _mm256_setzero_si256();
                 }
-                isum = kiln_hsum8(s);
-                acc[t] = kiln_ksum_step(acc[t], isum, msum, d, dmin, x->d);
+                acc[t] = kiln_kstep_lanes(acc[t], s, m, d, dmin, x->d, has_min);
             }
         }
         kiln_kstore(a, row, t0, nt, acc);
