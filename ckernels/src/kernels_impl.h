@@ -140,7 +140,8 @@ typedef struct {
 } kiln_kgemm_args;
 
 /* The float part of one super-block's term, the one piece of floating-point code every
- * kgemm variant runs, in the same order (super-blocks 0, 1, ... of a row): isum is the
+ * kgemm variant runs (the x86 ones as the same operations in vector registers,
+ * kiln_kstep_lanes in isa/kgemm.c), in the same order (super-blocks 0, 1, ... of a row): isum is the
  * exact scale-weighted integer dot of the super-block, msum the exact mins term
  * sum_j m_j * bsum_j (0 for types without mins, whose dmin is 0). Each product
  * d * d_x is exact in double (an fp16 times a float: 11 + 24 significant bits); the

@@ -335,7 +335,6 @@ kiln_kscales_avx2(const void *blk, const int type, __m128i *sc, __m128i *coef, f
     }
 }
 
-
 /* kiln_ksum_step for one token from the lanes of its sums: isum is the sum of s's 8
  * lanes, msum of m's (types with mins; for the others m is already in s and 0 here).
  * Both reduce side by side and the float step stays in vector registers, with no round
@@ -355,10 +354,9 @@ kiln_kstep_lanes(double acc, __m256i s, __m256i m, float d, float dmin, float d_
     return _mm_cvtsd_f64(a);
 }
 
-/* Cache lines a super-block of the type spans at most, less one (a constant per
- * instantiation, so the prefetch loop unrolls): prefetching at
- * 0, 64, ... of every block covers the stream (a block's last line is the next one's
- * first). */
+/* Prefetches per super-block of the type, ceil(size / 64): at 0, 64, ... of every
+ * block they cover the stream (a line a block's prefetches miss at its end is the
+ * next block's first). A constant per instantiation, so the prefetch loop unrolls. */
 static inline int kiln_klines(int type) {
     size_t bsize = type == KILN_TYPE_Q2_K ? sizeof(block_q2_K) : type == KILN_TYPE_Q3_K ? sizeof(block_q3_K)
                  : type == KILN_TYPE_Q4_K ? sizeof(block_q4_K) : type == KILN_TYPE_Q5_K ? sizeof(block_q5_K)
@@ -371,7 +369,8 @@ static inline int kiln_klines(int type) {
  * element order: a 32-byte run of quants is broadcast to both halves of a register and
  * shifted per half (vpsrlvw), so the activations are read as they are; the 16-bit pair
  * sums of vpmaddubsw meet their chunk scales in vpdpwssd. isum and msum are the same
- * exact integers as kiln_krows', and the float step is kiln_ksum_step: the same bits. */
+ * exact integers as kiln_krows', and kiln_kstep_lanes does the float step: the same
+ * bits. */
 static inline __attribute__((always_inline)) void
 kiln_krow1_512(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, const int type) {
     const int has_min = type != KILN_TYPE_Q6_K;
