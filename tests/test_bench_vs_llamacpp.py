@@ -37,3 +37,8 @@ def test_the_kiln_worker_reports_speed_and_bandwidth(smollm2_path):
     r = bench.kiln_run(smollm2_path, 8, 4, 1)
     assert r["prompt_tokens_per_second"] > 0 and r["generation_tokens_per_second"] > 0
     assert r["read_gbps"] > 0.1
+
+
+def test_a_run_without_generation_skips_the_yardstick(smollm2_path):
+    r = bench.kiln_run(smollm2_path, 8, 0, 1)
+    assert r["generation_tokens_per_second"] is None and r["read_gbps"] is None

@@ -118,8 +118,8 @@ def stream_read_gbps(n_bytes: int, n_threads: int) -> float:
 def kiln_run(path: str, n_prompt: int, n_gen: int, n_threads: int) -> dict:
     r = bench_model(path, n_prompt, n_gen, n_threads, repetitions=1)
     out = {k: r[k] for k in ("prompt_tokens_per_second", "generation_tokens_per_second", "isa")}
-    # the bandwidth yardstick, in the same process right after the timing
-    out["read_gbps"] = stream_read_gbps(weight_bytes_per_token(path), n_threads)
+    # the bandwidth yardstick for generation, in the same process right after the timing
+    out["read_gbps"] = stream_read_gbps(weight_bytes_per_token(path), n_threads) if n_gen > 0 else None
     return out
 
 
@@ -182,11 +182,11 @@ def main(argv=None) -> int:
                                     if row[f"{test}_kiln"] and row[f"{test}_llamacpp"] else None)
         # generation's share of the bandwidth: weights read per token x tokens/s, over
         # the best streaming read measured in the same runs
-        row["weights_mib_per_token"] = weight_bytes_per_token(m) / 2**20
-        row["read_gbps"] = max(r["read_gbps"] for r in runs[(m, "kiln")])
+        wbytes = weight_bytes_per_token(m)
+        row["weights_mib_per_token"] = wbytes / 2**20
+        row["read_gbps"] = best(m, "kiln", "read_gbps")
         tg_kiln = row[f"tg{args.n_gen}_kiln"]
-        row["tg_read_fraction"] = (weight_bytes_per_token(m) * tg_kiln / 1e9 / row["read_gbps"]
-                                   if tg_kiln else None)
+        row["tg_read_fraction"] = wbytes * tg_kiln / 1e9 / row["read_gbps"] if tg_kiln and row["read_gbps"] else None
         rows.append(row)
 
     if args.json:

@@ -373,7 +373,7 @@ static inline int kiln_klines(int type) {
  * bits. */
 static inline __attribute__((always_inline)) void
 kiln_krow1_512(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, const int type) {
-    const int has_min = type != KILN_TYPE_Q6_K;
+    const int has_min = kiln_khas_min(type), offset = kiln_koffset(type);
     const size_t bsize = a->row_size / (size_t)a->nb;
     const int lines = kiln_klines(type);
     const __m512i m4 = _mm512_set1_epi8(15), m1 = _mm512_set1_epi8(1), m3 = _mm512_set1_epi8(3);
@@ -444,7 +444,7 @@ kiln_krow1_512(const kiln_kgemm_args *a, int64_t r0, int64_t r1, int t0, const i
             }
             __m512i s = _mm512_add_epi32(s0, s1);
             __m256i coef = has_min ? _mm256_cvtepi8_epi16(coef8)
-                                   : _mm256_mullo_epi16(_mm512_castsi512_si256(sc16), _mm256_set1_epi16(-32));
+                                   : _mm256_mullo_epi16(_mm512_castsi512_si256(sc16), _mm256_set1_epi16((short)-offset));
             __m256i m = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), coef);
             __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
             if (!has_min) s8 = _mm256_add_epi32(s8, m), m = _mm256_setzero_si256();
